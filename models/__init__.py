@@ -1,0 +1,1 @@
+"""Single-device model code: dense and mixture-of-experts decoder LMs. No networking imports."""

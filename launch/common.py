@@ -1,0 +1,79 @@
+"""Shared plumbing of the entry points: network flags, the event loop, and Ctrl+C handling."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from typing import Awaitable, Callable
+
+from swarm.net.dht import DHTOptions
+
+
+def add_network_args(parser: argparse.ArgumentParser, *, default_host: str = "0.0.0.0") -> None:
+    net = parser.add_argument_group("network")
+    net.add_argument("--host", default=default_host, help="IP address to listen on (default %(default)s)")
+    net.add_argument("--port", type=int, default=0, help="TCP port to listen on (0 = any free port)")
+    net.add_argument(
+        "--announce", action="append", default=[], metavar="MULTIADDR",
+        help="public address to announce, e.g. /ip4/203.0.113.5/tcp/31337 (repeatable; for port forwarding/NAT)",
+    )
+    net.add_argument(
+        "--client-mode", action="store_true",
+        help="behind NAT without port forwarding: make outgoing connections only (reached through relays)",
+    )
+
+
+def dht_options(args: argparse.Namespace, initial_peers: list[str]) -> DHTOptions:
+    return DHTOptions(
+        initial_peers=tuple(initial_peers),
+        host_maddrs=(f"/ip4/{args.host}/tcp/{args.port}",),
+        announce_maddrs=tuple(args.announce),
+        use_auto_relay=bool(args.client_mode),
+        client_mode=bool(args.client_mode),
+    )
+
+
+def run_node(main: Callable[[], Awaitable[None]], on_stop: Callable[[], Awaitable[None]], request_stop: Callable[[], None]) -> int:
+    """Run `main` on uvloop; first Ctrl+C/SIGTERM leaves cleanly, a second exits at once."""
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # Windows has no uvloop
+        runner = asyncio.run
+
+    async def amain() -> int:
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(main())
+        presses = 0
+
+        def handle(signum: int) -> None:
+            nonlocal presses
+            presses += 1
+            if presses > 1:
+                os._exit(130)
+            print("\nleaving the swarm (press Ctrl+C again to exit at once)...", file=sys.stderr)
+            request_stop()
+            task.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, handle, sig)
+            except NotImplementedError:
+                pass
+        code = 0
+        try:
+            await task
+        except asyncio.CancelledError:
+            code = 0
+        except Exception:
+            code = 1
+            raise
+        finally:
+            await on_stop()
+        return code
+
+    return runner(amain())

@@ -1,0 +1,79 @@
+"""`swarm-coordinator`: start (or restart) a run and print the line volunteers need."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from launch.common import add_network_args, dht_options, run_node
+from swarm.coordinator import Coordinator, CoordinatorConfig
+from swarm.net.schema import from_plain
+from swarm.run import OuterConfig, RunConfig
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="swarm-coordinator", description="Start a Swarm run and coordinate it.")
+    p.add_argument("--state-dir", default="runs/coordinator", help="identity key and run description (reuse to restart)")
+    p.add_argument("--run-file", help="JSON file with RunConfig fields (flags below override it)")
+    run = p.add_argument_group("run")
+    run.add_argument("--preset", help="model preset (see swarm-presets), default nano")
+    run.add_argument("--mode", choices=["sparseloco", "diloco"], help="outer algorithm (default sparseloco)")
+    run.add_argument("--dense-dtype", choices=["fp32", "fp16"], default="fp32", help="payload dtype in diloco mode")
+    run.add_argument("--data", help="corpus: 'stdlib', a text file, a directory, a glob or a .jsonl file")
+    run.add_argument("--inner-steps", type=int, help="H: inner AdamW steps per round (default 30)")
+    run.add_argument("--batch-size", type=int, help="sequences per inner step per peer")
+    run.add_argument("--seq-len", type=int, help="tokens per sequence")
+    run.add_argument("--round-timeout", type=float, help="seconds a round waits for late peers")
+    run.add_argument("--max-rounds", type=int, help="schedule horizon in rounds (0 = open-ended)")
+    run.add_argument("--seed", type=int)
+    p.add_argument("--stop-after", type=int, default=None, help="exit after coordinating this many rounds")
+    p.add_argument("--no-eval", action="store_true", help="skip the per-round eval loss")
+    add_network_args(p)
+    p.add_argument("--initial-peers", nargs="*", default=[], help="other peers to connect to (restarting into a live run)")
+    return p.parse_args(argv)
+
+
+def build_run(args: argparse.Namespace) -> RunConfig:
+    base = json.loads(Path(args.run_file).read_text()) if args.run_file else {}
+    overrides = {
+        "preset": args.preset,
+        "mode": args.mode,
+        "data_source": args.data,
+        "inner_steps": args.inner_steps,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "round_timeout_s": args.round_timeout,
+        "max_rounds": args.max_rounds,
+        "seed": args.seed,
+    }
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    if args.mode is not None and "outer" not in (json.loads(Path(args.run_file).read_text()) if args.run_file else {}):
+        base["outer"] = OuterConfig.for_mode(args.mode, args.dense_dtype).__dict__
+    return from_plain(RunConfig, base)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run = build_run(args)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"swarm-coordinator: bad run description: {e}")
+    cfg = CoordinatorConfig(
+        state_dir=args.state_dir, dht=dht_options(args, args.initial_peers), evaluate=not args.no_eval, max_rounds=args.stop_after
+    )
+    coordinator = Coordinator(cfg, run)
+
+    def ready(c: Coordinator) -> None:
+        print(f"run {c.run.run_id}: {c.run.mode}, preset {c.run.preset}", flush=True)
+        print(f"volunteers join with:\n  {c.join_command()}", flush=True)
+
+    async def go() -> None:
+        await coordinator.main(on_ready=ready)
+
+    return run_node(go, coordinator.stop, lambda: None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

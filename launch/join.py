@@ -1,0 +1,51 @@
+"""`join-swarm ADDRESS`: contribute this machine's GPU (or CPU) to a run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+from launch.common import add_network_args, dht_options, run_node
+from swarm.peer import Peer, PeerConfig
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="join-swarm", description="Join a Swarm training run as a volunteer peer.")
+    p.add_argument("address", nargs="+", help="multiaddr(s) printed by the coordinator or any peer, ending in /p2p/<id>")
+    p.add_argument("--coordinator", help="coordinator peer id (default: the /p2p/ id of the first address)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
+    p.add_argument("--name", default=None, help="name shown on the status page (default: host name)")
+    p.add_argument("--identity", default=None, help="identity key file (created if missing; default: a fresh one)")
+    p.add_argument("--out", default=None, help="directory for per-round metrics (JSONL)")
+    p.add_argument("--max-rounds", type=int, default=None, help="leave after this many rounds")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_network_args(p)
+    return p.parse_args(argv)
+
+
+def coordinator_from_address(address: str) -> str:
+    if "/p2p/" not in address:
+        raise SystemExit(f"join-swarm: address {address!r} has no /p2p/<peer id> part; pass --coordinator")
+    return address.rsplit("/p2p/", 1)[1].strip("/")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    identity = args.identity or os.path.join(tempfile.mkdtemp(prefix="swarm-peer-"), "identity.key")
+    cfg = PeerConfig(
+        coordinator=args.coordinator or coordinator_from_address(args.address[0]),
+        identity_path=identity,
+        dht=dht_options(args, args.address),
+        name=args.name or os.uname().nodename,
+        device=args.device,
+        out_dir=args.out,
+        max_rounds=args.max_rounds,
+        threads=args.threads,
+    )
+    peer = Peer(cfg)
+    return run_node(peer.main, peer.stop, peer.stopping.set)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""Pseudo-gradient codecs and the payload wire format (pure CPU code; no networking).
+
+Modules: chunking (block tiling for top-k), quant (low-bit values), indexcode (positions),
+bitpack (bit streams), sparseloco (compressor with error feedback), dense (fp32/fp16
+baseline), header + payload (the versioned wire format), aggregate (the 1/R mean),
+bench (throughput). The byte layout is documented in docs/wire-format.md.
+"""
+
+from swarm.codec.aggregate import mean_of_payloads
+from swarm.codec.base import (
+    CODEC_KINDS,
+    DENSE_FP16,
+    DENSE_FP32,
+    MAX_ABS_VALUE,
+    SPARSELOCO,
+    EncodedTensor,
+    PayloadError,
+)
+from swarm.codec.dense import encode_dense
+from swarm.codec.header import FORMAT_VERSION, PayloadMeta
+from swarm.codec.payload import (
+    decode_payload,
+    decode_tensor,
+    encode_payload,
+    payload_digest,
+    payload_size,
+)
+from swarm.codec.sparseloco import SparseLoCoCompressor, SparseLoCoConfig, decode_sparse, encode_sparse
+
+__all__ = [
+    "CODEC_KINDS",
+    "DENSE_FP16",
+    "DENSE_FP32",
+    "FORMAT_VERSION",
+    "MAX_ABS_VALUE",
+    "SPARSELOCO",
+    "EncodedTensor",
+    "PayloadError",
+    "PayloadMeta",
+    "SparseLoCoCompressor",
+    "SparseLoCoConfig",
+    "decode_payload",
+    "decode_sparse",
+    "decode_tensor",
+    "encode_dense",
+    "encode_payload",
+    "encode_sparse",
+    "mean_of_payloads",
+    "payload_digest",
+    "payload_size",
+]

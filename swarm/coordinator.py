@@ -1,0 +1,176 @@
+"""The coordinator: bootstrap DHT peer, publisher of the run, assigner of roles, first-ranked leader.
+
+It does not train. It tracks the global state (so it can lead rounds, report eval loss and donate
+state to joiners) and keeps its identity and run description on disk, so a restarted coordinator
+has the same peer id, republishes the same run and catches up like any joiner. The swarm does not
+need it to make progress: peers lead rounds themselves while it is away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Callable
+from pathlib import Path
+
+from hivemind.utils import get_dht_time
+
+from swarm.exchange import PayloadStore
+from swarm.log import get_logger
+from swarm.net.dht import DHTOptions
+from swarm.net.records import RUNS_KEY, Capacity, Role, role_key, run_key
+from swarm.net.schema import from_plain, to_plain
+from swarm.node import SwarmNode
+from swarm.replica import Replica, initial_state, model_config
+from swarm.rounds import Diverged, RoundAgreement
+from swarm.run import RunConfig
+from swarm.statesync import build_chunk, build_index, download_state, pick_donors
+
+logger = get_logger(__name__)
+RUN_TTL_S = 600.0
+
+
+@dataclass
+class CoordinatorConfig:
+    state_dir: str  # identity.key and run.json live here; reuse it to restart the same run
+    dht: DHTOptions
+    evaluate: bool = True  # eval loss of the global weights each round (shown on the status page)
+    max_rounds: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.state_dir:
+            raise ValueError("state_dir is required")
+
+
+class Coordinator(SwarmNode):
+    def __init__(self, cfg: CoordinatorConfig, run: RunConfig):
+        Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+        super().__init__(identity_path=str(Path(cfg.state_dir) / "identity.key"), dht_options=cfg.dht, name="coordinator")
+        self.cfg = cfg
+        self.status.is_coordinator = True
+        self.status.role = "coordinator"
+        self.run = self._load_or_save_run(run)
+        self.started = asyncio.Event()
+
+    def _load_or_save_run(self, run: RunConfig) -> RunConfig:
+        path = Path(self.cfg.state_dir) / "run.json"
+        if path.exists():
+            saved = from_plain(RunConfig, json.loads(path.read_text()))
+            logger.info("resuming run %s from %s", saved.run_id, path)
+            return saved
+        run.created_at = time.time()
+        return run
+
+    def join_command(self) -> str:
+        addrs = self.dht.visible_maddrs()
+        return f"join-swarm {addrs[0]}" if addrs else "join-swarm <address>"
+
+    async def main(self, on_ready: Callable[[Coordinator], None] | None = None) -> None:
+        await self.start_network()
+        self.run.coordinator = self.peer_id
+        (Path(self.cfg.state_dir) / "run.json").write_text(json.dumps(to_plain(self.run), indent=1))
+        await self.dht.put(RUNS_KEY, self.run, RUN_TTL_S)
+        self.start_heartbeats()
+        if on_ready is not None:
+            on_ready(self)
+        self.spawn(self._republish_loop())
+        self.spawn(self._role_loop())
+        shapes = {n: tuple(t.shape) for n, t in initial_state(self.run).params.items()}
+        self.store = PayloadStore(self.run, shapes, self.traffic)
+        self.server.register("payload", self.store.serve)
+        self.status.phase = "joining"
+        state = await self._obtain_state()
+        self.agreement = RoundAgreement(self, self.store, state)
+        self.server.register("state-index", self._serve_index)
+        self.server.register("state", self._serve_chunk)
+        self.evaluator = await asyncio.to_thread(Replica, self.run, shard=0, device=self._cpu()) if self.cfg.evaluate else None
+        self.log_event("start", f"coordinator of run {self.run.run_id} at round {state.round}")
+        self.started.set()
+        await self._round_loop()
+
+    @staticmethod
+    def _cpu():
+        import torch
+
+        return torch.device("cpu")
+
+    async def _obtain_state(self):
+        for _ in range(3):
+            choice = pick_donors(await self.live_peers(), exclude=self.peer_id)
+            if choice is not None:
+                round_no, state_hash, donors = choice
+                try:
+                    return await download_state(self.server.p2p, donors, expected_hash=state_hash, traffic=self.traffic)
+                except Exception as e:
+                    logger.warning("state download failed: %s", e)
+            await asyncio.sleep(1.0)
+        return await asyncio.to_thread(initial_state, self.run)
+
+    async def _serve_index(self, request: dict) -> bytes | None:
+        async with self.agreement.lock:
+            return await asyncio.to_thread(build_index, self.agreement.state)
+
+    async def _serve_chunk(self, request: dict) -> bytes | None:
+        names = request.get("names")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return None
+        async with self.agreement.lock:
+            if request.get("round") != self.agreement.state.round:
+                return None
+            return await asyncio.to_thread(build_chunk, self.agreement.state, names)
+
+    async def _republish_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RUN_TTL_S / 3)
+            await self.dht.put(RUNS_KEY, self.run, RUN_TTL_S)
+
+    async def _role_loop(self) -> None:
+        """Give each announced peer a role: a full replica on the next free data shard."""
+        assigned: dict[str, Role] = {}
+        while True:
+            for item in await self.dht.get_all(run_key(self.run.run_id, "peers"), Capacity):
+                peer = item.signer
+                if item.record.peer_id != peer or peer in assigned:
+                    continue
+                existing = await self.dht.get_from(role_key(self.run.run_id, peer), Role, self.peer_id)
+                role = existing.record if existing else Role(
+                    peer_id=peer, kind="replica", data_shard=self._next_shard(assigned), assigned_at=get_dht_time()
+                )
+                if await self.dht.put(role_key(self.run.run_id, peer), role, ttl_s=24 * 3600):
+                    assigned[peer] = role
+                    if existing is None:
+                        self.log_event("role", f"{item.record.name} ({peer[-8:]}) on {item.record.device}: replica, shard {role.data_shard}")
+            await asyncio.sleep(1.0)
+
+    def _next_shard(self, assigned: dict[str, Role]) -> int:
+        used = {r.data_shard for r in assigned.values()}
+        return next(s for s in range(len(used) + 1) if s not in used) % self.run.num_shards
+
+    async def _round_loop(self) -> None:
+        rounds = 0
+        while self.cfg.max_rounds is None or rounds < self.cfg.max_rounds:
+            state = self.agreement.state
+            r = state.round
+            self.status.round, self.status.param_hash, self.status.phase = r, state.hash, "coordinating"
+            if self.evaluator is not None and r % 1 == 0:
+                self.status.loss = await asyncio.to_thread(self.evaluator.evaluate, state)
+            await self.publish_heartbeat()
+            manifest = await self.agreement.close_round(r)
+            try:
+                applied = await self.agreement.apply(manifest)
+            except Diverged as e:
+                self.log_event("reload", f"{e}; reloading state")
+                self.agreement.state = await self._obtain_state()
+                continue
+            rounds += 1
+            logger.info(
+                "round %d closed by %s | %d payloads applied, %d rejected | eval loss %s | state %s",
+                r,
+                "us" if manifest.leader == self.peer_id else manifest.leader[-8:],
+                applied,
+                len(manifest.rejected),
+                f"{self.status.loss:.4f}" if self.status.loss is not None else "-",
+                self.agreement.state.hash[:10],
+            )

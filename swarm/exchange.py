@@ -1,0 +1,150 @@
+"""A round's payloads: encoding ours, serving them, fetching and validating everyone else's.
+
+Payloads are content-addressed by sha256: a submission in the DHT names the digest, and any peer
+holding the bytes (the sender, the round leader, anyone who fetched them) can serve them.
+Decoding validates everything (codec/payload.py); a bad payload raises PayloadError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import torch
+
+from swarm.codec import (
+    PayloadError,
+    PayloadMeta,
+    SparseLoCoCompressor,
+    SparseLoCoConfig,
+    decode_payload,
+    encode_dense,
+    encode_payload,
+    payload_digest,
+)
+from swarm.log import get_logger
+from swarm.net.transfer import BlobCache, TransferError, Traffic, fetch
+from swarm.run import RunConfig
+
+logger = get_logger(__name__)
+
+
+def codec_config(run: RunConfig) -> SparseLoCoConfig:
+    o = run.outer
+    return SparseLoCoConfig(
+        chunk_rows=o.chunk_size, chunk_cols=o.chunk_size, topk_per_chunk=o.topk_per_chunk, error_decay=o.error_decay
+    )
+
+
+def max_payload_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
+    """No honest payload is larger than the dense fp32 tensors plus headroom for the header."""
+    return 4 * sum(int(torch.Size(s).numel()) for s in shapes.values()) + (1 << 20)
+
+
+@dataclass
+class Encoded:
+    data: bytes
+    digest: str
+
+
+class PayloadEncoder:
+    """Turns a pseudo-gradient into payload bytes; owns the error-feedback buffers (SparseLoCo)."""
+
+    def __init__(self, run: RunConfig, sender: str):
+        self.run = run
+        self.sender = sender
+        self.compressor = SparseLoCoCompressor(codec_config(run)) if run.outer.codec == "sparseloco" else None
+        self._saved_errors: dict[str, torch.Tensor] | None = None
+
+    def encode(self, delta: dict[str, torch.Tensor], round_no: int) -> Encoded:
+        ids = dict(run_id=self.run.run_id, round=round_no, sender=self.sender)
+        if self.compressor is not None:
+            meta = PayloadMeta.for_sparseloco(self.compressor.config, **ids)
+            # Keep e_{t-1} so the round can be undone if our payload misses the manifest.
+            self._saved_errors = {n: t.clone() for n, t in self.compressor.state_dict().items()}
+            tensors = {n: self.compressor.compress(n, d) for n, d in delta.items()}
+            self._pending_delta = delta
+        else:
+            meta = PayloadMeta.for_dense(self.run.outer.codec, **ids)
+            tensors = {n: encode_dense(d, self.run.outer.codec) for n, d in delta.items()}
+        data = encode_payload(meta, tensors)
+        return Encoded(data, payload_digest(data))
+
+    def excluded(self) -> None:
+        """Our payload was not applied: nothing was transmitted, so e ← β·e_old + Δ (all of a)."""
+        if self.compressor is None or self._saved_errors is None:
+            return
+        beta = self.run.outer.error_decay
+        restored = {}
+        for name, delta in self._pending_delta.items():
+            old = self._saved_errors.get(name)
+            restored[name] = delta.clone() if old is None else old.mul(beta).add_(delta)
+        self.compressor.load_state_dict(restored)
+        self._saved_errors = None
+
+
+class PayloadStore:
+    """Holds payload bytes for serving and fetches missing ones from whoever has them."""
+
+    def __init__(self, run: RunConfig, shapes: dict[str, tuple[int, ...]], traffic: Traffic):
+        self.run = run
+        self.shapes = shapes
+        self.traffic = traffic
+        self.blobs = BlobCache(max_items=512)
+        self.max_bytes = max_payload_bytes(shapes)
+        self._decoded: dict[str, dict[str, torch.Tensor]] = {}
+        codec = run.outer.codec
+        self.codec = (codec, codec_config(run).wire_params() if codec == "sparseloco" else {})
+
+    async def serve(self, request: dict) -> bytes | None:
+        digest = request.get("digest")
+        return self.blobs.get(digest) if isinstance(digest, str) else None
+
+    async def get(self, p2p, digest: str, holders: list[str]) -> bytes:
+        """The bytes with this digest, from our cache or the first holder that has them."""
+        cached = self.blobs.get(digest)
+        if cached is not None:
+            return cached
+        errors = []
+        for holder in holders:
+            try:
+                data = await fetch(
+                    p2p, holder, {"kind": "payload", "digest": digest}, max_bytes=self.max_bytes, timeout_s=60, traffic=self.traffic
+                )
+            except TransferError as e:
+                errors.append(str(e))
+                continue
+            if data is None:
+                errors.append(f"{holder[-8:]} does not have it")
+            elif payload_digest(data) != digest:
+                errors.append(f"{holder[-8:]} sent bytes with another digest")
+            else:
+                self.blobs.put(digest, data)
+                return data
+        raise TransferError(f"payload {digest[:12]} unavailable: " + "; ".join(errors[-3:]))
+
+    def decode(self, data: bytes, *, sender: str, round_no: int) -> dict[str, torch.Tensor]:
+        """Validate and decode one payload (CPU-bound: call from a worker thread)."""
+        digest = payload_digest(data)
+        if digest in self._decoded:
+            return self._decoded[digest]
+        meta, tensors = decode_payload(data, expected=self.shapes, max_bytes=self.max_bytes, expected_codec=self.codec)
+        if meta.run_id != self.run.run_id:
+            raise PayloadError(f"payload is for run {meta.run_id!r}")
+        if meta.round != round_no:
+            raise PayloadError(f"payload is for round {meta.round}, expected {round_no}")
+        if meta.sender != sender:
+            raise PayloadError("payload sender field does not match the submitting peer")
+        if meta.codec != self.run.outer.codec:
+            raise PayloadError(f"payload codec {meta.codec!r} is not the run's {self.run.outer.codec!r}")
+        if set(tensors) != set(self.shapes):
+            raise PayloadError("payload does not cover exactly the model's tensors")
+        self._decoded[digest] = tensors
+        return tensors
+
+    def forget_decoded(self) -> None:
+        self._decoded.clear()
+
+
+async def decode_in_thread(store: PayloadStore, data: bytes, sender: str, round_no: int) -> dict[str, torch.Tensor]:
+    return await asyncio.to_thread(store.decode, data, sender=sender, round_no=round_no)

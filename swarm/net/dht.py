@@ -1,0 +1,121 @@
+"""The swarm's view of hivemind's DHT: signed typed records in, validated typed records out."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import hivemind
+from hivemind.utils import get_dht_time
+
+from swarm.log import get_logger
+from swarm.net.identity import Identity, peer_id_from_owner_marker
+from swarm.net.schema import SchemaError, decode_record, encode_record
+
+logger = get_logger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class Signed(Generic[T]):
+    """A record together with the peer id that signed it and when it expires."""
+
+    signer: str
+    record: T
+    expires_at: float
+
+
+@dataclass
+class DHTOptions:
+    """Where a node listens and whom it knows. Addresses are libp2p multiaddrs."""
+
+    initial_peers: tuple[str, ...] = ()
+    host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
+    announce_maddrs: tuple[str, ...] = ()
+    use_relay: bool = True
+    use_auto_relay: bool = False
+    client_mode: bool = False  # a node behind NAT that cannot accept connections
+
+
+class SwarmDHT:
+    """One hivemind DHT node (its own process) plus typed helpers that sign and validate records."""
+
+    def __init__(self, identity: Identity, dht: hivemind.DHT):
+        self.identity = identity
+        self.dht = dht
+        self.peer_id = str(identity.peer_id)
+        self._marker = identity.owner_marker
+
+    @classmethod
+    def start(cls, identity_path: str, options: DHTOptions) -> SwarmDHT:
+        identity = Identity.load_or_create(identity_path)
+        dht = hivemind.DHT(
+            initial_peers=list(options.initial_peers) or None,
+            start=True,
+            identity_path=identity_path,
+            host_maddrs=list(options.host_maddrs),
+            announce_maddrs=list(options.announce_maddrs) or None,
+            use_relay=options.use_relay,
+            use_auto_relay=options.use_auto_relay,
+            client_mode=options.client_mode,
+            record_validators=[identity.validator()],
+            startup_timeout=60,
+        )
+        if str(dht.peer_id) != str(identity.peer_id):
+            raise RuntimeError("the DHT's peer id does not match the identity key")
+        return cls(identity, dht)
+
+    def visible_maddrs(self) -> list[str]:
+        return [str(a) for a in self.dht.get_visible_maddrs()]
+
+    async def put(self, key: str, record: object, ttl_s: float) -> bool:
+        """Store a record under our own signed subkey; True if at least one node accepted it."""
+        value = encode_record(record)
+        future = self.dht.store(key, value, get_dht_time() + ttl_s, subkey=self._marker, return_future=True)
+        try:
+            return bool(await future)
+        except Exception as e:  # a DHT hiccup must not kill the caller's loop
+            logger.warning("DHT store of %s failed: %s", key, e)
+            return False
+
+    async def get_all(self, key: str, cls: type[T], *, latest: bool = True) -> list[Signed[T]]:
+        """Every valid record under key, one per signer; invalid ones are logged and dropped."""
+        try:
+            found = await self.dht.get(key, latest=latest, return_future=True)
+        except Exception as e:
+            logger.warning("DHT get of %s failed: %s", key, e)
+            return []
+        if found is None or not isinstance(found.value, dict):
+            return []
+        result = []
+        for subkey, item in found.value.items():
+            signer = peer_id_from_owner_marker(subkey)
+            if signer is None:
+                logger.warning("ignoring unsigned record under %s", key)
+                continue
+            try:
+                record = decode_record(cls, item.value)
+            except SchemaError as e:
+                logger.warning("rejecting record under %s from %s: %s", key, str(signer)[-8:], e)
+                continue
+            result.append(Signed(str(signer), record, item.expiration_time))
+        return result
+
+    async def get_from(self, key: str, cls: type[T], signer: str) -> Signed[T] | None:
+        """The record under key signed by one particular peer, if any."""
+        for item in await self.get_all(key, cls):
+            if item.signer == signer:
+                return item
+        return None
+
+    def shutdown(self) -> None:
+        try:
+            self.dht.shutdown()
+        except Exception as e:
+            logger.debug("DHT shutdown: %s", e)
+
+
+async def gather_quietly(*aws: object) -> list[object]:
+    """asyncio.gather that returns exceptions instead of raising (for fire-and-forget fan-out)."""
+    return await asyncio.gather(*aws, return_exceptions=True)  # type: ignore[arg-type]

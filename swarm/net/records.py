@@ -1,0 +1,146 @@
+"""Every record a peer writes into the DHT: key names, schemas and their validation.
+
+All records are stored under a subkey holding the writer's '[owner:...]' marker, so hivemind's
+RSASignatureValidator signs them on store and every node rejects forgeries and overwrites; readers
+map the marker back to the writer's peer id (see identity.py). Values are msgpack-encoded
+dataclasses (schema.py), checked field by field when read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+RUNS_KEY = "swarm/runs"  # subkey: coordinator's owner marker -> RunDescription
+
+Phase = Literal["joining", "training", "exchanging", "idle", "leaving", "coordinating"]
+RoleKind = Literal["replica", "experts", "stage", "observer"]
+
+
+def run_key(run_id: str, name: str) -> str:
+    return f"swarm/{run_id}/{name}"
+
+
+def role_key(run_id: str, peer_id: str) -> str:
+    return run_key(run_id, f"role/{peer_id}")
+
+
+def submit_key(run_id: str, round_no: int) -> str:
+    return run_key(run_id, f"round/{round_no}/submit")
+
+
+def manifest_key(run_id: str, round_no: int) -> str:
+    return run_key(run_id, f"round/{round_no}/manifest")
+
+
+@dataclass
+class Capacity:
+    """What a joining peer offers: announced under run_key(run, 'peers')."""
+
+    peer_id: str
+    name: str
+    device: str
+    memory_gb: float
+    tokens_per_s: float
+    addrs: list[str] = field(default_factory=list)
+    version: str = ""
+
+
+@dataclass
+class Role:
+    """The coordinator's assignment for one peer (general over training modes)."""
+
+    peer_id: str
+    kind: RoleKind
+    data_shard: int
+    experts: list[tuple[int, int]] = field(default_factory=list)  # (layer, expert) owned in MoE mode
+    stage: int | None = None  # pipeline stage index
+    replica_group: int | None = None  # which pipelined replica the stage belongs to
+    assigned_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.data_shard < 0:
+            raise ValueError("data_shard must be >= 0")
+        if self.kind == "stage" and self.stage is None:
+            raise ValueError("a stage role needs a stage index")
+
+
+@dataclass
+class Heartbeat:
+    """A peer's periodic status, read by other peers (liveness, leader choice) and the status page."""
+
+    peer_id: str
+    name: str
+    role: str
+    device: str
+    phase: Phase
+    round: int
+    tokens_per_s: float
+    loss: float | None
+    bytes_sent: int
+    bytes_received: int
+    param_hash: str  # hash of the global weights this peer holds at `round` ("" if none yet)
+    version: str
+    time: float
+    is_coordinator: bool = False
+    steps: int = 0
+    addrs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Submission:
+    """'My pseudo-gradient for this round is the payload with this digest; fetch it from me.'"""
+
+    peer_id: str
+    round: int
+    digest: str
+    size: int
+    base_hash: str  # hash of the global weights the pseudo-gradient was computed against
+    tokens: int
+    loss: float | None
+
+
+@dataclass
+class ManifestEntry:
+    peer_id: str
+    digest: str
+    size: int
+
+
+@dataclass
+class Rejection:
+    peer_id: str
+    reason: str
+
+
+@dataclass
+class Manifest:
+    """The agreed set of payloads of one round, in application order (sorted by peer id)."""
+
+    round: int
+    leader: str
+    base_hash: str  # the global weights every entry was computed against
+    entries: list[ManifestEntry]
+    rejected: list[Rejection]
+    closed_at: float
+    eval_loss: float | None = None  # the leader's eval loss of the base weights, when it measured one
+
+    def __post_init__(self) -> None:
+        ids = [e.peer_id for e in self.entries]
+        if ids != sorted(set(ids)):
+            raise ValueError("manifest entries must be sorted by peer id and unique")
+
+
+@dataclass
+class Event:
+    time: float
+    kind: str  # join, leave, reject, reload, round, ...
+    text: str
+
+
+@dataclass
+class EventLog:
+    """The writer's most recent events (bounded), replaced on every update."""
+
+    peer_id: str
+    events: list[Event]

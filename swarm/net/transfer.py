@@ -1,0 +1,147 @@
+"""Moving bytes between peers over libp2p streams: payloads by digest, state by round.
+
+Each request is one stream: the caller writes a length-prefixed msgpack header, the server answers
+with a status byte and a length-prefixed body streamed in 64 KiB pieces. Nothing here interprets
+the body; payload.py and state.py validate what arrives. DHT values never carry these bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import msgpack
+from hivemind.p2p import P2P, PeerID
+
+from swarm.log import get_logger
+
+logger = get_logger(__name__)
+
+PROTOCOL = "/swarm/transfer/1"
+MAX_HEADER_BYTES = 64 * 1024
+CHUNK_BYTES = 64 * 1024
+OK, NOT_FOUND, ERROR = 0, 1, 2
+_LEN = struct.Struct("!I")
+_BODY = struct.Struct("!BQ")
+
+Provider = Callable[[dict], Awaitable[bytes | None]]
+
+
+class TransferError(RuntimeError):
+    """A fetch that failed: peer unreachable, timed out, refused, or answered too much."""
+
+
+@dataclass
+class Traffic:
+    """Bytes this process moved over transfer streams (payloads and state)."""
+
+    sent: int = 0
+    received: int = 0
+
+
+class BlobCache:
+    """Content-addressed bytes kept for other peers to fetch, oldest evicted first."""
+
+    def __init__(self, max_items: int = 256):
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self.max_items = max_items
+
+    def put(self, digest: str, data: bytes) -> None:
+        self._items[digest] = data
+        self._items.move_to_end(digest)
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+
+    def get(self, digest: str) -> bytes | None:
+        return self._items.get(digest)
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._items
+
+
+class TransferServer:
+    """Answers fetches for named kinds of content ('payload', 'state', ...) from provider callbacks."""
+
+    def __init__(self, p2p: P2P, traffic: Traffic):
+        self.p2p = p2p
+        self.traffic = traffic
+        self._providers: dict[str, Provider] = {}
+
+    def register(self, kind: str, provider: Provider) -> None:
+        self._providers[kind] = provider
+
+    async def start(self) -> None:
+        await self.p2p.add_binary_stream_handler(PROTOCOL, self._handle)
+
+    async def _handle(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(_read_header(reader), timeout=30)
+            provider = self._providers.get(request.get("kind")) if isinstance(request, dict) else None
+            body = await provider(request) if provider is not None else None
+            status = OK if body is not None else NOT_FOUND
+            await _write_body(writer, status, body or b"")
+            self.traffic.sent += len(body or b"")
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+            pass
+        except Exception as e:
+            logger.warning("transfer request from %s failed: %s", str(info.peer_id)[-8:], e)
+        finally:
+            writer.close()
+
+
+async def fetch(
+    p2p: P2P,
+    peer_id: str,
+    request: dict,
+    *,
+    max_bytes: int,
+    timeout_s: float,
+    traffic: Traffic | None = None,
+) -> bytes | None:
+    """Ask one peer for content; None if it does not have it, TransferError if the fetch failed."""
+
+    async def go() -> bytes | None:
+        _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), PROTOCOL)
+        try:
+            header = msgpack.packb(request, use_bin_type=True)
+            writer.write(_LEN.pack(len(header)) + header)
+            await writer.drain()
+            status, length = _BODY.unpack(await reader.readexactly(_BODY.size))
+            if status != OK:
+                return None
+            if length > max_bytes:
+                raise TransferError(f"peer offered {length} bytes, limit is {max_bytes}")
+            body = await reader.readexactly(length)
+            if traffic is not None:
+                traffic.received += len(body)
+            return body
+        finally:
+            writer.close()
+
+    try:
+        return await asyncio.wait_for(go(), timeout=timeout_s)
+    except TransferError:
+        raise
+    except asyncio.TimeoutError:
+        raise TransferError(f"fetch from {peer_id[-8:]} timed out after {timeout_s:.0f}s") from None
+    except Exception as e:
+        raise TransferError(f"fetch from {peer_id[-8:]} failed: {type(e).__name__}: {e}") from None
+
+
+async def _read_header(reader: asyncio.StreamReader) -> object:
+    (length,) = _LEN.unpack(await reader.readexactly(_LEN.size))
+    if length > MAX_HEADER_BYTES:
+        raise ValueError(f"request header of {length} bytes is too large")
+    return msgpack.unpackb(await reader.readexactly(length), raw=False)
+
+
+async def _write_body(writer: asyncio.StreamWriter, status: int, body: bytes) -> None:
+    writer.write(_BODY.pack(status, len(body)))
+    view = memoryview(body)
+    for offset in range(0, len(view), CHUNK_BYTES):
+        writer.write(view[offset : offset + CHUNK_BYTES])
+        await writer.drain()
+    await writer.drain()

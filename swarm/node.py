@@ -1,0 +1,170 @@
+"""What every swarm process runs: a DHT node, the transfer server, heartbeats and an event log.
+
+The coordinator, each volunteer peer and a standalone status server all build on SwarmNode. Its
+loops run on the asyncio event loop; anything heavy (training, decoding) runs elsewhere, so
+heartbeats and transfers are served on time while a peer computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from hivemind.utils import get_dht_time
+
+from swarm import __version__
+from swarm.log import get_logger
+from swarm.net.dht import DHTOptions, Signed, SwarmDHT
+from swarm.net.records import Event, EventLog, Heartbeat, Phase, RUNS_KEY, run_key
+from swarm.net.transfer import TransferServer, Traffic
+from swarm.run import RunConfig
+
+logger = get_logger(__name__)
+MAX_EVENTS = 50
+
+
+@dataclass
+class NodeStatus:
+    """The mutable fields a node reports in its heartbeat."""
+
+    name: str
+    role: str = "none"
+    device: str = "cpu"
+    phase: Phase = "joining"
+    round: int = -1
+    tokens_per_s: float = 0.0
+    loss: float | None = None
+    param_hash: str = ""
+    steps: int = 0
+    is_coordinator: bool = False
+
+
+class SwarmNode:
+    """A DHT identity with transfer serving, heartbeats and events; subclasses add behaviour."""
+
+    def __init__(self, *, identity_path: str, dht_options: DHTOptions, name: str):
+        self.dht_options = dht_options
+        self.identity_path = identity_path
+        self.status = NodeStatus(name=name)
+        self.traffic = Traffic()
+        self.events: deque[Event] = deque(maxlen=MAX_EVENTS)
+        self.run: RunConfig | None = None
+        self.dht: SwarmDHT | None = None
+        self.server: TransferServer | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._events_dirty = asyncio.Event()
+
+    @property
+    def peer_id(self) -> str:
+        assert self.dht is not None, "node not started"
+        return self.dht.peer_id
+
+    async def start_network(self) -> None:
+        # Starting p2pd blocks for a second or two: keep the loop free meanwhile.
+        self.dht = await asyncio.to_thread(SwarmDHT.start, self.identity_path, self.dht_options)
+        p2p = await self.dht.dht.replicate_p2p()
+        self.server = TransferServer(p2p, self.traffic)
+        await self.server.start()
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._tasks.append(task)
+        return task
+
+    def start_heartbeats(self) -> None:
+        self.spawn(self._heartbeat_loop())
+        self.spawn(self._event_loop())
+
+    async def publish_heartbeat(self) -> None:
+        assert self.run is not None and self.dht is not None
+        s = self.status
+        beat = Heartbeat(
+            peer_id=self.peer_id,
+            name=s.name,
+            role=s.role,
+            device=s.device,
+            phase=s.phase,
+            round=s.round,
+            tokens_per_s=float(s.tokens_per_s),
+            loss=s.loss,
+            bytes_sent=self.traffic.sent,
+            bytes_received=self.traffic.received,
+            param_hash=s.param_hash,
+            version=__version__,
+            time=get_dht_time(),
+            is_coordinator=s.is_coordinator,
+            steps=s.steps,
+            addrs=self.dht.visible_maddrs()[:4],
+        )
+        await self.dht.put(run_key(self.run.run_id, "heartbeat"), beat, self.run.heartbeat_ttl_s)
+
+    async def _heartbeat_loop(self) -> None:
+        assert self.run is not None
+        while True:
+            await self.publish_heartbeat()
+            await asyncio.sleep(self.run.heartbeat_interval_s)
+
+    def log_event(self, kind: str, text: str) -> None:
+        """Record an event for the status page (and the log)."""
+        logger.info("[%s] %s", kind, text)
+        self.events.append(Event(time=get_dht_time(), kind=kind, text=text[:300]))
+        self._events_dirty.set()
+
+    async def _event_loop(self) -> None:
+        assert self.run is not None and self.dht is not None
+        while True:
+            await self._events_dirty.wait()
+            self._events_dirty.clear()
+            log = EventLog(peer_id=self.peer_id, events=list(self.events))
+            await self.dht.put(run_key(self.run.run_id, "events"), log, ttl_s=3600)
+            await asyncio.sleep(1.0)  # batch bursts of events into one store
+
+    async def heartbeats(self) -> list[Signed[Heartbeat]]:
+        """Every peer's latest heartbeat whose signer matches the peer id it claims."""
+        assert self.run is not None and self.dht is not None
+        beats = await self.dht.get_all(run_key(self.run.run_id, "heartbeat"), Heartbeat)
+        return [b for b in beats if b.record.peer_id == b.signer]
+
+    async def live_peers(self) -> list[Heartbeat]:
+        """Heartbeats fresher than the run's TTL from peers that are not leaving."""
+        assert self.run is not None
+        now = get_dht_time()
+        return [
+            b.record
+            for b in await self.heartbeats()
+            if now - b.record.time < self.run.heartbeat_ttl_s and b.record.phase != "leaving"
+        ]
+
+    async def stop(self, *, announce_leave: bool = True) -> None:
+        if announce_leave and self.run is not None and self.dht is not None:
+            self.status.phase = "leaving"
+            self.log_event("leave", f"{self.status.name} is leaving")
+            try:
+                await asyncio.wait_for(self.publish_heartbeat(), timeout=5)
+                log = EventLog(peer_id=self.peer_id, events=list(self.events))
+                await asyncio.wait_for(self.dht.put(run_key(self.run.run_id, "events"), log, 3600), timeout=5)
+            except (asyncio.TimeoutError, Exception) as e:
+                logger.debug("could not announce leaving: %s", e)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.dht is not None:
+            await asyncio.to_thread(self.dht.shutdown)
+
+
+async def fetch_run_description(dht: SwarmDHT, coordinator: str, timeout_s: float) -> RunConfig:
+    """Wait for the run description signed by the coordinator's peer id; others are rejected."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for item in await dht.get_all(RUNS_KEY, RunConfig):
+            if item.signer != coordinator:
+                logger.warning("ignoring a run description signed by %s, not the coordinator", item.signer[-8:])
+            elif item.record.coordinator != coordinator:
+                logger.warning("ignoring a run description whose coordinator field does not match its signer")
+            else:
+                return item.record
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no run description signed by coordinator {coordinator} after {timeout_s:.0f}s")
+        await asyncio.sleep(0.5)

@@ -1,0 +1,248 @@
+"""A volunteer peer: join a run, get a role, catch up on the state, then train round after round.
+
+The event loop serves payloads, state and heartbeats; training and codec work run in a worker
+thread. Ctrl+C sets `stopping`: the inner loop stops at the next step boundary, the peer announces
+that it is leaving and shuts down; nobody waits for it, and no one's state is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from swarm.exchange import PayloadEncoder, PayloadStore
+from swarm.log import get_logger
+from swarm.net.dht import DHTOptions
+from swarm.net.records import Capacity, Role, Submission, role_key, run_key, submit_key
+from swarm.node import SwarmNode, fetch_run_description
+from swarm.replica import Replica
+from swarm.rounds import Diverged, RoundAgreement
+from swarm.run import RunConfig
+from swarm.state import GlobalState
+from swarm.statesync import build_chunk, build_index, download_state, pick_donors
+from swarm.train.step import resolve_device
+from swarm import __version__
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class PeerConfig:
+    """What a volunteer chooses; everything else comes from the run description."""
+
+    coordinator: str  # coordinator peer id (from the join address)
+    identity_path: str
+    dht: DHTOptions
+    name: str = "peer"
+    device: str = "auto"
+    out_dir: str | None = None  # per-round metrics JSONL goes here when set
+    role_timeout_s: float = 15.0
+    max_rounds: int | None = None  # stop after this many rounds (tests, benchmarks)
+    threads: int | None = None  # torch intra-op threads
+
+    def __post_init__(self) -> None:
+        if not self.coordinator:
+            raise ValueError("a coordinator peer id is required")
+        if self.role_timeout_s <= 0:
+            raise ValueError("role_timeout_s must be positive")
+
+
+class Peer(SwarmNode):
+    def __init__(self, cfg: PeerConfig):
+        super().__init__(identity_path=cfg.identity_path, dht_options=cfg.dht, name=cfg.name)
+        self.cfg = cfg
+        self.stopping = threading.Event()
+        self.device = resolve_device(cfg.device)
+        self.status.device = str(self.device)
+        self.rounds_done = 0
+
+    async def main(self) -> None:
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        await self.start_network()
+        self.run = await fetch_run_description(self.dht, self.cfg.coordinator, timeout_s=60)
+        logger.info("joined run %s (%s, preset %s) as %s", self.run.run_id, self.run.mode, self.run.preset, self.peer_id)
+        self.start_heartbeats()
+        role = await self._get_role()
+        self.status.role = f"{role.kind} shard {role.data_shard}"
+        self.replica = await asyncio.to_thread(Replica, self.run, shard=role.data_shard, device=self.device)
+        shapes = {n: tuple(p.shape) for n, p in sorted(self.replica.model.named_parameters())}
+        self.store = PayloadStore(self.run, shapes, self.traffic)
+        self.encoder = PayloadEncoder(self.run, self.peer_id)
+        self.server.register("payload", self.store.serve)
+        state = await self._obtain_state()
+        self.agreement = RoundAgreement(self, self.store, state)
+        self.server.register("state-index", self._serve_index)
+        self.server.register("state", self._serve_chunk)
+        self.log_event("join", f"{self.status.name} joined at round {state.round} on {self.device}")
+        await self._round_loop()
+
+    # ----- joining ---------------------------------------------------------------------------
+
+    async def _get_role(self) -> Role:
+        capacity = Capacity(
+            peer_id=self.peer_id,
+            name=self.status.name,
+            device=str(self.device),
+            memory_gb=_memory_gb(self.device),
+            tokens_per_s=0.0,
+            addrs=self.dht.visible_maddrs()[:4],
+            version=__version__,
+        )
+        await self.dht.put(run_key(self.run.run_id, "peers"), capacity, ttl_s=3600)
+        deadline = time.monotonic() + self.cfg.role_timeout_s
+        while time.monotonic() < deadline:
+            item = await self.dht.get_from(role_key(self.run.run_id, self.peer_id), Role, self.run.coordinator)
+            if item is not None and item.record.peer_id == self.peer_id:
+                return item.record
+            await asyncio.sleep(0.5)
+        # Without a coordinator the swarm still runs: take the default role with a shard from our id.
+        shard = int(hashlib.sha256(self.peer_id.encode()).hexdigest(), 16) % self.run.num_shards
+        logger.warning("no role from the coordinator after %.0fs; training as a replica on shard %d", self.cfg.role_timeout_s, shard)
+        return Role(peer_id=self.peer_id, kind="replica", data_shard=shard)
+
+    async def _obtain_state(self) -> GlobalState:
+        """Download the newest agreed state; start from θ(0) only if nobody holds any state."""
+        self.status.phase = "joining"
+        for attempt in range(60):
+            choice = pick_donors(await self.live_peers(), exclude=self.peer_id)
+            if choice is not None:
+                round_no, state_hash, donors = choice
+                try:
+                    state = await download_state(self.server.p2p, donors, expected_hash=state_hash, traffic=self.traffic)
+                    logger.info("downloaded state of round %d from %d donor(s)", round_no, len(donors))
+                    return state
+                except Exception as e:
+                    logger.warning("state download failed (%s); retrying", e)
+            elif attempt >= 6:
+                break
+            await asyncio.sleep(1.0)
+        from swarm.replica import initial_state
+
+        logger.info("no peer holds any state: starting from the run's initial weights")
+        return await asyncio.to_thread(initial_state, self.run)
+
+    async def _serve_index(self, request: dict) -> bytes | None:
+        async with self.agreement.lock:
+            return await asyncio.to_thread(build_index, self.agreement.state)
+
+    async def _serve_chunk(self, request: dict) -> bytes | None:
+        names = request.get("names")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return None
+        async with self.agreement.lock:
+            state = self.agreement.state
+            if request.get("round") != state.round:
+                return None
+            return await asyncio.to_thread(build_chunk, state, names)
+
+    # ----- rounds ----------------------------------------------------------------------------
+
+    async def _round_loop(self) -> None:
+        metrics = _MetricsFile(self.cfg.out_dir, self.peer_id)
+        while not self.stopping.is_set():
+            if self.cfg.max_rounds is not None and self.rounds_done >= self.cfg.max_rounds:
+                break
+            started = time.perf_counter()
+            state = self.agreement.state
+            r = state.round
+            self.status.round, self.status.param_hash = r, state.hash
+            work, encoded = None, None
+            if await self.agreement.find_manifest(r) is None:  # not behind: train this round
+                self.status.phase = "training"
+                await self.publish_heartbeat()
+                work = await asyncio.to_thread(self.replica.train_round, state, self.stopping)
+                if work is None:
+                    break
+                encoded = await asyncio.to_thread(self.encoder.encode, work.delta, r)
+                self.store.blobs.put(encoded.digest, encoded.data)
+                sub = Submission(self.peer_id, r, encoded.digest, len(encoded.data), state.hash, work.tokens, work.loss)
+                await self.dht.put(submit_key(self.run.run_id, r), sub, ttl_s=self.run.round_timeout_s * 4 + 60)
+                self.status.phase, self.status.loss = "exchanging", work.loss
+                self.status.tokens_per_s = work.tokens / max(work.compute_s, 1e-9)
+                self.status.steps += self.run.inner_steps
+                await self.publish_heartbeat()
+            manifest = await self.agreement.close_round(r)
+            included = any(e.peer_id == self.peer_id for e in manifest.entries)
+            if encoded is not None and not included:
+                self.encoder.excluded()
+                self.log_event("excluded", f"round {r}: our payload missed the manifest")
+            try:
+                applied = await self.agreement.apply(manifest)
+            except Diverged as e:
+                self.log_event("reload", f"{e}; reloading state")
+                self.agreement.state = await self._obtain_state()
+                continue
+            self.rounds_done += 1
+            self._report(r, work, encoded, applied, time.perf_counter() - started, metrics)
+        self.status.phase = "leaving"
+
+    def _report(self, r, work, encoded, applied, round_s, metrics) -> None:
+        state = self.agreement.state
+        self.status.round, self.status.param_hash, self.status.phase = state.round, state.hash, "idle"
+        dense_bytes = 4 * state.numel()
+        row = {
+            "round": r,
+            "applied": applied,
+            "hash": state.hash,
+            "loss": work.loss if work else None,
+            "tokens": work.tokens if work else 0,
+            "tokens_per_s": work.tokens / round_s if work else 0.0,
+            "compute_s": work.compute_s if work else 0.0,
+            "round_s": round_s,
+            "payload_bytes": len(encoded.data) if encoded else 0,
+            "compression": dense_bytes / len(encoded.data) if encoded else None,
+            "bytes_sent": self.traffic.sent,
+            "bytes_received": self.traffic.received,
+        }
+        metrics.write(row)
+        logger.info(
+            "round %d | loss %s | %.0f tok/s | sent %s recv %s | payload %s (%sx) | %d applied | %s",
+            r,
+            f"{row['loss']:.4f}" if work else "-",
+            row["tokens_per_s"],
+            _human(self.traffic.sent),
+            _human(self.traffic.received),
+            _human(row["payload_bytes"]),
+            f"{row['compression']:.0f}" if encoded else "-",
+            applied,
+            state.hash[:10],
+        )
+
+
+class _MetricsFile:
+    def __init__(self, out_dir: str | None, peer_id: str):
+        self.path = Path(out_dir) / f"peer-{peer_id[-8:]}.jsonl" if out_dir else None
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, row: dict) -> None:
+        if self.path:
+            with self.path.open("a") as f:
+                f.write(json.dumps({**row, "time": time.time()}) + "\n")
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2**30
+    try:
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        return 0.0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}TB"

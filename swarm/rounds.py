@@ -1,0 +1,212 @@
+"""How a round closes: who leads, which payloads are in, and how everyone applies them.
+
+Any node holding θ(r) can lead round r. Candidates are ranked: the coordinator first, then the
+other live peers by sha256(round, peer id), so leadership moves on its own when the coordinator is
+down. The leader waits until every live replica of the round has submitted, or until
+round_timeout_s after the first submission, fetches and validates each payload, and publishes a
+signed manifest listing the accepted ones sorted by peer id. Everyone applies exactly the
+manifest's payloads in that order, so replicas stay bit-identical. A manifest names the state hash
+it applies to; a node holding another hash has diverged and reloads (see peer.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from hivemind.utils import get_dht_time
+
+from swarm.codec import PayloadError, mean_of_payloads
+from swarm.exchange import PayloadStore
+from swarm.log import get_logger
+from swarm.net.records import Heartbeat, Manifest, ManifestEntry, Rejection, Submission, manifest_key, submit_key
+from swarm.net.transfer import TransferError
+from swarm.node import SwarmNode
+from swarm.state import GlobalState
+
+logger = get_logger(__name__)
+MANIFEST_TTL_S = 6 * 3600
+STRIKES_BEFORE_BAN = 3
+
+
+class Diverged(RuntimeError):
+    """Our global weights are not the ones the swarm's manifest was computed against."""
+
+
+@dataclass
+class RoundResult:
+    manifest: Manifest
+    applied: int  # payloads averaged into the outer step
+    seconds: float
+
+
+def leader_rank(round_no: int, beat: Heartbeat) -> tuple[int, str]:
+    tiebreak = hashlib.sha256(f"{round_no}:{beat.peer_id}".encode()).hexdigest()
+    return (0 if beat.is_coordinator else 1, tiebreak)
+
+
+@dataclass
+class RoundAgreement:
+    """Leads or follows rounds for one node. `state` is the node's θ(r), guarded by `lock`."""
+
+    node: SwarmNode
+    store: PayloadStore
+    state: GlobalState
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    poll_s: float = 0.25
+    strikes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    @property
+    def run(self):
+        return self.node.run
+
+    @property
+    def p2p(self):
+        return self.node.server.p2p
+
+    # ----- following -------------------------------------------------------------------------
+
+    async def find_manifest(self, round_no: int, beats: list[Heartbeat] | None = None) -> Manifest | None:
+        """The canonical manifest of a round: of all published, the one by the best-ranked leader."""
+        found = await self.node.dht.get_all(manifest_key(self.run.run_id, round_no), Manifest)
+        found = [m for m in found if m.record.leader == m.signer and m.record.round == round_no]
+        if not found:
+            return None
+        coordinator = self.run.coordinator
+
+        def rank(item) -> tuple[int, str]:
+            tiebreak = hashlib.sha256(f"{round_no}:{item.signer}".encode()).hexdigest()
+            return (0 if item.signer == coordinator else 1, tiebreak)
+
+        return min(found, key=rank).record
+
+    async def close_round(self, round_no: int) -> Manifest:
+        """Wait for round r's manifest, leading the round ourselves whenever we rank first."""
+        while True:
+            manifest = await self.find_manifest(round_no)
+            if manifest is not None:
+                return manifest
+            beats = await self.node.live_peers()
+            if self._should_lead(round_no, beats):
+                manifest = await self._lead(round_no)
+                if manifest is not None:
+                    return manifest
+            await asyncio.sleep(self.poll_s)
+
+    def _should_lead(self, round_no: int, beats: list[Heartbeat]) -> bool:
+        me = self.node.peer_id
+        holders = [
+            b for b in beats if b.round == round_no and b.param_hash == self.state.hash and b.phase != "joining"
+        ]
+        holders = [b for b in holders if b.peer_id != me]
+        my_beat = Heartbeat(
+            peer_id=me, name="", role="", device="", phase="idle", round=round_no, tokens_per_s=0, loss=None,
+            bytes_sent=0, bytes_received=0, param_hash=self.state.hash, version="", time=0,
+            is_coordinator=self.node.status.is_coordinator,
+        )
+        best = min(holders + [my_beat], key=lambda b: leader_rank(round_no, b))
+        return best.peer_id == me
+
+    # ----- leading ---------------------------------------------------------------------------
+
+    async def _lead(self, round_no: int) -> Manifest | None:
+        """Collect submissions until all live replicas are in or the deadline passes, then publish."""
+        first_seen: float | None = None
+        while True:
+            other = await self.find_manifest(round_no)
+            if other is not None:
+                return other
+            subs = await self._submissions(round_no)
+            beats = await self.node.live_peers()
+            if subs and first_seen is None:
+                first_seen = time.monotonic()
+            expected = {b.peer_id for b in beats if b.round == round_no and b.phase in ("training", "exchanging")}
+            if not self._should_lead(round_no, beats):
+                return None  # a better-ranked leader has appeared
+            everyone_in = expected <= set(subs) and len(subs) >= self.run.min_peers
+            late = first_seen is not None and time.monotonic() - first_seen > self.run.round_timeout_s
+            if subs and (everyone_in or late):
+                break
+            await asyncio.sleep(self.poll_s)
+        entries, rejected = await self._validate(round_no, subs)
+        manifest = Manifest(
+            round=round_no,
+            leader=self.node.peer_id,
+            base_hash=self.state.hash,
+            entries=entries,
+            rejected=rejected,
+            closed_at=get_dht_time(),
+            eval_loss=self.node.status.loss if self.node.status.is_coordinator else None,
+        )
+        await self.node.dht.put(manifest_key(self.run.run_id, round_no), manifest, MANIFEST_TTL_S)
+        missing = sorted(expected - set(subs))
+        if missing:
+            self.node.log_event("timeout", f"round {round_no} closed without {', '.join(p[-8:] for p in missing)}")
+        return manifest
+
+    async def _submissions(self, round_no: int) -> dict[str, Submission]:
+        found = await self.node.dht.get_all(submit_key(self.run.run_id, round_no), Submission)
+        subs = {}
+        for item in found:
+            if item.record.peer_id != item.signer or item.record.round != round_no:
+                continue
+            if self.strikes[item.signer] >= STRIKES_BEFORE_BAN:
+                continue
+            subs[item.signer] = item.record
+        return subs
+
+    async def _validate(self, round_no: int, subs: dict[str, Submission]) -> tuple[list[ManifestEntry], list[Rejection]]:
+        results = await asyncio.gather(*(self._check(round_no, s) for s in subs.values()))
+        entries, rejected = [], []
+        for sub, reason in zip(subs.values(), results):
+            if reason is None:
+                entries.append(ManifestEntry(sub.peer_id, sub.digest, sub.size))
+            else:
+                rejected.append(Rejection(sub.peer_id, reason))
+                self.strikes[sub.peer_id] += 1
+                self.node.log_event("reject", f"round {round_no}: payload from {sub.peer_id[-8:]} rejected: {reason}")
+        entries.sort(key=lambda e: e.peer_id)
+        return entries, rejected
+
+    async def _check(self, round_no: int, sub: Submission) -> str | None:
+        """None if the submission's payload is valid, else the reason it is not."""
+        if sub.base_hash != self.state.hash:
+            return "computed against other weights (stale or diverged)"
+        try:
+            data = await self.store.get(self.p2p, sub.digest, [sub.peer_id])
+            await asyncio.to_thread(self.store.decode, data, sender=sub.peer_id, round_no=round_no)
+        except PayloadError as e:
+            return f"malformed payload: {e.reason}"
+        except TransferError as e:
+            return f"payload not delivered: {e}"
+        return None
+
+    # ----- applying --------------------------------------------------------------------------
+
+    async def apply(self, manifest: Manifest) -> int:
+        """Fetch, decode and average the manifest's payloads, then take the outer step."""
+        if manifest.base_hash != self.state.hash:
+            raise Diverged(f"round {manifest.round} applies to state {manifest.base_hash[:12]}, ours is {self.state.hash[:12]}")
+        decoded = await asyncio.gather(*(self._decoded(manifest, e) for e in manifest.entries))
+        names = list(self.state.params)
+        async with self.lock:
+            if decoded:
+                mean = await asyncio.to_thread(mean_of_payloads, list(decoded), names)
+                await asyncio.to_thread(self.state.apply_outer_step, mean, self.run.outer)
+            else:
+                self.state.advance_without_update()
+        self.store.forget_decoded()
+        return len(decoded)
+
+    async def _decoded(self, manifest: Manifest, entry: ManifestEntry) -> dict[str, torch.Tensor]:
+        holders = [entry.peer_id, manifest.leader] + [e.peer_id for e in manifest.entries if e is not entry]
+        try:
+            data = await self.store.get(self.p2p, entry.digest, holders)
+            return await asyncio.to_thread(self.store.decode, data, sender=entry.peer_id, round_no=manifest.round)
+        except (TransferError, PayloadError) as e:
+            raise Diverged(f"cannot apply round {manifest.round}: payload of {entry.peer_id[-8:]}: {e}") from None

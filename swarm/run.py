@@ -1,0 +1,108 @@
+"""The run description: one signed, versioned dataclass that tells a volunteer everything.
+
+The coordinator publishes it in the DHT under RUNS_KEY with its own owner marker; a joiner accepts
+it only if the marker's peer id equals the coordinator peer id in the address it was given.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import Literal
+
+Mode = Literal["sparseloco", "diloco"]
+Codec = Literal["sparseloco", "dense-fp32", "dense-fp16"]
+
+
+@dataclass
+class OuterConfig:
+    """How pseudo-gradients are compressed, averaged and applied each round."""
+
+    codec: Codec = "sparseloco"
+    outer_lr: float = 1.0  # alpha; SparseLoCo uses 1.0, dense DiLoCo 0.7
+    momentum: float = 0.0  # SparseLoCo needs none: the decayed error buffer plays that part
+    nesterov: bool = False
+    topk_per_chunk: int = 64  # 64 of 4096 = 1.56% density, the paper's setting
+    chunk_size: int = 64  # matrices are cut into chunk_size x chunk_size blocks
+    error_decay: float = 0.95  # beta of the error-feedback buffer
+
+    def __post_init__(self) -> None:
+        if not 0 < self.outer_lr <= 10:
+            raise ValueError(f"outer_lr must be in (0, 10], got {self.outer_lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0 < self.topk_per_chunk <= self.chunk_size**2:
+            raise ValueError("topk_per_chunk must be in (0, chunk_size^2]")
+        if not 0 <= self.error_decay <= 1:
+            raise ValueError("error_decay must be in [0, 1]")
+
+    @classmethod
+    def for_mode(cls, mode: Mode, dense_dtype: str = "fp32") -> OuterConfig:
+        if mode == "sparseloco":
+            return cls()
+        # DiLoCo's published outer optimizer: Nesterov momentum 0.9, outer lr 0.7, dense payloads.
+        codec: Codec = "dense-fp16" if dense_dtype == "fp16" else "dense-fp32"
+        return cls(codec=codec, outer_lr=0.7, momentum=0.9, nesterov=True)
+
+
+@dataclass
+class RunConfig:
+    """A whole run: model, data, inner and outer optimisation, round timing."""
+
+    run_id: str = field(default_factory=lambda: f"run-{secrets.token_hex(4)}")
+    mode: Mode = "sparseloco"
+    preset: str = "nano"
+    model_overrides: dict[str, int | float | bool] = field(default_factory=dict)
+    data_source: str = "stdlib"
+    text_field: str = "text"
+    data_max_bytes: int | None = None
+    eval_fraction: float = 0.01
+    seed: int = 0
+    batch_size: int = 8
+    seq_len: int = 128
+    inner_steps: int = 30  # H: local AdamW steps per round (paper: 15..30)
+    inner_lr: float = 3e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    max_rounds: int = 0  # 0 = until stopped; otherwise the cosine schedule's horizon
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    round_timeout_s: float = 120.0  # a round closes this long after the previous one, whoever is missing
+    min_peers: int = 1
+    heartbeat_interval_s: float = 5.0
+    heartbeat_ttl_s: float = 20.0  # a peer silent this long is stale: not waited for, not a leader
+    num_shards: int = 1024  # data streams are disjoint for up to this many peers
+    eval_batches: int = 8
+    coordinator: str = ""  # peer id of the coordinator (filled in when published)
+    created_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        positive = {
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "inner_steps": self.inner_steps,
+            "round_timeout_s": self.round_timeout_s,
+            "heartbeat_interval_s": self.heartbeat_interval_s,
+            "num_shards": self.num_shards,
+            "min_peers": self.min_peers,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
+            raise ValueError("heartbeat_ttl_s must exceed heartbeat_interval_s")
+        if not (math.isfinite(self.inner_lr) and self.inner_lr > 0):
+            raise ValueError(f"inner_lr must be positive, got {self.inner_lr}")
+        if self.max_rounds < 0:
+            raise ValueError("max_rounds must be >= 0")
+        if not self.run_id or "/" in self.run_id or len(self.run_id) > 64:
+            raise ValueError(f"bad run_id {self.run_id!r}: 1-64 characters, no '/'")
+        expected_codec_sparse = self.mode == "sparseloco"
+        if expected_codec_sparse != (self.outer.codec == "sparseloco"):
+            raise ValueError(f"mode {self.mode!r} cannot use codec {self.outer.codec!r}")
+
+    @property
+    def total_inner_steps(self) -> int:
+        """Horizon of the inner cosine schedule (a long constant tail when the run is open-ended)."""
+        return self.max_rounds * self.inner_steps if self.max_rounds else 10**9

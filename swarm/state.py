@@ -1,0 +1,104 @@
+"""The global model state every replica agrees on, and the outer step that advances it.
+
+The global weights live on the CPU in fp32 whatever device a peer trains on: applying the same
+payloads in the same order with the same CPU kernels gives bit-identical results on every peer,
+which a GPU's reduction order would not guarantee.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from swarm.run import OuterConfig
+
+
+class NonFiniteUpdateError(RuntimeError):
+    """An aggregated pseudo-gradient or a resulting weight that is NaN or infinite."""
+
+
+@dataclass
+class GlobalState:
+    """θ(round) plus the outer optimiser's momentum (dense DiLoCo only)."""
+
+    round: int
+    params: dict[str, torch.Tensor]  # name -> fp32 CPU tensor, sorted by name
+    momentum: dict[str, torch.Tensor] = field(default_factory=dict)
+    _hash: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, round_no: int = 0) -> GlobalState:
+        params = {n: p.detach().to("cpu", torch.float32).clone() for n, p in sorted(model.named_parameters())}
+        return cls(round=round_no, params=params)
+
+    def copy(self) -> GlobalState:
+        return GlobalState(
+            round=self.round,
+            params={n: t.clone() for n, t in self.params.items()},
+            momentum={n: t.clone() for n, t in self.momentum.items()},
+            _hash=self._hash,
+        )
+
+    @property
+    def hash(self) -> str:
+        """sha256 of round-independent content: every tensor's name, shape and bytes, in name order."""
+        if self._hash is None:
+            self._hash = state_hash(self.params, self.momentum)
+        return self._hash
+
+    def load_into(self, model: torch.nn.Module) -> None:
+        """Copy the global weights into a (possibly GPU, possibly bf16-autocast) training model."""
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(self.params[name])
+
+    def pseudo_gradient(self, model: torch.nn.Module, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Δ = θ(t) − θ_local, on the CPU in fp32, for the named (default: all) parameters."""
+        local = dict(model.named_parameters())
+        names = names if names is not None else list(self.params)
+        return {n: self.params[n] - local[n].detach().to("cpu", torch.float32) for n in names}
+
+    def apply_outer_step(self, mean_delta: dict[str, torch.Tensor], outer: OuterConfig) -> None:
+        """θ ← θ − lr·update, where update is Δ (SparseLoCo) or Nesterov momentum of Δ (DiLoCo)."""
+        for name, delta in mean_delta.items():
+            if not torch.isfinite(delta).all():
+                raise NonFiniteUpdateError(f"round {self.round}: aggregated update of {name} is not finite")
+        for name in sorted(mean_delta):
+            delta = mean_delta[name]
+            if outer.momentum > 0:
+                buf = self.momentum.setdefault(name, torch.zeros_like(delta))
+                buf.mul_(outer.momentum).add_(delta)
+                delta = delta + outer.momentum * buf if outer.nesterov else buf
+            self.params[name].sub_(delta, alpha=outer.outer_lr)
+        self.round += 1
+        self._hash = None
+
+    def advance_without_update(self) -> None:
+        """A round in which no valid payload arrived: the weights stay, the round counter moves."""
+        self.round += 1
+
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.params.values())
+
+
+def tensor_digest(name: str, tensor: torch.Tensor) -> bytes:
+    h = hashlib.sha256()
+    h.update(name.encode())
+    h.update(repr(tuple(tensor.shape)).encode())
+    h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return h.digest()
+
+
+def state_hash(params: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for prefix, tensors in (("p:", params), ("m:", momentum)):
+        for name in sorted(tensors):
+            h.update(tensor_digest(prefix + name, tensors[name]))
+    return h.hexdigest()[:32]
+
+
+def is_finite_number(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)

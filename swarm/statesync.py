@@ -1,0 +1,166 @@
+"""Serving and downloading the global state, so a joiner (or a diverged peer) catches up.
+
+A joiner asks a donor for the state index (round, state hash, per-tensor sha256), checks that the
+hash is the one most live peers report for that round, then splits the tensors across every donor
+holding the same round and hash and fetches from all of them at once, so many joiners don't choke
+one peer. Every tensor is checked against the index and the whole against the state hash.
+Wire layout: docs/wire-format.md, "State transfer".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+import torch
+
+from swarm.log import get_logger
+from swarm.net.records import Heartbeat
+from swarm.net.transfer import TransferError, Traffic, fetch
+from swarm.state import GlobalState
+
+logger = get_logger(__name__)
+STATE_FORMAT_VERSION = 1
+MOMENTUM_PREFIX = "momentum/"
+
+
+class StateError(ValueError):
+    """State bytes from a donor that do not match what was asked for or announced."""
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    sha256: str
+
+
+@dataclass
+class StateIndex:
+    round: int
+    hash: str
+    tensors: list[TensorInfo]
+
+
+def _all_tensors(state: GlobalState) -> dict[str, torch.Tensor]:
+    tensors = dict(state.params)
+    tensors.update({MOMENTUM_PREFIX + n: t for n, t in state.momentum.items()})
+    return tensors
+
+
+def _sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def build_index(state: GlobalState) -> bytes:
+    tensors = [[n, list(t.shape), _sha(t)] for n, t in _all_tensors(state).items()]
+    return msgpack.packb({"v": STATE_FORMAT_VERSION, "round": state.round, "hash": state.hash, "tensors": tensors})
+
+
+def build_chunk(state: GlobalState, names: list[str]) -> bytes | None:
+    """The raw fp32 bytes of the named tensors, concatenated in the requested order."""
+    tensors = _all_tensors(state)
+    if any(n not in tensors for n in names):
+        return None
+    return b"".join(tensors[n].contiguous().numpy().tobytes() for n in names)
+
+
+def parse_index(data: bytes) -> StateIndex:
+    try:
+        raw = msgpack.unpackb(data, raw=False)
+        if raw["v"] != STATE_FORMAT_VERSION:
+            raise StateError(f"unsupported state format version {raw['v']!r}")
+        tensors = [TensorInfo(str(n), tuple(int(d) for d in s), str(h)) for n, s, h in raw["tensors"]]
+        return StateIndex(int(raw["round"]), str(raw["hash"]), tensors)
+    except StateError:
+        raise
+    except Exception as e:
+        raise StateError(f"malformed state index: {type(e).__name__}") from None
+
+
+def split_chunk(data: bytes, infos: list[TensorInfo]) -> dict[str, torch.Tensor]:
+    """Cut a chunk into tensors and check each one's sha256 against the index."""
+    sizes = [4 * int(np.prod(i.shape, dtype=np.int64)) for i in infos]
+    if len(data) != sum(sizes):
+        raise StateError(f"state chunk has {len(data)} bytes, expected {sum(sizes)}")
+    out, offset = {}, 0
+    for info, size in zip(infos, sizes):
+        piece = data[offset : offset + size]
+        offset += size
+        if hashlib.sha256(piece).hexdigest() != info.sha256:
+            raise StateError(f"tensor {info.name} does not match its announced sha256")
+        out[info.name] = torch.from_numpy(np.frombuffer(piece, dtype=np.float32).copy()).reshape(info.shape)
+    return out
+
+
+def pick_donors(beats: list[Heartbeat], exclude: str) -> tuple[int, str, list[str]] | None:
+    """(round, hash, donors) of the newest state that the most peers agree on."""
+    holders = [b for b in beats if b.param_hash and b.round >= 0 and b.peer_id != exclude and b.phase != "joining"]
+    if not holders:
+        return None
+    votes = Counter((b.round, b.param_hash) for b in holders)
+    # Newest round first; within a round, the hash most peers hold (a diverged peer is outvoted).
+    (round_no, state_hash), _ = max(votes.items(), key=lambda kv: (kv[0][0], kv[1]))
+    donors = [b.peer_id for b in holders if (b.round, b.param_hash) == (round_no, state_hash)]
+    return round_no, state_hash, donors
+
+
+async def download_state(
+    p2p, donors: list[str], *, expected_hash: str, traffic: Traffic, timeout_s: float = 120.0, max_bytes: int = 2**34
+) -> GlobalState:
+    """Fetch the state with the given hash from several donors in parallel; verify everything."""
+    index = None
+    for donor in donors:
+        try:
+            raw = await fetch(p2p, donor, {"kind": "state-index"}, max_bytes=2**24, timeout_s=30, traffic=traffic)
+        except TransferError as e:
+            logger.info("state index from %s failed: %s", donor[-8:], e)
+            continue
+        if raw is not None:
+            index = parse_index(raw)
+            if index.hash == expected_hash:
+                break
+    if index is None or index.hash != expected_hash:
+        raise StateError("no donor offered the agreed state")
+    parts = _split_work(index.tensors, len(donors))
+    results = await asyncio.gather(
+        *(_fetch_part(p2p, donors, i, part, index, traffic, timeout_s, max_bytes) for i, part in enumerate(parts))
+    )
+    tensors: dict[str, torch.Tensor] = {}
+    for chunk in results:
+        tensors.update(chunk)
+    params = {n: t for n, t in sorted(tensors.items()) if not n.startswith(MOMENTUM_PREFIX)}
+    momentum = {n[len(MOMENTUM_PREFIX) :]: t for n, t in sorted(tensors.items()) if n.startswith(MOMENTUM_PREFIX)}
+    state = GlobalState(round=index.round, params=params, momentum=momentum)
+    if state.hash != expected_hash:
+        raise StateError("downloaded state does not match the agreed hash")
+    return state
+
+
+def _split_work(infos: list[TensorInfo], num_donors: int) -> list[list[TensorInfo]]:
+    """Spread tensors over donors, biggest first onto the least-loaded donor."""
+    parts: list[list[TensorInfo]] = [[] for _ in range(max(1, num_donors))]
+    loads = [0] * len(parts)
+    for info in sorted(infos, key=lambda i: -int(np.prod(i.shape, dtype=np.int64))):
+        k = loads.index(min(loads))
+        parts[k].append(info)
+        loads[k] += int(np.prod(info.shape, dtype=np.int64))
+    return [p for p in parts if p]
+
+
+async def _fetch_part(p2p, donors, first, part, index, traffic, timeout_s, max_bytes) -> dict[str, torch.Tensor]:
+    """Fetch one part, starting with its own donor and falling back to the others."""
+    order = donors[first % len(donors) :] + donors[: first % len(donors)]
+    request = {"kind": "state", "round": index.round, "names": [i.name for i in part]}
+    for donor in order:
+        try:
+            raw = await fetch(p2p, donor, request, max_bytes=max_bytes, timeout_s=timeout_s, traffic=traffic)
+            if raw is not None:
+                return split_chunk(raw, part)
+        except (TransferError, StateError) as e:
+            logger.info("state part from %s failed: %s", donor[-8:], e)
+    raise StateError(f"no donor could provide {len(part)} tensors of round {index.round}")

@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--seed", type=int)
     p.add_argument("--stop-after", type=int, default=None, help="exit after coordinating this many rounds")
     p.add_argument("--no-eval", action="store_true", help="skip the per-round eval loss")
+    p.add_argument("--status-port", type=int, default=None, help="serve the status page on this port (0 = any free port)")
+    p.add_argument("--status-host", default="127.0.0.1", help="address the status page binds to (default %(default)s)")
     add_network_args(p)
     p.add_argument("--initial-peers", nargs="*", default=[], help="other peers to connect to (restarting into a live run)")
     return p.parse_args(argv)
@@ -61,13 +63,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         raise SystemExit(f"swarm-coordinator: bad run description: {e}")
     cfg = CoordinatorConfig(
-        state_dir=args.state_dir, dht=dht_options(args, args.initial_peers), evaluate=not args.no_eval, max_rounds=args.stop_after
+        state_dir=args.state_dir,
+        dht=dht_options(args, args.initial_peers),
+        evaluate=not args.no_eval,
+        max_rounds=args.stop_after,
+        status_host=args.status_host,
+        status_port=args.status_port,
     )
     coordinator = Coordinator(cfg, run)
 
     def ready(c: Coordinator) -> None:
         print(f"run {c.run.run_id}: {c.run.mode}, preset {c.run.preset}", flush=True)
         print(f"volunteers join with:\n  {c.join_command()}", flush=True)
+        if c.status_url:
+            print(f"status page: {c.status_url}", flush=True)
 
     async def go() -> None:
         await coordinator.main(on_ready=ready)

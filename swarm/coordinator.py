@@ -38,6 +38,8 @@ class CoordinatorConfig:
     dht: DHTOptions
     evaluate: bool = True  # eval loss of the global weights each round (shown on the status page)
     max_rounds: int | None = None
+    status_host: str = "127.0.0.1"
+    status_port: int | None = None  # None: no status page
 
     def __post_init__(self) -> None:
         if not self.state_dir:
@@ -53,6 +55,7 @@ class Coordinator(SwarmNode):
         self.status.role = "coordinator"
         self.run = self._load_or_save_run(run)
         self.started = asyncio.Event()
+        self.status_url = ""
 
     def _load_or_save_run(self, run: RunConfig) -> RunConfig:
         path = Path(self.cfg.state_dir) / "run.json"
@@ -73,6 +76,7 @@ class Coordinator(SwarmNode):
         (Path(self.cfg.state_dir) / "run.json").write_text(json.dumps(to_plain(self.run), indent=1))
         await self.dht.put(RUNS_KEY, self.run, RUN_TTL_S)
         self.start_heartbeats()
+        await self._start_status_page()
         if on_ready is not None:
             on_ready(self)
         self.spawn(self._republish_loop())
@@ -89,6 +93,18 @@ class Coordinator(SwarmNode):
         self.log_event("start", f"coordinator of run {self.run.run_id} at round {state.round}")
         self.started.set()
         await self._round_loop()
+
+    async def _start_status_page(self) -> None:
+        if self.cfg.status_port is None:
+            return
+        try:
+            from swarm.status import StatusService
+        except ImportError:
+            logger.warning("status page not available in this build")
+            return
+        self.status_service = StatusService(self, host=self.cfg.status_host, port=self.cfg.status_port)
+        await self.status_service.start()
+        self.status_url = self.status_service.url
 
     @staticmethod
     def _cpu():

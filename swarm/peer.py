@@ -67,6 +67,7 @@ class Peer(SwarmNode):
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         await self.start_network()
+        logger.info("peer %s listening on %s", self.peer_id, " ".join(self.dht.visible_maddrs()))
         self.run = await fetch_run_description(self.dht, self.cfg.coordinator, timeout_s=60)
         logger.info("joined run %s (%s, preset %s) as %s", self.run.run_id, self.run.mode, self.run.preset, self.peer_id)
         self.start_heartbeats()
@@ -181,16 +182,17 @@ class Peer(SwarmNode):
                 self.agreement.state = await self._obtain_state()
                 continue
             self.rounds_done += 1
-            self._report(r, work, encoded, applied, time.perf_counter() - started, metrics)
+            self._report(r, work, encoded, applied, included, time.perf_counter() - started, metrics)
         self.status.phase = "leaving"
 
-    def _report(self, r, work, encoded, applied, round_s, metrics) -> None:
+    def _report(self, r, work, encoded, applied, included, round_s, metrics) -> None:
         state = self.agreement.state
         self.status.round, self.status.param_hash, self.status.phase = state.round, state.hash, "idle"
         dense_bytes = 4 * state.numel()
         row = {
             "round": r,
             "applied": applied,
+            "included": included,
             "hash": state.hash,
             "loss": work.loss if work else None,
             "tokens": work.tokens if work else 0,

@@ -53,8 +53,7 @@ def optim_config(run: RunConfig) -> OptimConfig:
 
 def initial_state(run: RunConfig) -> GlobalState:
     """θ(0): the model initialised from the run seed, identical on every machine."""
-    torch.manual_seed(run.seed)
-    return GlobalState.from_model(build_model(model_config(run)))
+    return GlobalState.from_model(build_model(model_config(run), seed=run.seed))
 
 
 class Replica:
@@ -64,8 +63,7 @@ class Replica:
         self.run = run
         self.device = device
         self.corpus = corpus or load_corpus(data_config(run))
-        torch.manual_seed(run.seed)
-        self.model = build_model(model_config(run)).to(device)
+        self.model = build_model(model_config(run), seed=run.seed).to(device)
         self.optimizer = build_optimizer(self.model, optim_config(run))
         self.trainer = Trainer(self.model, self.optimizer, optim_config(run), device=device)
         self.stream = BatchStream(

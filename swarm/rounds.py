@@ -163,28 +163,31 @@ class RoundAgreement:
     async def _validate(self, round_no: int, subs: dict[str, Submission]) -> tuple[list[ManifestEntry], list[Rejection]]:
         results = await asyncio.gather(*(self._check(round_no, s) for s in subs.values()))
         entries, rejected = [], []
-        for sub, reason in zip(subs.values(), results):
+        for sub, (reason, is_fault) in zip(subs.values(), results):
             if reason is None:
                 entries.append(ManifestEntry(sub.peer_id, sub.digest, sub.size))
-            else:
-                rejected.append(Rejection(sub.peer_id, reason))
+                continue
+            rejected.append(Rejection(sub.peer_id, reason))
+            if is_fault:  # a stale base is bad luck, a malformed payload is the sender's fault
                 self.strikes[sub.peer_id] += 1
-                self.node.log_event("reject", f"round {round_no}: payload from {sub.peer_id[-8:]} rejected: {reason}")
+            self.node.log_event("reject", f"round {round_no}: payload from {sub.peer_id[-8:]} rejected: {reason}")
+            if self.strikes[sub.peer_id] == STRIKES_BEFORE_BAN:
+                self.node.log_event("ban", f"{sub.peer_id[-8:]} sent {STRIKES_BEFORE_BAN} malformed payloads: ignored from now on")
         entries.sort(key=lambda e: e.peer_id)
         return entries, rejected
 
-    async def _check(self, round_no: int, sub: Submission) -> str | None:
-        """None if the submission's payload is valid, else the reason it is not."""
+    async def _check(self, round_no: int, sub: Submission) -> tuple[str | None, bool]:
+        """(None, False) if the submission's payload is valid, else (reason, whether it is a fault)."""
         if sub.base_hash != self.state.hash:
-            return "computed against other weights (stale or diverged)"
+            return "computed against other weights (stale or diverged)", False
         try:
             data = await self.store.get(self.p2p, sub.digest, [sub.peer_id])
             await asyncio.to_thread(self.store.decode, data, sender=sub.peer_id, round_no=round_no)
         except PayloadError as e:
-            return f"malformed payload: {e.reason}"
+            return f"malformed payload: {e.reason}", True
         except TransferError as e:
-            return f"payload not delivered: {e}"
-        return None
+            return f"payload not delivered: {e}", False
+        return None, False
 
     # ----- applying --------------------------------------------------------------------------
 

@@ -63,6 +63,16 @@ def test_presets_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert "1.03B" in out
 
 
+def test_bench_solo_report_format() -> None:
+    from launch.benchmarks.solo import LossRow, SpeedRow, format_report
+
+    speed = [SpeedRow("nano", 919_680, 919_680, 15_000.0), SpeedRow("moe-nano", 2_690_000, 923_780, 6_000.0)]
+    loss = LossRow("nano", "/x/tiny.txt", 2_000_000, 976, 3e-3, 1.8, 1.75, 130.0, 15_400.0)
+    report = format_report("cpu", speed, loss)
+    assert "moe-nano" in report and "2.69M" in report and "15,000" in report
+    assert "eval 1.8000 nats/byte (2.597 bits/byte)" in report
+
+
 def test_train_flags_stay_few() -> None:
     from launch.train import build_parser
 

@@ -43,6 +43,9 @@ def test_config_defaults_and_validation() -> None:
         TrainConfig(seq_len=10_000)
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="device must be"):
+        TrainConfig(device="tpu")
+    assert TrainConfig(device="cuda:1").device == "cuda:1"  # a GPU is only required when the run starts
 
 
 def test_run_writes_metrics_checkpoint_and_sample(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from swarm.train.checkpoint import META_FILE, CheckpointError, load_checkpoint, 
 from swarm.train.metrics import MetricsWriter
 from swarm.train.optim import OptimConfig, build_optimizer
 from swarm.train.progress import progress_bar
-from swarm.train.step import StepStats, Trainer, evaluate, resolve_device
+from swarm.train.step import StepStats, Trainer, check_device_name, evaluate, resolve_device
 
 logger = get_logger(__name__)
 
@@ -85,7 +85,7 @@ class TrainConfig:
         if self.sample_temperature < 0:
             raise ValueError(f"TrainConfig.sample_temperature must be >= 0, got {self.sample_temperature}")
         self.model_config()  # unknown preset or bad overrides fail here, not after loading data
-        resolve_device(self.device)
+        check_device_name(self.device)  # availability is checked when the run starts
 
     def model_config(self) -> ModelConfig:
         cfg = get_preset(self.preset, **self.model_overrides)
@@ -155,13 +155,18 @@ class _SoloRun:
         self.stream = BatchStream(self.corpus.train_tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
         self.evals = self._eval_set()
         self.elapsed_before_s = 0.0
-        self.tokens_before = 0
+        self.tokens_seen = 0
         if resume is not None:
             self._resume(checkpoint_dir_of(resume))
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
         metrics = cfg.metrics_path or (str(self.out_dir / METRICS_FILE) if self.out_dir else None)
         self.metrics_path = metrics
         self.metrics = MetricsWriter(metrics, resume_step=self.trainer.step if resume else None) if metrics else None
+        self.step_times: list[float] = []
+        self.losses: list[float] = []
+        self.eval_loss: float | None = None
+        self.last: StepStats | None = None
+        self.start = time.perf_counter()
 
     def _eval_set(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if len(self.corpus.eval_tokens) == 0:
@@ -178,11 +183,53 @@ class _SoloRun:
         self.stream.load_state_dict(meta["data_state"])
         self.trainer.step = int(meta["step"])
         self.elapsed_before_s = float(meta.get("elapsed_s", 0.0))
-        self.tokens_before = int(meta.get("tokens_seen", 0))
+        self.tokens_seen = int(meta.get("tokens_seen", 0))
         restore_rng_state(meta["rng"])
         logger.info("resumed from %s at step %d", ckpt, self.trainer.step)
 
-    def save(self, elapsed_s: float, tokens_seen: int) -> Path | None:
+    def elapsed_s(self) -> float:
+        return self.elapsed_before_s + time.perf_counter() - self.start
+
+    def one_step(self, end: int) -> dict[str, Any]:
+        """Train one step, then evaluate / record / checkpoint as due; returns the metrics record."""
+        cfg = self.cfg
+        inputs, targets = next(self.stream)
+        t0 = time.perf_counter()
+        stats = self.last = self.trainer.train_step(inputs, targets)
+        self.step_times.append(time.perf_counter() - t0)
+        self.tokens_seen += stats.tokens
+        self.losses.append(stats.lm_loss)
+        record = {**dataclasses.asdict(stats), "tokens_per_s": stats.tokens / self.step_times[-1], "elapsed_s": self.elapsed_s()}
+        if (cfg.eval_every and stats.step % cfg.eval_every == 0) or stats.step == cfg.steps:
+            self.eval_loss = self.evaluate()
+            if self.eval_loss is not None:
+                record["eval_loss"] = self.eval_loss
+                _log_eval(stats, self.eval_loss, cfg.steps, record["tokens_per_s"], record["elapsed_s"])
+        if self.metrics:
+            self.metrics.write(record)
+        if (cfg.checkpoint_every and stats.step % cfg.checkpoint_every == 0) or stats.step == end:
+            self.save()
+        return record
+
+    def result(self) -> SoloResult:
+        if self.last is None:
+            raise ValueError(f"nothing to do: the run is already at step {self.trainer.step} of {self.cfg.steps}")
+        timed = self.step_times[_TIMING_WARMUP_STEPS:] or self.step_times
+        return SoloResult(
+            steps=self.trainer.step,
+            final_train_loss=self.last.lm_loss,
+            final_eval_loss=self.eval_loss,
+            tokens_per_s_median=self.cfg.batch_size * self.cfg.seq_len / statistics.median(timed),
+            tokens_seen=self.tokens_seen,
+            elapsed_s=self.elapsed_s(),
+            out_dir=str(self.out_dir) if self.out_dir else None,
+            metrics_path=self.metrics_path,
+            checkpoint_dir=str(self.out_dir / CHECKPOINT_SUBDIR) if self.out_dir else None,
+            sample=self.sample() if self.trainer.step == self.cfg.steps else None,
+            losses=self.losses,
+        )
+
+    def save(self) -> Path | None:
         if self.out_dir is None:
             return None
         meta = {
@@ -191,8 +238,8 @@ class _SoloRun:
             "train_config": self.cfg.to_dict(),
             "data_state": self.stream.state_dict(),
             "corpus_fingerprint": self.corpus.fingerprint,
-            "elapsed_s": elapsed_s,
-            "tokens_seen": tokens_seen,
+            "elapsed_s": self.elapsed_s(),
+            "tokens_seen": self.tokens_seen,
         }
         return save_checkpoint(self.out_dir / CHECKPOINT_SUBDIR, model=self.model, optimizer=self.optimizer, meta=meta)
 
@@ -222,53 +269,15 @@ def run_solo(
     run = _SoloRun(cfg, resume)
     end = min(cfg.steps, stop_at_step) if stop_at_step is not None else cfg.steps
     show = sys.stderr.isatty() if progress is None else progress
-    step_times: list[float] = []
-    losses: list[float] = []
-    tokens_seen = run.tokens_before
-    start = time.perf_counter()
-    eval_loss: float | None = None
-    stats: StepStats | None = None
     try:
         with progress_bar(total=cfg.steps, initial=run.trainer.step, enabled=show) as bar:
             while run.trainer.step < end:
-                inputs, targets = next(run.stream)
-                t0 = time.perf_counter()
-                stats = run.trainer.train_step(inputs, targets)
-                step_times.append(time.perf_counter() - t0)
-                tokens_seen += stats.tokens
-                losses.append(stats.lm_loss)
-                elapsed = run.elapsed_before_s + time.perf_counter() - start
-                record = {**dataclasses.asdict(stats), "tokens_per_s": stats.tokens / step_times[-1], "elapsed_s": elapsed}
-                last = stats.step == end
-                if (cfg.eval_every and stats.step % cfg.eval_every == 0) or (last and stats.step == cfg.steps):
-                    eval_loss = run.evaluate()
-                    if eval_loss is not None:
-                        record["eval_loss"] = eval_loss
-                        _log_eval(stats, eval_loss, cfg.steps, record["tokens_per_s"], elapsed)
-                if run.metrics:
-                    run.metrics.write(record)
-                if (cfg.checkpoint_every and stats.step % cfg.checkpoint_every == 0) or last:
-                    run.save(elapsed, tokens_seen)
-                bar.update(stats.lm_loss, record["tokens_per_s"])
+                record = run.one_step(end)
+                bar.update(record["lm_loss"], record["tokens_per_s"])
     finally:
         if run.metrics:
             run.metrics.close()
-    if stats is None:
-        raise ValueError(f"nothing to do: the run is already at step {run.trainer.step} of {cfg.steps}")
-    timed = step_times[_TIMING_WARMUP_STEPS:] or step_times
-    return SoloResult(
-        steps=run.trainer.step,
-        final_train_loss=stats.lm_loss,
-        final_eval_loss=eval_loss,
-        tokens_per_s_median=cfg.batch_size * cfg.seq_len / statistics.median(timed),
-        tokens_seen=tokens_seen,
-        elapsed_s=run.elapsed_before_s + time.perf_counter() - start,
-        out_dir=str(run.out_dir) if run.out_dir else None,
-        metrics_path=run.metrics_path,
-        checkpoint_dir=str(run.out_dir / CHECKPOINT_SUBDIR) if run.out_dir else None,
-        sample=run.sample() if run.trainer.step == cfg.steps else None,
-        losses=losses,
-    )
+    return run.result()
 
 
 def _log_eval(stats: StepStats, eval_loss: float, total: int, tokens_per_s: float, elapsed_s: float) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, ContextManager, Iterable
 
@@ -33,14 +34,19 @@ class StepStats:
     tokens: int  # tokens in this step's batch
 
 
+def check_device_name(name: str) -> None:
+    """Reject anything but auto, cpu, cuda, cuda:N (without asking whether a GPU is present)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {name!r}")
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda when available else cpu; 'cuda' without a GPU is an error."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but torch sees no CUDA GPU")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda[:N], got {name!r}")
     return torch.device(name)
 
 

@@ -1,0 +1,100 @@
+"""`swarm-demo`: a whole swarm on this machine — a coordinator and N peers as separate processes.
+
+It prints one line per round (loss, tokens/s, bytes on the wire, compression, whether every
+replica holds the same weights) from the peers' metrics files, then stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from launch.cluster import LocalCluster
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="swarm-demo", description="Run a local swarm: coordinator + N peers on this machine.")
+    p.add_argument("--peers", type=int, default=3, help="number of volunteer peers (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=10, help="rounds to run before stopping (default %(default)s)")
+    p.add_argument("--preset", default="nano", help="model preset (default %(default)s)")
+    p.add_argument("--mode", choices=["sparseloco", "diloco"], default="sparseloco")
+    p.add_argument("--data", default="stdlib", help="corpus (default: the Python standard library's sources)")
+    p.add_argument("--inner-steps", type=int, default=10, help="H, inner steps per round (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--status-port", type=int, default=8080, help="status page port on 127.0.0.1 (0 = any)")
+    p.add_argument("--workdir", default=None, help="where logs and metrics go (default: a temp dir)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="swarm-demo-"))
+    run = {
+        "preset": args.preset,
+        "mode": args.mode,
+        "data_source": args.data,
+        "inner_steps": args.inner_steps,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "warmup_steps": max(1, args.inner_steps),
+        "round_timeout_s": 60.0,
+        "heartbeat_interval_s": 2.0,
+        "heartbeat_ttl_s": 8.0,
+        "num_shards": max(1, args.peers),
+        "max_rounds": args.rounds,
+    }
+    if args.mode == "diloco":
+        run["outer"] = {"codec": "dense-fp32", "outer_lr": 0.7, "momentum": 0.9, "nesterov": True}
+    threads = max(1, (os.cpu_count() or 2) // (args.peers + 1))
+    with LocalCluster(workdir, run, status_port=args.status_port) as cluster:
+        print(f"logs and metrics in {workdir}", flush=True)
+        print(f"coordinator at {cluster.address}", flush=True)
+        if cluster.status_url:
+            print(f"status page: {cluster.status_url}", flush=True)
+        for i in range(args.peers):
+            cluster.add_peer(f"peer-{i}", threads=threads, max_rounds=args.rounds)
+        return _follow(cluster, args.rounds)
+
+
+def _follow(cluster: LocalCluster, rounds: int) -> int:
+    print(f"{'round':>5} {'loss':>8} {'tok/s':>8} {'sent':>9} {'recv':>9} {'payload':>9} {'ratio':>6}  replicas", flush=True)
+    shown = 0
+    deadline = time.monotonic() + 600 + 120 * rounds
+    while shown < rounds and time.monotonic() < deadline:
+        if cluster.failed():
+            print("a process of the swarm exited with an error; see the logs", file=sys.stderr)
+            return 1
+        by_round = cluster.metrics_by_round()
+        while shown in by_round and len(by_round[shown]) >= cluster.num_peers:
+            print(_row(shown, by_round[shown]), flush=True)
+            shown += 1
+        time.sleep(0.5)
+    return 0 if shown >= rounds else 1
+
+
+def _row(r: int, rows: list[dict]) -> str:
+    trained = [x for x in rows if x.get("loss") is not None]
+    loss = sum(x["loss"] for x in trained) / max(1, len(trained))
+    tps = sum(x["tokens"] for x in rows) / max(x["round_s"] for x in rows)
+    payload = max(x["payload_bytes"] for x in rows)
+    ratio = max((x["compression"] or 0) for x in rows)
+    same = "identical" if len({x["hash"] for x in rows}) == 1 else "DIFFER"
+    return (
+        f"{r:>5} {loss:>8.4f} {tps:>8.0f} {_mb(sum(x['bytes_sent'] for x in rows)):>9} "
+        f"{_mb(sum(x['bytes_received'] for x in rows)):>9} {_mb(payload):>9} {ratio:>5.0f}x  {same}"
+    )
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f}MB" if n >= 1e5 else f"{n / 1e3:.1f}KB"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

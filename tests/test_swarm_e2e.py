@@ -1,0 +1,145 @@
+"""End-to-end swarms on 127.0.0.1: real processes, real DHT, real payloads.
+
+Each test starts a coordinator and peers as child processes (launch/cluster.py), waits on their
+per-round metrics files, and reaps every process in the end, whatever happens.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.cluster import LocalCluster
+
+pytestmark = pytest.mark.slow
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+HOSTILE = str(Path(__file__).with_name("hostile_peer.py"))
+
+
+def run_config(**overrides) -> dict:
+    run = {
+        "preset": "nano",
+        "data_source": str(SHAKESPEARE) if SHAKESPEARE.exists() else "stdlib",
+        "inner_steps": 5,
+        "batch_size": 4,
+        "seq_len": 64,
+        "warmup_steps": 5,
+        "inner_lr": 3e-3,
+        "round_timeout_s": 15.0,
+        "heartbeat_interval_s": 1.0,
+        "heartbeat_ttl_s": 4.0,
+        "num_shards": 8,
+        "eval_batches": 2,
+    }
+    run.update(overrides)
+    return run
+
+
+def wait_for(predicate, timeout_s: float, what: str, cluster: LocalCluster | None = None):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if cluster is not None and cluster.failed():
+            pytest.fail(f"a swarm process died while waiting for {what}:\n" + _logs(cluster))
+        time.sleep(0.3)
+    pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}:\n" + (_logs(cluster) if cluster else ""))
+
+
+def _logs(cluster: LocalCluster) -> str:
+    return "\n".join(f"--- {name}\n{cluster.log(name)[-2500:]}" for name in cluster.procs)
+
+
+def rounds_done_by(cluster: LocalCluster, peers: set[str], at_least: int) -> bool:
+    by_round = cluster.metrics_by_round()
+    return all(sum(1 for row in by_round.get(r, []) if _peer_name(cluster, row) in peers) == len(peers) for r in range(at_least))
+
+
+def _peer_name(cluster: LocalCluster, row: dict) -> str:
+    return cluster.peer_names.get(row["peer"], row["peer"])
+
+
+def assert_identical(cluster: LocalCluster, rounds: range | None = None) -> None:
+    """Every peer that finished a round holds the same global weights after it."""
+    for r, rows in cluster.metrics_by_round().items():
+        if rounds is None or r in rounds:
+            hashes = {row["hash"] for row in rows}
+            assert len(hashes) == 1, f"replicas differ after round {r}: {rows}"
+
+
+def test_rounds_join_and_kill(tmp_path):
+    with LocalCluster(tmp_path, run_config()) as cluster:
+        for i in range(3):
+            cluster.add_peer(f"p{i}")
+        wait_for(lambda: cluster.rounds_completed(3) >= 3, 240, "3 rounds by 3 peers", cluster)
+        assert_identical(cluster)
+        by_round = cluster.metrics_by_round()
+        first = sum(r["loss"] for r in by_round[0]) / len(by_round[0])
+        third = sum(r["loss"] for r in by_round[2]) / len(by_round[2])
+        assert third < first - 0.2, f"loss did not fall: {first:.3f} -> {third:.3f}"
+
+        # A peer joining mid-run downloads the state and contributes from its next round.
+        cluster.add_peer("late")
+        tried = wait_for(lambda: cluster.first_contribution("late"), 180, "the late joiner's first payload", cluster)
+        # Its first round may already be closing when it arrives; the next one must include it.
+        counted = wait_for(lambda: cluster.first_contribution("late", included=True), 120, "an applied payload from the joiner", cluster)
+        assert counted <= tried + 1
+        wait_for(lambda: cluster.rounds_completed(4) > counted, 120, "every peer finishing that round", cluster)
+        assert all(row["applied"] == 4 for row in cluster.metrics_by_round()[counted])
+        assert_identical(cluster)
+
+        # A peer SIGKILLed mid-round: the round closes without it; survivors stay identical.
+        cluster.kill("p0")
+        killed_at = max(cluster.metrics_by_round())
+        survivors = 3
+        wait_for(lambda: cluster.rounds_completed(survivors) > killed_at + 2, 180, "2 rounds after the kill", cluster)
+        assert_identical(cluster)
+        assert "closed without" in cluster.log("coordinator") or any(
+            row["applied"] == 3 for r, rows in cluster.metrics_by_round().items() if r > killed_at for row in rows
+        )
+
+
+def test_coordinator_down_and_back(tmp_path):
+    with LocalCluster(tmp_path, run_config()) as cluster:
+        cluster.add_peer("p0")
+        cluster.add_peer("p1")
+        wait_for(lambda: cluster.rounds_completed(2) >= 2, 240, "2 rounds", cluster)
+        peer_address = re.search(r"listening on (\S+)", cluster.log("p0")).group(1)
+        cluster.kill("coordinator")
+        down_at = max(cluster.metrics_by_round())
+        wait_for(lambda: cluster.rounds_completed(2) > down_at + 3, 180, "3 rounds without the coordinator", cluster)
+        assert_identical(cluster)
+
+        # The restarted coordinator keeps its peer id and run, catches up, and leads again.
+        cluster.killed.discard("coordinator")
+        cluster.start_coordinator(extra=["--initial-peers", peer_address])
+        log = lambda: cluster.log("coordinator")  # noqa: E731
+        wait_for(lambda: re.search(r"round (\d+) closed by us", log().split("resuming run")[-1]), 180, "the coordinator leading again", cluster)
+        assert "resuming run" in log()
+        assert_identical(cluster)
+
+
+def test_hostile_peers_are_rejected(tmp_path):
+    with LocalCluster(tmp_path, run_config()) as cluster:
+        cluster.add_peer("honest0")
+        cluster.add_peer("honest1")
+        cluster.add_peer("liar", program=[HOSTILE, "malformed"])
+        cluster.add_peer("drifter", program=[HOSTILE, "diverge"])
+        wait_for(lambda: cluster.log("coordinator").count("rejected: malformed payload") >= 3, 300, "3 rejections", cluster)
+        log = cluster.log("coordinator")
+        reasons = re.findall(r"rejected: malformed payload: (.*)", log)
+        assert len(set(reasons)) >= 3, reasons
+        assert all("liar" not in line and cluster.peer_id("liar")[-8:] in line for line in log.splitlines() if "rejected: malformed" in line)
+
+        wait_for(lambda: "reloading state" in cluster.log("drifter"), 180, "the drifter to notice and reload", cluster)
+        reload_round = max(cluster.metrics_by_round())
+        honest = {"honest0", "honest1", "drifter"}
+        wait_for(lambda: cluster.rounds_completed(3) > reload_round + 2, 180, "rounds after the reload", cluster)
+        for r, rows in cluster.metrics_by_round().items():
+            if r > reload_round:
+                assert len({row["hash"] for row in rows if _peer_name(cluster, row) in honest}) == 1, rows
+        assert cluster.procs["liar"].poll() is None, "a hostile payload must not crash anybody, itself included"

@@ -50,7 +50,11 @@ class LocalCluster:
         return sum(1 for name in self.procs if name != "coordinator")
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = open(self.workdir / f"{name}.log", "ab")
+        path = self.workdir / f"{name}.log"
+        if path.exists():  # a restart: keep the earlier life's log beside the new one
+            path.rename(self.workdir / f"{name}.{len(list(self.workdir.glob(name + '.*.log'))) + 1}.log")
+        self.killed.discard(name)
+        log = open(path, "wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(
             [sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True

@@ -125,7 +125,11 @@ class RoundAgreement:
             beats = await self.node.live_peers()
             if subs and first_seen is None:
                 first_seen = time.monotonic()
-            expected = {b.peer_id for b in beats if b.round == round_no and b.phase in ("training", "exchanging")}
+            expected = {
+                b.peer_id
+                for b in beats
+                if b.round == round_no and b.phase in ("training", "exchanging") and self.strikes[b.peer_id] < STRIKES_BEFORE_BAN
+            }
             if not self._should_lead(round_no, beats):
                 return None  # a better-ranked leader has appeared
             everyone_in = expected <= set(subs) and len(subs) >= self.run.min_peers

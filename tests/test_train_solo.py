@@ -88,10 +88,16 @@ def test_resume_refuses_another_corpus(tmp_path: Path) -> None:
 @pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"learning check needs {SHAKESPEARE} (not present)")
 def test_nano_learns_shakespeare() -> None:
     cfg = TrainConfig(
-        preset="nano", data=DataConfig(source=str(SHAKESPEARE)), batch_size=16, seq_len=64, steps=60,
-        optim=OptimConfig(lr=5e-3, warmup_steps=5, total_steps=60), eval_every=0, eval_batches=4,
+        preset="nano", data=DataConfig(source=str(SHAKESPEARE)), batch_size=16, seq_len=64, steps=40,
+        optim=OptimConfig(lr=5e-3, warmup_steps=5, total_steps=40), eval_every=0, eval_batches=4,
         out_dir=None, device="cpu",
     )
     result = run_solo(cfg, progress=False)
     assert result.losses[0] > 5.0  # ~ln(260) at init
-    assert result.final_eval_loss is not None and result.final_eval_loss < 3.0
+    assert result.final_eval_loss is not None and result.final_eval_loss < 3.0  # 2.70 measured
+
+
+def test_progress_bar_goes_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_solo(_cfg(tmp_path, steps=2, out_dir=None), progress=True)
+    err = capsys.readouterr().err
+    assert "2/2" in err and "tok/s" in err

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import multihash
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.dht.crypto import RSASignatureValidator
@@ -104,7 +105,7 @@ def peer_id_from_owner_marker(subkey: bytes | str) -> PeerID | None:
         return None
     try:
         key = serialization.load_ssh_public_key(subkey[len(_OWNER_PREFIX) : -len(_OWNER_SUFFIX)])
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         return None
     if not isinstance(key, rsa.RSAPublicKey):
         return None

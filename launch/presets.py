@@ -22,15 +22,25 @@ def preset_row(name: str, cfg: ModelConfig) -> tuple[str, ...]:
     experts = f"{cfg.n_experts} (top-{cfg.top_k})" if cfg.is_moe else "-"
     ffn = cfg.expert_hidden if cfg.is_moe else cfg.d_ff
     return (
-        name, human_count(count_parameters(cfg)), human_count(count_active_parameters(cfg)),
-        str(cfg.n_layers), str(cfg.d_model), str(cfg.n_heads), str(ffn), experts, str(cfg.max_seq_len),
+        name,
+        human_count(count_parameters(cfg)),
+        human_count(count_active_parameters(cfg)),
+        str(cfg.n_layers),
+        str(cfg.d_model),
+        str(cfg.n_heads),
+        str(ffn),
+        experts,
+        str(cfg.max_seq_len),
     )
 
 
 def format_table(rows: list[tuple[str, ...]]) -> str:
     table = [_COLUMNS, *rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(_COLUMNS))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))) for r in table]
+    lines = [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+        for r in table
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

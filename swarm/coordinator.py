@@ -181,6 +181,7 @@ class Coordinator(SwarmNode):
                 self.agreement.state = await self._obtain_state()
                 continue
             rounds += 1
+            self._record(manifest, applied)
             logger.info(
                 "round %d closed by %s | %d payloads applied, %d rejected | eval loss %s | state %s",
                 r,
@@ -190,3 +191,27 @@ class Coordinator(SwarmNode):
                 f"{self.status.loss:.4f}" if self.status.loss is not None else "-",
                 self.agreement.state.hash[:10],
             )
+        if self.evaluator is not None:  # the weights the last round produced
+            final = self.agreement.state
+            loss = await asyncio.to_thread(self.evaluator.evaluate, final)
+            self._write_row({"round": final.round, "eval_loss": loss, "hash": final.hash, "final": True})
+            logger.info("final eval loss after round %d: %.4f", final.round - 1, loss)
+
+    def _record(self, manifest, applied: int) -> None:
+        """One row per round in <state_dir>/rounds.jsonl (benchmarks and the status page read it)."""
+        self._write_row(
+            {
+                "round": manifest.round,
+                "eval_loss": manifest.eval_loss if manifest.leader == self.peer_id else self.status.loss,
+                "applied": applied,
+                "rejected": len(manifest.rejected),
+                "payload_bytes": sum(e.size for e in manifest.entries),
+                "leader": manifest.leader,
+                "hash": self.agreement.state.hash,
+                "time": time.time(),
+            }
+        )
+
+    def _write_row(self, row: dict) -> None:
+        with (Path(self.cfg.state_dir) / "rounds.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")

@@ -88,32 +88,65 @@ def _train(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def test_swarm_train_end_to_end(tmp_path: Path) -> None:
     (tmp_path / "corpus.txt").write_text("It was the best of times, it was the worst of times. " * 80)
-    common = ["--data", "corpus.txt", "--batch-size", "2", "--seq-len", "16", "--device", "cpu", "--out", "run"]
+    common = [
+        "--data",
+        "corpus.txt",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--device",
+        "cpu",
+        "--out",
+        "run",
+    ]
     done = _train([*common, "--steps", "4", "--eval-every", "2", "--sample", "8"], tmp_path)
     assert done.returncode == 0, done.stderr
     assert "eval loss" in done.stdout and "sample" in done.stdout
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4] and "eval_loss" in records[1]
-    assert {p.name for p in (tmp_path / "run/checkpoint").iterdir()} == {"meta.json", "model.safetensors", "optimizer.safetensors"}
+    assert {p.name for p in (tmp_path / "run/checkpoint").iterdir()} == {
+        "meta.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+    }
 
 
-
-def test_swarm_train_resume_keeps_settings_and_extends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_swarm_train_resume_keeps_settings_and_extends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from launch.train import main
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "corpus.txt").write_text("Call me Ishmael. Some years ago, never mind how long. " * 80)
-    args = ["--data", "corpus.txt", "--batch-size", "2", "--seq-len", "16", "--device", "cpu", "--out", "run", "--lr", "0.01"]
+    args = [
+        "--data",
+        "corpus.txt",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--device",
+        "cpu",
+        "--out",
+        "run",
+        "--lr",
+        "0.01",
+    ]
     assert main([*args, "--steps", "3"]) == 0
     assert main(["--resume", "run", "--steps", "5"]) == 0
     meta = json.loads((tmp_path / "run/checkpoint/meta.json").read_text())
     assert meta["step"] == 5
     assert meta["train_config"]["batch_size"] == 2 and meta["train_config"]["optim"]["lr"] == 0.01
     assert meta["train_config"]["optim"]["total_steps"] == 5
-    assert [json.loads(line)["step"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    assert [
+        json.loads(line)["step"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+    ] == [1, 2, 3, 4, 5]
 
 
-def test_non_finite_loss_exits_1_with_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_non_finite_loss_exits_1_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import launch.train
     from swarm.train.step import NonFiniteLossError
 
@@ -121,7 +154,9 @@ def test_non_finite_loss_exits_1_with_one_line(monkeypatch: pytest.MonkeyPatch, 
         raise NonFiniteLossError("non-finite loss at step 7: loss=nan, lm_loss=nan")
 
     monkeypatch.setattr(launch.train, "run_solo", explode)
-    assert launch.train.main(["--steps", "10", "--device", "cpu", "--data", str(ROOT / "pyproject.toml")]) == 1
+    assert (
+        launch.train.main(["--steps", "10", "--device", "cpu", "--data", str(ROOT / "pyproject.toml")]) == 1
+    )
     assert capsys.readouterr().err == "swarm-train: error: non-finite loss at step 7: loss=nan, lm_loss=nan\n"
 
 

@@ -29,14 +29,20 @@ CFG = OptimConfig(lr=1e-2, warmup_steps=2, total_steps=8)
 TOKENS = np.frombuffer(b"to be or not to be, that is the question. " * 30, dtype=np.uint8).astype(np.uint16)
 
 
-def _fresh(preset: str = "nano", seed: int = 0, **overrides: int) -> tuple[LanguageModel, Trainer, BatchStream]:
+def _fresh(
+    preset: str = "nano", seed: int = 0, **overrides: int
+) -> tuple[LanguageModel, Trainer, BatchStream]:
     model = build_model(get_preset(preset, **{**SMALL, **overrides}), seed=seed)
     trainer = Trainer(model, build_optimizer(model, CFG), CFG, device=torch.device("cpu"))
     return model, trainer, BatchStream(TOKENS, batch_size=4, seq_len=16, seed=1)
 
 
 def _save(path: Path, trainer: Trainer, stream: BatchStream) -> None:
-    meta = {"step": trainer.step, "data_state": stream.state_dict(), "model_config": trainer.model.cfg.to_dict()}
+    meta = {
+        "step": trainer.step,
+        "data_state": stream.state_dict(),
+        "model_config": trainer.model.cfg.to_dict(),
+    }
     save_checkpoint(path, model=trainer.model, optimizer=trainer.optimizer, meta=meta)
 
 

@@ -27,8 +27,15 @@ def _corpus(tmp_path: Path) -> str:
 
 def _cfg(tmp_path: Path, out: str = "run", **kw: object) -> TrainConfig:
     base = dict(
-        model_overrides=SMALL, data=DataConfig(source=_corpus(tmp_path), eval_fraction=0.1), batch_size=4,
-        seq_len=32, steps=8, eval_every=4, eval_batches=2, out_dir=str(tmp_path / out), device="cpu",
+        model_overrides=SMALL,
+        data=DataConfig(source=_corpus(tmp_path), eval_fraction=0.1),
+        batch_size=4,
+        seq_len=32,
+        steps=8,
+        eval_every=4,
+        eval_batches=2,
+        out_dir=str(tmp_path / out),
+        device="cpu",
     )
     return TrainConfig(**{**base, **kw})  # type: ignore[arg-type]
 
@@ -88,9 +95,16 @@ def test_resume_refuses_another_corpus(tmp_path: Path) -> None:
 @pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"learning check needs {SHAKESPEARE} (not present)")
 def test_nano_learns_shakespeare() -> None:
     cfg = TrainConfig(
-        preset="nano", data=DataConfig(source=str(SHAKESPEARE)), batch_size=16, seq_len=64, steps=40,
-        optim=OptimConfig(lr=5e-3, warmup_steps=5, total_steps=40), eval_every=0, eval_batches=4,
-        out_dir=None, device="cpu",
+        preset="nano",
+        data=DataConfig(source=str(SHAKESPEARE)),
+        batch_size=16,
+        seq_len=64,
+        steps=40,
+        optim=OptimConfig(lr=5e-3, warmup_steps=5, total_steps=40),
+        eval_every=0,
+        eval_batches=4,
+        out_dir=None,
+        device="cpu",
     )
     result = run_solo(cfg, progress=False)
     assert result.losses[0] > 5.0  # ~ln(260) at init

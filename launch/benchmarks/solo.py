@@ -50,29 +50,69 @@ class LossRow:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     default_data = str(DEFAULT_TEXT) if DEFAULT_TEXT.is_file() else "stdlib"
     parser.add_argument("--data", default=default_data, help=f"text for the runs (default {default_data})")
-    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="token budget of the nano loss run (default %(default)s)")
-    parser.add_argument("--speed-steps", type=int, default=8, help="steps per throughput run, 3 of them warm-up (default %(default)s)")
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=DEFAULT_TOKENS,
+        help="token budget of the nano loss run (default %(default)s)",
+    )
+    parser.add_argument(
+        "--speed-steps",
+        type=int,
+        default=8,
+        help="steps per throughput run, 3 of them warm-up (default %(default)s)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
 
 
 def measure_speed(preset: str, data: DataConfig, device: str, steps: int) -> SpeedRow:
-    cfg = TrainConfig(preset=preset, data=data, batch_size=BATCH_SIZE, seq_len=SEQ_LEN, steps=steps,
-                      eval_every=0, eval_batches=1, out_dir=None, device=device)
+    cfg = TrainConfig(
+        preset=preset,
+        data=data,
+        batch_size=BATCH_SIZE,
+        seq_len=SEQ_LEN,
+        steps=steps,
+        eval_every=0,
+        eval_batches=1,
+        out_dir=None,
+        device=device,
+    )
     result = run_solo(cfg)
     model_cfg = get_preset(preset)
-    return SpeedRow(preset, count_parameters(model_cfg), count_active_parameters(model_cfg), result.tokens_per_s_median)
+    return SpeedRow(
+        preset, count_parameters(model_cfg), count_active_parameters(model_cfg), result.tokens_per_s_median
+    )
 
 
 def measure_loss(data: DataConfig, device: str, tokens: int) -> LossRow:
     steps = max(tokens // (BATCH_SIZE * SEQ_LEN), 1)
     optim = default_optim(get_preset("nano"), steps)
-    cfg = TrainConfig(preset="nano", data=data, batch_size=BATCH_SIZE, seq_len=SEQ_LEN, steps=steps, optim=optim,
-                      eval_every=0, eval_batches=32, out_dir=None, device=device)
+    cfg = TrainConfig(
+        preset="nano",
+        data=data,
+        batch_size=BATCH_SIZE,
+        seq_len=SEQ_LEN,
+        steps=steps,
+        optim=optim,
+        eval_every=0,
+        eval_batches=32,
+        out_dir=None,
+        device=device,
+    )
     result = run_solo(cfg)
     assert result.final_eval_loss is not None
-    return LossRow("nano", data.source, steps * BATCH_SIZE * SEQ_LEN, steps, optim.lr, result.final_eval_loss,
-                   result.final_train_loss, result.elapsed_s, result.tokens_per_s_median)
+    return LossRow(
+        "nano",
+        data.source,
+        steps * BATCH_SIZE * SEQ_LEN,
+        steps,
+        optim.lr,
+        result.final_eval_loss,
+        result.final_train_loss,
+        result.elapsed_s,
+        result.tokens_per_s_median,
+    )
 
 
 def format_report(device: str, speed: list[SpeedRow], loss: LossRow) -> str:
@@ -82,7 +122,9 @@ def format_report(device: str, speed: list[SpeedRow], loss: LossRow) -> str:
         f"{'preset':<10}{'params':>10}{'active':>10}{'tokens/s':>12}",
     ]
     for row in speed:
-        lines.append(f"{row.preset:<10}{human_count(row.params):>10}{human_count(row.active_params):>10}{row.tokens_per_s:>12,.0f}")
+        lines.append(
+            f"{row.preset:<10}{human_count(row.params):>10}{human_count(row.active_params):>10}{row.tokens_per_s:>12,.0f}"
+        )
     lines.append(
         f"{loss.preset} on {Path(loss.data).name}: {loss.tokens:,} tokens ({loss.steps} steps, lr {loss.lr:g}) -> "
         f"eval {loss.eval_loss:.4f} nats/byte ({loss.eval_loss / math.log(2):.3f} bits/byte), "

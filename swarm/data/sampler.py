@@ -53,7 +53,14 @@ class BatchStream:
     """
 
     def __init__(
-        self, tokens: np.ndarray, *, batch_size: int, seq_len: int, seed: int, shard: int = 0, num_shards: int = 1
+        self,
+        tokens: np.ndarray,
+        *,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        shard: int = 0,
+        num_shards: int = 1,
     ) -> None:
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
@@ -116,7 +123,9 @@ class BatchStream:
         mine = self.state_dict()
         for key in ("seed", "shard", "num_shards", "batch_size", "seq_len", "num_windows"):
             if int(state[key]) != mine[key]:
-                raise ValueError(f"stream state mismatch on {key}: saved {state[key]}, this stream {mine[key]}")
+                raise ValueError(
+                    f"stream state mismatch on {key}: saved {state[key]}, this stream {mine[key]}"
+                )
         if not 0 <= int(state["cursor"]) < self.windows_per_shard or int(state["epoch"]) < 0:
             raise ValueError(f"stream state out of range: epoch {state['epoch']}, cursor {state['cursor']}")
         self.epoch, self.cursor, self._order = int(state["epoch"]), int(state["cursor"]), None

@@ -156,7 +156,9 @@ def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     return tensors, tied
 
 
-def _load_model(model: nn.Module, tensors: dict[str, torch.Tensor], tied: dict[str, str], where: Path) -> None:
+def _load_model(
+    model: nn.Module, tensors: dict[str, torch.Tensor], tied: dict[str, str], where: Path
+) -> None:
     expected = model.state_dict()
     full = {name: tensors[tied.get(name, name)] for name in expected if tied.get(name, name) in tensors}
     missing = sorted(set(expected) - set(full))
@@ -178,7 +180,9 @@ def _param_names(model: nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in model.named_parameters()}
 
 
-def _optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _optimizer_tensors(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     names = _param_names(model)
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -195,7 +199,11 @@ def _optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tu
 
 
 def _load_optimizer(
-    model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], saved: dict[str, Any], where: Path
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+    saved: dict[str, Any],
+    where: Path,
 ) -> None:
     names = _param_names(model)
     current = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]

@@ -28,7 +28,8 @@ def progress_bar(*, total: int, initial: int, enabled: bool) -> Iterator[_Bar]:
         yield _Bar(None)
         return
     loggers = [logging.getLogger(name) for name in ("swarm", "launch", "models")]
-    with logging_redirect_tqdm(loggers=loggers), tqdm(
-        total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True
-    ) as bar:
+    with (
+        logging_redirect_tqdm(loggers=loggers),
+        tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True) as bar,
+    ):
         yield _Bar(bar)

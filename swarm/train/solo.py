@@ -16,7 +16,14 @@ import torch
 from models import LanguageModel, ModelConfig, build_model, generate, get_preset
 from swarm.data import BOS_ID, BatchStream, ByteTokenizer, Corpus, DataConfig, eval_batches, load_corpus
 from swarm.log import get_logger
-from swarm.train.checkpoint import META_FILE, CheckpointError, load_checkpoint, read_meta, restore_rng_state, save_checkpoint
+from swarm.train.checkpoint import (
+    META_FILE,
+    CheckpointError,
+    load_checkpoint,
+    read_meta,
+    restore_rng_state,
+    save_checkpoint,
+)
 from swarm.train.metrics import MetricsWriter
 from swarm.train.optim import OptimConfig, build_optimizer
 from swarm.train.progress import progress_bar
@@ -39,7 +46,9 @@ def suggested_lr(model_cfg: ModelConfig) -> float:
     return 6e-4 if model_cfg.d_model <= 768 else 3e-4
 
 
-def default_optim(model_cfg: ModelConfig, steps: int, lr: float | None = None, warmup_steps: int | None = None) -> OptimConfig:
+def default_optim(
+    model_cfg: ModelConfig, steps: int, lr: float | None = None, warmup_steps: int | None = None
+) -> OptimConfig:
     """OptimConfig for a run of `steps` steps: cosine over the whole run, 10% warmup capped at 100."""
     return OptimConfig(
         lr=lr if lr is not None else suggested_lr(model_cfg),
@@ -90,7 +99,9 @@ class TrainConfig:
     def model_config(self) -> ModelConfig:
         cfg = get_preset(self.preset, **self.model_overrides)
         if self.seq_len > cfg.max_seq_len:
-            raise ValueError(f"seq_len {self.seq_len} exceeds the {self.preset} model's max_seq_len {cfg.max_seq_len}")
+            raise ValueError(
+                f"seq_len {self.seq_len} exceeds the {self.preset} model's max_seq_len {cfg.max_seq_len}"
+            )
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,7 +138,9 @@ def checkpoint_dir_of(path: str | Path) -> Path:
     for candidate in (path, path / CHECKPOINT_SUBDIR):
         if (candidate / META_FILE).is_file():
             return candidate
-    raise CheckpointError(f"no checkpoint in {str(path)!r} (looked for {META_FILE} and {CHECKPOINT_SUBDIR}/{META_FILE})")
+    raise CheckpointError(
+        f"no checkpoint in {str(path)!r} (looked for {META_FILE} and {CHECKPOINT_SUBDIR}/{META_FILE})"
+    )
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
@@ -145,14 +158,19 @@ class _SoloRun:
         self.corpus: Corpus = load_corpus(cfg.data)
         logger.info(
             "corpus %s: %d train / %d eval tokens, %d documents, fingerprint %s",
-            cfg.data.source, len(self.corpus.train_tokens), len(self.corpus.eval_tokens),
-            self.corpus.num_documents, self.corpus.fingerprint[:12],
+            cfg.data.source,
+            len(self.corpus.train_tokens),
+            len(self.corpus.eval_tokens),
+            self.corpus.num_documents,
+            self.corpus.fingerprint[:12],
         )
         self.model: LanguageModel = build_model(self.model_cfg, seed=cfg.seed).to(self.device)
         assert cfg.optim is not None
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.trainer = Trainer(self.model, self.optimizer, cfg.optim, device=self.device)
-        self.stream = BatchStream(self.corpus.train_tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
+        self.stream = BatchStream(
+            self.corpus.train_tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed
+        )
         self.evals = self._eval_set()
         self.elapsed_before_s = 0.0
         self.tokens_seen = 0
@@ -161,7 +179,9 @@ class _SoloRun:
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
         metrics = cfg.metrics_path or (str(self.out_dir / METRICS_FILE) if self.out_dir else None)
         self.metrics_path = metrics
-        self.metrics = MetricsWriter(metrics, resume_step=self.trainer.step if resume else None) if metrics else None
+        self.metrics = (
+            MetricsWriter(metrics, resume_step=self.trainer.step if resume else None) if metrics else None
+        )
         self.step_times: list[float] = []
         self.losses: list[float] = []
         self.eval_loss: float | None = None
@@ -172,14 +192,23 @@ class _SoloRun:
         if len(self.corpus.eval_tokens) == 0:
             return []
         cfg = self.cfg
-        return eval_batches(self.corpus.eval_tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_batches=cfg.eval_batches)
+        return eval_batches(
+            self.corpus.eval_tokens,
+            batch_size=cfg.batch_size,
+            seq_len=cfg.seq_len,
+            max_batches=cfg.eval_batches,
+        )
 
     def _resume(self, ckpt: Path) -> None:
         meta = load_checkpoint(ckpt, model=self.model, optimizer=self.optimizer)
         if meta["model_config"] != self.model_cfg.to_dict():
-            raise CheckpointError(f"{ckpt}: model config differs from this run's ({self.cfg.preset} + overrides)")
+            raise CheckpointError(
+                f"{ckpt}: model config differs from this run's ({self.cfg.preset} + overrides)"
+            )
         if meta["corpus_fingerprint"] != self.corpus.fingerprint:
-            raise CheckpointError(f"{ckpt}: corpus fingerprint differs: the data source or its contents changed")
+            raise CheckpointError(
+                f"{ckpt}: corpus fingerprint differs: the data source or its contents changed"
+            )
         self.stream.load_state_dict(meta["data_state"])
         self.trainer.step = int(meta["step"])
         self.elapsed_before_s = float(meta.get("elapsed_s", 0.0))
@@ -199,7 +228,11 @@ class _SoloRun:
         self.step_times.append(time.perf_counter() - t0)
         self.tokens_seen += stats.tokens
         self.losses.append(stats.lm_loss)
-        record = {**dataclasses.asdict(stats), "tokens_per_s": stats.tokens / self.step_times[-1], "elapsed_s": self.elapsed_s()}
+        record = {
+            **dataclasses.asdict(stats),
+            "tokens_per_s": stats.tokens / self.step_times[-1],
+            "elapsed_s": self.elapsed_s(),
+        }
         if (cfg.eval_every and stats.step % cfg.eval_every == 0) or stats.step == cfg.steps:
             self.eval_loss = self.evaluate()
             if self.eval_loss is not None:
@@ -213,7 +246,9 @@ class _SoloRun:
 
     def result(self) -> SoloResult:
         if self.last is None:
-            raise ValueError(f"nothing to do: the run is already at step {self.trainer.step} of {self.cfg.steps}")
+            raise ValueError(
+                f"nothing to do: the run is already at step {self.trainer.step} of {self.cfg.steps}"
+            )
         timed = self.step_times[_TIMING_WARMUP_STEPS:] or self.step_times
         return SoloResult(
             steps=self.trainer.step,
@@ -241,7 +276,9 @@ class _SoloRun:
             "elapsed_s": self.elapsed_s(),
             "tokens_seen": self.tokens_seen,
         }
-        return save_checkpoint(self.out_dir / CHECKPOINT_SUBDIR, model=self.model, optimizer=self.optimizer, meta=meta)
+        return save_checkpoint(
+            self.out_dir / CHECKPOINT_SUBDIR, model=self.model, optimizer=self.optimizer, meta=meta
+        )
 
     def evaluate(self) -> float | None:
         return evaluate(self.model, self.evals, device=self.device) if self.evals else None
@@ -253,12 +290,23 @@ class _SoloRun:
         tok = ByteTokenizer()
         prompt = torch.tensor([[BOS_ID, *tok.encode(cfg.sample_prompt).tolist()]], device=self.device)
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        out = generate(self.model, prompt, cfg.sample_bytes, temperature=cfg.sample_temperature, top_k=cfg.sample_top_k, generator=gen)
+        out = generate(
+            self.model,
+            prompt,
+            cfg.sample_bytes,
+            temperature=cfg.sample_temperature,
+            top_k=cfg.sample_top_k,
+            generator=gen,
+        )
         return tok.decode(out[0, prompt.shape[1] :].cpu())
 
 
 def run_solo(
-    cfg: TrainConfig, *, progress: bool | None = None, resume: str | Path | None = None, stop_at_step: int | None = None
+    cfg: TrainConfig,
+    *,
+    progress: bool | None = None,
+    resume: str | Path | None = None,
+    stop_at_step: int | None = None,
 ) -> SoloResult:
     """Train `cfg.steps` steps (continuing a checkpoint when `resume` is given) and evaluate.
 
@@ -283,5 +331,12 @@ def run_solo(
 def _log_eval(stats: StepStats, eval_loss: float, total: int, tokens_per_s: float, elapsed_s: float) -> None:
     logger.info(
         "step %d/%d | train %.4f | eval %.4f nats/byte (%.3f bits) | lr %.2e | %.0f tok/s | %.1f s",
-        stats.step, total, stats.lm_loss, eval_loss, eval_loss / math.log(2), stats.lr, tokens_per_s, elapsed_s,
+        stats.step,
+        total,
+        stats.lm_loss,
+        eval_loss,
+        eval_loss / math.log(2),
+        stats.lr,
+        tokens_per_s,
+        elapsed_s,
     )

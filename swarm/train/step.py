@@ -65,7 +65,13 @@ class Trainer:
     """
 
     def __init__(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: OptimConfig, *, device: torch.device, step: int = 0
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        cfg: OptimConfig,
+        *,
+        device: torch.device,
+        step: int = 0,
     ) -> None:
         self.model, self.optimizer, self.cfg, self.device = model, optimizer, cfg, device
         self.step = step
@@ -88,14 +94,18 @@ class Trainer:
         grad_norm = self._clip_grad_norm()
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(f"non-finite gradient norm at step {number}: grad_norm={grad_norm} (loss={loss:.4f})")
+            raise NonFiniteLossError(
+                f"non-finite gradient norm at step {number}: grad_norm={grad_norm} (loss={loss:.4f})"
+            )
         lr = lr_at(self.step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step = number
-        return StepStats(step=number, loss=loss, lm_loss=lm_loss, grad_norm=grad_norm, lr=lr, tokens=targets.numel())
+        return StepStats(
+            step=number, loss=loss, lm_loss=lm_loss, grad_norm=grad_norm, lr=lr, tokens=targets.numel()
+        )
 
     def _clip_grad_norm(self) -> float:
         params = [p for p in self._params if p.grad is not None]
@@ -106,7 +116,12 @@ class Trainer:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, device: torch.device | None = None) -> float:
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    device: torch.device | None = None,
+) -> float:
     """Token-weighted mean LM loss (nats per byte) over `batches`; restores train/eval mode."""
     device = device or next(model.parameters()).device
     was_training = model.training

@@ -21,13 +21,22 @@ _STATUS = re.compile(r"status page: (http://\S+)")
 
 
 class LocalCluster:
-    def __init__(self, workdir: Path, run: dict, *, status_port: int | None = None, start_timeout_s: float = 120):
+    def __init__(
+        self,
+        workdir: Path,
+        run: dict,
+        *,
+        status_port: int | None = None,
+        coordinator_args: tuple[str, ...] = (),
+        start_timeout_s: float = 120,
+    ):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.run_file = self.workdir / "run.json"
         self.run_file.write_text(json.dumps(run))
         self.metrics_dir = self.workdir / "metrics"
         self.status_port = status_port
+        self.coordinator_args = list(coordinator_args)
         self.start_timeout_s = start_timeout_s
         self.procs: dict[str, subprocess.Popen] = {}
         self.killed: set[str] = set()
@@ -36,7 +45,7 @@ class LocalCluster:
 
     def __enter__(self) -> LocalCluster:
         try:
-            self.start_coordinator()
+            self.start_coordinator(self.coordinator_args)
         except BaseException:
             self.close()
             raise

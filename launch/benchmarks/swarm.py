@@ -1,0 +1,152 @@
+"""Swarm vs baselines on the same data, model and total tokens: a local 4-replica SparseLoCo swarm,
+a 4-replica dense fp32 DiLoCo swarm (same code path, dense codec, Nesterov 0.9, outer lr 0.7), and
+the solo trainer at the same total batch (replicas x per-replica batch) for rounds x H steps.
+
+Printed: bytes on the wire per round per parameter (and the ratio SparseLoCo / DiLoCo), eval loss
+on the held-out split (the whole split, same for all three), the median over peers of the fraction
+of wall time spent in inner steps, and codec throughput. All peers share this machine's cores, so
+absolute speeds are not those of separate machines; ratios measured in the same run are."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from launch.cluster import LocalCluster
+from models import count_parameters, get_preset
+from swarm.codec.bench import codec_throughput
+from swarm.data import DataConfig
+from swarm.train.optim import OptimConfig
+from swarm.train.solo import TrainConfig, run_solo
+
+HELP = "4-replica SparseLoCo vs dense DiLoCo vs solo: bytes/param, eval loss, compute fraction"
+DEFAULT_TEXT = Path(__file__).resolve().parents[3] / "shared/data/tinyshakespeare.txt"
+WHOLE_EVAL_SPLIT = 10**6  # eval batches: more than any split has, so every run sees all of it
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    default_data = str(DEFAULT_TEXT) if DEFAULT_TEXT.is_file() else "stdlib"
+    parser.add_argument("--data", default=default_data, help="corpus (default %(default)s)")
+    parser.add_argument("--preset", default="nano")
+    parser.add_argument("--replicas", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--inner-steps", type=int, default=30, help="H (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="per replica (default %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3, help="inner (and solo) peak lr")
+    parser.add_argument("--workdir", default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="swarm-bench-"))
+    params = count_parameters(get_preset(args.preset))
+    tokens = args.replicas * args.batch_size * args.seq_len * args.inner_steps * args.rounds
+    print(f"{args.preset} ({params:,} params), {args.replicas} replicas x H={args.inner_steps} x {args.rounds} rounds, "
+          f"{tokens:,} tokens each; logs in {workdir}", flush=True)
+    results = {mode: _swarm(args, workdir / mode, mode) for mode in ("sparseloco", "diloco")}
+    solo = _solo(args)
+    _print_table(args, params, results, solo)
+    codec = codec_throughput(num_params=10_000_000, repeats=5, num_threads=1)
+    print(f"\ncodec (10M params, 1 thread): encode {codec['encode_mb_s']:.0f} MB/s, decode {codec['decode_mb_s']:.0f} MB/s, "
+          f"{codec['bits_per_param']:.4f} bit/param = {codec['ratio_vs_fp32']:.1f}x less than fp32")
+    return 0
+
+
+def _run_config(args: argparse.Namespace, mode: str) -> dict:
+    run = {
+        "preset": args.preset,
+        "mode": mode,
+        "data_source": args.data,
+        "inner_steps": args.inner_steps,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "inner_lr": args.lr,
+        "warmup_steps": args.inner_steps,
+        "max_rounds": args.rounds,
+        "round_timeout_s": 120.0,
+        "heartbeat_interval_s": 2.0,
+        "heartbeat_ttl_s": 10.0,
+        "num_shards": args.replicas,
+        "eval_batches": WHOLE_EVAL_SPLIT,
+    }
+    if mode == "diloco":
+        run["outer"] = {"codec": "dense-fp32", "outer_lr": 0.7, "momentum": 0.9, "nesterov": True}
+    return run
+
+
+def _swarm(args: argparse.Namespace, workdir: Path, mode: str) -> dict:
+    started = time.perf_counter()
+    with LocalCluster(workdir, _run_config(args, mode), coordinator_args=("--stop-after", str(args.rounds))) as cluster:
+        for i in range(args.replicas):
+            cluster.add_peer(f"{mode}-{i}", threads=1, max_rounds=args.rounds)
+        rounds_file = workdir / "coordinator" / "rounds.jsonl"
+        deadline = time.monotonic() + 300 + 120 * args.rounds
+        while time.monotonic() < deadline:
+            if cluster.failed():
+                raise RuntimeError(f"{mode}: a swarm process failed; logs in {workdir}")
+            rows = [json.loads(line) for line in rounds_file.read_text().splitlines()] if rounds_file.exists() else []
+            if any(r.get("final") for r in rows):  # the last round applied and evaluated
+                break
+            time.sleep(1.0)
+        by_round = cluster.metrics_by_round()
+    rows = [json.loads(line) for line in rounds_file.read_text().splitlines()]
+    peer_rows = [row for r in sorted(by_round) if r > 0 for row in by_round[r]]  # round 0 includes start-up
+    fractions = _compute_fractions(peer_rows)
+    payload = statistics.median(row["payload_bytes"] for rows_ in by_round.values() for row in rows_ if row["payload_bytes"])
+    finals = [r["eval_loss"] for r in rows if r.get("final")]
+    return {
+        "eval_loss": finals[-1] if finals else None,
+        "payload_bytes": payload,
+        "compute_fraction": statistics.median(fractions) if fractions else float("nan"),
+        "identical": all(len({row["hash"] for row in rows_}) == 1 for rows_ in by_round.values()),
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def _compute_fractions(rows: list[dict]) -> list[float]:
+    per_peer: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        per_peer.setdefault(row["peer"], []).append((row["compute_s"], row["round_s"]))
+    return [sum(c for c, _ in v) / sum(w for _, w in v) for v in per_peer.values() if sum(w for _, w in v) > 0]
+
+
+def _solo(args: argparse.Namespace) -> dict:
+    steps = args.inner_steps * args.rounds
+    cfg = TrainConfig(
+        preset=args.preset,
+        data=DataConfig(source=args.data),
+        batch_size=args.replicas * args.batch_size,
+        seq_len=args.seq_len,
+        steps=steps,
+        optim=OptimConfig(lr=args.lr, warmup_steps=args.inner_steps, total_steps=steps),
+        eval_every=0,
+        eval_batches=WHOLE_EVAL_SPLIT,
+        out_dir=None,
+    )
+    result = run_solo(cfg, progress=False)
+    return {"eval_loss": result.final_eval_loss, "tokens_per_s": result.tokens_per_s_median, "wall_s": result.elapsed_s}
+
+
+def _print_table(args, params: int, results: dict, solo: dict) -> None:
+    sparse, dense = results["sparseloco"], results["diloco"]
+    print()
+    print(f"{'':<28} {'SparseLoCo':>12} {'DiLoCo fp32':>12} {'solo':>10}")
+    print(f"{'payload bytes / round':<28} {sparse['payload_bytes']:>12,.0f} {dense['payload_bytes']:>12,.0f} {'-':>10}")
+    print(f"{'bytes / round / parameter':<28} {sparse['payload_bytes'] / params:>12.4f} {dense['payload_bytes'] / params:>12.4f} {'-':>10}")
+    print(f"{'eval loss (nats/byte)':<28} {_f(sparse['eval_loss']):>12} {_f(dense['eval_loss']):>12} {_f(solo['eval_loss']):>10}")
+    print(f"{'time in inner steps':<28} {sparse['compute_fraction']:>11.1%} {dense['compute_fraction']:>11.1%} {'100%':>10}")
+    print(f"{'replicas identical':<28} {str(sparse['identical']):>12} {str(dense['identical']):>12} {'-':>10}")
+    print(f"{'wall time (s)':<28} {sparse['wall_s']:>12.0f} {dense['wall_s']:>12.0f} {solo['wall_s']:>10.0f}")
+    print(f"\nwire ratio DiLoCo fp32 / SparseLoCo: {dense['payload_bytes'] / sparse['payload_bytes']:.1f}x "
+          f"(anchor 146x, goal 200x)")
+    if sparse["eval_loss"] and dense["eval_loss"] and solo["eval_loss"]:
+        print(f"eval loss SparseLoCo / DiLoCo: {sparse['eval_loss'] / dense['eval_loss']:.3f}, "
+              f"SparseLoCo / solo: {sparse['eval_loss'] / solo['eval_loss']:.3f}")
+
+
+def _f(x: float | None) -> str:
+    return f"{x:.4f}" if x is not None else "-"

@@ -26,7 +26,8 @@ from swarm.node import SwarmNode
 from swarm.replica import Replica, initial_state, model_config
 from swarm.rounds import Diverged, RoundAgreement
 from swarm.run import RunConfig
-from swarm.statesync import build_chunk, build_index, download_state, pick_donors
+from swarm.state import GlobalState
+from swarm.statesync import catch_up, serve_state
 
 logger = get_logger(__name__)
 RUN_TTL_S = 600.0
@@ -87,8 +88,7 @@ class Coordinator(SwarmNode):
         self.status.phase = "joining"
         state = await self._obtain_state()
         self.agreement = RoundAgreement(self, self.store, state)
-        self.server.register("state-index", self._serve_index)
-        self.server.register("state", self._serve_chunk)
+        serve_state(self.server, self.agreement)
         self.evaluator = await asyncio.to_thread(Replica, self.run, shard=0, device=self._cpu()) if self.cfg.evaluate else None
         self.log_event("start", f"coordinator of run {self.run.run_id} at round {state.round}")
         self.started.set()
@@ -112,30 +112,10 @@ class Coordinator(SwarmNode):
 
         return torch.device("cpu")
 
-    async def _obtain_state(self):
-        for _ in range(3):
-            choice = pick_donors(await self.live_peers(), exclude=self.peer_id)
-            if choice is not None:
-                round_no, state_hash, donors = choice
-                try:
-                    return await download_state(self.server.p2p, donors, expected_hash=state_hash, traffic=self.traffic)
-                except Exception as e:
-                    logger.warning("state download failed: %s", e)
-            await asyncio.sleep(1.0)
-        return await asyncio.to_thread(initial_state, self.run)
-
-    async def _serve_index(self, request: dict) -> bytes | None:
-        async with self.agreement.lock:
-            return await asyncio.to_thread(build_index, self.agreement.state)
-
-    async def _serve_chunk(self, request: dict) -> bytes | None:
-        names = request.get("names")
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            return None
-        async with self.agreement.lock:
-            if request.get("round") != self.agreement.state.round:
-                return None
-            return await asyncio.to_thread(build_chunk, self.agreement.state, names)
+    async def _obtain_state(self) -> GlobalState:
+        """A restarted coordinator catches up like a joiner; a new run starts from θ(0)."""
+        state = await catch_up(self, patience_s=3.0)
+        return state if state is not None else await asyncio.to_thread(initial_state, self.run)
 
     async def _republish_loop(self) -> None:
         while True:

@@ -22,11 +22,11 @@ from swarm.log import get_logger
 from swarm.net.dht import DHTOptions
 from swarm.net.records import Capacity, Role, Submission, role_key, run_key, submit_key
 from swarm.node import SwarmNode, fetch_run_description
-from swarm.replica import Replica
+from swarm.replica import Replica, initial_state
 from swarm.rounds import Diverged, RoundAgreement
 from swarm.run import RunConfig
 from swarm.state import GlobalState
-from swarm.statesync import build_chunk, build_index, download_state, pick_donors
+from swarm.statesync import catch_up, serve_state
 from swarm.train.step import resolve_device
 from swarm import __version__
 
@@ -80,8 +80,7 @@ class Peer(SwarmNode):
         self.server.register("payload", self.store.serve)
         state = await self._obtain_state()
         self.agreement = RoundAgreement(self, self.store, state)
-        self.server.register("state-index", self._serve_index)
-        self.server.register("state", self._serve_chunk)
+        serve_state(self.server, self.agreement)
         self.log_event("join", f"{self.status.name} joined at round {state.round} on {self.device}")
         await self._round_loop()
 
@@ -110,39 +109,13 @@ class Peer(SwarmNode):
         return Role(peer_id=self.peer_id, kind="replica", data_shard=shard)
 
     async def _obtain_state(self) -> GlobalState:
-        """Download the newest agreed state; start from θ(0) only if nobody holds any state."""
+        """The newest agreed state from the swarm; θ(0) only if nobody holds any state."""
         self.status.phase = "joining"
-        for attempt in range(60):
-            choice = pick_donors(await self.live_peers(), exclude=self.peer_id)
-            if choice is not None:
-                round_no, state_hash, donors = choice
-                try:
-                    state = await download_state(self.server.p2p, donors, expected_hash=state_hash, traffic=self.traffic)
-                    logger.info("downloaded state of round %d from %d donor(s)", round_no, len(donors))
-                    return state
-                except Exception as e:
-                    logger.warning("state download failed (%s); retrying", e)
-            elif attempt >= 6:
-                break
-            await asyncio.sleep(1.0)
-        from swarm.replica import initial_state
-
-        logger.info("no peer holds any state: starting from the run's initial weights")
-        return await asyncio.to_thread(initial_state, self.run)
-
-    async def _serve_index(self, request: dict) -> bytes | None:
-        async with self.agreement.lock:
-            return await asyncio.to_thread(build_index, self.agreement.state)
-
-    async def _serve_chunk(self, request: dict) -> bytes | None:
-        names = request.get("names")
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            return None
-        async with self.agreement.lock:
-            state = self.agreement.state
-            if request.get("round") != state.round:
-                return None
-            return await asyncio.to_thread(build_chunk, state, names)
+        state = await catch_up(self, patience_s=6.0)
+        if state is None:
+            logger.info("no peer holds any state: starting from the run's initial weights")
+            state = await asyncio.to_thread(initial_state, self.run)
+        return state
 
     # ----- rounds ----------------------------------------------------------------------------
 

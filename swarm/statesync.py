@@ -164,3 +164,51 @@ async def _fetch_part(p2p, donors, first, part, index, traffic, timeout_s, max_b
         except (TransferError, StateError) as e:
             logger.info("state part from %s failed: %s", donor[-8:], e)
     raise StateError(f"no donor could provide {len(part)} tensors of round {index.round}")
+
+
+def serve_state(server, agreement) -> None:
+    """Answer 'state-index' and 'state' requests from a node's current global state.
+
+    The agreement's lock is held while reading, so a donor never sends a half-updated state; a
+    request for a round the donor has left is answered 'not found' and the joiner retries.
+    """
+
+    async def index(request: dict) -> bytes | None:
+        async with agreement.lock:
+            return await asyncio.to_thread(build_index, agreement.state)
+
+    async def chunk(request: dict) -> bytes | None:
+        names = request.get("names")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return None
+        async with agreement.lock:
+            if request.get("round") != agreement.state.round:
+                return None
+            return await asyncio.to_thread(build_chunk, agreement.state, names)
+
+    server.register("state-index", index)
+    server.register("state", chunk)
+
+
+async def catch_up(node, *, patience_s: float, retry_s: float = 1.0) -> GlobalState | None:
+    """Download the newest agreed state from live peers; None if for patience_s nobody holds one.
+
+    Once some peer holds state, keeps trying (donors may move on mid-download) rather than
+    falling back to θ(0), which would fork the run.
+    """
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + patience_s
+    seen_holders = False
+    while seen_holders or loop.time() < give_up_at:
+        choice = pick_donors(await node.live_peers(), exclude=node.peer_id)
+        if choice is not None:
+            seen_holders = True
+            round_no, state_hash, donors = choice
+            try:
+                state = await download_state(node.server.p2p, donors, expected_hash=state_hash, traffic=node.traffic)
+                logger.info("downloaded the state of round %d from %d donor(s)", round_no, len(donors))
+                return state
+            except (StateError, TransferError) as e:
+                logger.warning("state download failed (%s); retrying", e)
+        await asyncio.sleep(retry_s)
+    return None

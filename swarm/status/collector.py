@@ -1,0 +1,221 @@
+"""The status page's view of a run, read from the DHT only.
+
+Every second the collector reads the heartbeats, event logs, manifests and submissions that peers
+signed into the DHT (validated by SwarmDHT.get_all), so the page is right about peers the
+coordinator never talked to and keeps working while the coordinator is down. Manifests are read
+incrementally as rounds advance; on start it reads back up to `backfill_rounds` closed rounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Awaitable, TypeVar
+
+from hivemind.utils import get_dht_time
+
+from models import count_parameters, get_preset
+from swarm import __version__
+from swarm.log import get_logger
+from swarm.net.dht import Signed
+from swarm.net.records import EventLog, Manifest, Submission, manifest_key, run_key, submit_key
+from swarm.node import SwarmNode
+from swarm.status.book import (
+    BookConfig, EventMerger, PeerBook, PeerCounts, RoundHistory, clean_number, round_row, short_id,
+)
+
+logger = get_logger(__name__)
+T = TypeVar("T")
+API_VERSION = 1
+GIVE_UP_AFTER_MISSES = 3  # a closed round whose manifest stays unreadable (expired) is skipped
+
+
+@dataclass
+class CollectorConfig:
+    """How often and how far back the status page reads the DHT."""
+
+    poll_interval_s: float = 1.0
+    backfill_rounds: int = 200  # closed rounds read back when the page starts
+    max_parallel_gets: int = 16  # DHT reads in flight while backfilling
+    departed_after_s: float = 60.0  # see BookConfig
+    max_rounds: int = 300
+
+    def __post_init__(self) -> None:
+        if not self.poll_interval_s > 0:
+            raise ValueError("poll_interval_s must be positive")
+        if self.backfill_rounds < 0 or self.max_parallel_gets < 1 or self.max_rounds < 1:
+            raise ValueError("backfill_rounds must be >= 0, max_parallel_gets and max_rounds >= 1")
+
+
+def canonical_manifest(found: list[Signed[Manifest]], round_no: int, coordinator: str) -> Manifest | None:
+    """The manifest every peer applies (same ranking as rounds.RoundAgreement.find_manifest)."""
+    valid = [m for m in found if m.record.leader == m.signer and m.record.round == round_no]
+    if not valid:
+        return None
+
+    def rank(item: Signed[Manifest]) -> tuple[int, str]:
+        tiebreak = hashlib.sha256(f"{round_no}:{item.signer}".encode()).hexdigest()
+        return (0 if item.signer == coordinator else 1, tiebreak)
+
+    return min(valid, key=rank).record
+
+
+class StatusCollector:
+    """Polls the DHT through `node` (whose run description must be known) and keeps a snapshot."""
+
+    def __init__(self, node: SwarmNode, cfg: CollectorConfig | None = None):
+        if node.run is None or node.dht is None:
+            raise ValueError("the node must be started and know its run before collecting status")
+        self.node = node
+        self.run = node.run
+        self.cfg = cfg or CollectorConfig()
+        book_cfg = BookConfig(
+            heartbeat_ttl_s=self.run.heartbeat_ttl_s,
+            departed_after_s=max(self.cfg.departed_after_s, self.run.heartbeat_ttl_s),
+            max_rounds=self.cfg.max_rounds,
+        )
+        self.parameters = count_parameters(get_preset(self.run.preset, **self.run.model_overrides))
+        self.tokens_per_payload = self.run.inner_steps * self.run.batch_size * self.run.seq_len
+        self.book = PeerBook(book_cfg)
+        self.history = RoundHistory(book_cfg.max_rounds)
+        self.events = EventMerger(book_cfg.max_events)
+        self.counts = PeerCounts(book_cfg.max_samples, book_cfg.sample_every_s)
+        self.polls = 0
+        self.last_poll_at: float | None = None
+        self.ready = asyncio.Event()  # set after the first complete poll
+        self._next_round: int | None = None
+        self._misses: dict[int, int] = {}
+
+    async def run_forever(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self.poll_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one bad poll must not take the page down
+                logger.exception("status poll failed")
+            await asyncio.sleep(max(0.0, self.cfg.poll_interval_s - (time.monotonic() - started)))
+
+    async def poll_once(self) -> None:
+        beats, logs = await asyncio.gather(
+            self.node.heartbeats(), self.node.dht.get_all(run_key(self.run.run_id, "events"), EventLog)
+        )
+        now = get_dht_time()
+        for change in self.book.update([b.record for b in beats], now):
+            self.events.add("", [change], now)
+        for log in logs:
+            if log.record.peer_id == log.signer:
+                self.events.add(log.signer, log.record.events, now)
+        top = self.book.current_round()
+        if top is not None:
+            await self._read_rounds(top, now)
+        counts = self.book.counts()
+        self.counts.record(now, counts["live"], counts["stale"])
+        self.polls += 1
+        self.last_poll_at = now
+        self.ready.set()
+
+    async def _read_rounds(self, top: int, now: float) -> None:
+        """Read the manifests of rounds not yet recorded, up to `top` (the newest round in progress)."""
+        if self._next_round is None:
+            self._next_round = max(0, top - self.cfg.backfill_rounds)
+        wanted = [r for r in range(self._next_round, top + 1) if r not in self.history]
+        gate = asyncio.Semaphore(self.cfg.max_parallel_gets)
+        found = await asyncio.gather(*(self._bounded(gate, self._read_round(r)) for r in wanted))
+        for r, item in zip(wanted, found):
+            if item is None:
+                self._misses[r] = self._misses.get(r, 0) + (r < top)
+                continue
+            manifest, subs = item
+            self.history.add(round_row(manifest, subs, parameters=self.parameters, tokens_per_payload=self.tokens_per_payload))
+            self.events.add_rejections(manifest, now)
+        while self._next_round <= top:
+            r = self._next_round
+            if r not in self.history and self._misses.get(r, 0) < GIVE_UP_AFTER_MISSES:
+                break
+            self._misses.pop(r, None)
+            self._next_round += 1
+
+    @staticmethod
+    async def _bounded(gate: asyncio.Semaphore, aw: Awaitable[T]) -> T:
+        async with gate:
+            return await aw
+
+    async def _read_round(self, round_no: int) -> tuple[Manifest, dict[str, Submission]] | None:
+        dht, run_id = self.node.dht, self.run.run_id
+        manifest = canonical_manifest(await dht.get_all(manifest_key(run_id, round_no), Manifest), round_no, self.run.coordinator)
+        if manifest is None:
+            return None
+        subs = {
+            s.signer: s.record
+            for s in await dht.get_all(submit_key(run_id, round_no), Submission)
+            if s.record.peer_id == s.signer and s.record.round == round_no
+        }
+        return manifest, subs
+
+    # ----- what the API serves ---------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        """Everything the page shows, JSON-ready; ages are computed at call time."""
+        now = get_dht_time()
+        peers = self.book.to_json(now)
+        names = {p["peer_id"]: p["name"] for p in peers}
+        return {
+            "api_version": API_VERSION,
+            "generated_at": now,
+            "summary": self.summary(now, peers),
+            "peers": peers,
+            "history": self.history_json(),
+            "events": self.events.to_json(names),
+        }
+
+    def history_json(self) -> dict:
+        return {"rounds": [row.to_json() for row in self.history.ordered()], "peers_over_time": list(self.counts.samples)}
+
+    def summary(self, now: float, peers: list[dict] | None = None) -> dict:
+        run, rows = self.run, self.history.ordered()
+        peers = self.book.to_json(now) if peers is None else peers
+        current = self.book.current_round()
+        if current is None and rows:
+            current = rows[-1].round + 1
+        coordinator = next((p for p in peers if p["peer_id"] == run.coordinator), None)
+        counts = self.book.counts()
+        payload = sum(r.payload_bytes for r in rows)
+        dense = sum(r.dense_bytes for r in rows)
+        return {
+            "run_id": run.run_id,
+            "mode": run.mode,
+            "codec": run.outer.codec,
+            "preset": run.preset,
+            "parameters": self.parameters,
+            "inner_steps": run.inner_steps,
+            "round": current,
+            "rounds_recorded": len(rows),
+            "history_from_round": rows[0].round if rows else None,
+            "total_tokens": sum(r.tokens for r in rows),
+            "created_at": run.created_at or None,
+            "elapsed_s": round(now - run.created_at, 1) if run.created_at else None,
+            "eval_loss": self._eval_loss(coordinator),
+            "train_loss": next((r.train_loss for r in reversed(rows) if r.train_loss is not None), None),
+            "live_peers": counts["live"],
+            "stale_peers": counts["stale"],
+            "departed_peers": counts["departed"],
+            "coordinator": {"peer_id": run.coordinator, "short_id": short_id(run.coordinator),
+                            "state": coordinator["state"] if coordinator else "unknown"},
+            "payload_bytes_total": payload,
+            "dense_bytes_total": dense,
+            "compression": round(dense / payload, 1) if payload else None,
+            "bytes_sent_total": sum(p["bytes_sent"] for p in peers),
+            "heartbeat_ttl_s": run.heartbeat_ttl_s,
+            "observer": {"peer_id": self.node.peer_id, "version": __version__, "polls": self.polls,
+                         "last_poll_at": self.last_poll_at},
+        }
+
+    def _eval_loss(self, coordinator: dict | None) -> float | None:
+        loss = self.history.latest_eval_loss()
+        if loss is None and coordinator is not None:
+            loss = coordinator["loss"]  # the coordinator reports its eval loss in its heartbeat
+        return clean_number(loss)

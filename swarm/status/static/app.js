@@ -1,0 +1,265 @@
+// Swarm status page: polls /api/all and redraws. No third-party code, nothing loaded from elsewhere.
+// Everything peers wrote (names, roles, devices, event texts) reaches the DOM through textContent
+// only, never as markup, so a peer named "<script>..." is shown as exactly that text.
+"use strict";
+
+const POLL_MS = 1500;
+const SVG_NS = "http://www.w3.org/2000/svg";
+const EVENT_KINDS = new Set(["join", "leave", "reject", "reload", "stale", "departed", "back", "timeout",
+  "role", "start", "excluded"]);
+const MAX_EVENTS_SHOWN = 200;
+
+// ----- small helpers ---------------------------------------------------------------------------
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  return node;
+}
+
+function svgEl(tag, attrs) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, String(value));
+  return node;
+}
+
+function setText(id, text) {
+  document.getElementById(id).textContent = text === null || text === undefined ? "–" : String(text);
+}
+
+const isNum = (x) => typeof x === "number" && Number.isFinite(x);
+
+function fmtBytes(n) {
+  if (!isNum(n)) return "–";
+  const units = ["B", "KB", "MB", "GB", "TB", "PB"];
+  let i = 0;
+  while (Math.abs(n) >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return i === 0 ? `${n} B` : `${n.toFixed(n < 10 ? 2 : 1)} ${units[i]}`;
+}
+
+function fmtCount(n) {
+  if (!isNum(n)) return "–";
+  for (const [unit, scale] of [["B", 1e9], ["M", 1e6], ["K", 1e3]]) {
+    if (Math.abs(n) >= scale) return `${(n / scale).toFixed(2)}${unit}`;
+  }
+  return String(Math.round(n));
+}
+
+function fmtDuration(s) {
+  if (!isNum(s)) return "–";
+  s = Math.max(0, Math.round(s));
+  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), sec = s % 60;
+  if (h > 0) return `${h}h ${String(m).padStart(2, "0")}m`;
+  if (m > 0) return `${m}m ${String(sec).padStart(2, "0")}s`;
+  return `${sec}s`;
+}
+
+// Axis labels in powers of ten read better in decimal units (100 kB, 1 MB).
+function fmtBytesAxis(n) {
+  for (const [unit, scale] of [["GB", 1e9], ["MB", 1e6], ["kB", 1e3]]) {
+    if (n >= scale) return `${+(n / scale).toPrecision(3)} ${unit}`;
+  }
+  return `${n} B`;
+}
+
+const fmtLoss = (x) => (isNum(x) ? x.toFixed(4) : "–");
+const fmtClock = (t) => new Date(t * 1000).toLocaleTimeString([], { hour12: false });
+
+// ----- summary ---------------------------------------------------------------------------------
+
+function renderSummary(s) {
+  document.getElementById("run-id").textContent = s.run_id;
+  document.getElementById("run-mode").textContent = `${s.mode} · ${s.codec}`;
+  document.getElementById("run-model").textContent = `${s.preset} · ${fmtCount(s.parameters)} params`;
+  setText("round", s.round);
+  setText("round-sub", `H = ${s.inner_steps} inner steps`);
+  setText("live-peers", s.live_peers);
+  setText("peers-sub", `${s.stale_peers} stale · ${s.departed_peers} departed`);
+  setText("eval-loss", fmtLoss(s.eval_loss));
+  setText("train-loss", `train ${fmtLoss(s.train_loss)}`);
+  setText("tokens", fmtCount(s.total_tokens));
+  const since = s.history_from_round > 0 ? `since round ${s.history_from_round}` : "all rounds";
+  setText("tokens-sub", `${s.rounds_recorded} rounds recorded · ${since}`);
+  setText("elapsed", fmtDuration(s.elapsed_s));
+  setText("coordinator", `coordinator ${s.coordinator.short_id}: ${s.coordinator.state}`);
+  setText("payload-bytes", fmtBytes(s.payload_bytes_total));
+  setText("compression", isNum(s.compression)
+    ? `${s.compression}× less than dense (${fmtBytes(s.dense_bytes_total)})` : "no payloads yet");
+}
+
+// ----- peers table -----------------------------------------------------------------------------
+
+function peerCell(p) {
+  const td = el("td", "peer");
+  td.append(el("span", "name", p.name || "(unnamed)"), el("span", "id", p.short_id));
+  if (p.is_coordinator) td.append(el("span", "badge coord", "coordinator"));
+  td.title = p.peer_id;
+  return td;
+}
+
+function stateCell(p) {
+  const td = el("td", "state");
+  const badge = el("span", "badge", p.state);
+  badge.classList.add(p.state === "live" || p.state === "stale" ? p.state : "departed");
+  td.append(badge, el("span", "phase", p.phase));
+  return td;
+}
+
+function renderPeers(peers) {
+  const rows = peers.map((p) => {
+    const tr = el("tr");
+    tr.dataset.peerId = p.peer_id;
+    tr.dataset.state = p.state;
+    tr.className = `state-${p.state === "live" || p.state === "stale" ? p.state : "departed"}`;
+    tr.append(
+      peerCell(p), el("td", "role", p.role), el("td", "device", p.device), stateCell(p),
+      el("td", "num round", p.round), el("td", "num", isNum(p.tokens_per_s) ? Math.round(p.tokens_per_s) : "–"),
+      el("td", "num", fmtLoss(p.loss)), el("td", "num", fmtBytes(p.bytes_sent)),
+      el("td", "num", fmtBytes(p.bytes_received)), el("td", "num age", `${p.heartbeat_age_s.toFixed(1)} s`),
+      el("td", "version", p.version),
+    );
+    return tr;
+  });
+  document.querySelector("#peers tbody").replaceChildren(...rows);
+  const live = peers.filter((p) => p.state === "live").length;
+  setText("peers-count", `${live} live of ${peers.length} seen`);
+}
+
+// ----- plots -----------------------------------------------------------------------------------
+
+function niceTicks(lo, hi, count) {
+  if (hi <= lo) hi = lo + 1;
+  const raw = (hi - lo) / count;
+  const mag = Math.pow(10, Math.floor(Math.log10(raw)));
+  const step = [1, 2, 2.5, 5, 10].map((m) => m * mag).find((s) => s >= raw);
+  const ticks = [];
+  for (let t = Math.ceil(lo / step) * step; t <= hi + 1e-9 * step; t += step) ticks.push(t);
+  return ticks;
+}
+
+// series: [{label, color, points: [[x, y], ...], dashed}]; opts: {logY, step, xFormat, yFormat}
+function lineChart(container, series, opts) {
+  const W = 560, H = 220, L = 58, R = 12, T = 10, B = 26;
+  const pts = series.flatMap((s) => s.points).filter(([x, y]) => isNum(x) && isNum(y) && (!opts.logY || y > 0));
+  if (pts.length === 0) {
+    container.replaceChildren(el("div", "empty", opts.empty || "waiting for data…"));
+    return;
+  }
+  const fy = opts.logY ? Math.log10 : (y) => y;
+  let [x0, x1] = [Math.min(...pts.map((p) => p[0])), Math.max(...pts.map((p) => p[0]))];
+  let [y0, y1] = [Math.min(...pts.map((p) => fy(p[1]))), Math.max(...pts.map((p) => fy(p[1])))];
+  if (x1 === x0) { x0 -= 1; x1 += 1; }
+  if (y1 === y0) { y0 -= opts.logY ? 0.5 : Math.max(Math.abs(y0) * 0.1, 0.5); y1 += opts.logY ? 0.5 : Math.max(Math.abs(y1) * 0.1, 0.5); }
+  if (opts.zeroY) y0 = Math.min(0, y0);
+  const pad = (y1 - y0) * 0.06;
+  y0 -= opts.zeroY && y0 === 0 ? 0 : pad; y1 += pad;
+  const sx = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
+  const sy = (y) => T + (1 - (fy(y) - y0) / (y1 - y0)) * (H - T - B);
+  const root = svgEl("svg", { viewBox: `0 0 ${W} ${H}`, role: "img" });
+
+  let yTicks = opts.logY
+    ? niceTicks(Math.ceil(y0), Math.floor(y1), 5).filter(Number.isInteger).map((e) => Math.pow(10, e))
+    : niceTicks(y0, y1, 4);
+  if (yTicks.length === 0) yTicks = [Math.pow(10, y0 + pad), Math.pow(10, y1 - pad)];  // within one decade
+  for (const t of yTicks) {
+    root.append(svgEl("line", { class: "grid", x1: L, x2: W - R, y1: sy(t), y2: sy(t) }));
+    const label = svgEl("text", { class: "axis", x: L - 6, y: sy(t) + 4, "text-anchor": "end" });
+    label.textContent = (opts.yFormat || String)(t);
+    root.append(label);
+  }
+  for (const t of niceTicks(x0, x1, 5)) {
+    const label = svgEl("text", { class: "axis", x: sx(t), y: H - 8, "text-anchor": "middle" });
+    label.textContent = (opts.xFormat || String)(t);
+    root.append(label);
+  }
+  for (const s of series) {
+    const good = s.points.filter(([x, y]) => isNum(x) && isNum(y) && (!opts.logY || y > 0));
+    if (good.length === 0) continue;
+    const coords = [];
+    good.forEach(([x, y], i) => {
+      if (opts.step && i > 0) coords.push(`${sx(x).toFixed(1)},${sy(good[i - 1][1]).toFixed(1)}`);
+      coords.push(`${sx(x).toFixed(1)},${sy(y).toFixed(1)}`);
+    });
+    const line = svgEl("polyline", { class: "series", points: coords.join(" "), stroke: s.color });
+    if (s.dashed) line.setAttribute("stroke-dasharray", "5 4");
+    root.append(line);
+    if (good.length === 1) root.append(svgEl("circle", { cx: sx(good[0][0]), cy: sy(good[0][1]), r: 3, fill: s.color }));
+  }
+  const legend = el("div", "legend");
+  for (const s of series) {
+    const item = el("span");
+    const swatch = el("i");
+    swatch.style.background = s.color;
+    item.append(swatch, document.createTextNode(s.label));
+    legend.append(item);
+  }
+  container.replaceChildren(root, legend);
+}
+
+function renderPlots(history, summary, now) {
+  const rounds = history.rounds;
+  const css = getComputedStyle(document.documentElement);
+  const color = (name) => css.getPropertyValue(name).trim();
+  lineChart(document.getElementById("plot-loss"), [
+    { label: "eval loss (global weights)", color: color("--c2"), points: rounds.map((r) => [r.round, r.eval_loss]) },
+    { label: "train loss (mean of peers)", color: color("--c1"), points: rounds.map((r) => [r.round, r.train_loss]) },
+  ], { yFormat: (v) => v.toFixed(2), empty: "waiting for the first closed round…" });
+  lineChart(document.getElementById("plot-bytes"), [
+    { label: "payload bytes (this run)", color: color("--c1"), points: rounds.map((r) => [r.round, r.payload_bytes]) },
+    { label: "dense fp32 DiLoCo equivalent", color: color("--c3"), dashed: true,
+      points: rounds.map((r) => [r.round, r.dense_bytes]) },
+  ], { logY: true, yFormat: fmtBytesAxis, empty: "waiting for the first closed round…" });
+  setText("bytes-note", isNum(summary.compression) ? `(${summary.compression}× smaller)` : "");
+  const samples = history.peers_over_time;
+  // Extend the last sample to now, so a steady swarm still draws a line up to the present.
+  const withNow = samples.length ? [...samples, { ...samples[samples.length - 1], time: now }] : [];
+  lineChart(document.getElementById("plot-peers"), [
+    { label: "live", color: color("--live"), points: withNow.map((s) => [s.time, s.live]) },
+    { label: "stale", color: color("--stale"), points: withNow.map((s) => [s.time, s.stale]) },
+  ], { step: true, zeroY: true, xFormat: fmtClock, yFormat: (v) => (Number.isInteger(v) ? String(v) : "") });
+}
+
+// ----- events ----------------------------------------------------------------------------------
+
+function renderEvents(events) {
+  const items = events.slice(0, MAX_EVENTS_SHOWN).map((e) => {
+    const li = el("li");
+    const kind = el("span", "kind", e.kind);
+    if (EVENT_KINDS.has(e.kind)) kind.classList.add(e.kind);
+    const who = e.peer_id ? `${e.name || "?"} ${e.short_id}` : "status page";
+    li.append(el("span", "time", fmtClock(e.time)), kind, el("span", "who", who), el("span", "text", e.text));
+    li.title = e.peer_id;
+    return li;
+  });
+  if (items.length === 0) items.push(el("li", "muted", "no events yet"));
+  document.getElementById("events").replaceChildren(...items);
+}
+
+// ----- polling ---------------------------------------------------------------------------------
+
+function setConnection(ok, text) {
+  const dot = document.getElementById("conn-dot");
+  dot.className = ok ? "dot ok" : "dot bad";
+  document.getElementById("conn-text").textContent = text;
+}
+
+async function poll() {
+  try {
+    const response = await fetch("/api/all", { cache: "no-store" });
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    const data = await response.json();
+    renderSummary(data.summary);
+    renderPeers(data.peers);
+    renderPlots(data.history, data.summary, data.generated_at);
+    renderEvents(data.events);
+    const lag = data.summary.observer.last_poll_at ? data.generated_at - data.summary.observer.last_poll_at : null;
+    setConnection(true, `live · DHT read ${isNum(lag) ? lag.toFixed(1) : "–"} s ago · ${fmtClock(data.generated_at)}`);
+  } catch (err) {
+    setConnection(false, `cannot reach the status server (${err.message}); retrying`);
+  } finally {
+    setTimeout(poll, POLL_MS);
+  }
+}
+
+document.addEventListener("DOMContentLoaded", poll);

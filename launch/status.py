@@ -45,10 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     async def go() -> None:
         nonlocal service
         # Only the DHT: an onlooker serves no payloads or state, so it needs no transfer server.
-        node.dht = await asyncio.to_thread(SwarmDHT.start, identity, options)
-        node.run = await fetch_run_description(node.dht, coordinator, timeout_s=args.timeout)
-        service = StatusService(node, host=args.host, port=args.port, collector=CollectorConfig(backfill_rounds=args.backfill_rounds))
-        await service.start()
+        try:
+            node.dht = await asyncio.to_thread(SwarmDHT.start, identity, options)
+        except Exception as e:  # hivemind reports an unreachable swarm in several ways
+            raise SystemExit(f"swarm-status: cannot reach the swarm at {', '.join(args.address)}: {e}")
+        try:
+            node.run = await fetch_run_description(node.dht, coordinator, timeout_s=args.timeout)
+        except TimeoutError as e:
+            raise SystemExit(f"swarm-status: {e} (is the address right, and the coordinator seen in the last 10 minutes?)")
+        collector = CollectorConfig(backfill_rounds=args.backfill_rounds)
+        service = StatusService(node, host=args.host, port=args.port, collector=collector)
+        try:
+            await service.start()
+        except OSError as e:
+            raise SystemExit(f"swarm-status: cannot serve on {args.host}:{args.port}: {e}")
         print(f"run {node.run.run_id}: {node.run.mode}, preset {node.run.preset}", flush=True)
         print(f"status page: {service.url}", flush=True)
         await asyncio.Event().wait()  # serve until Ctrl+C

@@ -9,6 +9,7 @@ the page, never interpreted.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -124,9 +125,10 @@ class PeerBook:
         entry = self.peers.get(peer_id)
         return clean_text(entry.beat.name) if entry else ""
 
-    def current_round(self) -> int | None:
+    def round_hint(self) -> int | None:
+        """The round live peers are at, robust to a liar: the lower median of their claims."""
         rounds = [e.beat.round for e in self.peers.values() if e.state == "live" and e.beat.round >= 0]
-        return max(rounds) if rounds else None
+        return statistics.median_low(rounds) if rounds else None
 
     def counts(self) -> dict[str, int]:
         counts = {"live": 0, "stale": 0, "departed": 0}
@@ -257,15 +259,16 @@ class EventMerger:
             t = min(e.time, now) if math.isfinite(e.time) else now
             event = LoggedEvent(t, clean_text(e.kind, 24), peer_id, clean_text(e.text, MAX_TEXT_CHARS))
             # A leader logs each rejection and also lists it in the manifest: keep one of the two.
-            key = ("reject", event.text) if event.kind == "reject" else (peer_id, e.time, event.kind, event.text)
+            key = ("reject", event.text[:160]) if event.kind == "reject" else (peer_id, e.time, event.kind, event.text)
             self.seen.setdefault(key, event)
         if len(self.seen) > self.max_events:
             newest = sorted(self.seen.items(), key=lambda kv: kv[1].time, reverse=True)[: self.max_events]
             self.seen = dict(newest)
 
     def add_rejections(self, manifest: Manifest, now: float) -> None:
+        # Worded and cut (node.log_event keeps 300 characters) exactly as the leader logs it.
         events = [
-            Event(manifest.closed_at, "reject", f"round {manifest.round}: payload from {short_id(r.peer_id)} rejected: {r.reason}")
+            Event(manifest.closed_at, "reject", f"round {manifest.round}: payload from {short_id(r.peer_id)} rejected: {r.reason}"[:300])
             for r in manifest.rejected
         ]
         self.add(manifest.leader, events, now)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Awaitable, TypeVar
 
@@ -30,6 +31,7 @@ logger = get_logger(__name__)
 T = TypeVar("T")
 API_VERSION = 1
 GIVE_UP_AFTER_MISSES = 3  # a closed round whose manifest stays unreadable (expired) is skipped
+LOOKAHEAD_ROUNDS = 2  # also look for manifests this far past the round most live peers are at
 
 
 @dataclass
@@ -109,30 +111,35 @@ class StatusCollector:
         for log in logs:
             if log.record.peer_id == log.signer:
                 self.events.add(log.signer, log.record.events, now)
-        top = self.book.current_round()
-        if top is not None:
-            await self._read_rounds(top, now)
+        hint = self.book.round_hint()
+        if hint is not None:
+            await self._read_rounds(hint, now)
         counts = self.book.counts()
         self.counts.record(now, counts["live"], counts["stale"])
         self.polls += 1
         self.last_poll_at = now
         self.ready.set()
 
-    async def _read_rounds(self, top: int, now: float) -> None:
-        """Read the manifests of rounds not yet recorded, up to `top` (the newest round in progress)."""
+    async def _read_rounds(self, hint: int, now: float) -> None:
+        """Read the manifests of rounds not yet recorded, from the oldest missing one to a little past `hint`.
+
+        The manifests are the truth about which rounds closed; heartbeats only say where to look, and
+        the reads per poll are bounded, so a peer claiming round 10**9 costs nothing.
+        """
         if self._next_round is None:
-            self._next_round = max(0, top - self.cfg.backfill_rounds)
-        wanted = [r for r in range(self._next_round, top + 1) if r not in self.history]
+            self._next_round = max(0, hint - self.cfg.backfill_rounds)
+        last = min(hint + LOOKAHEAD_ROUNDS, self._next_round + self.cfg.backfill_rounds + LOOKAHEAD_ROUNDS)
+        wanted = [r for r in range(self._next_round, last + 1) if r not in self.history]
         gate = asyncio.Semaphore(self.cfg.max_parallel_gets)
         found = await asyncio.gather(*(self._bounded(gate, self._read_round(r)) for r in wanted))
         for r, item in zip(wanted, found):
             if item is None:
-                self._misses[r] = self._misses.get(r, 0) + (r < top)
+                self._misses[r] = self._misses.get(r, 0) + int(r < hint)  # rounds in progress are no miss
                 continue
             manifest, subs = item
             self.history.add(round_row(manifest, subs, parameters=self.parameters, tokens_per_payload=self.tokens_per_payload))
             self.events.add_rejections(manifest, now)
-        while self._next_round <= top:
+        while self._next_round <= last:
             r = self._next_round
             if r not in self.history and self._misses.get(r, 0) < GIVE_UP_AFTER_MISSES:
                 break
@@ -178,11 +185,10 @@ class StatusCollector:
     def summary(self, now: float, peers: list[dict] | None = None) -> dict:
         run, rows = self.run, self.history.ordered()
         peers = self.book.to_json(now) if peers is None else peers
-        current = self.book.current_round()
-        if current is None and rows:
-            current = rows[-1].round + 1
+        # The round in progress follows the last closed one (manifests, not heartbeat claims).
+        current = rows[-1].round + 1 if rows else self.book.round_hint()
         coordinator = next((p for p in peers if p["peer_id"] == run.coordinator), None)
-        counts = self.book.counts()
+        counts = Counter(p["state"] for p in peers if not p["is_coordinator"])  # same `now` as the table
         payload = sum(r.payload_bytes for r in rows)
         dense = sum(r.dense_bytes for r in rows)
         return {

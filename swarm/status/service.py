@@ -33,7 +33,9 @@ class StatusService:
 
     async def start(self, *, wait_first_poll: bool = False) -> None:
         """Start polling and serving; with wait_first_poll, return after the first DHT poll."""
-        self._task = asyncio.create_task(self.collector.run_forever())
+        # Spawned through the node, so node.stop() cancels polling before it shuts the DHT down
+        # even if nobody calls our stop().
+        self._task = self.node.spawn(self.collector.run_forever())
         await self.server.start()
         if wait_first_poll:
             await self.collector.ready.wait()

@@ -123,7 +123,7 @@ function renderPeers(peers) {
   });
   document.querySelector("#peers tbody").replaceChildren(...rows);
   const live = peers.filter((p) => p.state === "live").length;
-  setText("peers-count", `${live} live of ${peers.length} seen`);
+  setText("peers-count", `${live} live of ${peers.length} seen (coordinator included)`);
 }
 
 // ----- plots -----------------------------------------------------------------------------------
@@ -140,7 +140,8 @@ function niceTicks(lo, hi, count) {
 
 // series: [{label, color, points: [[x, y], ...], dashed}]; opts: {logY, step, xFormat, yFormat}
 function lineChart(container, series, opts) {
-  const W = 560, H = 220, L = 58, R = 12, T = 10, B = 26;
+  // Draw at the container's pixel width so 11px labels stay 11px.
+  const W = Math.max(320, Math.round(container.clientWidth) || 560), H = 220, L = 62, R = 26, T = 10, B = 30;
   const pts = series.flatMap((s) => s.points).filter(([x, y]) => isNum(x) && isNum(y) && (!opts.logY || y > 0));
   if (pts.length === 0) {
     container.replaceChildren(el("div", "empty", opts.empty || "waiting for data…"));
@@ -173,6 +174,11 @@ function lineChart(container, series, opts) {
     label.textContent = (opts.xFormat || String)(t);
     root.append(label);
   }
+  if (opts.xLabel) {
+    const title = svgEl("text", { class: "axis", x: 4, y: H - 8, "text-anchor": "start" });  // under the y labels
+    title.textContent = opts.xLabel;
+    root.append(title);
+  }
   for (const s of series) {
     const good = s.points.filter(([x, y]) => isNum(x) && isNum(y) && (!opts.logY || y > 0));
     if (good.length === 0) continue;
@@ -204,12 +210,12 @@ function renderPlots(history, summary, now) {
   lineChart(document.getElementById("plot-loss"), [
     { label: "eval loss (global weights)", color: color("--c2"), points: rounds.map((r) => [r.round, r.eval_loss]) },
     { label: "train loss (mean of peers)", color: color("--c1"), points: rounds.map((r) => [r.round, r.train_loss]) },
-  ], { yFormat: (v) => v.toFixed(2), empty: "waiting for the first closed round…" });
+  ], { xLabel: "round", yFormat: (v) => v.toFixed(2), empty: "waiting for the first closed round…" });
   lineChart(document.getElementById("plot-bytes"), [
-    { label: "payload bytes (this run)", color: color("--c1"), points: rounds.map((r) => [r.round, r.payload_bytes]) },
-    { label: "dense fp32 DiLoCo equivalent", color: color("--c3"), dashed: true,
+    { label: "payloads (this run)", color: color("--c1"), points: rounds.map((r) => [r.round, r.payload_bytes]) },
+    { label: "dense fp32 DiLoCo", color: color("--c3"), dashed: true,
       points: rounds.map((r) => [r.round, r.dense_bytes]) },
-  ], { logY: true, yFormat: fmtBytesAxis, empty: "waiting for the first closed round…" });
+  ], { logY: true, xLabel: "round", yFormat: fmtBytesAxis, empty: "waiting for the first closed round…" });
   setText("bytes-note", isNum(summary.compression) ? `(${summary.compression}× smaller)` : "");
   const samples = history.peers_over_time;
   // Extend the last sample to now, so a steady swarm still draws a line up to the present.

@@ -36,8 +36,20 @@ def dht_options(args: argparse.Namespace, initial_peers: list[str]) -> DHTOption
     )
 
 
-def run_node(main: Callable[[], Awaitable[None]], on_stop: Callable[[], Awaitable[None]], request_stop: Callable[[], None]) -> int:
-    """Run `main` on uvloop; first Ctrl+C/SIGTERM leaves cleanly, a second exits at once."""
+def run_node(
+    main: Callable[[], Awaitable[None]],
+    on_stop: Callable[[], Awaitable[None]],
+    request_stop: Callable[[], None],
+    *,
+    setup: Callable[[], None] | None = None,
+) -> int:
+    """Run `main` on uvloop; first Ctrl+C/SIGTERM leaves cleanly, a second exits at once.
+
+    `setup` runs first, in the main thread with default signal handling: start the DHT process
+    there, so it does not inherit the loop's handlers (it would then ignore SIGTERM).
+    """
+    if setup is not None:
+        setup()
     try:
         import uvloop
 

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     async def go() -> None:
         await coordinator.main(on_ready=ready)
 
-    return run_node(go, coordinator.stop, lambda: None)
+    return run_node(go, coordinator.stop, lambda: None, setup=coordinator.start_dht)
 
 
 if __name__ == "__main__":

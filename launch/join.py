@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
     )
     peer = Peer(cfg)
-    return run_node(peer.main, peer.stop, peer.stopping.set)
+    return run_node(peer.main, peer.stop, peer.stopping.set, setup=peer.start_dht)
 
 
 if __name__ == "__main__":

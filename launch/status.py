@@ -15,7 +15,7 @@ import tempfile
 
 from launch.common import run_node
 from launch.join import coordinator_from_address
-from swarm.net.dht import DHTOptions, SwarmDHT
+from swarm.net.dht import DHTOptions
 from swarm.node import SwarmNode, fetch_run_description
 from swarm.status import CollectorConfig, StatusService
 
@@ -42,17 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     node = SwarmNode(identity_path=identity, dht_options=options, name="status")
     service: StatusService | None = None
 
-    async def go() -> None:
-        nonlocal service
+    def setup() -> None:
         # Only the DHT: an onlooker serves no payloads or state, so it needs no transfer server.
         try:
-            node.dht = await asyncio.to_thread(SwarmDHT.start, identity, options)
+            node.start_dht()
         except Exception as e:  # hivemind reports an unreachable swarm in several ways
             raise SystemExit(f"swarm-status: cannot reach the swarm at {', '.join(args.address)}: {e}")
+
+    async def go() -> None:
+        nonlocal service
         try:
             node.run = await fetch_run_description(node.dht, coordinator, timeout_s=args.timeout)
         except TimeoutError as e:
-            raise SystemExit(f"swarm-status: {e} (is the address right, and the coordinator seen in the last 10 minutes?)")
+            raise SystemExit(f"swarm-status: {e} (is the address right, and the coordinator id?)")
         collector = CollectorConfig(backfill_rounds=args.backfill_rounds)
         service = StatusService(node, host=args.host, port=args.port, collector=collector)
         try:
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             await service.stop()
         await node.stop(announce_leave=False)  # an onlooker has nothing to announce
 
-    return run_node(go, stop, lambda: None)
+    return run_node(go, stop, lambda: None, setup=setup)
 
 
 if __name__ == "__main__":

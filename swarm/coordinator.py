@@ -30,7 +30,10 @@ from swarm.state import GlobalState
 from swarm.statesync import catch_up, serve_state
 
 logger = get_logger(__name__)
-RUN_TTL_S = 600.0
+# The run description is static, so it lives long: joiners and status pages must find it for days
+# while the coordinator is down (a signed record's expiry cannot be extended by anyone else).
+RUN_TTL_S = 7 * 24 * 3600.0
+RUN_REFRESH_S = 600.0
 
 
 @dataclass
@@ -119,7 +122,7 @@ class Coordinator(SwarmNode):
 
     async def _republish_loop(self) -> None:
         while True:
-            await asyncio.sleep(RUN_TTL_S / 3)
+            await asyncio.sleep(RUN_REFRESH_S)
             await self.dht.put(RUNS_KEY, self.run, RUN_TTL_S)
 
     async def _role_loop(self) -> None:

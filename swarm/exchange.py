@@ -106,7 +106,7 @@ class PayloadStore:
         if cached is not None:
             return cached
         errors = []
-        for holder in holders:
+        for holder in holders + holders[:1]:  # the first holder gets a second chance (transient stream errors)
             try:
                 data = await fetch(
                     p2p, holder, {"kind": "payload", "digest": digest}, max_bytes=self.max_bytes, timeout_s=60, traffic=self.traffic

@@ -61,9 +61,13 @@ class SwarmNode:
         assert self.dht is not None, "node not started"
         return self.dht.peer_id
 
+    def start_dht(self) -> None:
+        """Start the DHT process; from the main thread, before the event loop (see SwarmDHT.start)."""
+        self.dht = SwarmDHT.start(self.identity_path, self.dht_options)
+
     async def start_network(self) -> None:
-        # Starting p2pd blocks for a second or two: keep the loop free meanwhile.
-        self.dht = await asyncio.to_thread(SwarmDHT.start, self.identity_path, self.dht_options)
+        if self.dht is None:  # not started beforehand: keep the loop free while p2pd starts
+            self.dht = await asyncio.to_thread(SwarmDHT.start, self.identity_path, self.dht_options)
         p2p = await self.dht.dht.replicate_p2p()
         self.server = TransferServer(p2p, self.traffic)
         await self.server.start()

@@ -24,6 +24,7 @@ from hivemind.utils import get_dht_time
 from swarm.codec import PayloadError, mean_of_payloads
 from swarm.exchange import PayloadStore
 from swarm.log import get_logger
+from swarm.net.dht import Signed
 from swarm.net.records import Heartbeat, Manifest, ManifestEntry, Rejection, Submission, manifest_key, submit_key
 from swarm.net.transfer import TransferError
 from swarm.node import SwarmNode
@@ -45,9 +46,21 @@ class RoundResult:
     seconds: float
 
 
+def _rank(round_no: int, peer_id: str, is_coordinator: bool) -> tuple[int, str]:
+    return (0 if is_coordinator else 1, hashlib.sha256(f"{round_no}:{peer_id}".encode()).hexdigest())
+
+
 def leader_rank(round_no: int, beat: Heartbeat) -> tuple[int, str]:
-    tiebreak = hashlib.sha256(f"{round_no}:{beat.peer_id}".encode()).hexdigest()
-    return (0 if beat.is_coordinator else 1, tiebreak)
+    """Who leads round r: the coordinator first, then everyone else by sha256(r, peer id)."""
+    return _rank(round_no, beat.peer_id, beat.is_coordinator)
+
+
+def canonical_manifest(found: list[Signed[Manifest]], round_no: int, coordinator: str) -> Manifest | None:
+    """Of all manifests published for a round, the one by the best-ranked leader (what everyone applies)."""
+    valid = [m for m in found if m.record.leader == m.signer and m.record.round == round_no]
+    if not valid:
+        return None
+    return min(valid, key=lambda m: _rank(round_no, m.signer, m.signer == coordinator)).record
 
 
 @dataclass
@@ -71,19 +84,10 @@ class RoundAgreement:
 
     # ----- following -------------------------------------------------------------------------
 
-    async def find_manifest(self, round_no: int, beats: list[Heartbeat] | None = None) -> Manifest | None:
-        """The canonical manifest of a round: of all published, the one by the best-ranked leader."""
+    async def find_manifest(self, round_no: int) -> Manifest | None:
+        """The canonical manifest of a round, if any has been published."""
         found = await self.node.dht.get_all(manifest_key(self.run.run_id, round_no), Manifest)
-        found = [m for m in found if m.record.leader == m.signer and m.record.round == round_no]
-        if not found:
-            return None
-        coordinator = self.run.coordinator
-
-        def rank(item) -> tuple[int, str]:
-            tiebreak = hashlib.sha256(f"{round_no}:{item.signer}".encode()).hexdigest()
-            return (0 if item.signer == coordinator else 1, tiebreak)
-
-        return min(found, key=rank).record
+        return canonical_manifest(found, round_no, self.run.coordinator)
 
     async def close_round(self, round_no: int) -> Manifest:
         """Wait for round r's manifest, leading the round ourselves whenever we rank first."""

@@ -12,7 +12,7 @@ from swarm.net.records import Event, Heartbeat, Manifest, ManifestEntry, Rejecti
 from swarm.status.book import (
     BookConfig, EventMerger, PeerBook, PeerCounts, RoundHistory, clean_number, clean_text, round_row,
 )
-from swarm.status.collector import canonical_manifest
+from swarm.rounds import canonical_manifest
 
 TTL = 4.0
 

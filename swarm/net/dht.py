@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -46,11 +49,31 @@ class SwarmDHT:
         self.dht = dht
         self.peer_id = str(identity.peer_id)
         self._marker = identity.owner_marker
+        self._maddrs: list[str] | None = None
 
     @classmethod
     def start(cls, identity_path: str, options: DHTOptions) -> SwarmDHT:
+        """Start the DHT process (and its p2pd daemon).
+
+        Call it from the main thread before an event loop installs signal handlers: the DHT process
+        is forked and inherits them. It is started with SIGINT ignored, so a terminal's Ctrl+C
+        reaches only our process, which then announces its leaving through a DHT still alive.
+        """
         identity = Identity.load_or_create(identity_path)
-        dht = hivemind.DHT(
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+        try:
+            dht = cls._start_dht(identity, identity_path, options)
+        finally:
+            if in_main:
+                signal.signal(signal.SIGINT, previous)
+        if str(dht.peer_id) != str(identity.peer_id):
+            raise RuntimeError("the DHT's peer id does not match the identity key")
+        return cls(identity, dht)
+
+    @staticmethod
+    def _start_dht(identity: Identity, identity_path: str, options: DHTOptions) -> hivemind.DHT:
+        return hivemind.DHT(
             initial_peers=list(options.initial_peers) or None,
             start=True,
             identity_path=identity_path,
@@ -62,12 +85,12 @@ class SwarmDHT:
             record_validators=[identity.validator()],
             startup_timeout=60,
         )
-        if str(dht.peer_id) != str(identity.peer_id):
-            raise RuntimeError("the DHT's peer id does not match the identity key")
-        return cls(identity, dht)
 
     def visible_maddrs(self) -> list[str]:
-        return [str(a) for a in self.dht.get_visible_maddrs()]
+        """Our listening addresses (asked once: the call blocks on the DHT process)."""
+        if self._maddrs is None:
+            self._maddrs = [str(a) for a in self.dht.get_visible_maddrs()]
+        return self._maddrs
 
     async def put(self, key: str, record: object, ttl_s: float) -> bool:
         """Store a record under our own signed subkey; True if at least one node accepted it."""
@@ -112,10 +135,10 @@ class SwarmDHT:
     def shutdown(self) -> None:
         try:
             self.dht.shutdown()
+            self.dht.join(10)
         except Exception as e:
             logger.debug("DHT shutdown: %s", e)
-
-
-async def gather_quietly(*aws: object) -> list[object]:
-    """asyncio.gather that returns exceptions instead of raising (for fire-and-forget fan-out)."""
-    return await asyncio.gather(*aws, return_exceptions=True)  # type: ignore[arg-type]
+        if self.dht.is_alive():  # never leave a DHT process (and its p2pd) behind
+            logger.warning("DHT process did not exit; killing it")
+            os.kill(self.dht.pid, signal.SIGKILL)
+            self.dht.join(5)

@@ -9,7 +9,6 @@ incrementally as rounds advance; on start it reads back up to `backfill_rounds` 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from swarm.log import get_logger
 from swarm.net.dht import Signed
 from swarm.net.records import EventLog, Manifest, Submission, manifest_key, run_key, submit_key
 from swarm.node import SwarmNode
+from swarm.rounds import canonical_manifest
 from swarm.status.book import (
     BookConfig, EventMerger, PeerBook, PeerCounts, RoundHistory, clean_number, round_row, short_id,
 )
@@ -49,19 +49,6 @@ class CollectorConfig:
             raise ValueError("poll_interval_s must be positive")
         if self.backfill_rounds < 0 or self.max_parallel_gets < 1 or self.max_rounds < 1:
             raise ValueError("backfill_rounds must be >= 0, max_parallel_gets and max_rounds >= 1")
-
-
-def canonical_manifest(found: list[Signed[Manifest]], round_no: int, coordinator: str) -> Manifest | None:
-    """The manifest every peer applies (same ranking as rounds.RoundAgreement.find_manifest)."""
-    valid = [m for m in found if m.record.leader == m.signer and m.record.round == round_no]
-    if not valid:
-        return None
-
-    def rank(item: Signed[Manifest]) -> tuple[int, str]:
-        tiebreak = hashlib.sha256(f"{round_no}:{item.signer}".encode()).hexdigest()
-        return (0 if item.signer == coordinator else 1, tiebreak)
-
-    return min(valid, key=rank).record
 
 
 class StatusCollector:

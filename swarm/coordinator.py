@@ -23,7 +23,7 @@ from swarm.net.dht import DHTOptions
 from swarm.net.records import RUNS_KEY, Capacity, Role, role_key, run_key
 from swarm.net.schema import from_plain, to_plain
 from swarm.node import SwarmNode
-from swarm.replica import Replica, initial_state, model_config
+from swarm.replica import Replica, initial_state
 from swarm.rounds import Diverged, RoundAgreement
 from swarm.run import RunConfig
 from swarm.state import GlobalState
@@ -140,7 +140,11 @@ class Coordinator(SwarmNode):
                 if await self.dht.put(role_key(self.run.run_id, peer), role, ttl_s=24 * 3600):
                     assigned[peer] = role
                     if existing is None:
-                        self.log_event("role", f"{item.record.name} ({peer[-8:]}) on {item.record.device}: replica, shard {role.data_shard}")
+                        cap = item.record
+                        self.log_event(
+                            "role",
+                            f"{cap.name} ({peer[-8:]}, {cap.device}, {cap.tokens_per_s:.0f} tok/s): replica, shard {role.data_shard}",
+                        )
             await asyncio.sleep(1.0)
 
     def _next_shard(self, assigned: dict[str, Role]) -> int:
@@ -153,7 +157,7 @@ class Coordinator(SwarmNode):
             state = self.agreement.state
             r = state.round
             self.status.round, self.status.param_hash, self.status.phase = r, state.hash, "coordinating"
-            if self.evaluator is not None and r % 1 == 0:
+            if self.evaluator is not None:
                 self.status.loss = await asyncio.to_thread(self.evaluator.evaluate, state)
             await self.publish_heartbeat()
             manifest = await self.agreement.close_round(r)

@@ -7,7 +7,6 @@ Decoding validates everything (codec/payload.py); a bad payload raises PayloadEr
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 import torch
@@ -145,6 +144,3 @@ class PayloadStore:
     def forget_decoded(self) -> None:
         self._decoded.clear()
 
-
-async def decode_in_thread(store: PayloadStore, data: bytes, sender: str, round_no: int) -> dict[str, torch.Tensor]:
-    return await asyncio.to_thread(store.decode, data, sender=sender, round_no=round_no)

@@ -22,7 +22,7 @@ from swarm.log import get_logger
 from swarm.net.dht import DHTOptions
 from swarm.net.records import Capacity, Role, Submission, role_key, run_key, submit_key
 from swarm.node import SwarmNode, fetch_run_description
-from swarm.replica import Replica, initial_state
+from swarm.replica import Replica, initial_state, measure_tokens_per_s
 from swarm.rounds import Diverged, RoundAgreement
 from swarm.run import RunConfig
 from swarm.state import GlobalState
@@ -92,7 +92,7 @@ class Peer(SwarmNode):
             name=self.status.name,
             device=str(self.device),
             memory_gb=_memory_gb(self.device),
-            tokens_per_s=0.0,
+            tokens_per_s=await asyncio.to_thread(measure_tokens_per_s, self.run, self.device),
             addrs=self.dht.visible_maddrs()[:4],
             version=__version__,
         )

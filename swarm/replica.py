@@ -56,6 +56,21 @@ def initial_state(run: RunConfig) -> GlobalState:
     return GlobalState.from_model(build_model(model_config(run), seed=run.seed))
 
 
+def measure_tokens_per_s(run: RunConfig, device: torch.device, steps: int = 2) -> float:
+    """Forward+backward speed of this machine on the run's model and batch (announced on joining)."""
+    model = build_model(model_config(run), seed=run.seed).to(device)
+    tokens = torch.randint(0, model.cfg.vocab_size, (run.batch_size, run.seq_len + 1), device=device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each
+    elapsed = []
+    for _ in range(steps + 1):  # the first pass warms up kernels and allocators
+        start = time.perf_counter()
+        model(inputs, targets).loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed.append(time.perf_counter() - start)
+    return inputs.numel() / min(elapsed[1:])
+
+
 class Replica:
     """A full model replica that trains on its own data shard."""
 

@@ -7,6 +7,7 @@ per-round metrics files, and reaps every process in the end, whatever happens.
 from __future__ import annotations
 
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -111,6 +112,13 @@ def test_rounds_join_and_kill(tmp_path):
         assert "closed without" in cluster.log("coordinator") or any(
             row["applied"] == 3 for r, rows in cluster.metrics_by_round().items() if r > killed_at for row in rows
         )
+
+        # Ctrl+C: the peer announces that it leaves and exits cleanly; the others go on.
+        cluster.procs["p1"].send_signal(signal.SIGINT)
+        assert cluster.procs["p1"].wait(timeout=60) == 0
+        assert "[leave]" in cluster.log("p1")
+        left_at = max(cluster.metrics_by_round())
+        wait_for(lambda: cluster.rounds_completed(2) > left_at + 1, 180, "a round after the Ctrl+C", cluster)
 
 
 def test_coordinator_down_and_back(tmp_path):

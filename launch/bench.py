@@ -12,6 +12,8 @@ import sys
 
 BENCHMARKS: dict[str, str] = {
     "solo": "launch.benchmarks.solo",
+    "codec": "launch.benchmarks.codec",
+    "swarm": "launch.benchmarks.swarm",
 }
 
 

@@ -22,14 +22,7 @@ SCRIPTS: dict[str, str] = tomllib.loads((ROOT / "pyproject.toml").read_text())["
 
 def _entry_point(target: str) -> Callable[[list[str]], int]:
     module_name, _, func = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise
-        # TODO(lead): once every script exists, turn this skip into a failure.
-        pytest.skip(f"{module_name} not written yet")
-    return getattr(module, func)
+    return getattr(importlib.import_module(module_name), func)
 
 
 def _help(main: Callable[[list[str]], int], argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

@@ -36,10 +36,12 @@ install_torch() {
     "${PIP[@]}" install "torch==$TORCH_VERSION"
   else
     log "no CUDA GPU: installing the CPU build of torch==$TORCH_VERSION"
-    # A local wheel (pip's find-links) wins; otherwise PyTorch's CPU index, which avoids
-    # gigabytes of CUDA packages that a CPU-only machine cannot use.
-    "${PIP[@]}" install --no-index "torch==$TORCH_VERSION" 2>/dev/null \
-      || "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+    # The CPU build is 'torch==X+cpu': found directly where pip already knows a source for it
+    # (a local wheel directory, a configured mirror); otherwise PyTorch's CPU index. Either way
+    # no gigabytes of CUDA packages that a CPU-only machine cannot use.
+    "${PIP[@]}" install "torch==$TORCH_VERSION+cpu" 2>/dev/null \
+      || "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
+           --extra-index-url https://pypi.org/simple
   fi
 }
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -55,12 +55,30 @@ def leader_rank(round_no: int, beat: Heartbeat) -> tuple[int, str]:
     return _rank(round_no, beat.peer_id, beat.is_coordinator)
 
 
-def canonical_manifest(found: list[Signed[Manifest]], round_no: int, coordinator: str) -> Manifest | None:
-    """Of all manifests published for a round, the one by the best-ranked leader (what everyone applies)."""
+def canonical_manifest(
+    found: list[Signed[Manifest]], round_no: int, coordinator: str, agreed: str | None = None
+) -> Manifest | None:
+    """Of all manifests published for a round, the one everyone applies: among those built on the
+    agreed state (when it is known), the one by the best-ranked leader."""
     valid = [m for m in found if m.record.leader == m.signer and m.record.round == round_no]
+    if agreed is not None:
+        valid = [m for m in valid if m.record.base_hash == agreed]
     if not valid:
         return None
     return min(valid, key=lambda m: _rank(round_no, m.signer, m.signer == coordinator)).record
+
+
+def agreed_hash(round_no: int, beats: list[Heartbeat], coordinator: str) -> str | None:
+    """The state most live holders of round r report; ties go to the coordinator's, then the smallest.
+
+    Only a node holding this state may lead round r, so a node that diverged can never lead the
+    swarm onto its fork: it follows, sees the mismatch and reloads.
+    """
+    votes = Counter(b.param_hash for b in beats if b.round == round_no and b.param_hash and b.phase != "joining")
+    if not votes:
+        return None
+    coordinator_hash = next((b.param_hash for b in beats if b.peer_id == coordinator and b.round == round_no), None)
+    return min(votes, key=lambda h: (-votes[h], h != coordinator_hash, h))
 
 
 @dataclass
@@ -84,37 +102,43 @@ class RoundAgreement:
 
     # ----- following -------------------------------------------------------------------------
 
-    async def find_manifest(self, round_no: int) -> Manifest | None:
-        """The canonical manifest of a round, if any has been published."""
+    async def find_manifest(self, round_no: int, agreed: str | None = None) -> Manifest | None:
+        """The canonical manifest of a round, if one has been published."""
         found = await self.node.dht.get_all(manifest_key(self.run.run_id, round_no), Manifest)
-        return canonical_manifest(found, round_no, self.run.coordinator)
+        return canonical_manifest(found, round_no, self.run.coordinator, agreed)
 
     async def close_round(self, round_no: int) -> Manifest:
         """Wait for round r's manifest, leading the round ourselves whenever we rank first."""
         while True:
-            manifest = await self.find_manifest(round_no)
+            beats, agreed = await self._view(round_no)
+            manifest = await self.find_manifest(round_no, agreed)
             if manifest is not None:
                 return manifest
-            beats = await self.node.live_peers()
-            if self._should_lead(round_no, beats):
+            if self._should_lead(round_no, beats, agreed):
                 manifest = await self._lead(round_no)
                 if manifest is not None:
                     return manifest
             await asyncio.sleep(self.poll_s)
 
-    def _should_lead(self, round_no: int, beats: list[Heartbeat]) -> bool:
+    async def _view(self, round_no: int) -> tuple[list[Heartbeat], str | None]:
+        """Live peers (ourselves included, as we are now) and the agreed state of round r."""
         me = self.node.peer_id
-        holders = [
-            b for b in beats if b.round == round_no and b.param_hash == self.state.hash and b.phase != "joining"
-        ]
-        holders = [b for b in holders if b.peer_id != me]
-        my_beat = Heartbeat(
-            peer_id=me, name="", role="", device="", phase="idle", round=round_no, tokens_per_s=0, loss=None,
-            bytes_sent=0, bytes_received=0, param_hash=self.state.hash, version="", time=0,
-            is_coordinator=self.node.status.is_coordinator,
+        beats = [b for b in await self.node.live_peers() if b.peer_id != me]
+        beats.append(
+            Heartbeat(
+                peer_id=me, name="", role="", device="", phase="idle", round=self.state.round, tokens_per_s=0,
+                loss=None, bytes_sent=0, bytes_received=0, param_hash=self.state.hash, version="", time=0,
+                is_coordinator=self.node.status.is_coordinator,
+            )
         )
-        best = min(holders + [my_beat], key=lambda b: leader_rank(round_no, b))
-        return best.peer_id == me
+        return beats, agreed_hash(round_no, beats, self.run.coordinator)
+
+    def _should_lead(self, round_no: int, beats: list[Heartbeat], agreed: str | None) -> bool:
+        """Lead if we hold the agreed state of round r and rank first among those who do."""
+        if self.state.round != round_no or self.state.hash != agreed:
+            return False
+        holders = [b for b in beats if b.round == round_no and b.param_hash == agreed and b.phase != "joining"]
+        return min(holders, key=lambda b: leader_rank(round_no, b)).peer_id == self.node.peer_id
 
     # ----- leading ---------------------------------------------------------------------------
 
@@ -122,11 +146,11 @@ class RoundAgreement:
         """Collect submissions until all live replicas are in or the deadline passes, then publish."""
         first_seen: float | None = None
         while True:
-            other = await self.find_manifest(round_no)
+            beats, agreed = await self._view(round_no)
+            other = await self.find_manifest(round_no, agreed)
             if other is not None:
                 return other
             subs = await self._submissions(round_no)
-            beats = await self.node.live_peers()
             if subs and first_seen is None:
                 first_seen = time.monotonic()
             expected = {
@@ -134,7 +158,7 @@ class RoundAgreement:
                 for b in beats
                 if b.round == round_no and b.phase in ("training", "exchanging") and self.strikes[b.peer_id] < STRIKES_BEFORE_BAN
             }
-            if not self._should_lead(round_no, beats):
+            if not self._should_lead(round_no, beats, agreed):
                 return None  # a better-ranked leader has appeared
             everyone_in = expected <= set(subs) and len(subs) >= self.run.min_peers
             late = first_seen is not None and time.monotonic() - first_seen > self.run.round_timeout_s

@@ -3,7 +3,7 @@
 FAULT is one of:
   malformed  each round send a differently broken payload (truncated, unknown version, NaN or
              absurd quantisation table, out-of-range indices, wrong shape), cycling
-  diverge    after the first round, silently perturb our copy of the global weights
+  diverge    after the first round it applies, silently perturb our copy of the global weights
 The remaining arguments are join-swarm's.
 """
 
@@ -52,7 +52,8 @@ def corrupt(self: exchange.PayloadEncoder, delta: dict[str, torch.Tensor], round
 def diverge(self: rounds.RoundAgreement, manifest) -> int:
     async def go() -> int:
         applied = await original_apply(self, manifest)
-        if manifest.round == 1:
+        if not perturbed:  # once, after the first round we apply (whenever we joined)
+            perturbed.append(manifest.round)
             with torch.no_grad():
                 next(iter(self.state.params.values())).add_(1e-3)
             self.state._hash = None
@@ -62,6 +63,7 @@ def diverge(self: rounds.RoundAgreement, manifest) -> int:
     return go()
 
 
+perturbed: list[int] = []
 original_encode = exchange.PayloadEncoder.encode
 original_apply = rounds.RoundAgreement.apply
 

@@ -21,7 +21,7 @@ from launch.cluster import LocalCluster
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="swarm-demo", description="Run a local swarm: coordinator + N peers on this machine.")
     p.add_argument("--peers", type=int, default=3, help="number of volunteer peers (default %(default)s)")
-    p.add_argument("--rounds", type=int, default=10, help="rounds to run before stopping (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=30, help="rounds to run before stopping (default %(default)s)")
     p.add_argument("--preset", default="nano", help="model preset (default %(default)s)")
     p.add_argument("--mode", choices=["sparseloco", "diloco"], default="sparseloco")
     p.add_argument("--data", default="stdlib", help="corpus (default: the Python standard library's sources)")

@@ -153,11 +153,7 @@ class RoundAgreement:
             subs = await self._submissions(round_no)
             if subs and first_seen is None:
                 first_seen = time.monotonic()
-            expected = {
-                b.peer_id
-                for b in beats
-                if b.round == round_no and b.phase in ("training", "exchanging") and self.strikes[b.peer_id] < STRIKES_BEFORE_BAN
-            }
+            expected = self._expected(round_no, beats)
             if not self._should_lead(round_no, beats, agreed):
                 return None  # a better-ranked leader has appeared
             everyone_in = expected <= set(subs) and len(subs) >= self.run.min_peers
@@ -180,6 +176,18 @@ class RoundAgreement:
         if missing:
             self.node.log_event("timeout", f"round {round_no} closed without {', '.join(p[-8:] for p in missing)}")
         return manifest
+
+    def _expected(self, round_no: int, beats: list[Heartbeat]) -> set[str]:
+        """Replicas the round waits for: every live trainer at this round or just finishing the last
+        one (a slower peer still applying round r−1 is counted, not left behind every round)."""
+        return {
+            b.peer_id
+            for b in beats
+            if not b.is_coordinator
+            and b.round in (round_no - 1, round_no)
+            and b.phase in ("training", "exchanging", "idle")
+            and self.strikes[b.peer_id] < STRIKES_BEFORE_BAN
+        }
 
     async def _submissions(self, round_no: int) -> dict[str, Submission]:
         found = await self.node.dht.get_all(submit_key(self.run.run_id, round_no), Submission)

@@ -24,7 +24,7 @@ from swarm.net.records import RUNS_KEY, Capacity, Role, role_key, run_key
 from swarm.net.schema import from_plain, to_plain
 from swarm.node import SwarmNode
 from swarm.replica import Replica, initial_state
-from swarm.rounds import Diverged, RoundAgreement
+from swarm.rounds import RoundAgreement
 from swarm.run import RunConfig
 from swarm.state import GlobalState
 from swarm.statesync import catch_up, serve_state
@@ -161,11 +161,8 @@ class Coordinator(SwarmNode):
                 self.status.loss = await asyncio.to_thread(self.evaluator.evaluate, state)
             await self.publish_heartbeat()
             manifest = await self.agreement.close_round(r)
-            try:
-                applied = await self.agreement.apply(manifest)
-            except Diverged as e:
-                self.log_event("reload", f"{e}; reloading state")
-                self.agreement.state = await self._obtain_state()
+            applied = await self.agreement.apply_or_reload(manifest, self._obtain_state)
+            if applied is None:
                 continue
             rounds += 1
             self._record(manifest, applied)

@@ -23,7 +23,7 @@ from swarm.net.dht import DHTOptions
 from swarm.net.records import Capacity, Role, Submission, role_key, run_key, submit_key
 from swarm.node import SwarmNode, fetch_run_description
 from swarm.replica import Replica, initial_state, measure_tokens_per_s
-from swarm.rounds import Diverged, RoundAgreement
+from swarm.rounds import RoundAgreement
 from swarm.run import RunConfig
 from swarm.state import GlobalState
 from swarm.statesync import catch_up, serve_state
@@ -148,11 +148,8 @@ class Peer(SwarmNode):
             if encoded is not None and not included:
                 self.encoder.excluded()
                 self.log_event("excluded", f"round {r}: our payload missed the manifest")
-            try:
-                applied = await self.agreement.apply(manifest)
-            except Diverged as e:
-                self.log_event("reload", f"{e}; reloading state")
-                self.agreement.state = await self._obtain_state()
+            applied = await self.agreement.apply_or_reload(manifest, self._obtain_state)
+            if applied is None:
                 continue
             self.rounds_done += 1
             self._report(r, work, encoded, applied, included, time.perf_counter() - started, metrics)

@@ -16,6 +16,7 @@ import hashlib
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import torch
 
@@ -245,6 +246,15 @@ class RoundAgreement:
                 self.state.advance_without_update()
         self.store.forget_decoded()
         return len(decoded)
+
+    async def apply_or_reload(self, manifest: Manifest, reload: Callable[[], Awaitable[GlobalState]]) -> int | None:
+        """apply(), or, if our state has diverged from the manifest's base, reload it (returns None)."""
+        try:
+            return await self.apply(manifest)
+        except Diverged as e:
+            self.node.log_event("reload", f"{e}; reloading state")
+            self.state = await reload()
+            return None
 
     async def _decoded(self, manifest: Manifest, entry: ManifestEntry) -> dict[str, torch.Tensor]:
         holders = [entry.peer_id, manifest.leader] + [e.peer_id for e in manifest.entries if e is not entry]

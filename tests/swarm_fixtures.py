@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = "/work/shared/data/tinyshakespeare.txt"
+DATA = str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt")  # ../shared beside the checkout
 T = TypeVar("T")
 
 # A run that closes a round in about a second on one CPU thread per peer.

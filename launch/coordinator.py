@@ -51,8 +51,8 @@ def build_run(args: argparse.Namespace) -> RunConfig:
         "seed": args.seed,
     }
     base.update({k: v for k, v in overrides.items() if v is not None})
-    if args.mode is not None and "outer" not in (json.loads(Path(args.run_file).read_text()) if args.run_file else {}):
-        base["outer"] = OuterConfig.for_mode(args.mode, args.dense_dtype).__dict__
+    if "outer" not in base or args.mode is not None:  # the outer optimiser follows the mode
+        base["outer"] = OuterConfig.for_mode(base.get("mode", "sparseloco"), args.dense_dtype).__dict__
     return from_plain(RunConfig, base)
 
 

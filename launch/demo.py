@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inner-steps", type=int, default=10, help="H, inner steps per round (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--status-port", type=int, default=8080, help="status page port on 127.0.0.1 (0 = any)")
+    p.add_argument("--status-port", type=int, default=0, help="status page port on 127.0.0.1 (default: any free port)")
     p.add_argument("--workdir", default=None, help="where logs and metrics go (default: a temp dir)")
     return p.parse_args(argv)
 
@@ -72,7 +72,9 @@ def _follow(cluster: LocalCluster, rounds: int) -> int:
             print("a process of the swarm exited with an error; see the logs", file=sys.stderr)
             return 1
         by_round = cluster.metrics_by_round()
-        while shown in by_round and len(by_round[shown]) >= cluster.num_peers:
+        # A round is shown once every peer reported it, or once a later round exists (a peer that
+        # was reloading state reports no row for the rounds it skipped).
+        while shown in by_round and (len(by_round[shown]) >= cluster.num_peers or shown + 1 in by_round):
             print(_row(shown, by_round[shown]), flush=True)
             shown += 1
         time.sleep(0.5)

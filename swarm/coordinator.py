@@ -58,12 +58,12 @@ class Coordinator(SwarmNode):
         self.status.is_coordinator = True
         self.status.role = "coordinator"
         self.run = self._load_or_save_run(run)
-        self.started = asyncio.Event()
         self.status_url = ""
 
     def _load_or_save_run(self, run: RunConfig) -> RunConfig:
         path = Path(self.cfg.state_dir) / "run.json"
-        if path.exists():
+        self.resumed = path.exists()
+        if self.resumed:
             saved = from_plain(RunConfig, json.loads(path.read_text()))
             logger.info("resuming run %s from %s", saved.run_id, path)
             return saved
@@ -94,7 +94,6 @@ class Coordinator(SwarmNode):
         serve_state(self.server, self.agreement)
         self.evaluator = await asyncio.to_thread(Replica, self.run, shard=0, device=self._cpu()) if self.cfg.evaluate else None
         self.log_event("start", f"coordinator of run {self.run.run_id} at round {state.round}")
-        self.started.set()
         await self._round_loop()
 
     async def _start_status_page(self) -> None:
@@ -116,9 +115,16 @@ class Coordinator(SwarmNode):
         return torch.device("cpu")
 
     async def _obtain_state(self) -> GlobalState:
-        """A restarted coordinator catches up like a joiner; a new run starts from θ(0)."""
-        state = await catch_up(self, patience_s=3.0)
+        """A restarted coordinator catches up like a joiner (waiting for donors as long as it takes);
+        a new run starts from θ(0)."""
+        patience = float("inf") if self.resumed else 3.0
+        state = await catch_up(self, patience_s=patience)
         return state if state is not None else await asyncio.to_thread(initial_state, self.run)
+
+    async def _reload_state(self) -> GlobalState:
+        state = await catch_up(self, patience_s=float("inf"))
+        assert state is not None
+        return state
 
     async def _republish_loop(self) -> None:
         while True:
@@ -160,8 +166,7 @@ class Coordinator(SwarmNode):
             if self.evaluator is not None:
                 self.status.loss = await asyncio.to_thread(self.evaluator.evaluate, state)
             await self.publish_heartbeat()
-            manifest = await self.agreement.close_round(r)
-            applied = await self.agreement.apply_or_reload(manifest, self._obtain_state)
+            manifest, applied = await self.agreement.settle_round(r, self._reload_state)
             if applied is None:
                 continue
             rounds += 1

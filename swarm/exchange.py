@@ -89,11 +89,15 @@ class PayloadStore:
         self.run = run
         self.shapes = shapes
         self.traffic = traffic
-        self.blobs = BlobCache(max_items=512)
+        self.blobs = BlobCache(max_bytes=max(256 << 20, 8 * self.dense_bytes(shapes)))
         self.max_bytes = max_payload_bytes(shapes)
-        self._decoded: dict[str, dict[str, torch.Tensor]] = {}
+        self._decoded: dict[str, tuple[PayloadMeta, dict[str, torch.Tensor]]] = {}
         codec = run.outer.codec
         self.codec = (codec, codec_config(run).wire_params() if codec == "sparseloco" else {})
+
+    @staticmethod
+    def dense_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
+        return 4 * sum(int(torch.Size(s).numel()) for s in shapes.values())
 
     async def serve(self, request: dict) -> bytes | None:
         digest = request.get("digest")
@@ -125,9 +129,10 @@ class PayloadStore:
     def decode(self, data: bytes, *, sender: str, round_no: int) -> dict[str, torch.Tensor]:
         """Validate and decode one payload (CPU-bound: call from a worker thread)."""
         digest = payload_digest(data)
-        if digest in self._decoded:
-            return self._decoded[digest]
-        meta, tensors = decode_payload(data, expected=self.shapes, max_bytes=self.max_bytes, expected_codec=self.codec)
+        if digest not in self._decoded:
+            self._decoded[digest] = decode_payload(data, expected=self.shapes, max_bytes=self.max_bytes, expected_codec=self.codec)
+        meta, tensors = self._decoded[digest]
+        # Checked on every call, cached or not: the same bytes under another name or round are invalid.
         if meta.run_id != self.run.run_id:
             raise PayloadError(f"payload is for run {meta.run_id!r}")
         if meta.round != round_no:
@@ -138,7 +143,6 @@ class PayloadStore:
             raise PayloadError(f"payload codec {meta.codec!r} is not the run's {self.run.outer.codec!r}")
         if set(tensors) != set(self.shapes):
             raise PayloadError("payload does not cover exactly the model's tensors")
-        self._decoded[digest] = tensors
         return tensors
 
     def forget_decoded(self) -> None:

@@ -108,6 +108,13 @@ class Peer(SwarmNode):
         logger.warning("no role from the coordinator after %.0fs; training as a replica on shard %d", self.cfg.role_timeout_s, shard)
         return Role(peer_id=self.peer_id, kind="replica", data_shard=shard)
 
+    async def _reload_state(self) -> GlobalState:
+        """After divergence: the agreed state from the swarm, however long it takes (never θ(0))."""
+        self.status.phase = "joining"
+        state = await catch_up(self, patience_s=float("inf"))
+        assert state is not None
+        return state
+
     async def _obtain_state(self) -> GlobalState:
         """The newest agreed state from the swarm; θ(0) only if nobody holds any state."""
         self.status.phase = "joining"
@@ -143,12 +150,11 @@ class Peer(SwarmNode):
                 self.status.tokens_per_s = work.tokens / max(work.compute_s, 1e-9)
                 self.status.steps += self.run.inner_steps
                 await self.publish_heartbeat()
-            manifest = await self.agreement.close_round(r)
+            manifest, applied = await self.agreement.settle_round(r, self._reload_state)
             included = any(e.peer_id == self.peer_id for e in manifest.entries)
             if encoded is not None and not included:
                 self.encoder.excluded()
                 self.log_event("excluded", f"round {r}: our payload missed the manifest")
-            applied = await self.agreement.apply_or_reload(manifest, self._obtain_state)
             if applied is None:
                 continue
             self.rounds_done += 1

@@ -40,11 +40,8 @@ class Diverged(RuntimeError):
     """Our global weights are not the ones the swarm's manifest was computed against."""
 
 
-@dataclass
-class RoundResult:
-    manifest: Manifest
-    applied: int  # payloads averaged into the outer step
-    seconds: float
+class BadManifest(RuntimeError):
+    """A manifest on our state that lists a payload nobody can deliver or that does not decode."""
 
 
 def _rank(round_no: int, peer_id: str, is_coordinator: bool) -> tuple[int, str]:
@@ -92,6 +89,7 @@ class RoundAgreement:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     poll_s: float = 0.25
     strikes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    ignored: set[tuple[int, str]] = field(default_factory=set)  # (round, leader) of bad manifests
 
     @property
     def run(self):
@@ -106,6 +104,7 @@ class RoundAgreement:
     async def find_manifest(self, round_no: int, agreed: str | None = None) -> Manifest | None:
         """The canonical manifest of a round, if one has been published."""
         found = await self.node.dht.get_all(manifest_key(self.run.run_id, round_no), Manifest)
+        found = [m for m in found if (round_no, m.signer) not in self.ignored]
         return canonical_manifest(found, round_no, self.run.coordinator, agreed)
 
     async def close_round(self, round_no: int) -> Manifest:
@@ -138,7 +137,10 @@ class RoundAgreement:
         """Lead if we hold the agreed state of round r and rank first among those who do."""
         if self.state.round != round_no or self.state.hash != agreed:
             return False
-        holders = [b for b in beats if b.round == round_no and b.param_hash == agreed and b.phase != "joining"]
+        # Only nodes free to lead right now: a peer still in its inner steps cannot close a round.
+        holders = [
+            b for b in beats if b.round == round_no and b.param_hash == agreed and b.phase in ("exchanging", "idle", "coordinating")
+        ]
         return min(holders, key=lambda b: leader_rank(round_no, b)).peer_id == self.node.peer_id
 
     # ----- leading ---------------------------------------------------------------------------
@@ -172,7 +174,12 @@ class RoundAgreement:
             closed_at=get_dht_time(),
             eval_loss=self.node.status.loss if self.node.status.is_coordinator else None,
         )
-        await self.node.dht.put(manifest_key(self.run.run_id, round_no), manifest, MANIFEST_TTL_S)
+        for _ in range(3):
+            if await self.node.dht.put(manifest_key(self.run.run_id, round_no), manifest, MANIFEST_TTL_S):
+                break
+        else:
+            logger.warning("could not publish the manifest of round %d; not applying it", round_no)
+            return None
         missing = sorted(expected - set(subs))
         if missing:
             self.node.log_event("timeout", f"round {round_no} closed without {', '.join(p[-8:] for p in missing)}")
@@ -187,7 +194,7 @@ class RoundAgreement:
             if not b.is_coordinator
             and b.round in (round_no - 1, round_no)
             and b.phase in ("training", "exchanging", "idle")
-            and self.strikes[b.peer_id] < STRIKES_BEFORE_BAN
+            and self.strikes.get(b.peer_id, 0) < STRIKES_BEFORE_BAN
         }
 
     async def _submissions(self, round_no: int) -> dict[str, Submission]:
@@ -196,13 +203,20 @@ class RoundAgreement:
         for item in found:
             if item.record.peer_id != item.signer or item.record.round != round_no:
                 continue
-            if self.strikes[item.signer] >= STRIKES_BEFORE_BAN:
+            if self.strikes.get(item.signer, 0) >= STRIKES_BEFORE_BAN:
                 continue
             subs[item.signer] = item.record
         return subs
 
     async def _validate(self, round_no: int, subs: dict[str, Submission]) -> tuple[list[ManifestEntry], list[Rejection]]:
         results = await asyncio.gather(*(self._check(round_no, s) for s in subs.values()))
+        senders_of: dict[str, int] = defaultdict(int)
+        for sub in subs.values():
+            senders_of[sub.digest] += 1
+        results = [
+            ("the same payload was submitted by another peer (copied)", True) if senders_of[s.digest] > 1 and r is None else (r, f)
+            for s, (r, f) in zip(subs.values(), results)
+        ]
         entries, rejected = [], []
         for sub, (reason, is_fault) in zip(subs.values(), results):
             if reason is None:
@@ -228,6 +242,9 @@ class RoundAgreement:
             return f"malformed payload: {e.reason}", True
         except TransferError as e:
             return f"payload not delivered: {e}", False
+        except Exception as e:  # the codec must not crash the leader on hostile bytes, whatever it raises
+            logger.exception("unexpected error validating the payload of %s", sub.peer_id[-8:])
+            return f"malformed payload: {type(e).__name__}", True
         return None, False
 
     # ----- applying --------------------------------------------------------------------------
@@ -236,30 +253,44 @@ class RoundAgreement:
         """Fetch, decode and average the manifest's payloads, then take the outer step."""
         if manifest.base_hash != self.state.hash:
             raise Diverged(f"round {manifest.round} applies to state {manifest.base_hash[:12]}, ours is {self.state.hash[:12]}")
-        decoded = await asyncio.gather(*(self._decoded(manifest, e) for e in manifest.entries))
-        names = list(self.state.params)
-        async with self.lock:
-            if decoded:
-                mean = await asyncio.to_thread(mean_of_payloads, list(decoded), names)
-                await asyncio.to_thread(self.state.apply_outer_step, mean, self.run.outer)
-            else:
-                self.state.advance_without_update()
-        self.store.forget_decoded()
+        try:
+            decoded = await asyncio.gather(*(self._decoded(manifest, e) for e in manifest.entries))
+            names = list(self.state.params)
+            async with self.lock:
+                if decoded:
+                    mean = await asyncio.to_thread(mean_of_payloads, list(decoded), names)
+                    await asyncio.to_thread(self.state.apply_outer_step, mean, self.run.outer)
+                else:
+                    self.state.advance_without_update()
+        finally:
+            self.store.forget_decoded()
         return len(decoded)
 
-    async def apply_or_reload(self, manifest: Manifest, reload: Callable[[], Awaitable[GlobalState]]) -> int | None:
-        """apply(), or, if our state has diverged from the manifest's base, reload it (returns None)."""
-        try:
-            return await self.apply(manifest)
-        except Diverged as e:
-            self.node.log_event("reload", f"{e}; reloading state")
-            self.state = await reload()
-            return None
+    async def settle_round(
+        self, round_no: int, reload: Callable[[], Awaitable[GlobalState]]
+    ) -> tuple[Manifest, int | None]:
+        """Wait for round r's manifest and apply it: (manifest, payloads applied).
+
+        A manifest on our state whose payloads cannot be had or decoded is its leader's fault: it is
+        ignored and the wait goes on. If our state is not the manifest's base we have diverged: the
+        state is reloaded and the count is None.
+        """
+        while True:
+            manifest = await self.close_round(round_no)
+            try:
+                return manifest, await self.apply(manifest)
+            except BadManifest as e:
+                self.ignored.add((manifest.round, manifest.leader))
+                self.node.log_event("reject", f"manifest of round {manifest.round} by {manifest.leader[-8:]} ignored: {e}")
+            except Diverged as e:
+                self.node.log_event("reload", f"{e}; reloading state")
+                self.state = await reload()
+                return manifest, None
 
     async def _decoded(self, manifest: Manifest, entry: ManifestEntry) -> dict[str, torch.Tensor]:
         holders = [entry.peer_id, manifest.leader] + [e.peer_id for e in manifest.entries if e is not entry]
         try:
             data = await self.store.get(self.p2p, entry.digest, holders)
             return await asyncio.to_thread(self.store.decode, data, sender=entry.peer_id, round_no=manifest.round)
-        except (TransferError, PayloadError) as e:
-            raise Diverged(f"cannot apply round {manifest.round}: payload of {entry.peer_id[-8:]}: {e}") from None
+        except Exception as e:  # undeliverable or undecodable: the manifest should never have listed it
+            raise BadManifest(f"payload of {entry.peer_id[-8:]}: {e}") from None

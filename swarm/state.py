@@ -8,7 +8,6 @@ which a GPU's reduction order would not guarantee.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -99,6 +98,3 @@ def state_hash(params: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor
             h.update(tensor_digest(prefix + name, tensors[name]))
     return h.hexdigest()[:32]
 
-
-def is_finite_number(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)

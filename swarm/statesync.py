@@ -75,6 +75,8 @@ def parse_index(data: bytes) -> StateIndex:
         if raw["v"] != STATE_FORMAT_VERSION:
             raise StateError(f"unsupported state format version {raw['v']!r}")
         tensors = [TensorInfo(str(n), tuple(int(d) for d in s), str(h)) for n, s, h in raw["tensors"]]
+        if any(d < 0 or d > 2**40 for t in tensors for d in t.shape) or len({t.name for t in tensors}) != len(tensors):
+            raise StateError("state index has impossible shapes or repeated names")
         return StateIndex(int(raw["round"]), str(raw["hash"]), tensors)
     except StateError:
         raise
@@ -98,13 +100,16 @@ def split_chunk(data: bytes, infos: list[TensorInfo]) -> dict[str, torch.Tensor]
 
 
 def pick_donors(beats: list[Heartbeat], exclude: str) -> tuple[int, str, list[str]] | None:
-    """(round, hash, donors) of the newest state that the most peers agree on."""
+    """(round, hash, donors) of the state the most live peers hold (the newest among equals).
+
+    Votes come first: one peer announcing a far-future round with its own hash must not decide
+    what every joiner downloads.
+    """
     holders = [b for b in beats if b.param_hash and b.round >= 0 and b.peer_id != exclude and b.phase != "joining"]
     if not holders:
         return None
     votes = Counter((b.round, b.param_hash) for b in holders)
-    # Newest round first; within a round, the hash most peers hold (a diverged peer is outvoted).
-    (round_no, state_hash), _ = max(votes.items(), key=lambda kv: (kv[0][0], kv[1]))
+    (round_no, state_hash), _ = max(votes.items(), key=lambda kv: (kv[1], kv[0][0]))
     donors = [b.peer_id for b in holders if (b.round, b.param_hash) == (round_no, state_hash)]
     return round_no, state_hash, donors
 
@@ -121,7 +126,11 @@ async def download_state(
             logger.info("state index from %s failed: %s", donor[-8:], e)
             continue
         if raw is not None:
-            index = parse_index(raw)
+            try:
+                index = parse_index(raw)
+            except StateError as e:
+                logger.info("state index from %s rejected: %s", donor[-8:], e)
+                continue
             if index.hash == expected_hash:
                 break
     if index is None or index.hash != expected_hash:
@@ -161,7 +170,7 @@ async def _fetch_part(p2p, donors, first, part, index, traffic, timeout_s, max_b
             raw = await fetch(p2p, donor, request, max_bytes=max_bytes, timeout_s=timeout_s, traffic=traffic)
             if raw is not None:
                 return split_chunk(raw, part)
-        except (TransferError, StateError) as e:
+        except Exception as e:  # a hostile or broken donor: try the next one
             logger.info("state part from %s failed: %s", donor[-8:], e)
     raise StateError(f"no donor could provide {len(part)} tensors of round {index.round}")
 
@@ -173,15 +182,22 @@ def serve_state(server, agreement) -> None:
     request for a round the donor has left is answered 'not found' and the joiner retries.
     """
 
+    busy = asyncio.Semaphore(2)  # state is big: a few requests at a time, the rest wait their turn
+    cached: dict[tuple[int, str], bytes] = {}
+
     async def index(request: dict) -> bytes | None:
-        async with agreement.lock:
-            return await asyncio.to_thread(build_index, agreement.state)
+        async with busy, agreement.lock:
+            key = (agreement.state.round, agreement.state.hash)
+            if key not in cached:
+                cached.clear()
+                cached[key] = await asyncio.to_thread(build_index, agreement.state)
+            return cached[key]
 
     async def chunk(request: dict) -> bytes | None:
         names = request.get("names")
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            return None
-        async with agreement.lock:
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+            return None  # duplicates would let one small request make us build a huge body
+        async with busy, agreement.lock:
             if request.get("round") != agreement.state.round:
                 return None
             return await asyncio.to_thread(build_chunk, agreement.state, names)
@@ -208,7 +224,7 @@ async def catch_up(node, *, patience_s: float, retry_s: float = 1.0) -> GlobalSt
                 state = await download_state(node.server.p2p, donors, expected_hash=state_hash, traffic=node.traffic)
                 logger.info("downloaded the state of round %d from %d donor(s)", round_no, len(donors))
                 return state
-            except (StateError, TransferError) as e:
+            except Exception as e:  # whatever a donor sent, we retry rather than crash
                 logger.warning("state download failed (%s); retrying", e)
         await asyncio.sleep(retry_s)
     return None

@@ -37,6 +37,7 @@ def test_store_checks_who_when_and_which_run():
     run = RunConfig(run_id="r")
     data = PayloadEncoder(run, "peerA").encode(delta(0), round_no=3).data
     store = PayloadStore(run, SHAPES, Traffic())
+    store.decode(data, sender="peerA", round_no=3)  # cached now: the checks must still run
     with pytest.raises(PayloadError, match="sender"):
         store.decode(data, sender="peerB", round_no=3)
     with pytest.raises(PayloadError, match="round"):

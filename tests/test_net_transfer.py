@@ -18,7 +18,7 @@ def test_fetch_found_missing_oversized_and_unreachable(tmp_path):
         str(tmp_path / "c.key"), DHTOptions(initial_peers=tuple(server_node.visible_maddrs()), host_maddrs=local)
     )
     blob = os.urandom(3_000_000)  # above hivemind's 2 MiB unary limit: must stream
-    cache = BlobCache(max_items=2)
+    cache = BlobCache()
     cache.put("d1", blob)
 
     async def serve(request: dict) -> bytes | None:
@@ -47,7 +47,7 @@ def test_fetch_found_missing_oversized_and_unreachable(tmp_path):
 
 
 def test_blob_cache_evicts_oldest():
-    cache = BlobCache(max_items=2)
+    cache = BlobCache(max_bytes=2)
     for name in "abc":
         cache.put(name, name.encode())
-    assert "a" not in cache and cache.get("c") == b"c"
+    assert "a" not in cache and cache.get("c") == b"c" and cache.nbytes == 2

@@ -113,13 +113,13 @@ class SwarmDHT:
             return []
         result = []
         for subkey, item in found.value.items():
-            signer = peer_id_from_owner_marker(subkey)
-            if signer is None:
+            signer = peer_id_from_owner_marker(subkey) if isinstance(subkey, (bytes, str)) else None
+            if signer is None or not hasattr(item, "value"):
                 logger.warning("ignoring unsigned record under %s", key)
                 continue
             try:
                 record = decode_record(cls, item.value)
-            except SchemaError as e:
+            except (SchemaError, TypeError) as e:
                 logger.warning("rejecting record under %s from %s: %s", key, str(signer)[-8:], e)
                 continue
             result.append(Signed(str(signer), record, item.expiration_time))

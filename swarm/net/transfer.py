@@ -23,6 +23,7 @@ logger = get_logger(__name__)
 PROTOCOL = "/swarm/transfer/1"
 MAX_HEADER_BYTES = 64 * 1024
 CHUNK_BYTES = 64 * 1024
+HANDLER_TIMEOUT_S = 600.0
 OK, NOT_FOUND, ERROR = 0, 1, 2
 _LEN = struct.Struct("!I")
 _BODY = struct.Struct("!BQ")
@@ -43,17 +44,22 @@ class Traffic:
 
 
 class BlobCache:
-    """Content-addressed bytes kept for other peers to fetch, oldest evicted first."""
+    """Content-addressed bytes kept for other peers to fetch, oldest evicted first, bounded in bytes."""
 
-    def __init__(self, max_items: int = 256):
+    def __init__(self, max_bytes: int = 256 << 20):
         self._items: OrderedDict[str, bytes] = OrderedDict()
-        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.nbytes = 0
 
     def put(self, digest: str, data: bytes) -> None:
+        if digest in self._items:
+            self.nbytes -= len(self._items[digest])
         self._items[digest] = data
         self._items.move_to_end(digest)
-        while len(self._items) > self.max_items:
-            self._items.popitem(last=False)
+        self.nbytes += len(data)
+        while self.nbytes > self.max_bytes and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            self.nbytes -= len(old)
 
     def get(self, digest: str) -> bytes | None:
         return self._items.get(digest)
@@ -78,18 +84,21 @@ class TransferServer:
 
     async def _handle(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request = await asyncio.wait_for(_read_header(reader), timeout=30)
-            provider = self._providers.get(request.get("kind")) if isinstance(request, dict) else None
-            body = await provider(request) if provider is not None else None
-            status = OK if body is not None else NOT_FOUND
-            await _write_body(writer, status, body or b"")
-            self.traffic.sent += len(body or b"")
+            # A reader that stops reading must not pin a body in memory forever.
+            await asyncio.wait_for(self._answer(reader, writer), timeout=HANDLER_TIMEOUT_S)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
             pass
         except Exception as e:
             logger.warning("transfer request from %s failed: %s", str(info.peer_id)[-8:], e)
         finally:
             writer.close()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await asyncio.wait_for(_read_header(reader), timeout=30)
+        provider = self._providers.get(request.get("kind")) if isinstance(request, dict) else None
+        body = await provider(request) if provider is not None else None
+        await _write_body(writer, OK if body is not None else NOT_FOUND, body or b"")
+        self.traffic.sent += len(body or b"")
 
 
 async def fetch(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from launch.common import add_network_args, dht_options, run_node
 from swarm.coordinator import Coordinator, CoordinatorConfig
-from swarm.net.schema import from_plain
+from swarm.net.schema import from_plain, to_plain
 from swarm.run import OuterConfig, RunConfig
 
 
@@ -52,7 +52,7 @@ def build_run(args: argparse.Namespace) -> RunConfig:
     }
     base.update({k: v for k, v in overrides.items() if v is not None})
     if "outer" not in base or args.mode is not None:  # the outer optimiser follows the mode
-        base["outer"] = OuterConfig.for_mode(base.get("mode", "sparseloco"), args.dense_dtype).__dict__
+        base["outer"] = to_plain(OuterConfig.for_mode(base.get("mode", "sparseloco"), args.dense_dtype))
     return from_plain(RunConfig, base)
 
 

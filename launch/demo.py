@@ -7,15 +7,15 @@ replica holds the same weights) from the peers' metrics files, then stops everyt
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from launch.cluster import LocalCluster
+from swarm.net.schema import to_plain
+from swarm.run import OuterConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_rounds": args.rounds,
     }
     if args.mode == "diloco":
-        run["outer"] = {"codec": "dense-fp32", "outer_lr": 0.7, "momentum": 0.9, "nesterov": True}
+        run["outer"] = to_plain(OuterConfig.for_mode("diloco"))
     threads = max(1, (os.cpu_count() or 2) // (args.peers + 1))
     with LocalCluster(workdir, run, status_port=args.status_port) as cluster:
         print(f"logs and metrics in {workdir}", flush=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 from pathlib import Path
 
+import torch
 from hivemind.utils import get_dht_time
 
 from swarm.exchange import PayloadStore
@@ -27,7 +28,7 @@ from swarm.replica import Replica, initial_state
 from swarm.rounds import RoundAgreement
 from swarm.run import RunConfig
 from swarm.state import GlobalState
-from swarm.statesync import catch_up, serve_state
+from swarm.statesync import catch_up, reload_state, serve_state
 
 logger = get_logger(__name__)
 # The run description is static, so it lives long: joiners and status pages must find it for days
@@ -85,14 +86,16 @@ class Coordinator(SwarmNode):
             on_ready(self)
         self.spawn(self._republish_loop())
         self.spawn(self._role_loop())
-        shapes = {n: tuple(t.shape) for n, t in initial_state(self.run).params.items()}
+        # θ(0) once: its shapes type-check payloads now, and it is the state of a brand-new run.
+        self._initial = await asyncio.to_thread(initial_state, self.run)
+        shapes = {n: tuple(t.shape) for n, t in self._initial.params.items()}
         self.store = PayloadStore(self.run, shapes, self.traffic)
         self.server.register("payload", self.store.serve)
         self.status.phase = "joining"
         state = await self._obtain_state()
         self.agreement = RoundAgreement(self, self.store, state)
         serve_state(self.server, self.agreement)
-        self.evaluator = await asyncio.to_thread(Replica, self.run, shard=0, device=self._cpu()) if self.cfg.evaluate else None
+        self.evaluator = await asyncio.to_thread(Replica, self.run, shard=0, device=torch.device("cpu")) if self.cfg.evaluate else None
         self.log_event("start", f"coordinator of run {self.run.run_id} at round {state.round}")
         await self._round_loop()
 
@@ -108,23 +111,12 @@ class Coordinator(SwarmNode):
         await self.status_service.start()
         self.status_url = self.status_service.url
 
-    @staticmethod
-    def _cpu():
-        import torch
-
-        return torch.device("cpu")
-
     async def _obtain_state(self) -> GlobalState:
         """A restarted coordinator catches up like a joiner (waiting for donors as long as it takes);
         a new run starts from θ(0)."""
         patience = float("inf") if self.resumed else 3.0
         state = await catch_up(self, patience_s=patience)
-        return state if state is not None else await asyncio.to_thread(initial_state, self.run)
-
-    async def _reload_state(self) -> GlobalState:
-        state = await catch_up(self, patience_s=float("inf"))
-        assert state is not None
-        return state
+        return state if state is not None else self._initial
 
     async def _republish_loop(self) -> None:
         while True:
@@ -166,7 +158,7 @@ class Coordinator(SwarmNode):
             if self.evaluator is not None:
                 self.status.loss = await asyncio.to_thread(self.evaluator.evaluate, state)
             await self.publish_heartbeat()
-            manifest, applied = await self.agreement.settle_round(r, self._reload_state)
+            manifest, applied = await self.agreement.settle_round(r, lambda: reload_state(self))
             if applied is None:
                 continue
             rounds += 1

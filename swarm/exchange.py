@@ -35,9 +35,14 @@ def codec_config(run: RunConfig) -> SparseLoCoConfig:
     )
 
 
+def dense_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
+    """Size of the tensors as dense fp32."""
+    return 4 * sum(int(torch.Size(s).numel()) for s in shapes.values())
+
+
 def max_payload_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
     """No honest payload is larger than the dense fp32 tensors plus headroom for the header."""
-    return 4 * sum(int(torch.Size(s).numel()) for s in shapes.values()) + (1 << 20)
+    return dense_bytes(shapes) + (1 << 20)
 
 
 @dataclass
@@ -89,15 +94,11 @@ class PayloadStore:
         self.run = run
         self.shapes = shapes
         self.traffic = traffic
-        self.blobs = BlobCache(max_bytes=max(256 << 20, 8 * self.dense_bytes(shapes)))
+        self.blobs = BlobCache(max_bytes=max(256 << 20, 8 * dense_bytes(shapes)))
         self.max_bytes = max_payload_bytes(shapes)
         self._decoded: dict[str, tuple[PayloadMeta, dict[str, torch.Tensor]]] = {}
         codec = run.outer.codec
         self.codec = (codec, codec_config(run).wire_params() if codec == "sparseloco" else {})
-
-    @staticmethod
-    def dense_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
-        return 4 * sum(int(torch.Size(s).numel()) for s in shapes.values())
 
     async def serve(self, request: dict) -> bytes | None:
         digest = request.get("digest")

@@ -24,9 +24,8 @@ from swarm.net.records import Capacity, Role, Submission, role_key, run_key, sub
 from swarm.node import SwarmNode, fetch_run_description
 from swarm.replica import Replica, initial_state, measure_tokens_per_s
 from swarm.rounds import RoundAgreement
-from swarm.run import RunConfig
 from swarm.state import GlobalState
-from swarm.statesync import catch_up, serve_state
+from swarm.statesync import catch_up, reload_state, serve_state
 from swarm.train.step import resolve_device
 from swarm import __version__
 
@@ -108,13 +107,6 @@ class Peer(SwarmNode):
         logger.warning("no role from the coordinator after %.0fs; training as a replica on shard %d", self.cfg.role_timeout_s, shard)
         return Role(peer_id=self.peer_id, kind="replica", data_shard=shard)
 
-    async def _reload_state(self) -> GlobalState:
-        """After divergence: the agreed state from the swarm, however long it takes (never θ(0))."""
-        self.status.phase = "joining"
-        state = await catch_up(self, patience_s=float("inf"))
-        assert state is not None
-        return state
-
     async def _obtain_state(self) -> GlobalState:
         """The newest agreed state from the swarm; θ(0) only if nobody holds any state."""
         self.status.phase = "joining"
@@ -150,7 +142,7 @@ class Peer(SwarmNode):
                 self.status.tokens_per_s = work.tokens / max(work.compute_s, 1e-9)
                 self.status.steps += self.run.inner_steps
                 await self.publish_heartbeat()
-            manifest, applied = await self.agreement.settle_round(r, self._reload_state)
+            manifest, applied = await self.agreement.settle_round(r, lambda: reload_state(self))
             included = any(e.peer_id == self.peer_id for e in manifest.entries)
             if encoded is not None and not included:
                 self.encoder.excluded()

@@ -206,6 +206,15 @@ def serve_state(server, agreement) -> None:
     server.register("state", chunk)
 
 
+async def reload_state(node) -> GlobalState:
+    """After divergence: the agreed state from the swarm, however long it takes (never θ(0),
+    which would fork the run)."""
+    node.status.phase = "joining"
+    state = await catch_up(node, patience_s=float("inf"))
+    assert state is not None  # catch_up returns None only once its patience has run out
+    return state
+
+
 async def catch_up(node, *, patience_s: float, retry_s: float = 1.0) -> GlobalState | None:
     """Download the newest agreed state from live peers; None if for patience_s nobody holds one.
 

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 from launch.cluster import LocalCluster
+from swarm.net.schema import to_plain
+from swarm.run import OuterConfig
 from models import count_parameters, get_preset
 from swarm.codec.bench import codec_throughput
 from swarm.data import DataConfig
@@ -74,7 +76,7 @@ def _run_config(args: argparse.Namespace, mode: str) -> dict:
         "eval_batches": WHOLE_EVAL_SPLIT,
     }
     if mode == "diloco":
-        run["outer"] = {"codec": "dense-fp32", "outer_lr": 0.7, "momentum": 0.9, "nesterov": True}
+        run["outer"] = to_plain(OuterConfig.for_mode("diloco"))
     return run
 
 

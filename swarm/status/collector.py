@@ -19,7 +19,6 @@ from hivemind.utils import get_dht_time
 from models import count_parameters, get_preset
 from swarm import __version__
 from swarm.log import get_logger
-from swarm.net.dht import Signed
 from swarm.net.records import EventLog, Manifest, Submission, manifest_key, run_key, submit_key
 from swarm.node import SwarmNode
 from swarm.rounds import canonical_manifest

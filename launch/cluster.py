@@ -65,14 +65,21 @@ class LocalCluster:
         self.killed.discard(name)
         log = open(path, "wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(
-            [sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+        proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.procs[name] = proc
         return proc
 
     def start_coordinator(self, extra: list[str] = ()) -> None:
-        args = ["-m", "launch.coordinator", "--state-dir", str(self.workdir / "coordinator"), "--run-file", str(self.run_file), "--host", "127.0.0.1"]
+        args = [
+            "-m",
+            "launch.coordinator",
+            "--state-dir",
+            str(self.workdir / "coordinator"),
+            "--run-file",
+            str(self.run_file),
+            "--host",
+            "127.0.0.1",
+        ]
         if self.status_port is not None:
             args += ["--status-port", str(self.status_port)]
         self._spawn("coordinator", args + list(extra))
@@ -82,10 +89,27 @@ class LocalCluster:
         self.status_url = match.group(1) if match else ""
 
     def add_peer(
-        self, name: str, *, threads: int = 1, max_rounds: int | None = None, extra: list[str] = (), program: list[str] = ("-m", "launch.join")
+        self,
+        name: str,
+        *,
+        threads: int = 1,
+        max_rounds: int | None = None,
+        extra: list[str] = (),
+        program: list[str] = ("-m", "launch.join"),
     ) -> subprocess.Popen:
         """Start a join-swarm peer (or another program taking join-swarm's arguments)."""
-        args = [*program, self.address, "--host", "127.0.0.1", "--name", name, "--threads", str(threads), "--out", str(self.metrics_dir)]
+        args = [
+            *program,
+            self.address,
+            "--host",
+            "127.0.0.1",
+            "--name",
+            name,
+            "--threads",
+            str(threads),
+            "--out",
+            str(self.metrics_dir),
+        ]
         if max_rounds is not None:
             args += ["--max-rounds", str(max_rounds)]
         return self._spawn(name, args + list(extra))

@@ -7,7 +7,7 @@ import asyncio
 import os
 import signal
 import sys
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from swarm.net.dht import DHTOptions
 
@@ -17,11 +17,15 @@ def add_network_args(parser: argparse.ArgumentParser, *, default_host: str = "0.
     net.add_argument("--host", default=default_host, help="IP address to listen on (default %(default)s)")
     net.add_argument("--port", type=int, default=0, help="TCP port to listen on (0 = any free port)")
     net.add_argument(
-        "--announce", action="append", default=[], metavar="MULTIADDR",
+        "--announce",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
         help="public address to announce, e.g. /ip4/203.0.113.5/tcp/31337 (repeatable; for port forwarding/NAT)",
     )
     net.add_argument(
-        "--client-mode", action="store_true",
+        "--client-mode",
+        action="store_true",
         help="behind NAT without port forwarding: make outgoing connections only (reached through relays)",
     )
 

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = build_run(args)
     except (ValueError, OSError) as e:
-        raise SystemExit(f"swarm-coordinator: bad run description: {e}")
+        raise SystemExit(f"swarm-coordinator: bad run description: {e}") from None
     cfg = CoordinatorConfig(
         state_dir=args.state_dir,
         dht=dht_options(args, args.initial_peers),

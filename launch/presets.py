@@ -37,10 +37,7 @@ def preset_row(name: str, cfg: ModelConfig) -> tuple[str, ...]:
 def format_table(rows: list[tuple[str, ...]]) -> str:
     table = [_COLUMNS, *rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(_COLUMNS))]
-    lines = [
-        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
-        for r in table
-    ]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))) for r in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

@@ -35,9 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     coordinator = args.coordinator or coordinator_from_address(args.address[0])
-    options = DHTOptions(
-        initial_peers=tuple(args.address), host_maddrs=(f"/ip4/{args.dht_host}/tcp/0",), client_mode=True
-    )
+    options = DHTOptions(initial_peers=tuple(args.address), host_maddrs=(f"/ip4/{args.dht_host}/tcp/0",), client_mode=True)
     identity = os.path.join(tempfile.mkdtemp(prefix="swarm-status-"), "identity.key")
     node = SwarmNode(identity_path=identity, dht_options=options, name="status")
     service: StatusService | None = None
@@ -47,20 +45,20 @@ def main(argv: list[str] | None = None) -> int:
         try:
             node.start_dht()
         except Exception as e:  # hivemind reports an unreachable swarm in several ways
-            raise SystemExit(f"swarm-status: cannot reach the swarm at {', '.join(args.address)}: {e}")
+            raise SystemExit(f"swarm-status: cannot reach the swarm at {', '.join(args.address)}: {e}") from None
 
     async def go() -> None:
         nonlocal service
         try:
             node.run = await fetch_run_description(node.dht, coordinator, timeout_s=args.timeout)
         except TimeoutError as e:
-            raise SystemExit(f"swarm-status: {e} (is the address right, and the coordinator id?)")
+            raise SystemExit(f"swarm-status: {e} (is the address right, and the coordinator id?)") from None
         collector = CollectorConfig(backfill_rounds=args.backfill_rounds)
         service = StatusService(node, host=args.host, port=args.port, collector=collector)
         try:
             await service.start()
         except OSError as e:
-            raise SystemExit(f"swarm-status: cannot serve on {args.host}:{args.port}: {e}")
+            raise SystemExit(f"swarm-status: cannot serve on {args.host}:{args.port}: {e}") from None
         print(f"run {node.run.run_id}: {node.run.mode}, preset {node.run.preset}", flush=True)
         print(f"status page: {service.url}", flush=True)
         await asyncio.Event().wait()  # serve until Ctrl+C

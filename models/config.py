@@ -44,17 +44,13 @@ class ModelConfig:
         for name in _POSITIVE_INTS + _POSITIVE_FLOATS:
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in _NON_NEGATIVE_FLOATS + ("n_experts", "expert_d_ff"):
+        for name in (*_NON_NEGATIVE_FLOATS, "n_experts", "expert_d_ff"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.d_model % self.n_heads != 0:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
-            )
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.head_dim % 2 != 0:
-            raise ValueError(
-                f"head dim d_model/n_heads = {self.head_dim} must be even: RoPE rotates pairs of channels"
-            )
+            raise ValueError(f"head dim d_model/n_heads = {self.head_dim} must be even: RoPE rotates pairs of channels")
         if self.is_moe and self.top_k > self.n_experts:
             raise ValueError(f"top_k ({self.top_k}) must be <= n_experts ({self.n_experts})")
 

@@ -41,9 +41,7 @@ def generate(
     return tokens
 
 
-def _sample(
-    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
-) -> torch.Tensor:
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> torch.Tensor:
     """One next token per row of ``logits`` (B, V) -> (B, 1) long."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)

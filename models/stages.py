@@ -13,6 +13,7 @@ The presets untie embeddings to avoid this.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -53,10 +54,7 @@ class Stage(nn.Module):
             check_tokens(x, self.cfg)
             x = self.tok_emb(x)  # (B, T, C)
         elif x.dim() != 3 or x.shape[-1] != self.cfg.d_model:
-            raise ValueError(
-                f"stage [{self.start}, {self.end}) expects hidden (B, T, {self.cfg.d_model}), "
-                f"got {tuple(x.shape)}"
-            )
+            raise ValueError(f"stage [{self.start}, {self.end}) expects hidden (B, T, {self.cfg.d_model}), got {tuple(x.shape)}")
         x, balance, z = run_blocks(self.blocks.values(), x, self.rope, self.cfg.n_layers)
         self._aux = (balance, z)
         if self.norm is None:
@@ -87,13 +85,8 @@ def split_stages(model: LanguageModel, boundaries: Sequence[int]) -> list[Stage]
     """
     n = model.cfg.n_layers
     cuts = [int(b) for b in boundaries]
-    if any(b <= a for a, b in zip(cuts, cuts[1:])) or any(not 0 < b < n for b in cuts):
-        raise ValueError(
-            f"boundaries must be strictly increasing layer indices in 1..{n - 1}, got {list(boundaries)}"
-        )
+    if any(b <= a for a, b in itertools.pairwise(cuts)) or any(not 0 < b < n for b in cuts):
+        raise ValueError(f"boundaries must be strictly increasing layer indices in 1..{n - 1}, got {list(boundaries)}")
     edges = [0, *cuts, n]
     last = len(edges) - 2
-    return [
-        Stage(model, edges[i], edges[i + 1], first=i == 0, last=i == last)
-        for i in range(len(edges) - 1)
-    ]
+    return [Stage(model, edges[i], edges[i + 1], first=i == 0, last=i == last) for i in range(len(edges) - 1)]

@@ -138,9 +138,7 @@ class LanguageModel(nn.Module):
             return ModelOutput(logits, None, None, balance, z)
         if targets.shape != tokens.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} != tokens shape {tuple(tokens.shape)}")
-        lm_loss = F.cross_entropy(
-            logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX
-        )
+        lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         loss = lm_loss + self.cfg.balance_loss_coef * balance + self.cfg.z_loss_coef * z
         return ModelOutput(logits, loss, lm_loss, balance, z)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
 
 import torch
@@ -95,7 +95,9 @@ class Coordinator(SwarmNode):
         state = await self._obtain_state()
         self.agreement = RoundAgreement(self, self.store, state)
         serve_state(self.server, self.agreement)
-        self.evaluator = await asyncio.to_thread(Replica, self.run, shard=0, device=torch.device("cpu")) if self.cfg.evaluate else None
+        self.evaluator = (
+            await asyncio.to_thread(Replica, self.run, shard=0, device=torch.device("cpu")) if self.cfg.evaluate else None
+        )
         self.log_event("start", f"coordinator of run {self.run.run_id} at round {state.round}")
         await self._round_loop()
 
@@ -132,8 +134,10 @@ class Coordinator(SwarmNode):
                 if item.record.peer_id != peer or peer in assigned:
                     continue
                 existing = await self.dht.get_from(role_key(self.run.run_id, peer), Role, self.peer_id)
-                role = existing.record if existing else Role(
-                    peer_id=peer, kind="replica", data_shard=self._next_shard(assigned), assigned_at=get_dht_time()
+                role = (
+                    existing.record
+                    if existing
+                    else Role(peer_id=peer, kind="replica", data_shard=self._next_shard(assigned), assigned_at=get_dht_time())
                 )
                 if await self.dht.put(role_key(self.run.run_id, peer), role, ttl_s=24 * 3600):
                     assigned[peer] = role

@@ -22,7 +22,7 @@ from swarm.codec import (
     payload_digest,
 )
 from swarm.log import get_logger
-from swarm.net.transfer import BlobCache, TransferError, Traffic, fetch
+from swarm.net.transfer import BlobCache, Traffic, TransferError, fetch
 from swarm.run import RunConfig
 
 logger = get_logger(__name__)
@@ -113,7 +113,12 @@ class PayloadStore:
         for holder in holders + holders[:1]:  # the first holder gets a second chance (transient stream errors)
             try:
                 data = await fetch(
-                    p2p, holder, {"kind": "payload", "digest": digest}, max_bytes=self.max_bytes, timeout_s=60, traffic=self.traffic
+                    p2p,
+                    holder,
+                    {"kind": "payload", "digest": digest},
+                    max_bytes=self.max_bytes,
+                    timeout_s=60,
+                    traffic=self.traffic,
                 )
             except TransferError as e:
                 errors.append(str(e))
@@ -131,7 +136,9 @@ class PayloadStore:
         """Validate and decode one payload (CPU-bound: call from a worker thread)."""
         digest = payload_digest(data)
         if digest not in self._decoded:
-            self._decoded[digest] = decode_payload(data, expected=self.shapes, max_bytes=self.max_bytes, expected_codec=self.codec)
+            self._decoded[digest] = decode_payload(
+                data, expected=self.shapes, max_bytes=self.max_bytes, expected_codec=self.codec
+            )
         meta, tensors = self._decoded[digest]
         # Checked on every call, cached or not: the same bytes under another name or round are invalid.
         if meta.run_id != self.run.run_id:
@@ -148,4 +155,3 @@ class PayloadStore:
 
     def forget_decoded(self) -> None:
         self._decoded.clear()
-

@@ -17,8 +17,8 @@ from hivemind.utils import get_dht_time
 from swarm import __version__
 from swarm.log import get_logger
 from swarm.net.dht import DHTOptions, Signed, SwarmDHT
-from swarm.net.records import Event, EventLog, Heartbeat, Phase, RUNS_KEY, run_key
-from swarm.net.transfer import TransferServer, Traffic
+from swarm.net.records import RUNS_KEY, Event, EventLog, Heartbeat, Phase, run_key
+from swarm.net.transfer import Traffic, TransferServer
 from swarm.run import RunConfig
 
 logger = get_logger(__name__)

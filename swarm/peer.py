@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from swarm import __version__
 from swarm.exchange import PayloadEncoder, PayloadStore
 from swarm.log import get_logger
 from swarm.net.dht import DHTOptions
@@ -27,7 +28,6 @@ from swarm.rounds import RoundAgreement
 from swarm.state import GlobalState
 from swarm.statesync import catch_up, reload_state, serve_state
 from swarm.train.step import resolve_device
-from swarm import __version__
 
 logger = get_logger(__name__)
 
@@ -104,7 +104,9 @@ class Peer(SwarmNode):
             await asyncio.sleep(0.5)
         # Without a coordinator the swarm still runs: take the default role with a shard from our id.
         shard = int(hashlib.sha256(self.peer_id.encode()).hexdigest(), 16) % self.run.num_shards
-        logger.warning("no role from the coordinator after %.0fs; training as a replica on shard %d", self.cfg.role_timeout_s, shard)
+        logger.warning(
+            "no role from the coordinator after %.0fs; training as a replica on shard %d", self.cfg.role_timeout_s, shard
+        )
         return Role(peer_id=self.peer_id, kind="replica", data_shard=shard)
 
     async def _obtain_state(self) -> GlobalState:

@@ -15,11 +15,10 @@ import asyncio
 import hashlib
 import time
 from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 import torch
-
 from hivemind.utils import get_dht_time
 
 from swarm.codec import PayloadError, mean_of_payloads
@@ -126,8 +125,19 @@ class RoundAgreement:
         beats = [b for b in await self.node.live_peers() if b.peer_id != me]
         beats.append(
             Heartbeat(
-                peer_id=me, name="", role="", device="", phase="idle", round=self.state.round, tokens_per_s=0,
-                loss=None, bytes_sent=0, bytes_received=0, param_hash=self.state.hash, version="", time=0,
+                peer_id=me,
+                name="",
+                role="",
+                device="",
+                phase="idle",
+                round=self.state.round,
+                tokens_per_s=0,
+                loss=None,
+                bytes_sent=0,
+                bytes_received=0,
+                param_hash=self.state.hash,
+                version="",
+                time=0,
                 is_coordinator=self.node.status.is_coordinator,
             )
         )
@@ -139,7 +149,9 @@ class RoundAgreement:
             return False
         # Only nodes free to lead right now: a peer still in its inner steps cannot close a round.
         holders = [
-            b for b in beats if b.round == round_no and b.param_hash == agreed and b.phase in ("exchanging", "idle", "coordinating")
+            b
+            for b in beats
+            if b.round == round_no and b.param_hash == agreed and b.phase in ("exchanging", "idle", "coordinating")
         ]
         return min(holders, key=lambda b: leader_rank(round_no, b)).peer_id == self.node.peer_id
 
@@ -214,7 +226,9 @@ class RoundAgreement:
         for sub in subs.values():
             senders_of[sub.digest] += 1
         results = [
-            ("the same payload was submitted by another peer (copied)", True) if senders_of[s.digest] > 1 and r is None else (r, f)
+            ("the same payload was submitted by another peer (copied)", True)
+            if senders_of[s.digest] > 1 and r is None
+            else (r, f)
             for s, (r, f) in zip(subs.values(), results)
         ]
         entries, rejected = [], []
@@ -227,7 +241,9 @@ class RoundAgreement:
                 self.strikes[sub.peer_id] += 1
             self.node.log_event("reject", f"round {round_no}: payload from {sub.peer_id[-8:]} rejected: {reason}")
             if self.strikes[sub.peer_id] == STRIKES_BEFORE_BAN:
-                self.node.log_event("ban", f"{sub.peer_id[-8:]} sent {STRIKES_BEFORE_BAN} malformed payloads: ignored from now on")
+                self.node.log_event(
+                    "ban", f"{sub.peer_id[-8:]} sent {STRIKES_BEFORE_BAN} malformed payloads: ignored from now on"
+                )
         entries.sort(key=lambda e: e.peer_id)
         return entries, rejected
 
@@ -266,9 +282,7 @@ class RoundAgreement:
             self.store.forget_decoded()
         return len(decoded)
 
-    async def settle_round(
-        self, round_no: int, reload: Callable[[], Awaitable[GlobalState]]
-    ) -> tuple[Manifest, int | None]:
+    async def settle_round(self, round_no: int, reload: Callable[[], Awaitable[GlobalState]]) -> tuple[Manifest, int | None]:
         """Wait for round r's manifest and apply it: (manifest, payloads applied).
 
         A manifest on our state whose payloads cannot be had or decoded is its leader's fault: it is

@@ -97,4 +97,3 @@ def state_hash(params: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor
         for name in sorted(tensors):
             h.update(tensor_digest(prefix + name, tensors[name]))
     return h.hexdigest()[:32]
-

@@ -20,7 +20,7 @@ import torch
 
 from swarm.log import get_logger
 from swarm.net.records import Heartbeat
-from swarm.net.transfer import TransferError, Traffic, fetch
+from swarm.net.transfer import Traffic, TransferError, fetch
 from swarm.state import GlobalState
 
 logger = get_logger(__name__)

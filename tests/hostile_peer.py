@@ -35,11 +35,11 @@ def corrupt(self: exchange.PayloadEncoder, delta: dict[str, torch.Tensor], round
         name = sorted(tensors)[0]
         t = tensors[name]
         if fault == "nan-table":
-            sections = (struct.pack("<4f", *[float("nan")] * 4),) + t.sections[1:]
+            sections = (struct.pack("<4f", *([float("nan")] * 4)), *t.sections[1:])
         elif fault == "huge-table":
-            sections = (struct.pack("<4f", *[1e30] * 4),) + t.sections[1:]
+            sections = (struct.pack("<4f", *([1e30] * 4)), *t.sections[1:])
         elif fault == "bad-index":
-            sections = t.sections[:-1] + (b"\xff" * len(t.sections[-1]),)
+            sections = (*t.sections[:-1], b"\xff" * len(t.sections[-1]))
         else:  # wrong-shape: a tensor of another shape under a real name
             wrong = fresh.compress("x", torch.randn(3, 5))
             sections, t = wrong.sections, wrong

@@ -21,8 +21,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt")  # ../shared beside the checkout
@@ -49,7 +50,11 @@ def _spawn(module: str, args: Sequence[str], log_path: Path) -> subprocess.Popen
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SWARM_LOG_LEVEL": os.environ.get("SWARM_LOG_LEVEL", "INFO")}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", module, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
+            [sys.executable, "-m", module, *args],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
             start_new_session=True,
         )
     proc.log_path = log_path  # type: ignore[attr-defined]
@@ -83,7 +88,9 @@ def wait_for(predicate: Callable[[], T], timeout: float, *, interval: float = 0.
         except Exception as e:  # e.g. the server is not listening yet
             last_error = e
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last_error})" if last_error else ""))
+            raise TimeoutError(
+                f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last_error})" if last_error else "")
+            )
         time.sleep(interval)
 
 
@@ -97,7 +104,9 @@ def start_coordinator(
     args = ["--state-dir", str(folder / "state"), "--run-file", str(folder / "run.json"), "--host", "127.0.0.1", *extra_args]
     proc = _spawn("launch.coordinator", args, folder / "log.txt")
     try:
-        address = wait_for(lambda: _search_log(proc, r"join-swarm (/ip4/127\.0\.0\.1/\S+/p2p/\w+)"), timeout, what="coordinator address")
+        address = wait_for(
+            lambda: _search_log(proc, r"join-swarm (/ip4/127\.0\.0\.1/\S+/p2p/\w+)"), timeout, what="coordinator address"
+        )
     except BaseException:
         reap([proc])
         raise

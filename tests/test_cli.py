@@ -6,8 +6,8 @@ import importlib
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -105,9 +105,7 @@ def test_swarm_train_end_to_end(tmp_path: Path) -> None:
     }
 
 
-def test_swarm_train_resume_keeps_settings_and_extends(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_swarm_train_resume_keeps_settings_and_extends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from launch.train import main
 
     monkeypatch.chdir(tmp_path)
@@ -132,14 +130,10 @@ def test_swarm_train_resume_keeps_settings_and_extends(
     assert meta["step"] == 5
     assert meta["train_config"]["batch_size"] == 2 and meta["train_config"]["optim"]["lr"] == 0.01
     assert meta["train_config"]["optim"]["total_steps"] == 5
-    assert [
-        json.loads(line)["step"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
-    ] == [1, 2, 3, 4, 5]
+    assert [json.loads(line)["step"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
 
 
-def test_non_finite_loss_exits_1_with_one_line(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_non_finite_loss_exits_1_with_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import launch.train
     from swarm.train.step import NonFiniteLossError
 
@@ -147,9 +141,7 @@ def test_non_finite_loss_exits_1_with_one_line(
         raise NonFiniteLossError("non-finite loss at step 7: loss=nan, lm_loss=nan")
 
     monkeypatch.setattr(launch.train, "run_solo", explode)
-    assert (
-        launch.train.main(["--steps", "10", "--device", "cpu", "--data", str(ROOT / "pyproject.toml")]) == 1
-    )
+    assert launch.train.main(["--steps", "10", "--device", "cpu", "--data", str(ROOT / "pyproject.toml")]) == 1
     assert capsys.readouterr().err == "swarm-train: error: non-finite loss at step 7: loss=nan, lm_loss=nan\n"
 
 

@@ -73,7 +73,7 @@ def test_sparse_round_trip(config):
 
 @pytest.mark.parametrize("kind", [DENSE_FP32, DENSE_FP16])
 def test_dense_round_trip(kind):
-    meta, encoded, data = _dense(kind)
+    meta, _encoded, data = _dense(kind)
     decoded_meta, tensors = decode_payload(data, expected=SHAPES)
     assert decoded_meta == meta
     deltas = _deltas()
@@ -241,7 +241,7 @@ def test_header_that_is_not_msgpack():
 
 
 def test_expected_names_shapes_codec_and_budget():
-    meta, _, data = _sparse()
+    _meta, _, data = _sparse()
     with pytest.raises(PayloadError, match="unexpected tensor 'scalar'"):
         decode_payload(data, expected={k: v for k, v in SHAPES.items() if k != "scalar"})
     with pytest.raises(PayloadError, match="has shape"):
@@ -275,7 +275,7 @@ def test_bad_indices_in_a_payload():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e5, -2e4])
 def test_bad_quantisation_tables(bad):
-    meta, encoded, _ = _sparse()
+    _meta, encoded, _ = _sparse()
     sections = list(encoded["embed"].sections)
     sections[0] = table_to_bytes(np.array([0.0, 0.0, 0.0, bad]))
     with pytest.raises(PayloadError, match="quantisation table"):
@@ -353,7 +353,7 @@ def _paths(node: object, path: tuple = ()):
     yield path
     children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
     for key, child in children:
-        yield from _paths(child, path + (key,))
+        yield from _paths(child, (*path, key))
 
 
 def test_fuzzed_header_values_only_raise_payload_error():

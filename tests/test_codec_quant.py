@@ -22,9 +22,9 @@ def _reference(values: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     sigma = np.sqrt(((v - shift) ** 2).mean())
     low, width = shift - 3 * sigma, 6 * sigma / n_bins
     codes = np.array([min(max(int(np.floor((x - low) / width)), 0), n_bins - 1) for x in v])
-    table = np.array(
-        [v[codes == b].mean() if (codes == b).any() else low + (b + 0.5) * width for b in range(n_bins)]
-    ).astype(np.float32)
+    table = np.array([v[codes == b].mean() if (codes == b).any() else low + (b + 0.5) * width for b in range(n_bins)]).astype(
+        np.float32
+    )
     return codes, table
 
 

@@ -53,9 +53,7 @@ def test_shards_disjoint_within_an_epoch(num_shards: int) -> None:
     per_shard = num_windows // num_shards
     seen: list[int] = []
     for shard in range(num_shards):
-        stream = BatchStream(
-            _tokens(num_windows), batch_size=1, seq_len=SEQ, seed=9, shard=shard, num_shards=num_shards
-        )
+        stream = BatchStream(_tokens(num_windows), batch_size=1, seq_len=SEQ, seed=9, shard=shard, num_shards=num_shards)
         ids = [i for _ in range(per_shard) for i in _window_ids(next(stream)[0])]
         assert stream.epoch == 1 and stream.cursor == 0  # exactly one epoch consumed
         seen += ids

@@ -23,7 +23,9 @@ def test_composed_stages_equal_full_model_exactly(name: str, tie: bool) -> None:
     full = model(tokens)
     stages = split_stages(model, [1, 3])
     assert [(s.start, s.end, s.is_first, s.is_last) for s in stages] == [
-        (0, 1, True, False), (1, 3, False, False), (3, 4, False, True)
+        (0, 1, True, False),
+        (1, 3, False, False),
+        (3, 4, False, True),
     ]
     hidden = stages[0](tokens)
     assert hidden.shape == (2, 24, model.cfg.d_model)

@@ -100,7 +100,7 @@ def test_names_untied_and_tied() -> None:
     assert "head.weight" not in names and "head.weight" not in tied.state_dict()
     assert names.count("tok_emb.weight") == 1 and tied.head_weight is tied.tok_emb.weight
     assert list(tied.state_dict()) == names  # no duplicate or extra tensors
-    assert sorted(untied.state_dict()) == sorted(names + ["head.weight"])
+    assert sorted(untied.state_dict()) == sorted([*names, "head.weight"])
 
 
 def test_tied_head_gets_gradient_from_both_uses() -> None:

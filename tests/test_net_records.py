@@ -80,10 +80,21 @@ def test_forged_subkey_is_refused_by_the_dht(nodes):
 
 
 def test_schema_violations_are_rejected(nodes):
-    coordinator, impostor, joiner = nodes
+    coordinator, _impostor, joiner = nodes
     beat = dict(
-        peer_id="x", name="n", role="r", device="cpu", phase="training", round=1, tokens_per_s=1.0, loss=None,
-        bytes_sent=0, bytes_received=0, param_hash="", version="0", time=time.time(),
+        peer_id="x",
+        name="n",
+        role="r",
+        device="cpu",
+        phase="training",
+        round=1,
+        tokens_per_s=1.0,
+        loss=None,
+        bytes_sent=0,
+        bytes_received=0,
+        param_hash="",
+        version="0",
+        time=time.time(),
     )
     assert decode_record(Heartbeat, encode_record(Heartbeat(**beat))) == Heartbeat(**beat)
     bad = [
@@ -100,15 +111,23 @@ def test_schema_violations_are_rejected(nodes):
         decode_record(Heartbeat, b"\xc1garbage")
     with pytest.raises(SchemaError):
         decode_record(Heartbeat, b"x" * 300_000)
-    unsorted = {"round": 0, "leader": "a", "base_hash": "h", "rejected": [], "closed_at": 0.0,
-                "entries": [{"peer_id": "b", "digest": "d", "size": 1}, {"peer_id": "a", "digest": "d", "size": 1}]}
+    unsorted = {
+        "round": 0,
+        "leader": "a",
+        "base_hash": "h",
+        "rejected": [],
+        "closed_at": 0.0,
+        "entries": [{"peer_id": "b", "digest": "d", "size": 1}, {"peer_id": "a", "digest": "d", "size": 1}],
+    }
     with pytest.raises(SchemaError, match="sorted"):
         decode_record(Manifest, msgpack.packb({"v": 1, "body": unsorted}))
 
     async def go():
         # A record that fails its schema is dropped (and logged) by the reader.
         coordinator.dht.store(
-            "swarm/t/heartbeat", msgpack.packb({"v": 1, "body": {"junk": 1}}), get_dht_time() + 60,
+            "swarm/t/heartbeat",
+            msgpack.packb({"v": 1, "body": {"junk": 1}}),
+            get_dht_time() + 60,
             subkey=coordinator.identity.owner_marker,
         )
         assert await joiner.get_all("swarm/t/heartbeat", Heartbeat) == []

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from swarm.net.dht import DHTOptions, SwarmDHT
-from swarm.net.transfer import BlobCache, TransferError, TransferServer, Traffic, fetch
+from swarm.net.transfer import BlobCache, Traffic, TransferError, TransferServer, fetch
 
 
 def test_fetch_found_missing_oversized_and_unreachable(tmp_path):
@@ -30,7 +30,9 @@ def test_fetch_found_missing_oversized_and_unreachable(tmp_path):
         server.register("payload", serve)
         await server.start()
         p2p = await client_node.dht.replicate_p2p()
-        got = await fetch(p2p, server_node.peer_id, {"kind": "payload", "digest": "d1"}, max_bytes=10**7, timeout_s=30, traffic=client_traffic)
+        got = await fetch(
+            p2p, server_node.peer_id, {"kind": "payload", "digest": "d1"}, max_bytes=10**7, timeout_s=30, traffic=client_traffic
+        )
         assert got == blob and client_traffic.received == len(blob) and server_traffic.sent == len(blob)
         assert await fetch(p2p, server_node.peer_id, {"kind": "payload", "digest": "nope"}, max_bytes=10**7, timeout_s=30) is None
         assert await fetch(p2p, server_node.peer_id, {"kind": "unknown"}, max_bytes=10**7, timeout_s=30) is None

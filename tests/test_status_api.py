@@ -8,11 +8,19 @@ import urllib.error
 import urllib.request
 
 import pytest
+from swarm_fixtures import (
+    NANO_RUN,
+    get_json,
+    kill_hard,
+    log_text,
+    reap,
+    start_coordinator,
+    start_peer,
+    start_status,
+    wait_for,
+)
 
 from models import count_parameters, get_preset
-from swarm_fixtures import (
-    NANO_RUN, get_json, kill_hard, log_text, reap, start_coordinator, start_peer, start_status, wait_for,
-)
 
 pytestmark = pytest.mark.slow
 PARAMS = count_parameters(get_preset("nano"))

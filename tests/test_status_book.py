@@ -9,18 +9,36 @@ import pytest
 
 from swarm.net.dht import Signed
 from swarm.net.records import Event, Heartbeat, Manifest, ManifestEntry, Rejection, Submission
-from swarm.status.book import (
-    BookConfig, EventMerger, PeerBook, PeerCounts, RoundHistory, clean_number, clean_text, round_row,
-)
 from swarm.rounds import canonical_manifest
+from swarm.status.book import (
+    BookConfig,
+    EventMerger,
+    PeerBook,
+    PeerCounts,
+    RoundHistory,
+    clean_number,
+    clean_text,
+    round_row,
+)
 
 TTL = 4.0
 
 
 def beat(peer: str, t: float, *, phase: str = "training", name: str = "p", loss: float | None = 1.0, rnd: int = 3) -> Heartbeat:
     return Heartbeat(
-        peer_id=peer, name=name, role="replica shard 0", device="cpu", phase=phase, round=rnd, tokens_per_s=10.0,
-        loss=loss, bytes_sent=1, bytes_received=2, param_hash="h", version="0.1.0", time=t,
+        peer_id=peer,
+        name=name,
+        role="replica shard 0",
+        device="cpu",
+        phase=phase,
+        round=rnd,
+        tokens_per_s=10.0,
+        loss=loss,
+        bytes_sent=1,
+        bytes_received=2,
+        param_hash="h",
+        version="0.1.0",
+        time=t,
     )
 
 
@@ -96,8 +114,13 @@ def test_clean_helpers():
 
 def manifest(rnd: int, leader: str, entries: list[tuple[str, int]], rejected=(), eval_loss=None) -> Manifest:
     return Manifest(
-        round=rnd, leader=leader, base_hash="h", entries=[ManifestEntry(p, "d" + p, size) for p, size in entries],
-        rejected=[Rejection(p, why) for p, why in rejected], closed_at=50.0, eval_loss=eval_loss,
+        round=rnd,
+        leader=leader,
+        base_hash="h",
+        entries=[ManifestEntry(p, "d" + p, size) for p, size in entries],
+        rejected=[Rejection(p, why) for p, why in rejected],
+        closed_at=50.0,
+        eval_loss=eval_loss,
     )
 
 
@@ -142,7 +165,9 @@ def test_events_merge_dedup_and_order():
 def test_long_rejection_reason_from_log_and_manifest_is_one_event():
     m = EventMerger(max_events=10)
     reason = "payload not delivered: " + "z" * 400
-    m.add("L", [Event(49.5, "reject", f"round 8: payload from XXXXXXXX rejected: {reason}"[:300])], now=100.0)  # as node.log_event cuts it
+    m.add(
+        "L", [Event(49.5, "reject", f"round 8: payload from XXXXXXXX rejected: {reason}"[:300])], now=100.0
+    )  # as node.log_event cuts it
     m.add_rejections(manifest(8, "L", [], rejected=[("PEERXXXXXXXX", reason)]), now=100.0)
     assert len(m.to_json({})) == 1
 

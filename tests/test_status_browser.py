@@ -12,7 +12,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from swarm_fixtures import NANO_RUN, REPO, get_json, kill_hard, reap, start_coordinator, start_peer, start_status, wait_for
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
@@ -27,8 +26,14 @@ pytestmark = [
     pytest.mark.skipif(sync_playwright is None, reason="the playwright Python package is not installed"),
 ]
 HOSTILE = "<img src=x onerror=window.__pwned=1><script>window.__pwned=2</script>"
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 TTL = NANO_RUN["heartbeat_ttl_s"]
 POLL_LATENCY_S = 1.0 + 1.5 + 2.5  # last beat up to 1 s before the kill + page poll + slack for a loaded 2-core machine
 ARTIFACTS = REPO / "test-artifacts"
@@ -57,8 +62,11 @@ def browser(swarm, tmp_path_factory):
     problems: list[str] = []
     with sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True,
-            args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1000},
+            str(tmp_path_factory.mktemp("chromium-profile")),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1400, "height": 1000},
         )
         context.on("request", lambda r: requests.append(r.url))
         p = context.new_page()
@@ -83,9 +91,10 @@ def test_a_row_per_live_peer_and_the_round_advances(swarm, browser):
     ids = peer_ids(swarm["url"])
     assert {"coordinator", "alice", HOSTILE} <= set(ids)
     for name, peer_id in ids.items():
-        wait_for(lambda: row(page, peer_id).get_attribute("data-state") == "live", 20, what=f"a live row for {name}")
-    first = wait_for(lambda: page.text_content("#round").strip().isdigit() and int(page.text_content("#round")), 30,
-                     what="a round number")
+        wait_for(lambda pid=peer_id: row(page, pid).get_attribute("data-state") == "live", 20, what=f"a live row for {name}")
+    first = wait_for(
+        lambda: page.text_content("#round").strip().isdigit() and int(page.text_content("#round")), 30, what="a round number"
+    )
     wait_for(lambda: int(page.text_content("#round")) >= first + 2, 60, what="the round counter to advance")
     wait_for(lambda: page.locator("#plot-loss svg polyline").count() >= 2, 30, what="the loss plot")
     assert page.locator("#plot-bytes svg polyline").count() == 2 and page.locator("#plot-peers svg").count() == 1
@@ -100,8 +109,11 @@ def test_hostile_peer_name_shows_literally_and_runs_nothing(swarm, browser):
     peer_id = peer_ids(swarm["url"])[HOSTILE]
     wait_for(lambda: row(page, peer_id).count() == 1, 20, what="the hostile peer's row")
     assert row(page, peer_id).locator(".name").text_content() == HOSTILE
-    wait_for(lambda: any(HOSTILE in t for t in page.locator("#events .text").all_text_contents()), 20,
-             what="the hostile name in the event log")
+    wait_for(
+        lambda: any(HOSTILE in t for t in page.locator("#events .text").all_text_contents()),
+        20,
+        what="the hostile name in the event log",
+    )
     page.wait_for_timeout(2000)  # a few redraws with the hostile text in place
     assert page.evaluate("window.__pwned") is None
     assert page.locator("img").count() == 0 and page.locator("body script").count() == 0
@@ -118,12 +130,16 @@ def test_killed_peer_is_marked_stale_within_its_heartbeat_timeout(swarm, browser
     kill_hard(swarm["peers"]["alice"])
     killed = time.monotonic()
     try:
-        wait_for(lambda: row(page, peer_id).get_attribute("data-state", timeout=1000) == "stale", TTL + POLL_LATENCY_S,
-                 interval=0.1, what="alice marked stale")
+        wait_for(
+            lambda: row(page, peer_id).get_attribute("data-state", timeout=1000) == "stale",
+            TTL + POLL_LATENCY_S,
+            interval=0.1,
+            what="alice marked stale",
+        )
     except TimeoutError:
         api_row = next((p for p in get_json(swarm["url"] + "api/peers") if p["peer_id"] == peer_id), None)
         page_says = (row(page, peer_id).get_attribute("data-state", timeout=1000), page.text_content("#conn-text"))
-        raise AssertionError(f"not stale after {time.monotonic() - killed:.1f}s: API {api_row}, page {page_says}")
+        raise AssertionError(f"not stale after {time.monotonic() - killed:.1f}s: API {api_row}, page {page_says}") from None
     elapsed = time.monotonic() - killed
     assert elapsed <= TTL + POLL_LATENCY_S
     assert float(row(page, peer_id).locator(".age").text_content().split()[0]) > TTL

@@ -8,13 +8,29 @@ from hivemind.utils import get_dht_time
 
 from swarm.net.dht import Signed
 from swarm.net.records import (
-    Event, EventLog, Heartbeat, Manifest, ManifestEntry, Submission, manifest_key, run_key, submit_key,
+    Event,
+    EventLog,
+    Heartbeat,
+    Manifest,
+    ManifestEntry,
+    Submission,
+    manifest_key,
+    run_key,
+    submit_key,
 )
 from swarm.run import RunConfig
 from swarm.status.collector import CollectorConfig, StatusCollector
 
-RUN = RunConfig(run_id="run-t", preset="nano", inner_steps=5, batch_size=4, seq_len=64, heartbeat_interval_s=1.0,
-                heartbeat_ttl_s=4.0, coordinator="COORD")
+RUN = RunConfig(
+    run_id="run-t",
+    preset="nano",
+    inner_steps=5,
+    batch_size=4,
+    seq_len=64,
+    heartbeat_interval_s=1.0,
+    heartbeat_ttl_s=4.0,
+    coordinator="COORD",
+)
 
 
 class FakeDHT:
@@ -39,9 +55,22 @@ class FakeNode:
 
 
 def beat(peer: str, rnd: int) -> Heartbeat:
-    return Heartbeat(peer_id=peer, name=peer.lower(), role="replica", device="cpu", phase="training", round=rnd,
-                     tokens_per_s=1.0, loss=2.0, bytes_sent=0, bytes_received=0, param_hash="h", version="0.1.0",
-                     time=get_dht_time(), is_coordinator=peer == "COORD")
+    return Heartbeat(
+        peer_id=peer,
+        name=peer.lower(),
+        role="replica",
+        device="cpu",
+        phase="training",
+        round=rnd,
+        tokens_per_s=1.0,
+        loss=2.0,
+        bytes_sent=0,
+        bytes_received=0,
+        param_hash="h",
+        version="0.1.0",
+        time=get_dht_time(),
+        is_coordinator=peer == "COORD",
+    )
 
 
 def close_round(dht: FakeDHT, rnd: int, peers=("A", "B")) -> None:

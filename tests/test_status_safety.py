@@ -24,8 +24,17 @@ SNAPSHOT = {
     "history": {"rounds": [], "peers_over_time": []},
     "events": [{"text": HOSTILE}],
 }
-ROUTES = ["/", "/static/app.js", "/static/style.css", "/api", "/api/all", "/api/summary", "/api/peers",
-          "/api/history", "/api/events"]
+ROUTES = [
+    "/",
+    "/static/app.js",
+    "/static/style.css",
+    "/api",
+    "/api/all",
+    "/api/summary",
+    "/api/peers",
+    "/api/history",
+    "/api/events",
+]
 
 
 async def _request(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -75,25 +84,29 @@ def test_every_route_answers_get_with_security_headers():
 def test_write_methods_are_refused_with_405(method: str):
     body = b'{"x": 1}'
     raw = f"{method} /api/peers HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
-    (status, headers, _), = serve_and([raw])[0]
+    ((status, headers, _),) = serve_and([raw])[0]
     assert status == 405 and headers["allow"] == "GET, HEAD"
 
 
 def test_head_sends_headers_only():
-    (status, headers, body), = serve_and([get("/api/all", "HEAD")])[0]
+    ((status, headers, body),) = serve_and([get("/api/all", "HEAD")])[0]
     assert status == 200 and body == b"" and int(headers["content-length"]) > 0
 
 
 def test_bad_requests_are_rejected():
-    responses, _ = serve_and([
-        get("/nope"), get("/../../etc/passwd"), b"GARBAGE\r\n\r\n",
-        b"GET / HTTP/1.1\r\nX: " + b"a" * 40_000 + b"\r\n\r\n",
-    ])
+    responses, _ = serve_and(
+        [
+            get("/nope"),
+            get("/../../etc/passwd"),
+            b"GARBAGE\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX: " + b"a" * 40_000 + b"\r\n\r\n",
+        ]
+    )
     assert [r[0] for r in responses] == [404, 404, 400, 431]
 
 
 def test_nonfinite_numbers_become_null_json():
-    (_, _, body), = serve_and([get("/api/all")])[0]
+    ((_, _, body),) = serve_and([get("/api/all")])[0]
     data = json.loads(body)  # strict JSON: no NaN/Infinity tokens
     assert data["summary"]["eval_loss"] is None and data["peers"][0]["loss"] is None
     assert data["peers"][0]["name"] == HOSTILE  # data stays verbatim; the page escapes it
@@ -113,8 +126,17 @@ def static(name: str) -> str:
 
 def test_page_code_never_parses_markup():
     app = static("app.js")
-    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function",
-                 "setAttribute(\"on", "http://", "https://"):
+    for sink in (
+        "innerHTML",
+        "outerHTML",
+        "insertAdjacentHTML",
+        "document.write",
+        "eval(",
+        "new Function",
+        'setAttribute("on',
+        "http://",
+        "https://",
+    ):
         if sink == "http://":
             app = app.replace('"http://www.w3.org/2000/svg"', "")  # the SVG namespace is a name, not a URL to load
         assert sink not in app, f"app.js uses {sink}"

@@ -97,7 +97,9 @@ def test_rounds_join_and_kill(tmp_path):
         cluster.add_peer("late")
         tried = wait_for(lambda: cluster.first_contribution("late"), 180, "the late joiner's first payload", cluster)
         # Its first round may already be closing when it arrives; the next one must include it.
-        counted = wait_for(lambda: cluster.first_contribution("late", included=True), 120, "an applied payload from the joiner", cluster)
+        counted = wait_for(
+            lambda: cluster.first_contribution("late", included=True), 120, "an applied payload from the joiner", cluster
+        )
         assert counted <= tried + 1
         wait_for(lambda: cluster.rounds_completed(4) > counted, 120, "every peer finishing that round", cluster)
         assert all(row["applied"] == 4 for row in cluster.metrics_by_round()[counted])
@@ -150,7 +152,11 @@ def test_hostile_peers_are_rejected(tmp_path):
         log = cluster.log("coordinator")
         reasons = re.findall(r"rejected: malformed payload: (.*)", log)
         assert len(set(reasons)) >= 3, reasons
-        assert all("liar" not in line and cluster.peer_id("liar")[-8:] in line for line in log.splitlines() if "rejected: malformed" in line)
+        assert all(
+            "liar" not in line and cluster.peer_id("liar")[-8:] in line
+            for line in log.splitlines()
+            if "rejected: malformed" in line
+        )
 
         wait_for(lambda: "reloading state" in cluster.log("drifter"), 180, "the drifter to notice and reload", cluster)
         reload_round = max(cluster.metrics_by_round())

@@ -29,9 +29,7 @@ CFG = OptimConfig(lr=1e-2, warmup_steps=2, total_steps=8)
 TOKENS = np.frombuffer(b"to be or not to be, that is the question. " * 30, dtype=np.uint8).astype(np.uint16)
 
 
-def _fresh(
-    preset: str = "nano", seed: int = 0, **overrides: int
-) -> tuple[LanguageModel, Trainer, BatchStream]:
+def _fresh(preset: str = "nano", seed: int = 0, **overrides: int) -> tuple[LanguageModel, Trainer, BatchStream]:
     model = build_model(get_preset(preset, **{**SMALL, **overrides}), seed=seed)
     trainer = Trainer(model, build_optimizer(model, CFG), CFG, device=torch.device("cpu"))
     return model, trainer, BatchStream(TOKENS, batch_size=4, seq_len=16, seed=1)
@@ -75,7 +73,7 @@ def test_half_plus_half_equals_full_run(tmp_path: Path) -> None:
     model, trainer, stream = _fresh()
     full = [trainer.train_step(*next(stream)).loss for _ in range(8)]
 
-    first_model, first, first_stream = _fresh()
+    _first_model, first, first_stream = _fresh()
     halves = [first.train_step(*next(first_stream)).loss for _ in range(4)]
     _save(tmp_path / "ck", first, first_stream)
     torch.manual_seed(1234)  # disturb the global RNG: the checkpoint must restore it

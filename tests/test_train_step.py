@@ -19,9 +19,7 @@ def _setup(lr: float = 1e-2) -> tuple[LanguageModel, Trainer, BatchStream]:
     model = build_model(get_preset("nano", **SMALL), seed=0)
     cfg = OptimConfig(lr=lr, warmup_steps=2, total_steps=10)
     trainer = Trainer(model, build_optimizer(model, cfg), cfg, device=CPU)
-    tokens = np.frombuffer(b"the quick brown fox jumps over the lazy dog. " * 40, dtype=np.uint8).astype(
-        np.uint16
-    )
+    tokens = np.frombuffer(b"the quick brown fox jumps over the lazy dog. " * 40, dtype=np.uint8).astype(np.uint16)
     return model, trainer, BatchStream(tokens, batch_size=4, seq_len=16, seed=0)
 
 
@@ -50,9 +48,7 @@ def test_nan_loss_raises_before_any_update() -> None:
     state_before = {k: v["exp_avg"].clone() for k, v in trainer.optimizer.state.items()}
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 2: loss=nan"):
         trainer.train_step(*next(stream))
-    assert all(
-        torch.equal(a, b) or (a.isnan() == b.isnan()).all() for a, b in zip(before, model.parameters())
-    )
+    assert all(torch.equal(a, b) or (a.isnan() == b.isnan()).all() for a, b in zip(before, model.parameters()))
     assert all(torch.equal(state_before[k], v["exp_avg"]) for k, v in trainer.optimizer.state.items())
     assert trainer.step == 1
 

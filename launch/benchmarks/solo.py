@@ -80,9 +80,7 @@ def measure_speed(preset: str, data: DataConfig, device: str, steps: int) -> Spe
     )
     result = run_solo(cfg)
     model_cfg = get_preset(preset)
-    return SpeedRow(
-        preset, count_parameters(model_cfg), count_active_parameters(model_cfg), result.tokens_per_s_median
-    )
+    return SpeedRow(preset, count_parameters(model_cfg), count_active_parameters(model_cfg), result.tokens_per_s_median)
 
 
 def measure_loss(data: DataConfig, device: str, tokens: int) -> LossRow:

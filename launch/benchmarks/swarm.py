@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 from launch.cluster import LocalCluster
-from swarm.net.schema import to_plain
-from swarm.run import OuterConfig
 from models import count_parameters, get_preset
 from swarm.codec.bench import codec_throughput
 from swarm.data import DataConfig
+from swarm.net.schema import to_plain
+from swarm.run import OuterConfig
 from swarm.train.optim import OptimConfig
 from swarm.train.solo import TrainConfig, run_solo
 
@@ -47,14 +47,19 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="swarm-bench-"))
     params = count_parameters(get_preset(args.preset))
     tokens = args.replicas * args.batch_size * args.seq_len * args.inner_steps * args.rounds
-    print(f"{args.preset} ({params:,} params), {args.replicas} replicas x H={args.inner_steps} x {args.rounds} rounds, "
-          f"{tokens:,} tokens each; logs in {workdir}", flush=True)
+    print(
+        f"{args.preset} ({params:,} params), {args.replicas} replicas x H={args.inner_steps} x {args.rounds} rounds, "
+        f"{tokens:,} tokens each; logs in {workdir}",
+        flush=True,
+    )
     results = {mode: _swarm(args, workdir / mode, mode) for mode in ("sparseloco", "diloco")}
     solo = _solo(args)
     _print_table(args, params, results, solo)
     codec = codec_throughput(num_params=10_000_000, repeats=5, num_threads=1)
-    print(f"\ncodec (10M params, 1 thread): encode {codec['encode_mb_s']:.0f} MB/s, decode {codec['decode_mb_s']:.0f} MB/s, "
-          f"{codec['bits_per_param']:.4f} bit/param = {codec['ratio_vs_fp32']:.1f}x less than fp32")
+    print(
+        f"\ncodec (10M params, 1 thread): encode {codec['encode_mb_s']:.0f} MB/s, decode {codec['decode_mb_s']:.0f} MB/s, "
+        f"{codec['bits_per_param']:.4f} bit/param = {codec['ratio_vs_fp32']:.1f}x less than fp32"
+    )
     return 0
 
 
@@ -138,16 +143,21 @@ def _print_table(args, params: int, results: dict, solo: dict) -> None:
     print()
     print(f"{'':<28} {'SparseLoCo':>12} {'DiLoCo fp32':>12} {'solo':>10}")
     print(f"{'payload bytes / round':<28} {sparse['payload_bytes']:>12,.0f} {dense['payload_bytes']:>12,.0f} {'-':>10}")
-    print(f"{'bytes / round / parameter':<28} {sparse['payload_bytes'] / params:>12.4f} {dense['payload_bytes'] / params:>12.4f} {'-':>10}")
+    print(
+        f"{'bytes / round / parameter':<28} {sparse['payload_bytes'] / params:>12.4f} {dense['payload_bytes'] / params:>12.4f} {'-':>10}"
+    )
     print(f"{'eval loss (nats/byte)':<28} {_f(sparse['eval_loss']):>12} {_f(dense['eval_loss']):>12} {_f(solo['eval_loss']):>10}")
     print(f"{'time in inner steps':<28} {sparse['compute_fraction']:>11.1%} {dense['compute_fraction']:>11.1%} {'100%':>10}")
-    print(f"{'replicas identical':<28} {str(sparse['identical']):>12} {str(dense['identical']):>12} {'-':>10}")
+    print(f"{'replicas identical':<28} {sparse['identical']!s:>12} {dense['identical']!s:>12} {'-':>10}")
     print(f"{'wall time (s)':<28} {sparse['wall_s']:>12.0f} {dense['wall_s']:>12.0f} {solo['wall_s']:>10.0f}")
-    print(f"\nwire ratio DiLoCo fp32 / SparseLoCo: {dense['payload_bytes'] / sparse['payload_bytes']:.1f}x "
-          f"(anchor 146x, goal 200x)")
+    print(
+        f"\nwire ratio DiLoCo fp32 / SparseLoCo: {dense['payload_bytes'] / sparse['payload_bytes']:.1f}x (anchor 146x, goal 200x)"
+    )
     if sparse["eval_loss"] and dense["eval_loss"] and solo["eval_loss"]:
-        print(f"eval loss SparseLoCo / DiLoCo: {sparse['eval_loss'] / dense['eval_loss']:.3f}, "
-              f"SparseLoCo / solo: {sparse['eval_loss'] / solo['eval_loss']:.3f}")
+        print(
+            f"eval loss SparseLoCo / DiLoCo: {sparse['eval_loss'] / dense['eval_loss']:.3f}, "
+            f"SparseLoCo / solo: {sparse['eval_loss'] / solo['eval_loss']:.3f}"
+        )
 
 
 def _f(x: float | None) -> str:

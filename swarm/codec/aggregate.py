@@ -9,14 +9,12 @@ so every peer gets bit-identical results.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
 
-def mean_of_payloads(
-    decoded: Sequence[Mapping[str, torch.Tensor]], names: Iterable[str]
-) -> dict[str, torch.Tensor]:
+def mean_of_payloads(decoded: Sequence[Mapping[str, torch.Tensor]], names: Iterable[str]) -> dict[str, torch.Tensor]:
     """Mean over payloads of each named tensor; every payload must carry every name."""
     if not decoded:
         raise ValueError("cannot average zero payloads")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Union
 
 # Codec kinds as they appear on the wire (header key "codec").
 SPARSELOCO = "sparseloco"
@@ -15,7 +15,7 @@ CODEC_KINDS = (SPARSELOCO, DENSE_FP32, DENSE_FP16)
 # differences of weights after H inner steps, orders of magnitude below this.
 MAX_ABS_VALUE = 1e4
 
-ParamValue = Union[int, str]
+ParamValue = int | str
 
 
 class PayloadError(ValueError):

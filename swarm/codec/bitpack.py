@@ -49,9 +49,7 @@ def pack_fields(values: np.ndarray, widths: np.ndarray | int) -> bytes:
     return np.packbits(bits).tobytes()
 
 
-def unpack_fields(
-    data: bytes | memoryview, widths: np.ndarray | int, count: int, what: str
-) -> np.ndarray:
+def unpack_fields(data: bytes | memoryview, widths: np.ndarray | int, count: int, what: str) -> np.ndarray:
     """Inverse of `pack_fields`: `count` fields as int64. Raises PayloadError on bad length."""
     if np.isscalar(widths) or np.ndim(widths) == 0:
         width = int(widths)

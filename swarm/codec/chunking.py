@@ -40,9 +40,7 @@ class ChunkLayout:
     block_cols: int
 
     @staticmethod
-    def for_shape(
-        shape: tuple[int, ...], chunk_rows: int, chunk_cols: int, chunk_1d: int
-    ) -> "ChunkLayout":
+    def for_shape(shape: tuple[int, ...], chunk_rows: int, chunk_cols: int, chunk_1d: int) -> ChunkLayout:
         if len(shape) == 2:
             return ChunkLayout(tuple(shape), shape[0], shape[1], chunk_rows, chunk_cols)
         return ChunkLayout(tuple(shape), 1, numel_of(shape), 1, chunk_1d)
@@ -93,12 +91,7 @@ class ChunkLayout:
             return []
         row_groups = [(self.rows // self.block_rows, self.block_rows), (1, self.rows % self.block_rows)]
         col_groups = [(self.cols // self.block_cols, self.block_cols), (1, self.cols % self.block_cols)]
-        return [
-            (rc * cc, rn * cn)
-            for rc, rn in row_groups
-            for cc, cn in col_groups
-            if rc * cc > 0 and rn * cn > 0
-        ]
+        return [(rc * cc, rn * cn) for rc, rn in row_groups for cc, cn in col_groups if rc * cc > 0 and rn * cn > 0]
 
     def magnitudes(self, x: torch.Tensor) -> torch.Tensor:
         """|x| as (num_chunks, capacity) rows; edge-block padding is -1 so top-k never picks it."""

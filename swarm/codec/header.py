@@ -5,9 +5,10 @@ Everything here that parses network input raises PayloadError; see docs/wire-for
 
 from __future__ import annotations
 
+import itertools
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from swarm.codec.base import CODEC_KINDS, SPARSELOCO, ParamValue, PayloadError
 from swarm.codec.dense import dense_section_nbytes
@@ -61,11 +62,11 @@ class PayloadMeta:
         codec_config(self.codec, self.params)
 
     @classmethod
-    def for_sparseloco(cls, config: SparseLoCoConfig, *, run_id: str, round: int, sender: str) -> "PayloadMeta":
+    def for_sparseloco(cls, config: SparseLoCoConfig, *, run_id: str, round: int, sender: str) -> PayloadMeta:
         return cls(run_id, round, sender, SPARSELOCO, config.wire_params())
 
     @classmethod
-    def for_dense(cls, kind: str, *, run_id: str, round: int, sender: str) -> "PayloadMeta":
+    def for_dense(cls, kind: str, *, run_id: str, round: int, sender: str) -> PayloadMeta:
         return cls(run_id, round, sender, kind, {})
 
 
@@ -142,6 +143,6 @@ def parse_header(obj: object) -> tuple[PayloadMeta, list[TensorEntry]]:
     except (TypeError, ValueError) as exc:
         raise PayloadError(f"bad header: {exc}") from None
     names = [e.name for e in entries]
-    if any(a >= b for a, b in zip(names, names[1:])):
+    if any(a >= b for a, b in itertools.pairwise(names)):
         raise PayloadError("tensor names must be unique and in ascending order")
     return meta, entries

@@ -10,7 +10,7 @@ actually received.
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import msgpack
 import torch
@@ -72,9 +72,7 @@ def encode_payload(meta: PayloadMeta, tensors: Mapping[str, EncodedTensor]) -> b
     return b"".join([PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)), header, *body])
 
 
-def payload_size(
-    meta_or_config: PayloadMeta | SparseLoCoConfig | str, shapes: Mapping[str, Sequence[int]]
-) -> int:
+def payload_size(meta_or_config: PayloadMeta | SparseLoCoConfig | str, shapes: Mapping[str, Sequence[int]]) -> int:
     """Bytes of a payload carrying `shapes`.
 
     With a PayloadMeta: the exact total (prefix + header + sections). With a SparseLoCoConfig

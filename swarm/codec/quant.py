@@ -17,6 +17,7 @@ Codes are a b-bit MSB-first stream (for b = 2: four codes per byte, the first in
 from __future__ import annotations
 
 import numpy as np
+
 from swarm.codec.base import MAX_ABS_VALUE, PayloadError
 from swarm.codec.bitpack import nbytes_for_bits, pack_fields, unpack_fields
 
@@ -75,9 +76,7 @@ def table_to_bytes(table: np.ndarray) -> bytes:
     return np.asarray(table, dtype="<f4").tobytes()
 
 
-def table_from_bytes(
-    data: bytes | memoryview, value_bits: int, max_abs: float = MAX_ABS_VALUE
-) -> np.ndarray:
+def table_from_bytes(data: bytes | memoryview, value_bits: int, max_abs: float = MAX_ABS_VALUE) -> np.ndarray:
     """Parse and check the bin-mean table: finite and within +-max_abs."""
     if len(data) != table_nbytes(value_bits):
         raise PayloadError(f"quantisation table: {len(data)} bytes, expected {table_nbytes(value_bits)}")

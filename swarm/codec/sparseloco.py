@@ -11,13 +11,13 @@ per chunk), then the index sections of the configured index coding (indexcode.py
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
-from typing import Iterator, Mapping
 
 import numpy as np
 import torch
 
-from swarm.codec.base import MAX_ABS_VALUE, SPARSELOCO, EncodedTensor, PayloadError, ParamValue, numel_of
+from swarm.codec.base import MAX_ABS_VALUE, SPARSELOCO, EncodedTensor, ParamValue, PayloadError, numel_of
 from swarm.codec.chunking import ChunkLayout, chunk_topk
 from swarm.codec.indexcode import ELIAS_FANO, INDEX_CODINGS, decode_indices, encode_indices, section_nbytes
 from swarm.codec.quant import (
@@ -79,7 +79,7 @@ class SparseLoCoConfig:
         return {key: params[key] for key in _WIRE_KEYS}
 
     @classmethod
-    def from_wire_params(cls, params: Mapping[str, object]) -> "SparseLoCoConfig":
+    def from_wire_params(cls, params: Mapping[str, object]) -> SparseLoCoConfig:
         """Build from a header's params map; raises ValueError on missing/extra/bad keys."""
         if not isinstance(params, Mapping) or set(params) != set(_WIRE_KEYS):
             raise ValueError(f"sparseloco params must have exactly the keys {_WIRE_KEYS}")
@@ -120,9 +120,7 @@ def _select(a: torch.Tensor, layout: ChunkLayout, ks: np.ndarray) -> np.ndarray:
     return pos[keep].numpy()
 
 
-def encode_selected(
-    a: torch.Tensor, config: SparseLoCoConfig
-) -> tuple[EncodedTensor, np.ndarray, np.ndarray]:
+def encode_selected(a: torch.Tensor, config: SparseLoCoConfig) -> tuple[EncodedTensor, np.ndarray, np.ndarray]:
     """Top-k + quantise fp32 CPU `a`: (encoding, flat positions (N,), decoded values (N,)).
 
     Delta_hat is zero except `values` at `positions`, exactly what receivers decode.

@@ -14,9 +14,10 @@ import hashlib
 import json
 import os
 import sysconfig
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -62,7 +63,7 @@ class DataConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DataConfig":
+    def from_dict(cls, data: dict[str, Any]) -> DataConfig:
         return cls(**data)
 
     def effective_max_bytes(self) -> int | None:
@@ -114,7 +115,7 @@ def _build_corpus(documents: Iterable[bytes], cfg: DataConfig) -> Corpus:
         stream[pos : pos + len(doc)] = np.frombuffer(doc, dtype=np.uint8)
         stream[pos + len(doc)] = EOS_ID
         pos += len(doc) + 1
-    num_eval = int(round(len(stream) * cfg.eval_fraction))
+    num_eval = round(len(stream) * cfg.eval_fraction)
     if cfg.eval_fraction > 0 and num_eval == 0:
         num_eval = 1
     num_train = len(stream) - num_eval
@@ -161,9 +162,7 @@ def _iter_documents(cfg: DataConfig) -> Iterator[bytes]:
         if not files:
             raise CorpusError(f"glob {cfg.source!r} matched no files")
     else:
-        raise CorpusError(
-            f"data source not found: {cfg.source!r} (expected 'stdlib', a file, a directory or a glob)"
-        )
+        raise CorpusError(f"data source not found: {cfg.source!r} (expected 'stdlib', a file, a directory or a glob)")
     for file in files:
         yield from _file_documents(file, cfg.text_field)
 

@@ -9,7 +9,8 @@ from a library RNG, so every peer computes the same order whatever its numpy or 
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -123,9 +124,7 @@ class BatchStream:
         mine = self.state_dict()
         for key in ("seed", "shard", "num_shards", "batch_size", "seq_len", "num_windows"):
             if int(state[key]) != mine[key]:
-                raise ValueError(
-                    f"stream state mismatch on {key}: saved {state[key]}, this stream {mine[key]}"
-                )
+                raise ValueError(f"stream state mismatch on {key}: saved {state[key]}, this stream {mine[key]}")
         if not 0 <= int(state["cursor"]) < self.windows_per_shard or int(state["epoch"]) < 0:
             raise ValueError(f"stream state out of range: epoch {state['epoch']}, cursor {state['cursor']}")
         self.epoch, self.cursor, self._order = int(state["epoch"]), int(state["cursor"]), None

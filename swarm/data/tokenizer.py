@@ -6,7 +6,7 @@ same ids from the same text on any platform; the price is ~4x longer sequences t
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

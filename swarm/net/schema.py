@@ -98,10 +98,7 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise SchemaError(f"{path}: expected a map, got {type(value).__name__}")
         key_hint, value_hint = args or (Any, Any)
-        return {
-            _convert(key_hint, k, f"{path}.key"): _convert(value_hint, v, f"{path}[{k!r:.30}]")
-            for k, v in value.items()
-        }
+        return {_convert(key_hint, k, f"{path}.key"): _convert(value_hint, v, f"{path}[{k!r:.30}]") for k, v in value.items()}
     return _convert_scalar(hint, value, path)
 
 

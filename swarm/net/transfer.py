@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 import msgpack
 from hivemind.p2p import P2P, PeerID

@@ -268,7 +268,11 @@ class EventMerger:
     def add_rejections(self, manifest: Manifest, now: float) -> None:
         # Worded and cut (node.log_event keeps 300 characters) exactly as the leader logs it.
         events = [
-            Event(manifest.closed_at, "reject", f"round {manifest.round}: payload from {short_id(r.peer_id)} rejected: {r.reason}"[:300])
+            Event(
+                manifest.closed_at,
+                "reject",
+                f"round {manifest.round}: payload from {short_id(r.peer_id)} rejected: {r.reason}"[:300],
+            )
             for r in manifest.rejected
         ]
         self.add(manifest.leader, events, now)
@@ -276,8 +280,14 @@ class EventMerger:
     def to_json(self, names: dict[str, str]) -> list[dict]:
         ordered = sorted(self.seen.values(), key=lambda e: e.time, reverse=True)
         return [
-            {"time": e.time, "kind": e.kind, "peer_id": e.peer_id, "short_id": short_id(e.peer_id),
-             "name": names.get(e.peer_id, ""), "text": e.text}
+            {
+                "time": e.time,
+                "kind": e.kind,
+                "peer_id": e.peer_id,
+                "short_id": short_id(e.peer_id),
+                "name": names.get(e.peer_id, ""),
+                "text": e.text,
+            }
             for e in ordered
         ]
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Awaitable, TypeVar
+from typing import TypeVar
 
 from hivemind.utils import get_dht_time
 
@@ -23,7 +24,14 @@ from swarm.net.records import EventLog, Manifest, Submission, manifest_key, run_
 from swarm.node import SwarmNode
 from swarm.rounds import canonical_manifest
 from swarm.status.book import (
-    BookConfig, EventMerger, PeerBook, PeerCounts, RoundHistory, clean_number, round_row, short_id,
+    BookConfig,
+    EventMerger,
+    PeerBook,
+    PeerCounts,
+    RoundHistory,
+    clean_number,
+    round_row,
+    short_id,
 )
 
 logger = get_logger(__name__)
@@ -195,15 +203,22 @@ class StatusCollector:
             "live_peers": counts["live"],
             "stale_peers": counts["stale"],
             "departed_peers": counts["departed"],
-            "coordinator": {"peer_id": run.coordinator, "short_id": short_id(run.coordinator),
-                            "state": coordinator["state"] if coordinator else "unknown"},
+            "coordinator": {
+                "peer_id": run.coordinator,
+                "short_id": short_id(run.coordinator),
+                "state": coordinator["state"] if coordinator else "unknown",
+            },
             "payload_bytes_total": payload,
             "dense_bytes_total": dense,
             "compression": round(dense / payload, 1) if payload else None,
             "bytes_sent_total": sum(p["bytes_sent"] for p in peers),
             "heartbeat_ttl_s": run.heartbeat_ttl_s,
-            "observer": {"peer_id": self.node.peer_id, "version": __version__, "polls": self.polls,
-                         "last_poll_at": self.last_poll_at},
+            "observer": {
+                "peer_id": self.node.peer_id,
+                "version": __version__,
+                "polls": self.polls,
+                "last_poll_at": self.last_poll_at,
+            },
         }
 
     def _eval_loss(self, coordinator: dict | None) -> float | None:

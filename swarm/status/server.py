@@ -11,9 +11,9 @@ import asyncio
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable
 from urllib.parse import urlsplit
 
 from swarm.log import get_logger
@@ -37,8 +37,15 @@ STATIC_FILES = {  # route -> (file in swarm/status/static, content type)
     "/static/style.css": ("style.css", "text/css; charset=utf-8"),
 }
 API_SECTIONS = {"/api/summary": "summary", "/api/peers": "peers", "/api/history": "history", "/api/events": "events"}
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-           431: "Request Header Fields Too Large", 500: "Internal Server Error"}
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+}
 
 
 @dataclass

@@ -23,9 +23,7 @@ class StatusService:
       collector: polling and retention settings (defaults: poll each second, 200 rounds back).
     """
 
-    def __init__(
-        self, node: SwarmNode, *, host: str = "127.0.0.1", port: int = 0, collector: CollectorConfig | None = None
-    ):
+    def __init__(self, node: SwarmNode, *, host: str = "127.0.0.1", port: int = 0, collector: CollectorConfig | None = None):
         self.node = node
         self.collector = StatusCollector(node, collector)
         self.server = StatusServer(self.collector.snapshot, ServerConfig(host=host, port=port))

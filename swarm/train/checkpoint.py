@@ -98,9 +98,7 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint(
-    directory: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
-) -> dict[str, Any]:
+def load_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Load weights (and optimizer state) in place after validating names and shapes; return meta.
 
     RNG states are not touched here: call `restore_rng_state(meta["rng"])` when resuming a run.
@@ -156,9 +154,7 @@ def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     return tensors, tied
 
 
-def _load_model(
-    model: nn.Module, tensors: dict[str, torch.Tensor], tied: dict[str, str], where: Path
-) -> None:
+def _load_model(model: nn.Module, tensors: dict[str, torch.Tensor], tied: dict[str, str], where: Path) -> None:
     expected = model.state_dict()
     full = {name: tensors[tied.get(name, name)] for name in expected if tied.get(name, name) in tensors}
     missing = sorted(set(expected) - set(full))
@@ -180,9 +176,7 @@ def _param_names(model: nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in model.named_parameters()}
 
 
-def _optimizer_tensors(
-    model: nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     names = _param_names(model)
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}

@@ -45,7 +45,7 @@ class OptimConfig:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "OptimConfig":
+    def from_dict(cls, data: dict[str, Any]) -> OptimConfig:
         return cls(**{**data, "betas": tuple(data.get("betas", (0.9, 0.95)))})
 
 
@@ -69,11 +69,7 @@ def no_decay_parameter_names(model: nn.Module) -> set[str]:
     get few gradient updates; decaying gains fights the normalisation. Matrices (attention, FFN,
     experts, router, untied head) are decayed."""
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    return {
-        name
-        for name, p in model.named_parameters()
-        if p.requires_grad and (p.ndim < 2 or id(p) in embedding_ids)
-    }
+    return {name for name, p in model.named_parameters() if p.requires_grad and (p.ndim < 2 or id(p) in embedding_ids)}
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -94,6 +90,4 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=lr_at(0, cfg), betas=cfg.betas, eps=cfg.eps, foreach=None
-    )
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr_at(0, cfg), betas=cfg.betas, eps=cfg.eps, foreach=None)

@@ -46,9 +46,7 @@ def suggested_lr(model_cfg: ModelConfig) -> float:
     return 6e-4 if model_cfg.d_model <= 768 else 3e-4
 
 
-def default_optim(
-    model_cfg: ModelConfig, steps: int, lr: float | None = None, warmup_steps: int | None = None
-) -> OptimConfig:
+def default_optim(model_cfg: ModelConfig, steps: int, lr: float | None = None, warmup_steps: int | None = None) -> OptimConfig:
     """OptimConfig for a run of `steps` steps: cosine over the whole run, 10% warmup capped at 100."""
     return OptimConfig(
         lr=lr if lr is not None else suggested_lr(model_cfg),
@@ -100,9 +98,7 @@ class TrainConfig:
     def model_config(self) -> ModelConfig:
         cfg = get_preset(self.preset, **self.model_overrides)
         if self.seq_len > cfg.max_seq_len:
-            raise ValueError(
-                f"seq_len {self.seq_len} exceeds the {self.preset} model's max_seq_len {cfg.max_seq_len}"
-            )
+            raise ValueError(f"seq_len {self.seq_len} exceeds the {self.preset} model's max_seq_len {cfg.max_seq_len}")
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,7 +107,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         d = dict(d)
         d["data"] = DataConfig.from_dict(d["data"])
         d["optim"] = OptimConfig.from_dict(d["optim"]) if d.get("optim") is not None else None
@@ -139,9 +135,7 @@ def checkpoint_dir_of(path: str | Path) -> Path:
     for candidate in (path, path / CHECKPOINT_SUBDIR):
         if (candidate / META_FILE).is_file():
             return candidate
-    raise CheckpointError(
-        f"no checkpoint in {str(path)!r} (looked for {META_FILE} and {CHECKPOINT_SUBDIR}/{META_FILE})"
-    )
+    raise CheckpointError(f"no checkpoint in {str(path)!r} (looked for {META_FILE} and {CHECKPOINT_SUBDIR}/{META_FILE})")
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
@@ -169,9 +163,7 @@ class _SoloRun:
         assert cfg.optim is not None
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.trainer = Trainer(self.model, self.optimizer, cfg.optim, device=self.device)
-        self.stream = BatchStream(
-            self.corpus.train_tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed
-        )
+        self.stream = BatchStream(self.corpus.train_tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
         self.evals = self._eval_set()
         self.elapsed_before_s = 0.0
         self.tokens_seen = 0
@@ -180,9 +172,7 @@ class _SoloRun:
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
         metrics = cfg.metrics_path or (str(self.out_dir / METRICS_FILE) if self.out_dir else None)
         self.metrics_path = metrics
-        self.metrics = (
-            MetricsWriter(metrics, resume_step=self.trainer.step if resume else None) if metrics else None
-        )
+        self.metrics = MetricsWriter(metrics, resume_step=self.trainer.step if resume else None) if metrics else None
         self.step_times: list[float] = []
         self.losses: list[float] = []
         self.eval_loss: float | None = None
@@ -203,13 +193,9 @@ class _SoloRun:
     def _resume(self, ckpt: Path) -> None:
         meta = load_checkpoint(ckpt, model=self.model, optimizer=self.optimizer)
         if meta["model_config"] != self.model_cfg.to_dict():
-            raise CheckpointError(
-                f"{ckpt}: model config differs from this run's ({self.cfg.preset} + overrides)"
-            )
+            raise CheckpointError(f"{ckpt}: model config differs from this run's ({self.cfg.preset} + overrides)")
         if meta["corpus_fingerprint"] != self.corpus.fingerprint:
-            raise CheckpointError(
-                f"{ckpt}: corpus fingerprint differs: the data source or its contents changed"
-            )
+            raise CheckpointError(f"{ckpt}: corpus fingerprint differs: the data source or its contents changed")
         self.stream.load_state_dict(meta["data_state"])
         self.trainer.step = int(meta["step"])
         self.elapsed_before_s = float(meta.get("elapsed_s", 0.0))
@@ -247,9 +233,7 @@ class _SoloRun:
 
     def result(self) -> SoloResult:
         if self.last is None:
-            raise ValueError(
-                f"nothing to do: the run is already at step {self.trainer.step} of {self.cfg.steps}"
-            )
+            raise ValueError(f"nothing to do: the run is already at step {self.trainer.step} of {self.cfg.steps}")
         timed = self.step_times[_TIMING_WARMUP_STEPS:] or self.step_times
         return SoloResult(
             steps=self.trainer.step,
@@ -277,9 +261,7 @@ class _SoloRun:
             "elapsed_s": self.elapsed_s(),
             "tokens_seen": self.tokens_seen,
         }
-        return save_checkpoint(
-            self.out_dir / CHECKPOINT_SUBDIR, model=self.model, optimizer=self.optimizer, meta=meta
-        )
+        return save_checkpoint(self.out_dir / CHECKPOINT_SUBDIR, model=self.model, optimizer=self.optimizer, meta=meta)
 
     def evaluate(self) -> float | None:
         return evaluate(self.model, self.evals, device=self.device) if self.evals else None

@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, ContextManager, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,7 +52,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_for(device: torch.device) -> ContextManager[Any]:
+def autocast_for(device: torch.device) -> AbstractContextManager[Any]:
     """bf16 autocast on CUDA; plain fp32 on CPU (CPU bf16 is slow on most chips and less exact)."""
     if device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
@@ -94,18 +96,14 @@ class Trainer:
         grad_norm = self._clip_grad_norm()
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(
-                f"non-finite gradient norm at step {number}: grad_norm={grad_norm} (loss={loss:.4f})"
-            )
+            raise NonFiniteLossError(f"non-finite gradient norm at step {number}: grad_norm={grad_norm} (loss={loss:.4f})")
         lr = lr_at(self.step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step = number
-        return StepStats(
-            step=number, loss=loss, lm_loss=lm_loss, grad_norm=grad_norm, lr=lr, tokens=targets.numel()
-        )
+        return StepStats(step=number, loss=loss, lm_loss=lm_loss, grad_norm=grad_norm, lr=lr, tokens=targets.numel())
 
     def _clip_grad_norm(self) -> float:
         params = [p for p in self._params if p.grad is not None]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from launch.common import add_network_args, dht_options, run_node
 from swarm.coordinator import Coordinator, CoordinatorConfig
+from swarm.modes import available_modes
 from swarm.net.schema import from_plain, to_plain
 from swarm.run import OuterConfig, RunConfig
 
@@ -19,7 +20,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-file", help="JSON file with RunConfig fields (flags below override it)")
     run = p.add_argument_group("run")
     run.add_argument("--preset", help="model preset (see swarm-presets), default nano")
-    run.add_argument("--mode", choices=["sparseloco", "diloco"], help="outer algorithm (default sparseloco)")
+    run.add_argument("--mode", choices=available_modes(), help="training mode (default sparseloco)")
+    run.add_argument(
+        "--mode-option", action="append", default=[], metavar="KEY=VALUE", help="a knob of the mode (e.g. merge_alpha0=0.05)"
+    )
     run.add_argument("--dense-dtype", choices=["fp32", "fp16"], default="fp32", help="payload dtype in diloco mode")
     run.add_argument("--data", help="corpus: 'stdlib', a text file, a directory, a glob or a .jsonl file")
     run.add_argument("--inner-steps", type=int, help="H: inner AdamW steps per round (default 30)")
@@ -51,9 +55,22 @@ def build_run(args: argparse.Namespace) -> RunConfig:
         "seed": args.seed,
     }
     base.update({k: v for k, v in overrides.items() if v is not None})
+    if args.mode_option:
+        base["mode_options"] = {**base.get("mode_options", {}), **dict(_option(o) for o in args.mode_option)}
     if "outer" not in base or args.mode is not None:  # the outer optimiser follows the mode
         base["outer"] = to_plain(OuterConfig.for_mode(base.get("mode", "sparseloco"), args.dense_dtype))
     return from_plain(RunConfig, base)
+
+
+def _option(text: str) -> tuple[str, int | float | bool | str]:
+    """'key=value' with the value read as JSON when it parses (numbers, booleans), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--mode-option wants KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def main(argv: list[str] | None = None) -> int:

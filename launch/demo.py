@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from launch.cluster import LocalCluster
+from swarm.modes import available_modes
 from swarm.net.schema import to_plain
 from swarm.run import OuterConfig
 
@@ -22,8 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="swarm-demo", description="Run a local swarm: coordinator + N peers on this machine.")
     p.add_argument("--peers", type=int, default=3, help="number of volunteer peers (default %(default)s)")
     p.add_argument("--rounds", type=int, default=30, help="rounds to run before stopping (default %(default)s)")
-    p.add_argument("--preset", default="nano", help="model preset (default %(default)s)")
-    p.add_argument("--mode", choices=["sparseloco", "diloco"], default="sparseloco")
+    p.add_argument("--preset", default=None, help="model preset (default nano; moe-nano in mode spes)")
+    p.add_argument("--mode", choices=available_modes(), default="sparseloco", help="training mode (default %(default)s)")
     p.add_argument("--data", default="stdlib", help="corpus (default: the Python standard library's sources)")
     p.add_argument("--inner-steps", type=int, default=10, help="H, inner steps per round (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="swarm-demo-"))
     run = {
-        "preset": args.preset,
+        "preset": args.preset or ("moe-nano" if args.mode == "spes" else "nano"),
         "mode": args.mode,
         "data_source": args.data,
         "inner_steps": args.inner_steps,
@@ -50,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_shards": max(1, args.peers),
         "max_rounds": args.rounds,
     }
-    if args.mode == "diloco":
-        run["outer"] = to_plain(OuterConfig.for_mode("diloco"))
+    run["outer"] = to_plain(OuterConfig.for_mode(args.mode))
     threads = max(1, (os.cpu_count() or 2) // (args.peers + 1))
     with LocalCluster(workdir, run, status_port=args.status_port) as cluster:
         print(f"logs and metrics in {workdir}", flush=True)

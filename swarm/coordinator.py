@@ -20,8 +20,9 @@ from hivemind.utils import get_dht_time
 
 from swarm.exchange import PayloadStore
 from swarm.log import get_logger
+from swarm.modes import mode_for
 from swarm.net.dht import DHTOptions
-from swarm.net.records import RUNS_KEY, Capacity, Role, role_key, run_key
+from swarm.net.records import RUNS_KEY, Capacity, Manifest, Role, role_key, run_key
 from swarm.net.schema import from_plain, to_plain
 from swarm.node import SwarmNode
 from swarm.replica import Replica, initial_state
@@ -59,6 +60,7 @@ class Coordinator(SwarmNode):
         self.status.is_coordinator = True
         self.status.role = "coordinator"
         self.run = self._load_or_save_run(run)
+        self.mode = mode_for(self.run)
         self.status_url = ""
 
     def _load_or_save_run(self, run: RunConfig) -> RunConfig:
@@ -93,7 +95,7 @@ class Coordinator(SwarmNode):
         self.server.register("payload", self.store.serve)
         self.status.phase = "joining"
         state = await self._obtain_state()
-        self.agreement = RoundAgreement(self, self.store, state)
+        self.agreement = RoundAgreement(self, self.store, state, self.mode)
         serve_state(self.server, self.agreement)
         self.evaluator = (
             await asyncio.to_thread(Replica, self.run, shard=0, device=torch.device("cpu")) if self.cfg.evaluate else None
@@ -126,32 +128,39 @@ class Coordinator(SwarmNode):
             await self.dht.put(RUNS_KEY, self.run, RUN_TTL_S)
 
     async def _role_loop(self) -> None:
-        """Give each announced peer a role: a full replica on the next free data shard."""
-        assigned: dict[str, Role] = {}
+        """Keep every live peer's role current: the mode decides roles from who is live, oldest
+        first; a peer that stops heartbeating drops out of the table (its work is reassigned) and
+        gets its old data shard back if it returns."""
+        roles: dict[str, Role] = {}
+        shards: dict[str, int] = {}
+        since: dict[str, float] = {}
         while True:
-            for item in await self.dht.get_all(run_key(self.run.run_id, "peers"), Capacity):
-                peer = item.signer
-                if item.record.peer_id != peer or peer in assigned:
-                    continue
+            announced = {
+                c.signer
+                for c in await self.dht.get_all(run_key(self.run.run_id, "peers"), Capacity)
+                if c.record.peer_id == c.signer
+            }
+            live = {b.peer_id for b in await self.live_peers()} & announced - {self.peer_id}
+            for peer in live - set(shards):
                 existing = await self.dht.get_from(role_key(self.run.run_id, peer), Role, self.peer_id)
-                role = (
-                    existing.record
-                    if existing
-                    else Role(peer_id=peer, kind="replica", data_shard=self._next_shard(assigned), assigned_at=get_dht_time())
-                )
+                if existing is not None:  # a restarted coordinator adopts the roles it signed before
+                    roles[peer], shards[peer] = existing.record, existing.record.data_shard
+                    since[peer] = existing.record.assigned_at
+                else:
+                    shards[peer] = next(s for s in range(len(shards) + 1) if s not in set(shards.values())) % self.run.num_shards
+                    since[peer] = get_dht_time()
+            order = sorted(live, key=lambda p: (since[p], p))
+            current = {p: roles[p] for p in order if p in roles}
+            new = self.mode.assign_roles(order, current, {p: shards[p] for p in order}, get_dht_time())
+            for peer, role in new.items():
+                if roles.get(peer) == role:
+                    continue
                 if await self.dht.put(role_key(self.run.run_id, peer), role, ttl_s=24 * 3600):
-                    assigned[peer] = role
-                    if existing is None:
-                        cap = item.record
-                        self.log_event(
-                            "role",
-                            f"{cap.name} ({peer[-8:]}, {cap.device}, {cap.tokens_per_s:.0f} tok/s): replica, shard {role.data_shard}",
-                        )
+                    roles[peer] = role
+                    self.log_event("role", f"{peer[-8:]}: {self.mode.describe_role(role)}")
+            for peer in set(roles) - live:
+                del roles[peer]  # gone: its work is someone else's now; a return starts afresh
             await asyncio.sleep(1.0)
-
-    def _next_shard(self, assigned: dict[str, Role]) -> int:
-        used = {r.data_shard for r in assigned.values()}
-        return next(s for s in range(len(used) + 1) if s not in used) % self.run.num_shards
 
     async def _round_loop(self) -> None:
         rounds = 0
@@ -182,7 +191,7 @@ class Coordinator(SwarmNode):
             self._write_row({"round": final.round, "eval_loss": loss, "hash": final.hash, "final": True})
             logger.info("final eval loss after round %d: %.4f", final.round - 1, loss)
 
-    def _record(self, manifest, applied: int) -> None:
+    def _record(self, manifest: Manifest, applied: int) -> None:
         """One row per round in <state_dir>/rounds.jsonl (benchmarks and the status page read it)."""
         self._write_row(
             {
@@ -191,6 +200,7 @@ class Coordinator(SwarmNode):
                 "applied": applied,
                 "rejected": len(manifest.rejected),
                 "payload_bytes": sum(e.size for e in manifest.entries),
+                "coverage": self.agreement.coverage,
                 "leader": manifest.leader,
                 "hash": self.agreement.state.hash,
                 "time": time.time(),

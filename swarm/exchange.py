@@ -8,6 +8,7 @@ Decoding validates everything (codec/payload.py); a bad payload raises PayloadEr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from swarm.codec import (
 from swarm.log import get_logger
 from swarm.net.transfer import BlobCache, Traffic, TransferError, fetch
 from swarm.run import RunConfig
+
+if TYPE_CHECKING:
+    from hivemind.p2p import P2P
 
 logger = get_logger(__name__)
 
@@ -61,15 +65,17 @@ class PayloadEncoder:
         self._saved_errors: dict[str, torch.Tensor] | None = None
 
     def encode(self, delta: dict[str, torch.Tensor], round_no: int) -> Encoded:
-        ids = dict(run_id=self.run.run_id, round=round_no, sender=self.sender)
         if self.compressor is not None:
-            meta = PayloadMeta.for_sparseloco(self.compressor.config, **ids)
-            # Keep e_{t-1} so the round can be undone if our payload misses the manifest.
-            self._saved_errors = {n: t.clone() for n, t in self.compressor.state_dict().items()}
+            meta = PayloadMeta.for_sparseloco(self.compressor.config, run_id=self.run.run_id, round=round_no, sender=self.sender)
+            # Keep e_{t-1} so the round can be undone if our payload misses the manifest; buffers of
+            # tensors we no longer send (an expert handed to another peer) are dropped.
+            errors = {n: t for n, t in self.compressor.state_dict().items() if n in delta}
+            self.compressor.load_state_dict(errors)
+            self._saved_errors = {n: t.clone() for n, t in errors.items()}
             tensors = {n: self.compressor.compress(n, d) for n, d in delta.items()}
             self._pending_delta = delta
         else:
-            meta = PayloadMeta.for_dense(self.run.outer.codec, **ids)
+            meta = PayloadMeta.for_dense(self.run.outer.codec, run_id=self.run.run_id, round=round_no, sender=self.sender)
             tensors = {n: encode_dense(d, self.run.outer.codec) for n, d in delta.items()}
         data = encode_payload(meta, tensors)
         return Encoded(data, payload_digest(data))
@@ -96,7 +102,6 @@ class PayloadStore:
         self.traffic = traffic
         self.blobs = BlobCache(max_bytes=max(256 << 20, 8 * dense_bytes(shapes)))
         self.max_bytes = max_payload_bytes(shapes)
-        self._decoded: dict[str, tuple[PayloadMeta, dict[str, torch.Tensor]]] = {}
         codec = run.outer.codec
         self.codec = (codec, codec_config(run).wire_params() if codec == "sparseloco" else {})
 
@@ -104,7 +109,7 @@ class PayloadStore:
         digest = request.get("digest")
         return self.blobs.get(digest) if isinstance(digest, str) else None
 
-    async def get(self, p2p, digest: str, holders: list[str]) -> bytes:
+    async def get(self, p2p: P2P, digest: str, holders: list[str]) -> bytes:
         """The bytes with this digest, from our cache or the first holder that has them."""
         cached = self.blobs.get(digest)
         if cached is not None:
@@ -133,14 +138,13 @@ class PayloadStore:
         raise TransferError(f"payload {digest[:12]} unavailable: " + "; ".join(errors[-3:]))
 
     def decode(self, data: bytes, *, sender: str, round_no: int) -> dict[str, torch.Tensor]:
-        """Validate and decode one payload (CPU-bound: call from a worker thread)."""
-        digest = payload_digest(data)
-        if digest not in self._decoded:
-            self._decoded[digest] = decode_payload(
-                data, expected=self.shapes, max_bytes=self.max_bytes, expected_codec=self.codec
-            )
-        meta, tensors = self._decoded[digest]
-        # Checked on every call, cached or not: the same bytes under another name or round are invalid.
+        """Validate and decode one payload (CPU-bound: call from a worker thread).
+
+        Any non-empty subset of the model's tensors is well-formed; whether it is the sender's to
+        send is the round leader's check. Nothing decoded is cached, so applying a round holds one
+        decoded payload at a time.
+        """
+        meta, tensors = decode_payload(data, expected=self.shapes, max_bytes=self.max_bytes, expected_codec=self.codec)
         if meta.run_id != self.run.run_id:
             raise PayloadError(f"payload is for run {meta.run_id!r}")
         if meta.round != round_no:
@@ -149,9 +153,6 @@ class PayloadStore:
             raise PayloadError("payload sender field does not match the submitting peer")
         if meta.codec != self.run.outer.codec:
             raise PayloadError(f"payload codec {meta.codec!r} is not the run's {self.run.outer.codec!r}")
-        if set(tensors) != set(self.shapes):
-            raise PayloadError("payload does not cover exactly the model's tensors")
+        if not tensors:
+            raise PayloadError("payload carries no tensor")
         return tensors
-
-    def forget_decoded(self) -> None:
-        self._decoded.clear()

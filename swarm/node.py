@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from hivemind.utils import get_dht_time
 
@@ -50,29 +52,57 @@ class SwarmNode:
         self.status = NodeStatus(name=name)
         self.traffic = Traffic()
         self.events: deque[Event] = deque(maxlen=MAX_EVENTS)
-        self.run: RunConfig | None = None
-        self.dht: SwarmDHT | None = None
-        self.server: TransferServer | None = None
+        self._run: RunConfig | None = None
+        self._dht: SwarmDHT | None = None
+        self._server: TransferServer | None = None
         self._tasks: list[asyncio.Task] = []
         self._events_dirty = asyncio.Event()
 
+    # run, dht and server exist once the node has started (and, for run, joined); using one
+    # earlier is a programming error, reported as such rather than as an AttributeError on None.
+    @property
+    def run(self) -> RunConfig:
+        if self._run is None:
+            raise RuntimeError("the node has no run description yet")
+        return self._run
+
+    @run.setter
+    def run(self, run: RunConfig) -> None:
+        self._run = run
+
+    @property
+    def dht(self) -> SwarmDHT:
+        if self._dht is None:
+            raise RuntimeError("the node's DHT is not started")
+        return self._dht
+
+    @property
+    def server(self) -> TransferServer:
+        if self._server is None:
+            raise RuntimeError("the node's transfer server is not started")
+        return self._server
+
+    @property
+    def ready(self) -> bool:
+        """Started and knows its run."""
+        return self._run is not None and self._dht is not None
+
     @property
     def peer_id(self) -> str:
-        assert self.dht is not None, "node not started"
         return self.dht.peer_id
 
     def start_dht(self) -> None:
         """Start the DHT process; from the main thread, before the event loop (see SwarmDHT.start)."""
-        self.dht = SwarmDHT.start(self.identity_path, self.dht_options)
+        self._dht = SwarmDHT.start(self.identity_path, self.dht_options)
 
     async def start_network(self) -> None:
-        if self.dht is None:  # not started beforehand: keep the loop free while p2pd starts
-            self.dht = await asyncio.to_thread(SwarmDHT.start, self.identity_path, self.dht_options)
+        if self._dht is None:  # not started beforehand: keep the loop free while p2pd starts
+            self._dht = await asyncio.to_thread(SwarmDHT.start, self.identity_path, self.dht_options)
         p2p = await self.dht.dht.replicate_p2p()
-        self.server = TransferServer(p2p, self.traffic)
-        await self.server.start()
+        self._server = TransferServer(p2p, self.traffic)
+        await self._server.start()
 
-    def spawn(self, coro) -> asyncio.Task:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self._tasks.append(task)
         return task
@@ -82,7 +112,6 @@ class SwarmNode:
         self.spawn(self._event_loop())
 
     async def publish_heartbeat(self) -> None:
-        assert self.run is not None and self.dht is not None
         s = self.status
         beat = Heartbeat(
             peer_id=self.peer_id,
@@ -105,7 +134,6 @@ class SwarmNode:
         await self.dht.put(run_key(self.run.run_id, "heartbeat"), beat, self.run.heartbeat_ttl_s)
 
     async def _heartbeat_loop(self) -> None:
-        assert self.run is not None
         while True:
             await self.publish_heartbeat()
             await asyncio.sleep(self.run.heartbeat_interval_s)
@@ -117,7 +145,6 @@ class SwarmNode:
         self._events_dirty.set()
 
     async def _event_loop(self) -> None:
-        assert self.run is not None and self.dht is not None
         while True:
             await self._events_dirty.wait()
             self._events_dirty.clear()
@@ -127,13 +154,11 @@ class SwarmNode:
 
     async def heartbeats(self) -> list[Signed[Heartbeat]]:
         """Every peer's latest heartbeat whose signer matches the peer id it claims."""
-        assert self.run is not None and self.dht is not None
         beats = await self.dht.get_all(run_key(self.run.run_id, "heartbeat"), Heartbeat)
         return [b for b in beats if b.record.peer_id == b.signer]
 
     async def live_peers(self) -> list[Heartbeat]:
         """Heartbeats fresher than the run's TTL from peers that are not leaving."""
-        assert self.run is not None
         now = get_dht_time()
         return [
             b.record
@@ -142,7 +167,7 @@ class SwarmNode:
         ]
 
     async def stop(self, *, announce_leave: bool = True) -> None:
-        if announce_leave and self.run is not None and self.dht is not None:
+        if announce_leave and self._run is not None and self._dht is not None:
             self.status.phase = "leaving"
             self.log_event("leave", f"{self.status.name} is leaving")
             try:
@@ -154,8 +179,8 @@ class SwarmNode:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.dht is not None:
-            await asyncio.to_thread(self.dht.shutdown)
+        if self._dht is not None:
+            await asyncio.to_thread(self._dht.shutdown)
 
 
 async def fetch_run_description(dht: SwarmDHT, coordinator: str, timeout_s: float) -> RunConfig:

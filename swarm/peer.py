@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 
 from swarm import __version__
-from swarm.exchange import PayloadEncoder, PayloadStore
+from swarm.exchange import Encoded, PayloadEncoder, PayloadStore
 from swarm.log import get_logger
+from swarm.modes import mode_for
 from swarm.net.dht import DHTOptions
 from swarm.net.records import Capacity, Role, Submission, role_key, run_key, submit_key
 from swarm.node import SwarmNode, fetch_run_description
-from swarm.replica import Replica, initial_state, measure_tokens_per_s
+from swarm.replica import RoundWork, initial_state, measure_tokens_per_s
 from swarm.rounds import RoundAgreement
 from swarm.state import GlobalState
 from swarm.statesync import catch_up, reload_state, serve_state
@@ -69,16 +70,17 @@ class Peer(SwarmNode):
         logger.info("peer %s listening on %s", self.peer_id, " ".join(self.dht.visible_maddrs()))
         self.run = await fetch_run_description(self.dht, self.cfg.coordinator, timeout_s=60)
         logger.info("joined run %s (%s, preset %s) as %s", self.run.run_id, self.run.mode, self.run.preset, self.peer_id)
+        self.mode = mode_for(self.run)
         self.start_heartbeats()
-        role = await self._get_role()
-        self.status.role = f"{role.kind} shard {role.data_shard}"
-        self.replica = await asyncio.to_thread(Replica, self.run, shard=role.data_shard, device=self.device)
+        self.role = await self._get_role()
+        self.status.role = self.mode.describe_role(self.role)
+        self.replica = await asyncio.to_thread(self.mode.make_worker, self.role, self.device)
         shapes = {n: tuple(p.shape) for n, p in sorted(self.replica.model.named_parameters())}
         self.store = PayloadStore(self.run, shapes, self.traffic)
         self.encoder = PayloadEncoder(self.run, self.peer_id)
         self.server.register("payload", self.store.serve)
         state = await self._obtain_state()
-        self.agreement = RoundAgreement(self, self.store, state)
+        self.agreement = RoundAgreement(self, self.store, state, self.mode)
         serve_state(self.server, self.agreement)
         self.log_event("join", f"{self.status.name} joined at round {state.round} on {self.device}")
         await self._round_loop()
@@ -98,16 +100,32 @@ class Peer(SwarmNode):
         await self.dht.put(run_key(self.run.run_id, "peers"), capacity, ttl_s=3600)
         deadline = time.monotonic() + self.cfg.role_timeout_s
         while time.monotonic() < deadline:
-            item = await self.dht.get_from(role_key(self.run.run_id, self.peer_id), Role, self.run.coordinator)
-            if item is not None and item.record.peer_id == self.peer_id:
-                return item.record
+            role = await self._signed_role()
+            if role is not None:
+                return role
             await asyncio.sleep(0.5)
         # Without a coordinator the swarm still runs: take the default role with a shard from our id.
         shard = int(hashlib.sha256(self.peer_id.encode()).hexdigest(), 16) % self.run.num_shards
+        role = self.mode.default_role(self.peer_id, shard)
         logger.warning(
-            "no role from the coordinator after %.0fs; training as a replica on shard %d", self.cfg.role_timeout_s, shard
+            "no role from the coordinator after %.0fs; taking %s", self.cfg.role_timeout_s, self.mode.describe_role(role)
         )
-        return Role(peer_id=self.peer_id, kind="replica", data_shard=shard)
+        return role
+
+    async def _signed_role(self) -> Role | None:
+        """Our role as the coordinator last signed it, if there is one."""
+        item = await self.dht.get_from(role_key(self.run.run_id, self.peer_id), Role, self.run.coordinator)
+        return item.record if item is not None and item.record.peer_id == self.peer_id else None
+
+    async def _refresh_role(self) -> None:
+        """Follow a role the coordinator changed (e.g. experts reassigned after an owner left)."""
+        role = await self._signed_role()
+        if role is None or role == self.role:
+            return
+        await asyncio.to_thread(self.mode.update_worker, self.replica, role)
+        self.log_event("role", f"{self.status.name}: {self.mode.describe_role(self.role)} -> {self.mode.describe_role(role)}")
+        self.role = role
+        self.status.role = self.mode.describe_role(role)
 
     async def _obtain_state(self) -> GlobalState:
         """The newest agreed state from the swarm; θ(0) only if nobody holds any state."""
@@ -131,6 +149,7 @@ class Peer(SwarmNode):
             self.status.round, self.status.param_hash = r, state.hash
             work, encoded = None, None
             if await self.agreement.find_manifest(r) is None:  # not behind: train this round
+                await self._refresh_role()
                 self.status.phase = "training"
                 await self.publish_heartbeat()
                 work = await asyncio.to_thread(self.replica.train_round, state, self.stopping)
@@ -155,11 +174,20 @@ class Peer(SwarmNode):
             self._report(r, work, encoded, applied, included, time.perf_counter() - started, metrics)
         self.status.phase = "leaving"
 
-    def _report(self, r, work, encoded, applied, included, round_s, metrics) -> None:
+    def _report(
+        self,
+        r: int,
+        work: RoundWork | None,
+        encoded: Encoded | None,
+        applied: int,
+        included: bool,
+        round_s: float,
+        metrics: _MetricsFile,
+    ) -> None:
         state = self.agreement.state
         self.status.round, self.status.param_hash, self.status.phase = state.round, state.hash, "idle"
         dense_bytes = 4 * state.numel()
-        row = {
+        row: dict[str, object] = {
             "round": r,
             "applied": applied,
             "included": included,
@@ -173,17 +201,19 @@ class Peer(SwarmNode):
             "compression": dense_bytes / len(encoded.data) if encoded else None,
             "bytes_sent": self.traffic.sent,
             "bytes_received": self.traffic.received,
+            "role": self.status.role,
+            **self.replica.memory_bytes(),
         }
         metrics.write(row)
         logger.info(
             "round %d | loss %s | %.0f tok/s | sent %s recv %s | payload %s (%sx) | %d applied | %s",
             r,
-            f"{row['loss']:.4f}" if work else "-",
+            f"{work.loss:.4f}" if work else "-",
             row["tokens_per_s"],
             _human(self.traffic.sent),
             _human(self.traffic.received),
-            _human(row["payload_bytes"]),
-            f"{row['compression']:.0f}" if encoded else "-",
+            _human(len(encoded.data) if encoded else 0),
+            f"{dense_bytes / len(encoded.data):.0f}" if encoded else "-",
             applied,
             state.hash[:10],
         )

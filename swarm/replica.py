@@ -1,7 +1,9 @@
-"""A data-parallel replica's local work for one round: H inner AdamW steps from θ(t).
+"""A peer's local work for one round: H inner AdamW steps from θ(t), on the whole model or on the
+part its role trains (a full replica, or the dense parameters plus owned MoE experts in SPES).
 
 Runs in a worker thread (see peer.py) so the event loop keeps serving; everything here is plain
-single-device torch. The inner optimizer state persists across rounds, as in DiLoCo.
+single-device torch. The inner optimizer state persists across rounds, as in DiLoCo; parameters
+that are not trained (other peers' experts) have no gradient and no optimizer state.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from models import build_model, get_preset
+from models import ModelConfig, build_model, get_preset
+from models.moe import freeze_experts
 from swarm.data.corpus import Corpus, DataConfig, load_corpus
 from swarm.data.sampler import BatchStream, eval_batches
 from swarm.run import RunConfig
@@ -31,7 +34,7 @@ class RoundWork:
     compute_s: float  # wall time of the inner steps alone
 
 
-def model_config(run: RunConfig):
+def model_config(run: RunConfig) -> ModelConfig:
     return get_preset(run.preset, **run.model_overrides)
 
 
@@ -72,13 +75,24 @@ def measure_tokens_per_s(run: RunConfig, device: torch.device, steps: int = 2) -
 
 
 class Replica:
-    """A full model replica that trains on its own data shard."""
+    """A model that trains on its own data shard: all of it, or the dense part plus some experts."""
 
-    def __init__(self, run: RunConfig, *, shard: int, device: torch.device, corpus: Corpus | None = None):
+    def __init__(
+        self,
+        run: RunConfig,
+        *,
+        shard: int,
+        device: torch.device,
+        corpus: Corpus | None = None,
+        experts: list[tuple[int, int]] | None = None,
+    ) -> None:
+        """`experts`: the MoE (layer, expert) pairs to train; None trains every parameter."""
         self.run = run
         self.device = device
         self.corpus = corpus or load_corpus(data_config(run))
         self.model = build_model(model_config(run), seed=run.seed).to(device)
+        if experts is not None:
+            freeze_experts(self.model, experts)
         self.optimizer = build_optimizer(self.model, optim_config(run))
         self.trainer = Trainer(self.model, self.optimizer, optim_config(run), device=device)
         self.stream = BatchStream(
@@ -89,6 +103,30 @@ class Replica:
             shard=shard % run.num_shards,
             num_shards=run.num_shards,
         )
+
+    def train_experts(self, experts: list[tuple[int, int]]) -> None:
+        """Train these experts from now on; AdamW moments of parameters still trained are kept."""
+        freeze_experts(self.model, experts)
+        old = self.optimizer
+        self.optimizer = build_optimizer(self.model, optim_config(self.run))
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p in old.state:
+                    self.optimizer.state[p] = old.state[p]
+        step = self.trainer.step
+        self.trainer = Trainer(self.model, self.optimizer, optim_config(self.run), device=self.device, step=step)
+
+    def trained_names(self) -> list[str]:
+        """Names of the parameters this replica trains (its contribution), sorted."""
+        return sorted(n for n, p in self.model.named_parameters() if p.requires_grad)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes of gradients (one per trained parameter during a step) and of AdamW state held now."""
+        grads = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        optim = sum(
+            t.numel() * t.element_size() for st in self.optimizer.state.values() for t in st.values() if torch.is_tensor(t)
+        )
+        return {"grad_bytes": grads, "optimizer_bytes": optim}
 
     def train_round(self, state: GlobalState, stop: threading.Event | None = None) -> RoundWork | None:
         """Load θ(t), run H inner steps, return the pseudo-gradient (None if stopped midway)."""
@@ -105,7 +143,8 @@ class Replica:
             losses.append(stats.lm_loss)
             tokens += stats.tokens
         compute_s = time.perf_counter() - start
-        return RoundWork(state.pseudo_gradient(self.model), sum(losses) / len(losses), tokens, compute_s)
+        delta = state.pseudo_gradient(self.model, self.trained_names())
+        return RoundWork(delta, sum(losses) / len(losses), tokens, compute_s)
 
     def evaluate(self, state: GlobalState) -> float:
         """Eval loss (nats/byte) of the global weights on the held-out split."""

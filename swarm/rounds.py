@@ -18,14 +18,24 @@ from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import torch
 from hivemind.utils import get_dht_time
 
-from swarm.codec import PayloadError, mean_of_payloads
+from swarm.codec import PayloadError, SlotMean
 from swarm.exchange import PayloadStore
 from swarm.log import get_logger
+from swarm.modes.base import TrainingMode
 from swarm.net.dht import Signed
-from swarm.net.records import Heartbeat, Manifest, ManifestEntry, Rejection, Submission, manifest_key, submit_key
+from swarm.net.records import (
+    Heartbeat,
+    Manifest,
+    ManifestEntry,
+    Rejection,
+    Role,
+    Submission,
+    manifest_key,
+    role_key,
+    submit_key,
+)
 from swarm.net.transfer import TransferError
 from swarm.node import SwarmNode
 from swarm.state import GlobalState
@@ -85,10 +95,12 @@ class RoundAgreement:
     node: SwarmNode
     store: PayloadStore
     state: GlobalState
+    mode: TrainingMode
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     poll_s: float = 0.25
     strikes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     ignored: set[tuple[int, str]] = field(default_factory=set)  # (round, leader) of bad manifests
+    coverage: dict[str, int] = field(default_factory=dict)  # slot group -> contributions, last round applied
 
     @property
     def run(self):
@@ -253,7 +265,7 @@ class RoundAgreement:
             return "computed against other weights (stale or diverged)", False
         try:
             data = await self.store.get(self.p2p, sub.digest, [sub.peer_id])
-            await asyncio.to_thread(self.store.decode, data, sender=sub.peer_id, round_no=round_no)
+            tensors = await asyncio.to_thread(self.store.decode, data, sender=sub.peer_id, round_no=round_no)
         except PayloadError as e:
             return f"malformed payload: {e.reason}", True
         except TransferError as e:
@@ -261,26 +273,47 @@ class RoundAgreement:
         except Exception as e:  # the codec must not crash the leader on hostile bytes, whatever it raises
             logger.exception("unexpected error validating the payload of %s", sub.peer_id[-8:])
             return f"malformed payload: {type(e).__name__}", True
+        wanted = await self.slots_of(sub.peer_id)
+        if set(tensors) != wanted:  # no strike: the coordinator may have changed the role mid-round
+            extra = len(set(tensors) - wanted)
+            return f"payload does not cover its role's slots ({len(wanted - set(tensors))} missing, {extra} not its own)", False
         return None, False
+
+    async def slots_of(self, peer_id: str) -> set[str]:
+        """The tensors a peer's coordinator-signed role contributes (the mode's default role if none)."""
+        item = await self.node.dht.get_from(role_key(self.run.run_id, peer_id), Role, self.run.coordinator)
+        role = item.record if item is not None and item.record.peer_id == peer_id else self.mode.default_role(peer_id, 0)
+        return set(self.mode.contribution_names(role, sorted(self.store.shapes)))
 
     # ----- applying --------------------------------------------------------------------------
 
     async def apply(self, manifest: Manifest) -> int:
-        """Fetch, decode and average the manifest's payloads, then take the outer step."""
+        """Fetch the manifest's payloads, then decode and accumulate them one at a time in manifest
+        order (memory O(params)), and let the mode take the outer step on the per-slot mean."""
         if manifest.base_hash != self.state.hash:
             raise Diverged(f"round {manifest.round} applies to state {manifest.base_hash[:12]}, ours is {self.state.hash[:12]}")
-        try:
-            decoded = await asyncio.gather(*(self._decoded(manifest, e) for e in manifest.entries))
-            names = list(self.state.params)
-            async with self.lock:
-                if decoded:
-                    mean = await asyncio.to_thread(mean_of_payloads, list(decoded), names)
-                    await asyncio.to_thread(self.state.apply_outer_step, mean, self.run.outer)
-                else:
-                    self.state.advance_without_update()
-        finally:
-            self.store.forget_decoded()
-        return len(decoded)
+        blobs = await asyncio.gather(*(self._fetch(manifest, e) for e in manifest.entries))
+        async with self.lock:
+            if blobs:
+                await asyncio.to_thread(self._apply_blobs, manifest, list(blobs))
+            else:
+                self.state.advance_without_update()
+                self.coverage = {}
+        return len(blobs)
+
+    def _apply_blobs(self, manifest: Manifest, blobs: list[bytes]) -> None:
+        acc = SlotMean(self.store.shapes)
+        for entry, data in zip(manifest.entries, blobs):
+            try:
+                acc.add(self.store.decode(data, sender=entry.peer_id, round_no=manifest.round))
+            except Exception as e:  # undecodable: the manifest should never have listed it
+                raise BadManifest(f"payload of {entry.peer_id[-8:]}: {e}") from None
+        coverage: dict[str, int] = {}
+        for name, count in acc.counts.items():
+            group = self.mode.slot_group(name)
+            coverage[group] = max(coverage.get(group, 0), count)
+        self.mode.outer_step(self.state, acc.mean())  # the state is untouched until every payload decoded
+        self.coverage = coverage
 
     async def settle_round(self, round_no: int, reload: Callable[[], Awaitable[GlobalState]]) -> tuple[Manifest, int | None]:
         """Wait for round r's manifest and apply it: (manifest, payloads applied).
@@ -301,10 +334,9 @@ class RoundAgreement:
                 self.state = await reload()
                 return manifest, None
 
-    async def _decoded(self, manifest: Manifest, entry: ManifestEntry) -> dict[str, torch.Tensor]:
+    async def _fetch(self, manifest: Manifest, entry: ManifestEntry) -> bytes:
         holders = [entry.peer_id, manifest.leader] + [e.peer_id for e in manifest.entries if e is not entry]
         try:
-            data = await self.store.get(self.p2p, entry.digest, holders)
-            return await asyncio.to_thread(self.store.decode, data, sender=entry.peer_id, round_no=manifest.round)
-        except Exception as e:  # undeliverable or undecodable: the manifest should never have listed it
+            return await self.store.get(self.p2p, entry.digest, holders)
+        except Exception as e:  # undeliverable: the manifest should never have listed it
             raise BadManifest(f"payload of {entry.peer_id[-8:]}: {e}") from None

@@ -75,6 +75,10 @@ class GlobalState:
         self.round += 1
         self._hash = None
 
+    def invalidate_hash(self) -> None:
+        """Call after changing tensors in place outside the outer step."""
+        self._hash = None
+
     def advance_without_update(self) -> None:
         """A round in which no valid payload arrived: the weights stay, the round counter moves."""
         self.round += 1

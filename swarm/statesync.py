@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgpack
 import numpy as np
@@ -22,6 +23,13 @@ from swarm.log import get_logger
 from swarm.net.records import Heartbeat
 from swarm.net.transfer import Traffic, TransferError, fetch
 from swarm.state import GlobalState
+
+if TYPE_CHECKING:
+    from hivemind.p2p import P2P
+
+    from swarm.net.transfer import TransferServer
+    from swarm.node import SwarmNode
+    from swarm.rounds import RoundAgreement
 
 logger = get_logger(__name__)
 STATE_FORMAT_VERSION = 1
@@ -115,7 +123,7 @@ def pick_donors(beats: list[Heartbeat], exclude: str) -> tuple[int, str, list[st
 
 
 async def download_state(
-    p2p, donors: list[str], *, expected_hash: str, traffic: Traffic, timeout_s: float = 120.0, max_bytes: int = 2**34
+    p2p: P2P, donors: list[str], *, expected_hash: str, traffic: Traffic, timeout_s: float = 120.0, max_bytes: int = 2**34
 ) -> GlobalState:
     """Fetch the state with the given hash from several donors in parallel; verify everything."""
     index = None
@@ -161,7 +169,16 @@ def _split_work(infos: list[TensorInfo], num_donors: int) -> list[list[TensorInf
     return [p for p in parts if p]
 
 
-async def _fetch_part(p2p, donors, first, part, index, traffic, timeout_s, max_bytes) -> dict[str, torch.Tensor]:
+async def _fetch_part(
+    p2p: P2P,
+    donors: list[str],
+    first: int,
+    part: list[TensorInfo],
+    index: StateIndex,
+    traffic: Traffic,
+    timeout_s: float,
+    max_bytes: int,
+) -> dict[str, torch.Tensor]:
     """Fetch one part, starting with its own donor and falling back to the others."""
     order = donors[first % len(donors) :] + donors[: first % len(donors)]
     request = {"kind": "state", "round": index.round, "names": [i.name for i in part]}
@@ -175,7 +192,7 @@ async def _fetch_part(p2p, donors, first, part, index, traffic, timeout_s, max_b
     raise StateError(f"no donor could provide {len(part)} tensors of round {index.round}")
 
 
-def serve_state(server, agreement) -> None:
+def serve_state(server: TransferServer, agreement: RoundAgreement) -> None:
     """Answer 'state-index' and 'state' requests from a node's current global state.
 
     The agreement's lock is held while reading, so a donor never sends a half-updated state; a
@@ -206,7 +223,7 @@ def serve_state(server, agreement) -> None:
     server.register("state", chunk)
 
 
-async def reload_state(node) -> GlobalState:
+async def reload_state(node: SwarmNode) -> GlobalState:
     """After divergence: the agreed state from the swarm, however long it takes (never θ(0),
     which would fork the run)."""
     node.status.phase = "joining"
@@ -215,7 +232,7 @@ async def reload_state(node) -> GlobalState:
     return state
 
 
-async def catch_up(node, *, patience_s: float, retry_s: float = 1.0) -> GlobalState | None:
+async def catch_up(node: SwarmNode, *, patience_s: float, retry_s: float = 1.0) -> GlobalState | None:
     """Download the newest agreed state from live peers; None if for patience_s nobody holds one.
 
     Once some peer holds state, keeps trying (donors may move on mid-download) rather than

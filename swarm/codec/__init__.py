@@ -6,7 +6,7 @@ baseline), header + payload (the versioned wire format), aggregate (the 1/R mean
 bench (throughput). The byte layout is documented in docs/wire-format.md.
 """
 
-from swarm.codec.aggregate import mean_of_payloads
+from swarm.codec.aggregate import SlotMean, mean_of_payloads
 from swarm.codec.base import (
     CODEC_KINDS,
     DENSE_FP16,
@@ -37,6 +37,7 @@ __all__ = [
     "EncodedTensor",
     "PayloadError",
     "PayloadMeta",
+    "SlotMean",
     "SparseLoCoCompressor",
     "SparseLoCoConfig",
     "decode_payload",

@@ -35,3 +35,42 @@ def mean_of_payloads(decoded: Sequence[Mapping[str, torch.Tensor]], names: Itera
             raise ValueError(f"mean of {name!r} is not finite")
         result[name] = total
     return result
+
+
+class SlotMean:
+    """Per-slot mean, accumulated one payload at a time: Δ_slot = (1/R_slot)·Σ Δ̂ over the payloads
+    that cover the slot. A slot nobody covered is absent from the result (left unchanged).
+
+    Memory is one fp32 accumulator per covered slot, O(params) whatever the number of payloads;
+    adding in a fixed order (the manifest's) gives bit-identical sums on every machine, because
+    each element's additions happen in that order whatever the thread count.
+    """
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self.shapes = dict(shapes)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, payload: Mapping[str, torch.Tensor]) -> None:
+        for name in sorted(payload):
+            if name not in self.shapes:
+                raise ValueError(f"tensor {name!r} is not a slot of this model")
+            term = payload[name].detach().to("cpu", torch.float32)
+            if tuple(term.shape) != tuple(self.shapes[name]):
+                raise ValueError(f"tensor {name!r}: shape {tuple(term.shape)} != {tuple(self.shapes[name])}")
+            if name in self.sums:
+                self.sums[name].add_(term)
+            else:
+                self.sums[name] = term.clone()
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        """The per-slot means (consumes the sums)."""
+        result = {}
+        for name in sorted(self.sums):
+            total = self.sums[name].div_(self.counts[name])
+            if not torch.isfinite(total).all():
+                raise ValueError(f"mean of {name!r} is not finite")
+            result[name] = total
+        self.sums = {}
+        return result

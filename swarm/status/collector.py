@@ -62,7 +62,7 @@ class StatusCollector:
     """Polls the DHT through `node` (whose run description must be known) and keeps a snapshot."""
 
     def __init__(self, node: SwarmNode, cfg: CollectorConfig | None = None):
-        if node.run is None or node.dht is None:
+        if not node.ready:
             raise ValueError("the node must be started and know its run before collecting status")
         self.node = node
         self.run = node.run

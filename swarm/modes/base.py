@@ -1,0 +1,104 @@
+"""The one interface every training mode implements, and the data-parallel defaults.
+
+A mode answers five questions, and the runtime asks nothing else:
+  * roles: which roles a run has and how the coordinator assigns them (`assign_roles`);
+  * local work: what a peer in a role trains (`make_worker`, `update_worker`);
+  * contribution: which tensors it sends each round (`contribution_names`; the codec is the run's);
+  * validation: which tensors a leader accepts from a peer in a role (the same names, checked by
+    the round code against the sender's coordinator-signed role);
+  * applying: how everyone turns the round's per-slot mean into the next global state
+    (`outer_step`), deterministically on the CPU.
+The defaults describe a full data-parallel replica (SparseLoCo, DiLoCo); a mode overrides what
+differs. Slots: every parameter tensor is a slot, averaged over the contributions that cover it
+(swarm/codec/aggregate.py); `slot_group` only names groups of slots for reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from swarm.net.records import Role
+
+if TYPE_CHECKING:
+    from swarm.data.corpus import Corpus
+    from swarm.replica import Replica
+    from swarm.run import RunConfig
+    from swarm.state import GlobalState
+
+
+@dataclass
+class NoOptions:
+    """A mode without knobs of its own."""
+
+
+def build_options(cls: type, values: dict[str, Any], mode: str) -> Any:
+    """The mode's typed options from the run's `mode_options`; unknown knobs are an error."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        choices = ", ".join(sorted(known)) or "none"
+        raise ValueError(f"mode {mode!r} has no option(s) {', '.join(unknown)} (its options: {choices})")
+    return cls(**values)
+
+
+class TrainingMode:
+    """Data-parallel full replicas; subclasses override what their mode does differently."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, run: RunConfig) -> None:
+        self.run = run
+        self.options = build_options(self.Options, dict(run.mode_options), self.name)
+        self.check_run()
+
+    def check_run(self) -> None:
+        """Reject run settings that mean nothing (or something wrong) in this mode."""
+
+    # ----- roles (coordinator) -------------------------------------------------------------------
+
+    def assign_roles(self, live: list[str], current: dict[str, Role], shards: dict[str, int], now: float) -> dict[str, Role]:
+        """Roles of the live peers (oldest first), given their current roles and data shards.
+
+        Must be deterministic and keep a peer's role unchanged when nothing forces a change, so
+        a coordinator that restarts reproduces the same table.
+        """
+        return {p: current.get(p) or Role(peer_id=p, kind="replica", data_shard=shards[p], assigned_at=now) for p in live}
+
+    def default_role(self, peer_id: str, shard: int) -> Role:
+        """The role a peer takes (and is checked against) when no coordinator-signed role exists."""
+        return Role(peer_id=peer_id, kind="replica", data_shard=shard)
+
+    def describe_role(self, role: Role) -> str:
+        """One line for the status page and the logs."""
+        return f"{role.kind} shard {role.data_shard}"
+
+    # ----- local work (peer) ---------------------------------------------------------------------
+
+    def make_worker(self, role: Role, device: torch.device, corpus: Corpus | None = None) -> Replica:
+        from swarm.replica import Replica
+
+        return Replica(self.run, shard=role.data_shard, device=device, corpus=corpus)
+
+    def update_worker(self, worker: Replica, role: Role) -> None:
+        """The coordinator changed this peer's role: adapt the local trainer (default: nothing)."""
+
+    # ----- contributions -------------------------------------------------------------------------
+
+    def contribution_names(self, role: Role, names: list[str]) -> list[str]:
+        """Tensors a peer in `role` sends each round (and the only ones a leader accepts from it)."""
+        return list(names)
+
+    def slot_group(self, name: str) -> str:
+        """A coarse name for reports of which slots a round covered."""
+        return "all"
+
+    # ----- applying ------------------------------------------------------------------------------
+
+    def outer_step(self, state: GlobalState, mean: dict[str, torch.Tensor]) -> None:
+        """θ(t+1) from θ(t) and the per-slot mean of the round (covered slots only)."""
+        state.apply_outer_step(mean, self.run.outer)

@@ -1,0 +1,73 @@
+"""The modes runtime: mode lookup and options, per-slot aggregation, role rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swarm.codec import SlotMean
+from swarm.modes import available_modes, mode_for
+from swarm.run import OuterConfig, RunConfig
+
+SHAPES = {"a": (2, 3), "b": (4,), "c": (5,)}
+
+
+def test_available_modes_are_the_files_in_swarm_modes():
+    assert {"sparseloco", "diloco", "spes"} <= set(available_modes())
+    assert "base" not in available_modes() and "experts" not in available_modes()
+
+
+@pytest.mark.parametrize("mode", ["nope", "base", "../x", "experts"])
+def test_an_unknown_mode_is_a_clear_error(mode):
+    with pytest.raises(ValueError, match="unknown training mode|defines no MODE"):
+        RunConfig(mode=mode)
+
+
+def test_a_knob_that_does_not_belong_to_the_mode_is_an_error():
+    with pytest.raises(ValueError, match="mode 'sparseloco' has no option"):
+        RunConfig(mode="sparseloco", mode_options={"merge_alpha0": 0.1})
+    with pytest.raises(ValueError, match="outer momentum"):
+        RunConfig(mode="sparseloco", outer=OuterConfig(momentum=0.9))
+    with pytest.raises(ValueError, match="dense"):
+        RunConfig(mode="diloco", outer=OuterConfig())
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        RunConfig(mode="spes", preset="nano")
+    with pytest.raises(ValueError, match="merge_alpha0"):
+        RunConfig(mode="spes", preset="moe-nano", mode_options={"merge_alpha0": 2.0})
+    run = RunConfig(mode="spes", preset="moe-nano", mode_options={"merge_alpha0": 0.1, "merge_neighbours": 3})
+    assert mode_for(run).options.merge_neighbours == 3
+
+
+def test_slot_mean_covered_by_zero_one_and_three_contributions():
+    acc = SlotMean(SHAPES)
+    acc.add({"a": torch.full((2, 3), 3.0), "b": torch.full((4,), 1.0)})
+    acc.add({"a": torch.full((2, 3), 6.0)})
+    acc.add({"a": torch.full((2, 3), 9.0)})
+    assert acc.counts == {"a": 3, "b": 1}
+    mean = acc.mean()
+    assert set(mean) == {"a", "b"}  # c: nobody covered it, so the outer step leaves it alone
+    assert torch.equal(mean["a"], torch.full((2, 3), 6.0))  # (3 + 6 + 9) / 3, not / R of the slot's peers
+    assert torch.equal(mean["b"], torch.full((4,), 1.0))  # one contribution: its own value
+
+
+def test_slot_mean_is_bit_identical_in_manifest_order_and_rejects_strangers():
+    g = torch.Generator().manual_seed(0)
+    payloads = [{"a": torch.randn(2, 3, generator=g) * 1e-3} for _ in range(5)]
+    first, second = SlotMean(SHAPES), SlotMean(SHAPES)
+    for p in payloads:
+        first.add(p)
+        second.add(p)
+    assert torch.equal(first.mean()["a"], second.mean()["a"])
+    with pytest.raises(ValueError, match="not a slot"):
+        SlotMean(SHAPES).add({"zzz": torch.zeros(1)})
+    with pytest.raises(ValueError, match="shape"):
+        SlotMean(SHAPES).add({"a": torch.zeros(3, 2)})
+
+
+def test_replica_modes_give_every_live_peer_a_full_replica():
+    mode = mode_for(RunConfig(mode="sparseloco"))
+    roles = mode.assign_roles(["p1", "p2"], {}, {"p1": 0, "p2": 1}, now=5.0)
+    assert [(r.kind, r.data_shard) for r in roles.values()] == [("replica", 0), ("replica", 1)]
+    assert mode.assign_roles(["p1", "p2"], roles, {"p1": 0, "p2": 1}, now=9.0) == roles  # stable
+    names = ["x", "y"]
+    assert mode.contribution_names(roles["p1"], names) == names

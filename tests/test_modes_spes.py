@@ -121,3 +121,9 @@ def test_survivors_give_back_when_a_newcomer_arrives():
     after = assign_experts(["a", "b", "d", "e"], survivors, 8)
     assert owners(after, 8) == [1] * 8 and all(len(v) == 2 for v in after.values())
     assert set(after["e"]) == set(before["c"])  # the newcomer holds what the dead peer held
+
+
+def test_a_peer_that_gives_back_keeps_its_oldest_experts():
+    survivors = {"a": [0, 1, 4], "b": [2, 3, 5], "d": [6, 7]}  # a and b took c's 4 and 5
+    after = assign_experts(["a", "b", "d", "e"], survivors, 8)
+    assert after == {"a": [0, 1], "b": [2, 3], "d": [6, 7], "e": [4, 5]}

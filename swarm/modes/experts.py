@@ -20,7 +20,8 @@ def assign_experts(live: list[str], current: dict[str, list[int]], n_experts: in
     """
     if not live:
         return {}
-    held = {p: sorted(set(current.get(p, [])) & set(range(n_experts))) for p in live}
+    # Lists are in order of acquisition: a peer that must give experts back keeps its oldest ones.
+    held = {p: [e for e in dict.fromkeys(current.get(p, [])) if 0 <= e < n_experts] for p in live}
     by_holding = sorted(live, key=lambda p: (-len(held[p]), live.index(p)))
     base, extra = divmod(n_experts, len(live)) if len(live) <= n_experts else (1, 0)
     load = {p: base + (1 if i < extra else 0) for i, p in enumerate(by_holding)}
@@ -34,7 +35,6 @@ def assign_experts(live: list[str], current: dict[str, list[int]], n_experts: in
             pick = min((e for e in range(n_experts) if e not in owned[peer]), key=lambda e: (owners[e], e))
             owned[peer].append(pick)
             owners[pick] += 1
-        owned[peer].sort()
     return owned
 
 

@@ -57,11 +57,11 @@ class SpesMode(TrainingMode):
         self.n_experts, self.n_layers = cfg.n_experts, cfg.n_layers
 
     def _pairs(self, experts: list[int]) -> list[tuple[int, int]]:
-        return [(layer, e) for layer in range(self.n_layers) for e in experts]
+        return [(layer, e) for e in experts for layer in range(self.n_layers)]  # keeps acquisition order
 
     @staticmethod
     def _indices(role: Role) -> list[int]:
-        return sorted({e for _, e in role.experts})
+        return list(dict.fromkeys(e for _, e in role.experts))
 
     # ----- roles ---------------------------------------------------------------------------------
 
@@ -81,7 +81,7 @@ class SpesMode(TrainingMode):
         return Role(peer_id=peer_id, kind="experts", data_shard=shard, experts=[])  # dense part only
 
     def describe_role(self, role: Role) -> str:
-        experts = ",".join(map(str, self._indices(role))) or "none"
+        experts = ",".join(map(str, sorted(self._indices(role)))) or "none"
         return f"experts {experts} shard {role.data_shard}"
 
     # ----- local work ----------------------------------------------------------------------------

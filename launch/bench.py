@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, str] = {
     "solo": "launch.benchmarks.solo",
     "codec": "launch.benchmarks.codec",
     "swarm": "launch.benchmarks.swarm",
+    "spes": "launch.benchmarks.spes",
 }
 
 

@@ -52,8 +52,10 @@ def run(args: argparse.Namespace) -> int:
         f"{tokens:,} tokens each; logs in {workdir}",
         flush=True,
     )
-    results = {mode: _swarm(args, workdir / mode, mode) for mode in ("sparseloco", "diloco")}
-    solo = _solo(args)
+    results = {
+        mode: run_swarm(workdir / mode, _run_config(args, mode), args.replicas, args.rounds) for mode in ("sparseloco", "diloco")
+    }
+    solo = run_solo_baseline(args, args.preset)
     _print_table(args, params, results, solo)
     codec = codec_throughput(num_params=10_000_000, repeats=5, num_threads=1)
     print(
@@ -85,13 +87,15 @@ def _run_config(args: argparse.Namespace, mode: str) -> dict:
     return run
 
 
-def _swarm(args: argparse.Namespace, workdir: Path, mode: str) -> dict:
+def run_swarm(workdir: Path, run: dict, peers: int, rounds: int) -> dict:
+    """A local swarm of `peers` one-thread peers for `rounds` rounds; its figures (see the table)."""
+    mode = run["mode"]
     started = time.perf_counter()
-    with LocalCluster(workdir, _run_config(args, mode), coordinator_args=("--stop-after", str(args.rounds))) as cluster:
-        for i in range(args.replicas):
-            cluster.add_peer(f"{mode}-{i}", threads=1, max_rounds=args.rounds)
+    with LocalCluster(workdir, run, coordinator_args=("--stop-after", str(rounds))) as cluster:
+        for i in range(peers):
+            cluster.add_peer(f"{mode}-{i}", threads=1, max_rounds=rounds)
         rounds_file = workdir / "coordinator" / "rounds.jsonl"
-        deadline = time.monotonic() + 300 + 120 * args.rounds
+        deadline = time.monotonic() + 300 + 120 * rounds
         while time.monotonic() < deadline:
             if cluster.failed():
                 raise RuntimeError(f"{mode}: a swarm process failed; logs in {workdir}")
@@ -105,7 +109,15 @@ def _swarm(args: argparse.Namespace, workdir: Path, mode: str) -> dict:
     fractions = _compute_fractions(peer_rows)
     payload = statistics.median(row["payload_bytes"] for rows_ in by_round.values() for row in rows_ if row["payload_bytes"])
     finals = [r["eval_loss"] for r in rows if r.get("final")]
+    last = {row["peer"]: row for r in sorted(by_round) for row in by_round[r]}  # each peer's last row
+    first = {row["peer"]: row for r in sorted(by_round, reverse=True) for row in by_round[r]}
     return {
+        "wire_bytes_per_round": statistics.median(
+            (last[p]["bytes_sent"] + last[p]["bytes_received"] - first[p]["bytes_sent"] - first[p]["bytes_received"])
+            / max(1, last[p]["round"] - first[p]["round"])
+            for p in last
+        ),
+        "memory_bytes": statistics.median(row.get("grad_bytes", 0) + row.get("optimizer_bytes", 0) for row in peer_rows),
         "eval_loss": finals[-1] if finals else None,
         "payload_bytes": payload,
         "compute_fraction": statistics.median(fractions) if fractions else float("nan"),
@@ -121,10 +133,11 @@ def _compute_fractions(rows: list[dict]) -> list[float]:
     return [sum(c for c, _ in v) / sum(w for _, w in v) for v in per_peer.values() if sum(w for _, w in v) > 0]
 
 
-def _solo(args: argparse.Namespace) -> dict:
+def run_solo_baseline(args: argparse.Namespace, preset: str) -> dict:
+    """The solo trainer at the swarm's total batch (replicas x batch) for rounds x H steps."""
     steps = args.inner_steps * args.rounds
     cfg = TrainConfig(
-        preset=args.preset,
+        preset=preset,
         data=DataConfig(source=args.data),
         batch_size=args.replicas * args.batch_size,
         seq_len=args.seq_len,

@@ -16,16 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hivemind.utils import get_dht_time
 
 from swarm.exchange import PayloadStore
 from swarm.log import get_logger
 from swarm.modes import mode_for
 from swarm.net.dht import DHTOptions
-from swarm.net.records import RUNS_KEY, Capacity, Manifest, Role, role_key, run_key
+from swarm.net.records import RUNS_KEY, Manifest
 from swarm.net.schema import from_plain, to_plain
 from swarm.node import SwarmNode
 from swarm.replica import Replica, initial_state
+from swarm.roles import RoleKeeper
 from swarm.rounds import RoundAgreement
 from swarm.run import RunConfig
 from swarm.state import GlobalState
@@ -128,38 +128,9 @@ class Coordinator(SwarmNode):
             await self.dht.put(RUNS_KEY, self.run, RUN_TTL_S)
 
     async def _role_loop(self) -> None:
-        """Keep every live peer's role current: the mode decides roles from who is live, oldest
-        first; a peer that stops heartbeating drops out of the table (its work is reassigned) and
-        gets its old data shard back if it returns."""
-        roles: dict[str, Role] = {}
-        shards: dict[str, int] = {}
-        since: dict[str, float] = {}
+        keeper = RoleKeeper(self, self.mode)
         while True:
-            announced = {
-                c.signer
-                for c in await self.dht.get_all(run_key(self.run.run_id, "peers"), Capacity)
-                if c.record.peer_id == c.signer
-            }
-            live = {b.peer_id for b in await self.live_peers()} & announced - {self.peer_id}
-            for peer in live - set(shards):
-                existing = await self.dht.get_from(role_key(self.run.run_id, peer), Role, self.peer_id)
-                if existing is not None:  # a restarted coordinator adopts the roles it signed before
-                    roles[peer], shards[peer] = existing.record, existing.record.data_shard
-                    since[peer] = existing.record.assigned_at
-                else:
-                    shards[peer] = next(s for s in range(len(shards) + 1) if s not in set(shards.values())) % self.run.num_shards
-                    since[peer] = get_dht_time()
-            order = sorted(live, key=lambda p: (since[p], p))
-            current = {p: roles[p] for p in order if p in roles}
-            new = self.mode.assign_roles(order, current, {p: shards[p] for p in order}, get_dht_time())
-            for peer, role in new.items():
-                if roles.get(peer) == role:
-                    continue
-                if await self.dht.put(role_key(self.run.run_id, peer), role, ttl_s=24 * 3600):
-                    roles[peer] = role
-                    self.log_event("role", f"{peer[-8:]}: {self.mode.describe_role(role)}")
-            for peer in set(roles) - live:
-                del roles[peer]  # gone: its work is someone else's now; a return starts afresh
+            await keeper.update()
             await asyncio.sleep(1.0)
 
     async def _round_loop(self) -> None:

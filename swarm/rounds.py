@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from hivemind.utils import get_dht_time
 
-from swarm.codec import PayloadError, SlotMean
+from swarm.codec import SlotMean
 from swarm.exchange import PayloadStore
 from swarm.log import get_logger
 from swarm.modes.base import TrainingMode
@@ -29,16 +29,14 @@ from swarm.net.records import (
     Heartbeat,
     Manifest,
     ManifestEntry,
-    Rejection,
-    Role,
     Submission,
     manifest_key,
-    role_key,
     submit_key,
 )
-from swarm.net.transfer import TransferError
 from swarm.node import SwarmNode
+from swarm.robust import check_scales
 from swarm.state import GlobalState
+from swarm.validate import Validator
 
 logger = get_logger(__name__)
 MANIFEST_TTL_S = 6 * 3600
@@ -98,9 +96,11 @@ class RoundAgreement:
     mode: TrainingMode
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     poll_s: float = 0.25
-    strikes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     ignored: set[tuple[int, str]] = field(default_factory=set)  # (round, leader) of bad manifests
     coverage: dict[str, int] = field(default_factory=dict)  # slot group -> contributions, last round applied
+
+    def __post_init__(self) -> None:
+        self.validator = Validator(self.node, self.store, self.mode)
 
     @property
     def run(self):
@@ -172,12 +172,17 @@ class RoundAgreement:
     async def _lead(self, round_no: int) -> Manifest | None:
         """Collect submissions until all live replicas are in or the deadline passes, then publish."""
         first_seen: float | None = None
+        seen: dict[str, int] = {}  # poll in which each submission first appeared
+        polls = 0
         while True:
+            polls += 1
             beats, agreed = await self._view(round_no)
             other = await self.find_manifest(round_no, agreed)
             if other is not None:
                 return other
             subs = await self._submissions(round_no)
+            for peer in subs:
+                seen.setdefault(peer, polls)
             if subs and first_seen is None:
                 first_seen = time.monotonic()
             expected = self._expected(round_no, beats)
@@ -188,7 +193,7 @@ class RoundAgreement:
             if subs and (everyone_in or late):
                 break
             await asyncio.sleep(self.poll_s)
-        entries, rejected = await self._validate(round_no, subs)
+        entries, rejected = await self.validator.validate(round_no, self.state.hash, subs, seen)
         manifest = Manifest(
             round=round_no,
             leader=self.node.peer_id,
@@ -218,7 +223,7 @@ class RoundAgreement:
             if not b.is_coordinator
             and b.round in (round_no - 1, round_no)
             and b.phase in ("training", "exchanging", "idle")
-            and self.strikes.get(b.peer_id, 0) < STRIKES_BEFORE_BAN
+            and not self.validator.banned(b.peer_id)
         }
 
     async def _submissions(self, round_no: int) -> dict[str, Submission]:
@@ -227,63 +232,10 @@ class RoundAgreement:
         for item in found:
             if item.record.peer_id != item.signer or item.record.round != round_no:
                 continue
-            if self.strikes.get(item.signer, 0) >= STRIKES_BEFORE_BAN:
+            if self.validator.banned(item.signer):
                 continue
             subs[item.signer] = item.record
         return subs
-
-    async def _validate(self, round_no: int, subs: dict[str, Submission]) -> tuple[list[ManifestEntry], list[Rejection]]:
-        results = await asyncio.gather(*(self._check(round_no, s) for s in subs.values()))
-        senders_of: dict[str, int] = defaultdict(int)
-        for sub in subs.values():
-            senders_of[sub.digest] += 1
-        results = [
-            ("the same payload was submitted by another peer (copied)", True)
-            if senders_of[s.digest] > 1 and r is None
-            else (r, f)
-            for s, (r, f) in zip(subs.values(), results)
-        ]
-        entries, rejected = [], []
-        for sub, (reason, is_fault) in zip(subs.values(), results):
-            if reason is None:
-                entries.append(ManifestEntry(sub.peer_id, sub.digest, sub.size))
-                continue
-            rejected.append(Rejection(sub.peer_id, reason))
-            if is_fault:  # a stale base is bad luck, a malformed payload is the sender's fault
-                self.strikes[sub.peer_id] += 1
-            self.node.log_event("reject", f"round {round_no}: payload from {sub.peer_id[-8:]} rejected: {reason}")
-            if self.strikes[sub.peer_id] == STRIKES_BEFORE_BAN:
-                self.node.log_event(
-                    "ban", f"{sub.peer_id[-8:]} sent {STRIKES_BEFORE_BAN} malformed payloads: ignored from now on"
-                )
-        entries.sort(key=lambda e: e.peer_id)
-        return entries, rejected
-
-    async def _check(self, round_no: int, sub: Submission) -> tuple[str | None, bool]:
-        """(None, False) if the submission's payload is valid, else (reason, whether it is a fault)."""
-        if sub.base_hash != self.state.hash:
-            return "computed against other weights (stale or diverged)", False
-        try:
-            data = await self.store.get(self.p2p, sub.digest, [sub.peer_id])
-            tensors = await asyncio.to_thread(self.store.decode, data, sender=sub.peer_id, round_no=round_no)
-        except PayloadError as e:
-            return f"malformed payload: {e.reason}", True
-        except TransferError as e:
-            return f"payload not delivered: {e}", False
-        except Exception as e:  # the codec must not crash the leader on hostile bytes, whatever it raises
-            logger.exception("unexpected error validating the payload of %s", sub.peer_id[-8:])
-            return f"malformed payload: {type(e).__name__}", True
-        wanted = await self.slots_of(sub.peer_id)
-        if set(tensors) != wanted:  # no strike: the coordinator may have changed the role mid-round
-            extra = len(set(tensors) - wanted)
-            return f"payload does not cover its role's slots ({len(wanted - set(tensors))} missing, {extra} not its own)", False
-        return None, False
-
-    async def slots_of(self, peer_id: str) -> set[str]:
-        """The tensors a peer's coordinator-signed role contributes (the mode's default role if none)."""
-        item = await self.node.dht.get_from(role_key(self.run.run_id, peer_id), Role, self.run.coordinator)
-        role = item.record if item is not None and item.record.peer_id == peer_id else self.mode.default_role(peer_id, 0)
-        return set(self.mode.contribution_names(role, sorted(self.store.shapes)))
 
     # ----- applying --------------------------------------------------------------------------
 
@@ -305,9 +257,13 @@ class RoundAgreement:
         acc = SlotMean(self.store.shapes)
         for entry, data in zip(manifest.entries, blobs):
             try:
-                acc.add(self.store.decode(data, sender=entry.peer_id, round_no=manifest.round))
+                tensors = self.store.decode(data, sender=entry.peer_id, round_no=manifest.round)
             except Exception as e:  # undecodable: the manifest should never have listed it
                 raise BadManifest(f"payload of {entry.peer_id[-8:]}: {e}") from None
+            problem = check_scales(entry.scales, set(tensors))
+            if problem is not None:
+                raise BadManifest(f"entry of {entry.peer_id[-8:]}: {problem}")
+            acc.add(tensors, entry.scales)
         coverage: dict[str, int] = {}
         for name, count in acc.counts.items():
             group = self.mode.slot_group(name)

@@ -51,11 +51,14 @@ class SlotMean:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
 
-    def add(self, payload: Mapping[str, torch.Tensor]) -> None:
+    def add(self, payload: Mapping[str, torch.Tensor], scales: Mapping[str, float] | None = None) -> None:
+        """Add one contribution; `scales` multiplies named tensors first (robust clipping)."""
         for name in sorted(payload):
             if name not in self.shapes:
                 raise ValueError(f"tensor {name!r} is not a slot of this model")
             term = payload[name].detach().to("cpu", torch.float32)
+            if scales and name in scales:
+                term = term * scales[name]
             if tuple(term.shape) != tuple(self.shapes[name]):
                 raise ValueError(f"tensor {name!r}: shape {tuple(term.shape)} != {tuple(self.shapes[name])}")
             if name in self.sums:

@@ -66,6 +66,23 @@ class Role:
 
 
 @dataclass
+class Roster:
+    """The coordinator's table of admitted peers and their current roles, under run_key(run, 'roster').
+
+    Signed by the coordinator and long-lived, so it stands while the coordinator is down; the status
+    page draws who-trains-what from it (e.g. the SPES ownership map).
+    """
+
+    roles: list[Role]
+    updated_at: float
+
+    def __post_init__(self) -> None:
+        ids = [r.peer_id for r in self.roles]
+        if len(set(ids)) != len(ids):
+            raise ValueError("a roster lists each peer once")
+
+
+@dataclass
 class Heartbeat:
     """A peer's periodic status, read by other peers (liveness, leader choice) and the status page."""
 
@@ -105,6 +122,7 @@ class ManifestEntry:
     peer_id: str
     digest: str
     size: int
+    scales: dict[str, float] = field(default_factory=dict)  # clip factors in (0, 1] of tensors above the round's median norm
 
 
 @dataclass

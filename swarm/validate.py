@@ -1,0 +1,118 @@
+"""What a round leader accepts: each submission checked on its own, then the round's set as a whole.
+
+On its own, a submission must be built on the leader's state, deliverable, well-formed (codec
+validation, docs/wire-format.md) and cover exactly the slots of its sender's coordinator-signed role.
+As a set (swarm/robust.py): all-zero contributions are refused, copies are found by overlapping
+selected positions, and every tensor is clipped to the round's median norm. A fault (malformed,
+free rider, copier) earns a strike; after STRIKES_BEFORE_BAN the leader ignores the sender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from swarm.codec import PayloadError
+from swarm.exchange import PayloadStore
+from swarm.log import get_logger
+from swarm.modes.base import TrainingMode
+from swarm.net.records import ManifestEntry, Rejection, Role, Submission, role_key
+from swarm.net.transfer import TransferError
+from swarm.node import SwarmNode
+from swarm.robust import COPY_OVERLAP, Summary, clip_scales, overlap, summarise
+
+logger = get_logger(__name__)
+STRIKES_BEFORE_BAN = 3
+
+
+@dataclass
+class Verdict:
+    reason: str | None = None  # None: accepted
+    fault: bool = False  # the sender's fault (a strike), rather than bad luck
+    summary: Summary | None = None
+
+
+@dataclass
+class Validator:
+    node: SwarmNode
+    store: PayloadStore
+    mode: TrainingMode
+    strikes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def banned(self, peer_id: str) -> bool:
+        return self.strikes.get(peer_id, 0) >= STRIKES_BEFORE_BAN
+
+    async def validate(
+        self, round_no: int, base_hash: str, subs: dict[str, Submission], seen: dict[str, int]
+    ) -> tuple[list[ManifestEntry], list[Rejection]]:
+        """Entries (sorted by peer, with clip factors) and rejections of a round. `seen`: the poll in
+        which the leader first saw each submission (who came first when two are copies)."""
+        verdicts = dict(zip(subs, await asyncio.gather(*(self.check(round_no, base_hash, s) for s in subs.values()))))
+        self._refuse_zeros(verdicts)
+        self._refuse_copies(verdicts, seen)
+        accepted = sorted(p for p, v in verdicts.items() if v.reason is None)
+        scales = clip_scales([s for p in accepted if (s := verdicts[p].summary) is not None])
+        entries = [ManifestEntry(p, subs[p].digest, subs[p].size, scales=s) for p, s in zip(accepted, scales)]
+        rejected = []
+        for peer, verdict in sorted(verdicts.items()):
+            if verdict.reason is not None:
+                rejected.append(Rejection(peer, verdict.reason))
+                self._penalise(round_no, peer, verdict)
+        return entries, rejected
+
+    async def check(self, round_no: int, base_hash: str, sub: Submission) -> Verdict:
+        """One submission on its own."""
+        if sub.base_hash != base_hash:
+            return Verdict("computed against other weights (stale or diverged)")
+        try:
+            data = await self.store.get(self.node.server.p2p, sub.digest, [sub.peer_id])
+            tensors = await asyncio.to_thread(self.store.decode, data, sender=sub.peer_id, round_no=round_no)
+        except PayloadError as e:
+            return Verdict(f"malformed payload: {e.reason}", fault=True)
+        except TransferError as e:
+            return Verdict(f"payload not delivered: {e}")
+        except Exception as e:  # the codec must not crash the leader on hostile bytes, whatever it raises
+            logger.exception("unexpected error validating the payload of %s", sub.peer_id[-8:])
+            return Verdict(f"malformed payload: {type(e).__name__}", fault=True)
+        wanted = await self.slots_of(sub.peer_id)
+        if set(tensors) != wanted:  # no strike: the coordinator may have changed the role mid-round
+            extra = len(set(tensors) - wanted)
+            return Verdict(f"payload does not cover its role's slots ({len(wanted - set(tensors))} missing, {extra} not its own)")
+        sparse = self.node.run.outer.codec == "sparseloco"
+        return Verdict(summary=await asyncio.to_thread(summarise, tensors, sparse))
+
+    async def slots_of(self, peer_id: str) -> set[str]:
+        """The tensors a peer's coordinator-signed role contributes (the mode's default role if none)."""
+        run = self.node.run
+        item = await self.node.dht.get_from(role_key(run.run_id, peer_id), Role, run.coordinator)
+        role = item.record if item is not None and item.record.peer_id == peer_id else self.mode.default_role(peer_id, 0)
+        return set(self.mode.contribution_names(role, sorted(self.store.shapes)))
+
+    @staticmethod
+    def _refuse_zeros(verdicts: dict[str, Verdict]) -> None:
+        for verdict in verdicts.values():
+            if verdict.summary is not None and verdict.summary.is_zero:
+                verdict.reason, verdict.fault = "all-zero update (contributes nothing)", True
+
+    @staticmethod
+    def _refuse_copies(verdicts: dict[str, Verdict], seen: dict[str, int]) -> None:
+        """Of two contributions selecting mostly the same positions, the one seen later is a copy;
+        seen in the same poll, neither can be told from the other and both sit the round out."""
+        valid = sorted((p for p, v in verdicts.items() if v.reason is None), key=lambda p: (seen.get(p, 0), p))
+        for i, first in enumerate(valid):
+            for later in valid[i + 1 :]:
+                a, b = verdicts[first], verdicts[later]
+                if a.summary is None or b.summary is None or overlap(a.summary, b.summary) < COPY_OVERLAP:
+                    continue
+                if seen.get(first, 0) == seen.get(later, 0):
+                    a.reason = b.reason = "two payloads select the same positions; both sit this round out"
+                elif b.reason is None:
+                    b.reason, b.fault = f"copies the payload of {first[-8:]} (selected positions overlap)", True
+
+    def _penalise(self, round_no: int, peer: str, verdict: Verdict) -> None:
+        if verdict.fault:
+            self.strikes[peer] += 1
+        self.node.log_event("reject", f"round {round_no}: payload from {peer[-8:]} rejected: {verdict.reason}")
+        if verdict.fault and self.strikes[peer] == STRIKES_BEFORE_BAN:
+            self.node.log_event("ban", f"{peer[-8:]} made {STRIKES_BEFORE_BAN} faulty submissions: ignored from now on")

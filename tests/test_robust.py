@@ -1,0 +1,63 @@
+"""Robust aggregation: clipping to the median norm, zero updates, copies by selected positions."""
+
+from __future__ import annotations
+
+import torch
+
+from swarm.codec import SlotMean
+from swarm.robust import check_scales, clip_scales, lower_median, overlap, summarise
+
+SHAPES = {"w": (4, 4)}
+
+
+def sparse(seed: int, scale: float = 1.0, positions: list[int] | None = None) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.zeros(16)
+    idx = torch.tensor(positions) if positions is not None else torch.randperm(16, generator=g)[:4]
+    t[idx] = torch.randn(len(idx), generator=g) * scale
+    return {"w": t.reshape(4, 4)}
+
+
+def test_lower_median_is_an_element_of_the_list():
+    assert lower_median([3.0, 1.0, 2.0]) == 2.0
+    assert lower_median([4.0, 1.0, 3.0, 2.0]) == 2.0
+
+
+def test_a_huge_contribution_is_clipped_to_the_median_norm():
+    honest = [sparse(i) for i in range(3)]
+    attacker = {"w": honest[0]["w"] * -1000}
+    summaries = [summarise(c, sparse=True) for c in [*honest, attacker]]
+    scales = clip_scales(summaries)
+    median = lower_median([s.norms["w"] for s in summaries])
+    assert "w" in scales[3] and 0 < scales[3]["w"] < 1e-2
+    clipped = float(torch.linalg.vector_norm(attacker["w"] * scales[3]["w"]))
+    assert abs(clipped - median) < 1e-4 * median
+    assert all(not s or s["w"] <= 1 for s in scales[:3])
+
+
+def test_clipped_mean_stays_near_the_honest_mean():
+    honest = [{"w": torch.full((4, 4), 1e-3) + 1e-4 * i} for i in range(3)]
+    poisoned = [*honest, {"w": honest[0]["w"] * -1000}]
+    scales = clip_scales([summarise(c, sparse=False) for c in poisoned])
+    acc = SlotMean(SHAPES)
+    for c, s in zip(poisoned, scales):
+        acc.add(c, s)
+    mean = acc.mean()["w"]
+    assert (mean > 0).all(), "one flipped contribution must not reverse the update"
+    plain = sum(c["w"] for c in poisoned) / 4
+    assert (plain < 0).all()  # what the plain mean would have done
+
+
+def test_zero_update_and_overlap():
+    assert summarise({"w": torch.zeros(4, 4)}, sparse=True).is_zero
+    a = summarise(sparse(0, positions=[0, 1, 2, 3]), sparse=True)
+    b = summarise(sparse(1, positions=[0, 1, 2, 9]), sparse=True)
+    c = summarise(sparse(2, positions=[10, 11, 12, 13]), sparse=True)
+    assert overlap(a, b) == 0.75 and overlap(a, c) == 0.0
+
+
+def test_scale_checks():
+    assert check_scales({"w": 0.5}, {"w"}) is None
+    assert "not in (0, 1]" in check_scales({"w": 1.5}, {"w"})
+    assert "not in (0, 1]" in check_scales({"w": float("nan")}, {"w"})
+    assert "does not carry" in check_scales({"x": 0.5}, {"w"})

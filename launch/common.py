@@ -7,7 +7,8 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from swarm.net.dht import DHTOptions
 
@@ -54,6 +55,7 @@ def run_node(
     """
     if setup is not None:
         setup()
+    runner: Callable[[Coroutine[Any, Any, int]], int]
     try:
         import uvloop
 

@@ -32,6 +32,9 @@ class RotaryEmbedding(nn.Module):
     buffers: they never enter ``state_dict`` (nothing to sync between peers) and follow ``.to()``.
     """
 
+    cos: torch.Tensor  # (max_seq_len, head_dim/2), a buffer
+    sin: torch.Tensor  # (max_seq_len, head_dim/2), a buffer
+
     def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0) -> None:
         super().__init__()
         if head_dim % 2 != 0:

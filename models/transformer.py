@@ -124,7 +124,7 @@ class LanguageModel(nn.Module):
                 nn.init.ones_(module.weight)
 
     @property
-    def head_weight(self) -> nn.Parameter:
+    def head_weight(self) -> torch.Tensor:
         """The (V, C) output matrix: ``head.weight``, or ``tok_emb.weight`` when tied."""
         return self.tok_emb.weight if self.head is None else self.head.weight
 

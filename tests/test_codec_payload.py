@@ -2,6 +2,7 @@
 
 import random
 import struct
+from collections.abc import Iterator
 
 import msgpack
 import numpy as np
@@ -349,7 +350,7 @@ def _random_value(rng: random.Random, depth: int = 0) -> object:
     return rng.randrange(-5, 70000)
 
 
-def _paths(node: object, path: tuple = ()):
+def _paths(node: object, path: tuple = ()) -> Iterator[tuple]:
     yield path
     children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
     for key, child in children:

@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from models import build_model, generate, get_preset
+from models import LanguageModel, build_model, generate, get_preset
 
 
 @pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
+def model() -> LanguageModel:
     return build_model(get_preset("nano", max_seq_len=16), seed=0)
 
 
-def test_shape_and_determinism(model: torch.nn.Module) -> None:
+def test_shape_and_determinism(model: LanguageModel) -> None:
     prompt = torch.randint(0, 260, (3, 5), generator=torch.Generator().manual_seed(0))
     a = generate(model, prompt, 8, top_k=20, generator=torch.Generator().manual_seed(7))
     b = generate(model, prompt, 8, top_k=20, generator=torch.Generator().manual_seed(7))
@@ -20,7 +20,7 @@ def test_shape_and_determinism(model: torch.nn.Module) -> None:
     assert int(a.min()) >= 0 and int(a.max()) < 260
 
 
-def test_crops_context_and_restores_mode(model: torch.nn.Module) -> None:
+def test_crops_context_and_restores_mode(model: LanguageModel) -> None:
     model.train()
     long_prompt = torch.randint(0, 260, (1, 40))  # longer than max_seq_len=16
     out = generate(model, long_prompt, 4, generator=torch.Generator().manual_seed(0))
@@ -30,7 +30,7 @@ def test_crops_context_and_restores_mode(model: torch.nn.Module) -> None:
     assert not model.training
 
 
-def test_greedy_equals_top1_and_matches_argmax(model: torch.nn.Module) -> None:
+def test_greedy_equals_top1_and_matches_argmax(model: LanguageModel) -> None:
     prompt = torch.randint(0, 260, (2, 6), generator=torch.Generator().manual_seed(3))
     greedy = generate(model, prompt, 5, temperature=0.0)
     top1 = generate(model, prompt, 5, top_k=1, generator=torch.Generator().manual_seed(0))
@@ -38,7 +38,7 @@ def test_greedy_equals_top1_and_matches_argmax(model: torch.nn.Module) -> None:
     assert torch.equal(greedy[:, 6], model(prompt).logits[:, -1].argmax(-1))
 
 
-def test_rejects_bad_arguments(model: torch.nn.Module) -> None:
+def test_rejects_bad_arguments(model: LanguageModel) -> None:
     prompt = torch.zeros(1, 2, dtype=torch.long)
     for kwargs in (dict(temperature=-1.0), dict(top_k=0)):
         with pytest.raises(ValueError):

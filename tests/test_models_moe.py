@@ -95,7 +95,7 @@ def test_expert_names() -> None:
         assert is_expert_parameter(name) is None
     params = expert_parameters(model, 1, 2)
     assert sorted(params) == [f"blocks.1.ffn.experts.2.{w}.weight" for w in ("w_down", "w_gate", "w_up")]
-    assert params["blocks.1.ffn.experts.2.w_up.weight"] is model.blocks[1].ffn.experts[2].w_up.weight
+    assert params["blocks.1.ffn.experts.2.w_up.weight"] is model.get_parameter("blocks.1.ffn.experts.2.w_up.weight")
     with pytest.raises(KeyError):
         expert_parameters(model, 0, 99)
 

@@ -30,8 +30,8 @@ def test_composed_stages_equal_full_model_exactly(name: str, tie: bool) -> None:
     hidden = stages[0](tokens)
     assert hidden.shape == (2, 24, model.cfg.d_model)
     assert torch.equal(_run(stages, tokens), full.logits)
-    balance = sum(s.aux_losses()[0] for s in stages)
-    z = sum(s.aux_losses()[1] for s in stages)
+    balance = torch.stack([s.aux_losses()[0] for s in stages]).sum()
+    z = torch.stack([s.aux_losses()[1] for s in stages]).sum()
     assert torch.allclose(balance, full.balance_loss) and torch.allclose(z, full.z_loss)
     assert torch.equal(_run(split_stages(model, []), tokens), full.logits)
 
@@ -118,5 +118,6 @@ def test_pipeline_backward_recipe_from_the_docs() -> None:
         torch.autograd.backward([outputs[i], stages[i].weighted_aux_loss()], [grad, torch.ones(())])
     twin_params = dict(twin.named_parameters())
     for name, param in model.named_parameters():
+        twin_grad = twin_params[name].grad
         if param.grad is not None:
-            assert torch.allclose(param.grad, twin_params[name].grad, atol=1e-6), name
+            assert twin_grad is not None and torch.allclose(param.grad, twin_grad, atol=1e-6), name

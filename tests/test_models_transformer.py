@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from models import IGNORE_INDEX, LanguageModel, ModelOutput, build_model, get_preset
+from models.layers import SwiGLU
+from models.transformer import Block
 
 
 def _tokens(b: int, t: int, seed: int = 0) -> torch.Tensor:
@@ -68,6 +70,7 @@ def test_init_scheme() -> None:
     model = build_model(cfg, seed=0)
     resid = cfg.init_std / math.sqrt(2 * cfg.n_layers)
     block = model.blocks[0]
+    assert isinstance(block, Block) and isinstance(block.ffn, SwiGLU)
     for weight, std in [
         (model.tok_emb.weight, cfg.init_std),
         (block.attn.qkv.weight, cfg.init_std),

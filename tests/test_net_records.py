@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import msgpack
 import pytest
@@ -81,7 +82,7 @@ def test_forged_subkey_is_refused_by_the_dht(nodes):
 
 def test_schema_violations_are_rejected(nodes):
     coordinator, _impostor, joiner = nodes
-    beat = dict(
+    beat: dict[str, Any] = dict(
         peer_id="x",
         name="n",
         role="r",

@@ -22,7 +22,7 @@ def test_fetch_found_missing_oversized_and_unreachable(tmp_path):
     cache.put("d1", blob)
 
     async def serve(request: dict) -> bytes | None:
-        return cache.get(request.get("digest"))
+        return cache.get(request["digest"])
 
     async def go():
         server_traffic, client_traffic = Traffic(), Traffic()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 
 import pytest
 
 from swarm.net.dht import Signed
-from swarm.net.records import Event, Heartbeat, Manifest, ManifestEntry, Rejection, Submission
+from swarm.net.records import Event, Heartbeat, Manifest, ManifestEntry, Phase, Rejection, Submission
 from swarm.rounds import canonical_manifest
 from swarm.status.book import (
     BookConfig,
@@ -24,7 +25,7 @@ from swarm.status.book import (
 TTL = 4.0
 
 
-def beat(peer: str, t: float, *, phase: str = "training", name: str = "p", loss: float | None = 1.0, rnd: int = 3) -> Heartbeat:
+def beat(peer: str, t: float, *, phase: Phase = "training", name: str = "p", loss: float | None = 1.0, rnd: int = 3) -> Heartbeat:
     return Heartbeat(
         peer_id=peer,
         name=name,
@@ -112,7 +113,13 @@ def test_clean_helpers():
     assert clean_number(math.inf) is None and clean_number(2.5) == 2.5 and clean_number(None) is None
 
 
-def manifest(rnd: int, leader: str, entries: list[tuple[str, int]], rejected=(), eval_loss=None) -> Manifest:
+def manifest(
+    rnd: int,
+    leader: str,
+    entries: list[tuple[str, int]],
+    rejected: Sequence[tuple[str, str]] = (),
+    eval_loss: float | None = None,
+) -> Manifest:
     return Manifest(
         round=rnd,
         leader=leader,
@@ -180,12 +187,18 @@ def test_peer_counts_sample_on_change_and_periodically():
 
 
 def test_canonical_manifest_prefers_coordinator_then_hash_rank_and_needs_leader_signature():
-    by = lambda signer, leader=None, rnd=3: Signed(signer, manifest(rnd, leader or signer, []), 0.0)  # noqa: E731
-    assert canonical_manifest([by("P1"), by("C")], 3, coordinator="C").leader == "C"
-    assert canonical_manifest([by("P1", leader="C")], 3, coordinator="C") is None  # forged leader field
-    assert canonical_manifest([by("P1", rnd=2)], 3, coordinator="C") is None
-    pick = canonical_manifest([by("P1"), by("P2")], 3, coordinator="C").leader
-    assert pick == canonical_manifest([by("P2"), by("P1")], 3, coordinator="C").leader
+    def by(signer: str, leader: str | None = None, rnd: int = 3) -> Signed[Manifest]:
+        return Signed(signer, manifest(rnd, leader or signer, []), 0.0)
+
+    def leader(*signed: Signed[Manifest]) -> str | None:
+        chosen = canonical_manifest(list(signed), 3, coordinator="C")
+        return chosen.leader if chosen is not None else None
+
+    assert leader(by("P1"), by("C")) == "C"
+    assert leader(by("P1", leader="C")) is None  # forged leader field
+    assert leader(by("P1", rnd=2)) is None
+    pick = leader(by("P1"), by("P2"))
+    assert pick is not None and pick == leader(by("P2"), by("P1"))
 
 
 def test_book_config_is_validated():

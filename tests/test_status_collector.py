@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TypeVar
 
 from hivemind.utils import get_dht_time
 
@@ -21,6 +22,8 @@ from swarm.net.records import (
 from swarm.run import RunConfig
 from swarm.status.collector import CollectorConfig, StatusCollector
 
+T = TypeVar("T")
+
 RUN = RunConfig(
     run_id="run-t",
     preset="nano",
@@ -34,20 +37,22 @@ RUN = RunConfig(
 
 
 class FakeDHT:
-    def __init__(self):
+    def __init__(self) -> None:
         self.records: dict[str, list[Signed]] = {}
         self.gets = 0
 
     def put(self, key: str, signer: str, record: object) -> None:
         self.records.setdefault(key, []).append(Signed(signer, record, get_dht_time() + 60))
 
-    async def get_all(self, key: str, cls: type) -> list[Signed]:
+    async def get_all(self, key: str, cls: type[T]) -> list[Signed[T]]:
         self.gets += 1
         return [s for s in self.records.get(key, []) if isinstance(s.record, cls)]
 
 
 class FakeNode:
-    def __init__(self):
+    ready = True
+
+    def __init__(self) -> None:
         self.run, self.dht, self.peer_id = RUN, FakeDHT(), "OBSERVER"
 
     async def heartbeats(self) -> list[Signed[Heartbeat]]:
@@ -73,7 +78,7 @@ def beat(peer: str, rnd: int) -> Heartbeat:
     )
 
 
-def close_round(dht: FakeDHT, rnd: int, peers=("A", "B")) -> None:
+def close_round(dht: FakeDHT, rnd: int, peers: tuple[str, ...] = ("A", "B")) -> None:
     entries = [ManifestEntry(p, f"d{p}{rnd}", 1000) for p in sorted(peers)]
     dht.put(manifest_key(RUN.run_id, rnd), "COORD", Manifest(rnd, "COORD", "h", entries, [], get_dht_time(), 3.0))
     for p in peers:

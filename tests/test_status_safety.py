@@ -7,6 +7,7 @@ import inspect
 import json
 import math
 import re
+from typing import Any
 from importlib import resources
 
 import pytest
@@ -49,13 +50,14 @@ async def _request(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
     return int(lines[0].split(" ")[1]), headers, body
 
 
-def serve_and(requests: list[bytes], **cfg) -> tuple[list[tuple[int, dict[str, str], bytes]], StatusServer]:
+def serve_and(requests: list[bytes], **cfg: Any) -> tuple[list[tuple[int, dict[str, str], bytes]], StatusServer]:
     """Start a server on a free loopback port, send each raw request, return the responses."""
 
     async def go():
         server = StatusServer(lambda: SNAPSHOT, ServerConfig(port=0, **cfg))
         await server.start()
         try:
+            assert server.port is not None
             return [await _request(server.port, r) for r in requests], server
         finally:
             await server.stop()
@@ -81,7 +83,7 @@ def test_every_route_answers_get_with_security_headers():
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"])
-def test_write_methods_are_refused_with_405(method: str):
+def test_write_methods_are_refused_with_405(method: str) -> None:
     body = b'{"x": 1}'
     raw = f"{method} /api/peers HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
     ((status, headers, _),) = serve_and([raw])[0]
@@ -121,7 +123,7 @@ def test_binds_loopback_by_default():
 
 
 def static(name: str) -> str:
-    return resources.files("swarm.status").joinpath("static", name).read_text()
+    return resources.files("swarm.status").joinpath("static").joinpath(name).read_text()
 
 
 def test_page_code_never_parses_markup():

@@ -36,6 +36,7 @@ def _fresh(preset: str = "nano", seed: int = 0, **overrides: int) -> tuple[Langu
 
 
 def _save(path: Path, trainer: Trainer, stream: BatchStream) -> None:
+    assert isinstance(trainer.model, LanguageModel)
     meta = {
         "step": trainer.step,
         "data_state": stream.state_dict(),

@@ -151,7 +151,7 @@ def run_solo_baseline(args: argparse.Namespace, preset: str) -> dict:
     return {"eval_loss": result.final_eval_loss, "tokens_per_s": result.tokens_per_s_median, "wall_s": result.elapsed_s}
 
 
-def _print_table(args, params: int, results: dict, solo: dict) -> None:
+def _print_table(args: argparse.Namespace, params: int, results: dict, solo: dict) -> None:
     sparse, dense = results["sparseloco"], results["diloco"]
     print()
     print(f"{'':<28} {'SparseLoCo':>12} {'DiLoCo fp32':>12} {'solo':>10}")

@@ -42,11 +42,11 @@ def pack_fields(values: np.ndarray, widths: np.ndarray | int) -> bytes:
         return np.packbits(bits.reshape(-1)).tobytes()
     widths = np.asarray(widths, dtype=np.int64)
     starts = np.cumsum(widths) - widths
-    bits = np.zeros(int(widths.sum()), dtype=np.uint8)
+    flat = np.zeros(int(widths.sum()), dtype=np.uint8)  # (sum of widths,)
     for b in range(int(widths.max(initial=0))):
         sel = widths > b
-        bits[starts[sel] + b] = (values[sel] >> (widths[sel] - 1 - b)) & 1
-    return np.packbits(bits).tobytes()
+        flat[starts[sel] + b] = (values[sel] >> (widths[sel] - 1 - b)) & 1
+    return np.packbits(flat).tobytes()
 
 
 def unpack_fields(data: bytes | memoryview, widths: np.ndarray | int, count: int, what: str) -> np.ndarray:

@@ -11,7 +11,7 @@ import torch
 
 from swarm.codec.base import DENSE_FP16, DENSE_FP32, MAX_ABS_VALUE, EncodedTensor, PayloadError, numel_of
 
-_WIRE_DTYPES = {DENSE_FP32: np.dtype("<f4"), DENSE_FP16: np.dtype("<f2")}
+_WIRE_DTYPES: dict[str, np.dtype] = {DENSE_FP32: np.dtype("<f4"), DENSE_FP16: np.dtype("<f2")}
 
 
 def dense_section_nbytes(shape: tuple[int, ...], kind: str) -> list[int]:

@@ -17,6 +17,8 @@ a decoded chunk always has exactly k_c distinct in-range positions.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from swarm.codec.base import PayloadError
@@ -98,7 +100,7 @@ def _widths(per_chunk: np.ndarray, chunk_of: np.ndarray) -> np.ndarray | int:
 
 
 def decode_indices(
-    sections: list[bytes | memoryview], sizes: np.ndarray, ks: np.ndarray, coding: str
+    sections: Sequence[bytes | memoryview], sizes: np.ndarray, ks: np.ndarray, coding: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """(chunk id, compact index) per selected value, validated; raises PayloadError."""
     total = int(ks.sum())

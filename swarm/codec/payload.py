@@ -53,7 +53,8 @@ def _pack_header(meta: PayloadMeta, entries: list[TensorEntry]) -> bytes:
 def encode_payload(meta: PayloadMeta, tensors: Mapping[str, EncodedTensor]) -> bytes:
     """Serialise encoded tensors under `meta`; ValueError if a tensor does not match the meta."""
     config = codec_config(meta.codec, meta.params)
-    entries, body = [], []
+    entries: list[TensorEntry] = []
+    body: list[bytes] = []
     for name in sorted(tensors):
         encoded = tensors[name]
         if (encoded.codec, dict(encoded.params)) != (meta.codec, dict(meta.params)):
@@ -157,7 +158,7 @@ def _check_entries(
 
 
 def decode_payload(
-    data: bytes,
+    data: bytes | bytearray | memoryview,
     *,
     expected: Mapping[str, Sequence[int]] | None = None,
     max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,

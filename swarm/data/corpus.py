@@ -174,7 +174,7 @@ def stdlib_root() -> str:
 def stdlib_paths() -> list[Path]:
     """The interpreter's standard-library .py files, sorted, without site-packages."""
     root = Path(stdlib_root())
-    paths = []
+    paths: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")]
         paths.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
@@ -185,7 +185,7 @@ def stdlib_paths() -> list[Path]:
 
 def _dir_files(root: Path) -> list[Path]:
     """Text files under `root`, recursively, sorted by relative path; hidden dirs skipped."""
-    found = []
+    found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]
         found.extend(Path(dirpath) / f for f in filenames if f.endswith(DIR_SUFFIXES))

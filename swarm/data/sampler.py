@@ -91,7 +91,7 @@ class BatchStream:
 
     def next_window_ids(self) -> np.ndarray:
         """Indices of the windows in the next batch, advancing the stream."""
-        ids = []
+        ids: list[int] = []
         while len(ids) < self.batch_size:
             order = self._shard_order()
             take = order[self.cursor : self.cursor + self.batch_size - len(ids)]

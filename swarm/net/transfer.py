@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import msgpack
 from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 
 from swarm.log import get_logger
 
@@ -82,7 +83,7 @@ class TransferServer:
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(PROTOCOL, self._handle)
 
-    async def _handle(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             # A reader that stops reading must not pin a body in memory forever.
             await asyncio.wait_for(self._answer(reader, writer), timeout=HANDLER_TIMEOUT_S)
@@ -95,8 +96,9 @@ class TransferServer:
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request = await asyncio.wait_for(_read_header(reader), timeout=30)
-        provider = self._providers.get(request.get("kind")) if isinstance(request, dict) else None
-        body = await provider(request) if provider is not None else None
+        body = None
+        if isinstance(request, dict) and isinstance(kind := request.get("kind"), str) and kind in self._providers:
+            body = await self._providers[kind](request)
         await _write_body(writer, OK if body is not None else NOT_FOUND, body or b"")
         self.traffic.sent += len(body or b"")
 

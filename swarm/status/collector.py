@@ -13,16 +13,17 @@ import time
 from collections import Counter
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from hivemind.utils import get_dht_time
 
 from models import count_parameters, get_preset
 from swarm import __version__
 from swarm.log import get_logger
-from swarm.net.records import EventLog, Manifest, Submission, manifest_key, run_key, submit_key
-from swarm.node import SwarmNode
+from swarm.net.dht import Signed
+from swarm.net.records import EventLog, Heartbeat, Manifest, Submission, manifest_key, run_key, submit_key
 from swarm.rounds import canonical_manifest
+from swarm.run import RunConfig
 from swarm.status.book import (
     BookConfig,
     EventMerger,
@@ -58,10 +59,30 @@ class CollectorConfig:
             raise ValueError("backfill_rounds must be >= 0, max_parallel_gets and max_rounds >= 1")
 
 
+class RecordReader(Protocol):
+    """The part of SwarmDHT the collector reads through."""
+
+    async def get_all(self, key: str, cls: type[T]) -> list[Signed[T]]: ...
+
+
+class StatusSource(Protocol):
+    """What the collector needs of a node (a SwarmNode, or a fake one in tests)."""
+
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def run(self) -> RunConfig: ...
+    @property
+    def dht(self) -> RecordReader: ...
+    @property
+    def peer_id(self) -> str: ...
+    async def heartbeats(self) -> list[Signed[Heartbeat]]: ...
+
+
 class StatusCollector:
     """Polls the DHT through `node` (whose run description must be known) and keeps a snapshot."""
 
-    def __init__(self, node: SwarmNode, cfg: CollectorConfig | None = None):
+    def __init__(self, node: StatusSource, cfg: CollectorConfig | None = None):
         if not node.ready:
             raise ValueError("the node must be started and know its run before collecting status")
         self.node = node

@@ -147,7 +147,7 @@ class StatusServer:
 
 
 def _read_static(name: str) -> bytes:
-    return resources.files("swarm.status").joinpath("static", name).read_bytes()
+    return resources.files("swarm.status").joinpath("static").joinpath(name).read_bytes()
 
 
 def _headers(content_type: str, length: int) -> dict[str, str]:

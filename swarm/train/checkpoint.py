@@ -34,7 +34,7 @@ class CheckpointError(ValueError):
 
 def capture_rng_state() -> dict[str, Any]:
     """torch CPU (and CUDA) generator states as base64 strings (JSON-safe)."""
-    state = {"torch_cpu": _b64(torch.get_rng_state())}
+    state: dict[str, Any] = {"torch_cpu": _b64(torch.get_rng_state())}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["torch_cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
     return state

@@ -80,7 +80,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     `model.named_parameters()`, which checkpoints rely on.
     """
     skip = no_decay_parameter_names(model)
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if name in skip else decay).append(p)

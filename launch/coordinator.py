@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--seed", type=int)
     p.add_argument("--stop-after", type=int, default=None, help="exit after coordinating this many rounds")
     p.add_argument("--no-eval", action="store_true", help="skip the per-round eval loss")
+    p.add_argument(
+        "--save-every", type=int, default=10, help="rounds between saves of the agreed state to STATE_DIR/state (0: on exit only)"
+    )
     p.add_argument("--status-port", type=int, default=None, help="serve the status page on this port (0 = any free port)")
     p.add_argument("--status-host", default="127.0.0.1", help="address the status page binds to (default %(default)s)")
     add_network_args(p)
@@ -86,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         max_rounds=args.stop_after,
         status_host=args.status_host,
         status_port=args.status_port,
+        save_every_rounds=args.save_every,
     )
     coordinator = Coordinator(cfg, run)
 

@@ -20,6 +20,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="directory for per-round metrics (JSONL)")
     p.add_argument("--max-rounds", type=int, default=None, help="leave after this many rounds")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--save-dir", default=None, help="keep a copy of the run's agreed state here (safetensors + JSON)")
+    p.add_argument("--save-every", type=int, default=10, help="rounds between copies with --save-dir (default %(default)s)")
     add_network_args(p)
     return p.parse_args(argv)
 
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         out_dir=args.out,
         max_rounds=args.max_rounds,
         threads=args.threads,
+        save_dir=args.save_dir,
+        save_every_rounds=args.save_every,
     )
     peer = Peer(cfg)
     return run_node(peer.main, peer.stop, peer.stopping.set, setup=peer.start_dht)

@@ -28,7 +28,7 @@ from swarm.replica import Replica, initial_state
 from swarm.roles import RoleKeeper
 from swarm.rounds import RoundAgreement
 from swarm.run import RunConfig
-from swarm.state import GlobalState
+from swarm.state import GlobalState, load_state
 from swarm.statesync import catch_up, reload_state, serve_state
 
 logger = get_logger(__name__)
@@ -36,6 +36,7 @@ logger = get_logger(__name__)
 # while the coordinator is down (a signed record's expiry cannot be extended by anyone else).
 RUN_TTL_S = 7 * 24 * 3600.0
 RUN_REFRESH_S = 600.0
+SAVED_STATE_PATIENCE_S = 10.0  # how long a coordinator with a saved state looks for a newer one in the swarm
 
 
 @dataclass
@@ -46,10 +47,13 @@ class CoordinatorConfig:
     max_rounds: int | None = None
     status_host: str = "127.0.0.1"
     status_port: int | None = None  # None: no status page
+    save_every_rounds: int = 10  # write the agreed state to <state_dir>/state this often (and on exit)
 
     def __post_init__(self) -> None:
         if not self.state_dir:
             raise ValueError("state_dir is required")
+        if self.save_every_rounds < 0:
+            raise ValueError("save_every_rounds must be >= 0 (0: only on exit)")
 
 
 class Coordinator(SwarmNode):
@@ -115,12 +119,27 @@ class Coordinator(SwarmNode):
         await self.status_service.start()
         self.status_url = self.status_service.url
 
+    @property
+    def saved_state_dir(self) -> Path:
+        return Path(self.cfg.state_dir) / "state"
+
     async def _obtain_state(self) -> GlobalState:
-        """A restarted coordinator catches up like a joiner (waiting for donors as long as it takes);
-        a new run starts from θ(0)."""
-        patience = float("inf") if self.resumed else 3.0
-        state = await catch_up(self, patience_s=patience)
-        return state if state is not None else self._initial
+        """A restarted coordinator catches up like a joiner; if nobody holds a state as new as the one
+        it saved, it resumes from its saved state (a run stopped entirely). A new run starts from θ(0)."""
+        saved = await asyncio.to_thread(load_state, self.saved_state_dir, run_id=self.run.run_id)
+        if saved is None:
+            state = await catch_up(self, patience_s=float("inf") if self.resumed else 3.0)
+            return state if state is not None else self._initial
+        state = await catch_up(self, patience_s=SAVED_STATE_PATIENCE_S)
+        if state is not None and state.round >= saved.round:
+            return state
+        self.log_event("resume", f"resuming from the saved state of round {saved.round} ({saved.hash[:10]})")
+        return saved
+
+    async def stop(self, *, announce_leave: bool = True) -> None:
+        if hasattr(self, "agreement"):
+            await self.agreement.save(self.saved_state_dir)
+        await super().stop(announce_leave=announce_leave)
 
     async def _republish_loop(self) -> None:
         while True:
@@ -147,6 +166,9 @@ class Coordinator(SwarmNode):
                 continue
             rounds += 1
             self._record(manifest, applied)
+            every = self.cfg.save_every_rounds
+            if every and self.agreement.state.round % every == 0:
+                await self.agreement.save(self.saved_state_dir)
             logger.info(
                 "round %d closed by %s | %d payloads applied, %d rejected | eval loss %s | state %s",
                 r,
@@ -173,6 +195,7 @@ class Coordinator(SwarmNode):
                 "payload_bytes": sum(e.size for e in manifest.entries),
                 "coverage": self.agreement.coverage,
                 "leader": manifest.leader,
+                "base_hash": manifest.base_hash,
                 "hash": self.agreement.state.hash,
                 "time": time.time(),
             }

@@ -19,12 +19,13 @@ from hivemind.utils import get_dht_time
 from swarm import __version__
 from swarm.log import get_logger
 from swarm.net.dht import DHTOptions, Signed, SwarmDHT
-from swarm.net.records import RUNS_KEY, Event, EventLog, Heartbeat, Phase, run_key
+from swarm.net.records import RUNS_KEY, Event, EventLog, Heartbeat, Phase, Roster, run_key
 from swarm.net.transfer import Traffic, TransferServer
 from swarm.run import RunConfig
 
 logger = get_logger(__name__)
 MAX_EVENTS = 50
+MEMBERS_REFRESH_S = 2.0
 
 
 @dataclass
@@ -55,6 +56,8 @@ class SwarmNode:
         self._run: RunConfig | None = None
         self._dht: SwarmDHT | None = None
         self._server: TransferServer | None = None
+        self._members: set[str] | None = None
+        self._members_at = 0.0
         self._tasks: list[asyncio.Task] = []
         self._events_dirty = asyncio.Event()
 
@@ -165,6 +168,23 @@ class SwarmNode:
             for b in await self.heartbeats()
             if now - b.record.time < self.run.heartbeat_ttl_s and b.record.phase != "leaving"
         ]
+
+    async def members(self) -> set[str]:
+        """The coordinator and the peers it admitted (its signed roster); re-read every few seconds.
+
+        Only members count in votes, in the set a round waits for, as leaders and as state donors.
+        """
+        now = time.monotonic()
+        if self._members is None or now - self._members_at > MEMBERS_REFRESH_S:
+            item = await self.dht.get_from(run_key(self.run.run_id, "roster"), Roster, self.run.coordinator)
+            admitted = {r.peer_id for r in item.record.roles} if item is not None else set()
+            self._members, self._members_at = admitted | {self.run.coordinator}, now
+        return self._members
+
+    async def member_peers(self) -> list[Heartbeat]:
+        """Live heartbeats of members only."""
+        members = await self.members()
+        return [b for b in await self.live_peers() if b.peer_id in members]
 
     async def stop(self, *, announce_leave: bool = True) -> None:
         if announce_leave and self._run is not None and self._dht is not None:

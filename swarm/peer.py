@@ -46,6 +46,8 @@ class PeerConfig:
     role_timeout_s: float = 15.0
     max_rounds: int | None = None  # stop after this many rounds (tests, benchmarks)
     threads: int | None = None  # torch intra-op threads
+    save_dir: str | None = None  # keep a copy of the agreed state here (every save_every_rounds, and on exit)
+    save_every_rounds: int = 10
 
     def __post_init__(self) -> None:
         if not self.coordinator:
@@ -148,7 +150,7 @@ class Peer(SwarmNode):
             r = state.round
             self.status.round, self.status.param_hash = r, state.hash
             work, encoded = None, None
-            if await self.agreement.find_manifest(r) is None:  # not behind: train this round
+            if not await self.agreement.closed(r):  # not behind: train this round
                 await self._refresh_role()
                 self.status.phase = "training"
                 await self.publish_heartbeat()
@@ -172,6 +174,8 @@ class Peer(SwarmNode):
                 continue
             self.rounds_done += 1
             self._report(r, work, encoded, applied, included, time.perf_counter() - started, metrics)
+            if self.cfg.save_dir and self.agreement.state.round % max(1, self.cfg.save_every_rounds) == 0:
+                await self.agreement.save(self.cfg.save_dir)
         self.status.phase = "leaving"
 
     def _report(
@@ -217,6 +221,11 @@ class Peer(SwarmNode):
             applied,
             state.hash[:10],
         )
+
+    async def stop(self, *, announce_leave: bool = True) -> None:
+        if self.cfg.save_dir and hasattr(self, "agreement"):
+            await self.agreement.save(self.cfg.save_dir)
+        await super().stop(announce_leave=announce_leave)
 
 
 class _MetricsFile:

@@ -1,8 +1,7 @@
 """How a round closes: who leads, which payloads are in, and how everyone applies them.
 
-Any node holding θ(r) can lead round r. Candidates are ranked: the coordinator first, then the
-other live peers by sha256(round, peer id), so leadership moves on its own when the coordinator is
-down. The leader waits until every live replica of the round has submitted, or until
+Who may lead and which manifest counts is leadership.py (the coordinator while it is live, admitted
+peers by a per-round ranking when it is away or silent). The leader waits until every live replica of the round has submitted, or until
 round_timeout_s after the first submission, fetches and validates each payload, and publishes a
 signed manifest listing the accepted ones sorted by peer id. Everyone applies exactly the
 manifest's payloads in that order, so replicas stay bit-identical. A manifest names the state hash
@@ -12,19 +11,19 @@ it applies to; a node holding another hash has diverged and reloads (see peer.py
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
 from swarm.codec import SlotMean
 from swarm.exchange import PayloadStore
+from swarm.leadership import agreed_hash, canonical_manifest, coordinator_holds, should_lead
 from swarm.log import get_logger
 from swarm.modes.base import TrainingMode
-from swarm.net.dht import Signed
 from swarm.net.records import (
     Heartbeat,
     Manifest,
@@ -35,7 +34,8 @@ from swarm.net.records import (
 )
 from swarm.node import SwarmNode
 from swarm.robust import check_scales
-from swarm.state import GlobalState
+from swarm.run import RunConfig
+from swarm.state import GlobalState, save_state
 from swarm.validate import Validator
 
 logger = get_logger(__name__)
@@ -49,41 +49,6 @@ class Diverged(RuntimeError):
 
 class BadManifest(RuntimeError):
     """A manifest on our state that lists a payload nobody can deliver or that does not decode."""
-
-
-def _rank(round_no: int, peer_id: str, is_coordinator: bool) -> tuple[int, str]:
-    return (0 if is_coordinator else 1, hashlib.sha256(f"{round_no}:{peer_id}".encode()).hexdigest())
-
-
-def leader_rank(round_no: int, beat: Heartbeat) -> tuple[int, str]:
-    """Who leads round r: the coordinator first, then everyone else by sha256(r, peer id)."""
-    return _rank(round_no, beat.peer_id, beat.is_coordinator)
-
-
-def canonical_manifest(
-    found: list[Signed[Manifest]], round_no: int, coordinator: str, agreed: str | None = None
-) -> Manifest | None:
-    """Of all manifests published for a round, the one everyone applies: among those built on the
-    agreed state (when it is known), the one by the best-ranked leader."""
-    valid = [m for m in found if m.record.leader == m.signer and m.record.round == round_no]
-    if agreed is not None:
-        valid = [m for m in valid if m.record.base_hash == agreed]
-    if not valid:
-        return None
-    return min(valid, key=lambda m: _rank(round_no, m.signer, m.signer == coordinator)).record
-
-
-def agreed_hash(round_no: int, beats: list[Heartbeat], coordinator: str) -> str | None:
-    """The state most live holders of round r report; ties go to the coordinator's, then the smallest.
-
-    Only a node holding this state may lead round r, so a node that diverged can never lead the
-    swarm onto its fork: it follows, sees the mismatch and reloads.
-    """
-    votes = Counter(b.param_hash for b in beats if b.round == round_no and b.param_hash and b.phase != "joining")
-    if not votes:
-        return None
-    coordinator_hash = next((b.param_hash for b in beats if b.peer_id == coordinator and b.round == round_no), None)
-    return min(votes, key=lambda h: (-votes[h], h != coordinator_hash, h))
 
 
 @dataclass
@@ -103,38 +68,52 @@ class RoundAgreement:
         self.validator = Validator(self.node, self.store, self.mode)
 
     @property
-    def run(self):
+    def run(self) -> RunConfig:
         return self.node.run
 
     @property
-    def p2p(self):
+    def p2p(self) -> P2P:
         return self.node.server.p2p
 
     # ----- following -------------------------------------------------------------------------
 
-    async def find_manifest(self, round_no: int, agreed: str | None = None) -> Manifest | None:
-        """The canonical manifest of a round, if one has been published."""
+    async def find_manifest(self, round_no: int, agreed: str | None = None, *, peers_may_lead: bool = True) -> Manifest | None:
+        """The canonical manifest of a round, if one has been published (see leadership.py)."""
         found = await self.node.dht.get_all(manifest_key(self.run.run_id, round_no), Manifest)
         found = [m for m in found if (round_no, m.signer) not in self.ignored]
-        return canonical_manifest(found, round_no, self.run.coordinator, agreed)
+        members = await self.node.members()
+        return canonical_manifest(found, round_no, self.run.coordinator, agreed, members=members, peers_may_lead=peers_may_lead)
+
+    async def closed(self, round_no: int) -> bool:
+        """Whether round r already has a manifest on the agreed state (we are behind: don't train)."""
+        _, agreed = await self._view(round_no)
+        return await self.find_manifest(round_no, agreed) is not None
 
     async def close_round(self, round_no: int) -> Manifest:
-        """Wait for round r's manifest, leading the round ourselves whenever we rank first."""
+        """Wait for round r's manifest, leading the round ourselves when it is our turn."""
+        started = time.monotonic()
         while True:
             beats, agreed = await self._view(round_no)
-            manifest = await self.find_manifest(round_no, agreed)
+            may_lead = self._peers_may_lead(round_no, beats, agreed, started)
+            manifest = await self.find_manifest(round_no, agreed, peers_may_lead=may_lead)
             if manifest is not None:
                 return manifest
-            if self._should_lead(round_no, beats, agreed):
-                manifest = await self._lead(round_no)
+            if await self._should_lead(round_no, beats, agreed, may_lead):
+                manifest = await self._lead(round_no, started)
                 if manifest is not None:
                     return manifest
             await asyncio.sleep(self.poll_s)
 
+    def _peers_may_lead(self, round_no: int, beats: list[Heartbeat], agreed: str | None, started: float) -> bool:
+        """Peers lead while the coordinator is away, or once it has been silent for a view timeout."""
+        if not coordinator_holds(round_no, beats, self.run.coordinator, agreed):
+            return True
+        return time.monotonic() - started > self.run.leader_timeout_s
+
     async def _view(self, round_no: int) -> tuple[list[Heartbeat], str | None]:
-        """Live peers (ourselves included, as we are now) and the agreed state of round r."""
+        """Live admitted peers (ourselves included, as we are now) and the agreed state of round r."""
         me = self.node.peer_id
-        beats = [b for b in await self.node.live_peers() if b.peer_id != me]
+        beats = [b for b in await self.node.member_peers() if b.peer_id != me]
         beats.append(
             Heartbeat(
                 peer_id=me,
@@ -150,26 +129,22 @@ class RoundAgreement:
                 param_hash=self.state.hash,
                 version="",
                 time=0,
-                is_coordinator=self.node.status.is_coordinator,
             )
         )
         return beats, agreed_hash(round_no, beats, self.run.coordinator)
 
-    def _should_lead(self, round_no: int, beats: list[Heartbeat], agreed: str | None) -> bool:
-        """Lead if we hold the agreed state of round r and rank first among those who do."""
+    async def _should_lead(self, round_no: int, beats: list[Heartbeat], agreed: str | None, peers_may_lead: bool) -> bool:
+        """Lead if we are admitted, hold the agreed state of round r, and it is our turn."""
+        me = self.node.peer_id
         if self.state.round != round_no or self.state.hash != agreed:
             return False
-        # Only nodes free to lead right now: a peer still in its inner steps cannot close a round.
-        holders = [
-            b
-            for b in beats
-            if b.round == round_no and b.param_hash == agreed and b.phase in ("exchanging", "idle", "coordinating")
-        ]
-        return min(holders, key=lambda b: leader_rank(round_no, b)).peer_id == self.node.peer_id
+        if me != self.run.coordinator and me not in await self.node.members():
+            return False
+        return should_lead(me, round_no, beats, agreed, self.run.coordinator, peers_may_lead)
 
     # ----- leading ---------------------------------------------------------------------------
 
-    async def _lead(self, round_no: int) -> Manifest | None:
+    async def _lead(self, round_no: int, started: float) -> Manifest | None:
         """Collect submissions until all live replicas are in or the deadline passes, then publish."""
         first_seen: float | None = None
         seen: dict[str, int] = {}  # poll in which each submission first appeared
@@ -177,7 +152,8 @@ class RoundAgreement:
         while True:
             polls += 1
             beats, agreed = await self._view(round_no)
-            other = await self.find_manifest(round_no, agreed)
+            may_lead = self._peers_may_lead(round_no, beats, agreed, started)
+            other = await self.find_manifest(round_no, agreed, peers_may_lead=may_lead)
             if other is not None:
                 return other
             subs = await self._submissions(round_no)
@@ -186,7 +162,7 @@ class RoundAgreement:
             if subs and first_seen is None:
                 first_seen = time.monotonic()
             expected = self._expected(round_no, beats)
-            if not self._should_lead(round_no, beats, agreed):
+            if not await self._should_lead(round_no, beats, agreed, may_lead):
                 return None  # a better-ranked leader has appeared
             everyone_in = expected <= set(subs) and len(subs) >= self.run.min_peers
             late = first_seen is not None and time.monotonic() - first_seen > self.run.round_timeout_s
@@ -220,7 +196,7 @@ class RoundAgreement:
         return {
             b.peer_id
             for b in beats
-            if not b.is_coordinator
+            if b.peer_id != self.run.coordinator
             and b.round in (round_no - 1, round_no)
             and b.phase in ("training", "exchanging", "idle")
             and not self.validator.banned(b.peer_id)
@@ -228,14 +204,21 @@ class RoundAgreement:
 
     async def _submissions(self, round_no: int) -> dict[str, Submission]:
         found = await self.node.dht.get_all(submit_key(self.run.run_id, round_no), Submission)
+        members = await self.node.members()
         subs = {}
         for item in found:
             if item.record.peer_id != item.signer or item.record.round != round_no:
                 continue
-            if self.validator.banned(item.signer):
+            if item.signer not in members or self.validator.banned(item.signer):
                 continue
             subs[item.signer] = item.record
         return subs
+
+    async def save(self, directory: str | Path) -> None:
+        """Write the current global state to disk (safetensors + JSON), never a half-applied one."""
+        async with self.lock:
+            await asyncio.to_thread(save_state, self.state, directory, run_id=self.run.run_id)
+        logger.info("saved the state of round %d (%s) to %s", self.state.round, self.state.hash[:10], directory)
 
     # ----- applying --------------------------------------------------------------------------
 

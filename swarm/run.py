@@ -104,6 +104,12 @@ class RunConfig:
         mode_for(self)  # unknown mode, unknown option or a knob that means nothing there: ValueError
 
     @property
+    def leader_timeout_s(self) -> float:
+        """How long followers wait for a live coordinator's manifest before a peer may close the round:
+        past the coordinator's own deadline (round_timeout_s) plus time to validate and publish."""
+        return 1.5 * self.round_timeout_s + 5.0
+
+    @property
     def total_inner_steps(self) -> int:
         """Horizon of the inner cosine schedule (a long constant tail when the run is open-ended)."""
         return self.max_rounds * self.inner_steps if self.max_rounds else 10**9

@@ -8,11 +8,16 @@ which a GPU's reduction order would not guarantee.
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from swarm.run import OuterConfig
+from swarm.train.checkpoint import _replace_dir as replace_dir
 
 
 class NonFiniteUpdateError(RuntimeError):
@@ -101,3 +106,43 @@ def state_hash(params: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor
         for name in sorted(tensors):
             h.update(tensor_digest(prefix + name, tensors[name]))
     return h.hexdigest()[:32]
+
+
+STATE_FORMAT = "swarm-state"
+STATE_FORMAT_VERSION = 1
+
+
+def save_state(state: GlobalState, directory: str | Path, *, run_id: str) -> None:
+    """Write θ(round) (and any outer momentum) as safetensors + JSON, atomically (a crash mid-write
+    leaves the previous copy). The parameter file loads into a model like a solo checkpoint's."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({n: t.contiguous() for n, t in state.params.items()}, str(tmp / "model.safetensors"))
+    if state.momentum:
+        save_file({n: t.contiguous() for n, t in state.momentum.items()}, str(tmp / "momentum.safetensors"))
+    meta = {"format": STATE_FORMAT, "version": STATE_FORMAT_VERSION, "run_id": run_id, "round": state.round, "hash": state.hash}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    replace_dir(tmp, directory)
+
+
+def load_state(directory: str | Path, *, run_id: str) -> GlobalState | None:
+    """The state saved in `directory` (None if there is none); ValueError if it is another run's,
+    another format, or does not match its recorded hash."""
+    directory = Path(directory)
+    meta_path = directory / "meta.json"
+    if not meta_path.exists():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_FORMAT_VERSION:
+        raise ValueError(f"{directory}: not a {STATE_FORMAT} v{STATE_FORMAT_VERSION} directory")
+    if meta.get("run_id") != run_id:
+        raise ValueError(f"{directory}: state of run {meta.get('run_id')!r}, not {run_id!r}")
+    params = dict(sorted(load_file(str(directory / "model.safetensors")).items()))
+    momentum_path = directory / "momentum.safetensors"
+    momentum = dict(sorted(load_file(str(momentum_path)).items())) if momentum_path.exists() else {}
+    state = GlobalState(round=int(meta["round"]), params=params, momentum=momentum)
+    if state.hash != meta["hash"]:
+        raise ValueError(f"{directory}: tensors do not match the recorded state hash (corrupted?)")
+    return state

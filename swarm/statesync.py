@@ -242,7 +242,7 @@ async def catch_up(node: SwarmNode, *, patience_s: float, retry_s: float = 1.0) 
     give_up_at = loop.time() + patience_s
     seen_holders = False
     while seen_holders or loop.time() < give_up_at:
-        choice = pick_donors(await node.live_peers(), exclude=node.peer_id)
+        choice = pick_donors(await node.member_peers(), exclude=node.peer_id)
         if choice is not None:
             seen_holders = True
             round_no, state_hash, donors = choice

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from swarm.leadership import agreed_hash, canonical_manifest, leader_rank, should_lead
 from swarm.net.dht import Signed
-from swarm.net.records import Heartbeat, Manifest
-from swarm.rounds import agreed_hash, canonical_manifest, leader_rank
+from swarm.net.records import Heartbeat, Manifest, Phase
 
 
-def beat(pid: str, round_no: int, h: str, *, coordinator: bool = False, phase: str = "training") -> Heartbeat:
+def beat(pid: str, round_no: int, h: str, *, coordinator: bool = False, phase: Phase = "training") -> Heartbeat:
     return Heartbeat(pid, pid, "replica", "cpu", phase, round_no, 0.0, None, 0, 0, h, "0", 0.0, is_coordinator=coordinator)
 
 
 def manifest(leader: str, round_no: int, base: str, signer: str | None = None) -> Signed[Manifest]:
     return Signed(signer or leader, Manifest(round_no, leader, base, [], [], 0.0), 0.0)
+
+
+def leader_of(m: Manifest | None) -> str | None:
+    return m.leader if m is not None else None
 
 
 def test_agreed_state_is_the_majority_of_round_holders():
@@ -35,15 +39,39 @@ def test_a_tie_goes_to_the_coordinators_state():
 
 def test_the_coordinator_ranks_first_then_a_per_round_hash_order():
     peers = [beat(p, 7, "h") for p in "abcdef"]
-    coordinator = beat("c0", 7, "h", coordinator=True)
-    assert min([*peers, coordinator], key=lambda b: leader_rank(7, b)) is coordinator
-    firsts = {min(peers, key=lambda b: leader_rank(r, b)).peer_id for r in range(40)}
+    coordinator = beat("c0", 7, "h")
+    assert min([*peers, coordinator], key=lambda b: leader_rank(7, b.peer_id, "c0")) is coordinator
+    firsts = {min(peers, key=lambda b: leader_rank(r, b.peer_id, "c0")).peer_id for r in range(40)}
     assert len(firsts) > 1, "leadership among peers should rotate with the round"
+
+
+def test_claiming_to_be_the_coordinator_in_a_heartbeat_changes_nothing():
+    liar = beat("zz", 7, "h", coordinator=True)
+    honest = [beat(p, 7, "h", phase="exchanging") for p in "ab"]
+    ranked = min([liar, *honest], key=lambda b: leader_rank(7, b.peer_id, "c0"))
+    assert ranked.peer_id == min(["zz", "a", "b"], key=lambda p: leader_rank(7, p, "c0"))
+
+
+def test_peers_lead_only_when_the_coordinator_lets_them():
+    beats = [beat("c0", 7, "h", phase="coordinating"), beat("a", 7, "h", phase="exchanging")]
+    assert should_lead("c0", 7, beats, "h", "c0", peers_may_lead=False)
+    assert not should_lead("a", 7, beats, "h", "c0", peers_may_lead=False)
+    assert should_lead("a", 7, beats, "h", "c0", peers_may_lead=True)
+
+
+def test_a_live_coordinators_manifest_wins_and_others_wait_for_its_timeout():
+    early = [manifest("p1", 3, "good")]  # a peer publishing before the coordinator's view ran out
+    assert canonical_manifest(early, 3, coordinator="c", agreed="good", peers_may_lead=False) is None
+    assert leader_of(canonical_manifest(early, 3, coordinator="c", agreed="good", peers_may_lead=True)) == "p1"
+    both = [*early, manifest("c", 3, "good")]
+    assert leader_of(canonical_manifest(both, 3, coordinator="c", agreed="good", peers_may_lead=True)) == "c"
+    outsider = [manifest("x", 3, "good")]  # not admitted by the coordinator
+    assert canonical_manifest(outsider, 3, coordinator="c", agreed="good", members={"c", "p1"}) is None
 
 
 def test_canonical_manifest_needs_the_leaders_signature_and_the_agreed_base():
     found = [manifest("p1", 3, "fork"), manifest("p2", 3, "good"), manifest("c", 3, "good", signer="p3")]
-    assert canonical_manifest(found, 3, coordinator="c", agreed="good").leader == "p2"
+    assert leader_of(canonical_manifest(found, 3, coordinator="c", agreed="good")) == "p2"
     assert canonical_manifest(found, 3, coordinator="c", agreed="other") is None
-    assert canonical_manifest([*found, manifest("c", 3, "good")], 3, coordinator="c", agreed="good").leader == "c"
+    assert leader_of(canonical_manifest([*found, manifest("c", 3, "good")], 3, coordinator="c", agreed="good")) == "c"
     assert canonical_manifest(found, 4, coordinator="c") is None

@@ -1,0 +1,140 @@
+# mypy: disable-error-code="method-assign"
+"""A hostile volunteer: `python -m tests.adversary.hostile ATTACK ADDRESS [join-swarm args]`.
+
+It joins like anyone (it is admitted and gets a role), then misbehaves in one way:
+  sign-flip        sends its pseudo-gradient × −1000 (well-formed poison)
+  noise            sends Gaussian noise × 1000 the size of its pseudo-gradient
+  zero             sends an all-zero update (a free rider)
+  usurp            publishes its own manifest for every round at once, listing only itself
+  stall            publishes an empty manifest for every round at once
+  junk-manifests   publishes manifests for the next 20 rounds on made-up states
+  claim-coordinator  says it is the coordinator in every heartbeat (and never leads)
+  copy             submits another peer's payload, re-encoded under its own name
+Each attack is a small patch of the honest peer's code; everything else is join-swarm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sys
+
+import torch
+from hivemind.utils import get_dht_time
+
+from launch import join
+from swarm import exchange, peer, replica, rounds
+from swarm.codec import PayloadMeta, SparseLoCoCompressor, encode_payload, payload_digest
+from swarm.net.records import Manifest, ManifestEntry, Submission, manifest_key, submit_key
+
+ATTACKS = ["sign-flip", "noise", "zero", "usurp", "stall", "junk-manifests", "claim-coordinator", "copy"]
+say = lambda text: print(f"hostile: {text}", file=sys.stderr, flush=True)  # noqa: E731
+
+
+def poison(kind: str) -> None:
+    original = replica.Replica.train_round
+
+    def train_round(self, state, stop=None):
+        work = original(self, state, stop)
+        if work is not None:
+            if kind == "sign-flip":
+                work.delta = {n: d * -1000 for n, d in work.delta.items()}
+            elif kind == "noise":
+                work.delta = {n: torch.randn_like(d) * d.std() * 1000 for n, d in work.delta.items()}
+            else:
+                work.delta = {n: torch.zeros_like(d) for n, d in work.delta.items()}
+            say(f"round {state.round}: sending a {kind} update")
+        return work
+
+    replica.Replica.train_round = train_round
+
+
+def publish_manifests(kind: str) -> None:
+    """Patch close_round: before waiting like everyone, publish our own manifest(s)."""
+    original = rounds.RoundAgreement.close_round
+
+    async def close_round(self, round_no):
+        me, run = self.node.peer_id, self.run
+        targets = range(round_no, round_no + 20) if kind == "junk-manifests" else [round_no]
+        for r in targets:
+            entries = []
+            base = secrets.token_hex(16) if kind == "junk-manifests" else self.state.hash
+            if kind == "usurp":
+                subs = await self.node.dht.get_all(submit_key(run.run_id, r), Submission)
+                entries = [ManifestEntry(s.signer, s.record.digest, s.record.size) for s in subs if s.signer == me]
+            manifest = Manifest(r, me, base, entries, [], get_dht_time())
+            await self.node.dht.put(manifest_key(run.run_id, r), manifest, 3600)
+        say(f"round {round_no}: published {kind} manifest(s)")
+        return await original(self, round_no)
+
+    rounds.RoundAgreement.close_round = close_round
+
+
+def claim_coordinator() -> None:
+    original = peer.Peer.main
+
+    async def main(self):
+        self.status.is_coordinator = True
+        say("claiming to be the coordinator")
+        await original(self)
+
+    peer.Peer.main = main
+    original_lead = rounds.RoundAgreement._should_lead
+
+    async def never_lead(self, *args, **kwargs):
+        return False if self.node.status.is_coordinator else await original_lead(self, *args, **kwargs)
+
+    rounds.RoundAgreement._should_lead = never_lead
+
+
+def copy_others() -> None:
+    """Replace our payload by another member's payload of the same round, re-encoded as ours."""
+    loop_box: list[asyncio.AbstractEventLoop] = []
+    nodes: list[peer.Peer] = []
+    original_main = peer.Peer.main
+
+    async def main(self):
+        loop_box.append(asyncio.get_running_loop())
+        nodes.append(self)
+        await original_main(self)
+
+    async def someone_elses(node: peer.Peer, round_no: int) -> dict[str, torch.Tensor] | None:
+        for _ in range(200):
+            subs = await node.dht.get_all(submit_key(node.run.run_id, round_no), Submission)
+            others = [s for s in subs if s.signer != node.peer_id]
+            if others:
+                victim = min(others, key=lambda s: s.signer)
+                data = await node.store.get(node.server.p2p, victim.record.digest, [victim.signer])
+                say(f"round {round_no}: copying the payload of {victim.signer[-8:]}")
+                return node.store.decode(data, sender=victim.signer, round_no=round_no)
+            await asyncio.sleep(0.1)
+        return None
+
+    def encode(self, delta, round_no):  # runs in a worker thread: hop back onto the event loop
+        stolen = asyncio.run_coroutine_threadsafe(someone_elses(nodes[0], round_no), loop_box[0]).result(timeout=60)
+        if stolen is None:
+            return original_encode(self, delta, round_no)
+        config = self.compressor.config
+        meta = PayloadMeta.for_sparseloco(config, run_id=self.run.run_id, round=round_no, sender=self.sender)
+        fresh = SparseLoCoCompressor(config)
+        data = encode_payload(meta, {n: fresh.compress(n, t) for n, t in stolen.items()})
+        return exchange.Encoded(data, payload_digest(data))
+
+    original_encode = exchange.PayloadEncoder.encode
+    peer.Peer.main = main
+    exchange.PayloadEncoder.encode = encode
+
+
+if __name__ == "__main__":
+    attack, args = sys.argv[1], sys.argv[2:]
+    if attack in ("sign-flip", "noise", "zero"):
+        poison(attack)
+    elif attack in ("usurp", "stall", "junk-manifests"):
+        publish_manifests(attack)
+    elif attack == "claim-coordinator":
+        claim_coordinator()
+    elif attack == "copy":
+        copy_others()
+    else:
+        raise SystemExit(f"unknown attack {attack!r}; one of {', '.join(ATTACKS)}")
+    sys.exit(join.main(args))

@@ -5,12 +5,11 @@ and move again, and a late joiner takes over the experts freed for it."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 
-from launch.cluster import LocalCluster
+from launch.cluster import LocalCluster, get_json, wait_for
 
 pytestmark = pytest.mark.slow
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -29,22 +28,6 @@ RUN = {
     "num_shards": 8,
     "eval_batches": 2,
 }
-
-
-def wait(predicate, timeout_s: float, what: str, cluster: LocalCluster):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if cluster.failed():
-            pytest.fail(f"a swarm process died while waiting for {what}:\n{logs(cluster)}")
-        time.sleep(0.3)
-    pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}:\n{logs(cluster)}")
-
-
-def logs(cluster: LocalCluster) -> str:
-    return "\n".join(f"--- {name}\n{cluster.log(name)[-2000:]}" for name in cluster.procs)
 
 
 def coordinator_rounds(cluster: LocalCluster) -> list[dict]:
@@ -77,38 +60,42 @@ def assert_identical(cluster: LocalCluster) -> None:
 
 
 def test_spes_swarm_owns_trains_reassigns_and_takes_in_a_joiner(tmp_path):
-    with LocalCluster(tmp_path, RUN) as cluster:
+    with LocalCluster(tmp_path, RUN, status_port=0) as cluster:
         names = [f"p{i}" for i in range(4)]
         for name in names:
             cluster.add_peer(name)
-        wait(lambda: cluster.rounds_completed(4) >= 4, 300, "4 rounds by 4 peers", cluster)
+        wait_for(lambda: cluster.rounds_completed(4) >= 4, 300, "4 rounds by 4 peers", cluster)
         owned = {n: experts_of(cluster, n) for n in names}
         assert sorted(len(v) for v in owned.values()) == [2, 2, 2, 2]
         assert set().union(*owned.values()) == set(range(8))
         full = [r for r in coordinator_rounds(cluster) if r["coverage"].get("dense") == 4]
         assert full and all(r["coverage"][e] == 1 for r in full for e in EXPERTS)
         assert_identical(cluster)
+        ownership = get_json(cluster.status_url + "api/roles")["ownership"]
+        assert ownership["layers"] == 4 and ownership["experts"] == 8
+        assert sorted(len(o) for o in ownership["owners"].values()) == [1] * 8  # the status page's map
         losses = {r: sum(x["loss"] for x in rows) / len(rows) for r, rows in cluster.metrics_by_round().items()}
         assert losses[max(losses)] < losses[min(losses)] - 0.1, f"loss did not fall: {losses}"
 
         # An owner dies: its experts go to the survivors and move again.
         cluster.kill("p0")
-        killed_at = max(cluster.metrics_by_round())
-        wait(
+        wait_for(
             lambda: set().union(*(experts_of(cluster, n) for n in names[1:])) == set(range(8)),
             240,
             "the survivors training p0's experts",
             cluster,
         )
         reassigned_at = max(cluster.metrics_by_round())
-        moved = wait(lambda: all_experts_moved_after(cluster, reassigned_at), 240, "every expert moving after the kill", cluster)
+        moved = wait_for(
+            lambda: all_experts_moved_after(cluster, reassigned_at), 240, "every expert moving after the kill", cluster
+        )
 
         # A late joiner downloads the state and takes over the dead peer's experts.
         cluster.add_peer("late")
-        wait(lambda: experts_of(cluster, "late") == owned["p0"], 240, "the joiner training p0's experts", cluster)
-        joined = cluster.first_contribution("late", included=True) or wait(
+        wait_for(lambda: experts_of(cluster, "late") == owned["p0"], 240, "the joiner training p0's experts", cluster)
+        joined = cluster.first_contribution("late", included=True) or wait_for(
             lambda: cluster.first_contribution("late", included=True), 120, "an applied payload from the joiner", cluster
         )
         assert joined > moved - 1
-        wait(lambda: all_experts_moved_after(cluster, joined), 120, "every expert moving with the joiner in", cluster)
+        wait_for(lambda: all_experts_moved_after(cluster, joined), 120, "every expert moving with the joiner in", cluster)
         assert_identical(cluster)

@@ -7,7 +7,7 @@ import torch
 
 from swarm.net.records import Heartbeat
 from swarm.run import OuterConfig
-from swarm.state import GlobalState, NonFiniteUpdateError
+from swarm.state import GlobalState, NonFiniteUpdateError, load_state, save_state
 from swarm.statesync import StateError, _split_work, build_chunk, build_index, parse_index, pick_donors, split_chunk
 
 
@@ -97,3 +97,20 @@ def test_donors_are_the_newest_majority():
     assert pick_donors(beats, exclude="z") == (5, "x", ["a", "b"])
     assert pick_donors(beats, exclude="a") == (5, "x", ["b"]) or pick_donors(beats, exclude="a")[1] in ("x", "evil")
     assert pick_donors([_beat("e", 6, "", "joining")], exclude="z") is None
+
+
+def test_saved_state_round_trips_and_refuses_other_runs_and_corruption(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    state = GlobalState(round=7, params={"a": torch.randn(3, 4, generator=g)}, momentum={"a": torch.randn(3, 4, generator=g)})
+    save_state(state, tmp_path / "s", run_id="r1")
+    save_state(state, tmp_path / "s", run_id="r1")  # overwriting an existing copy is atomic and fine
+    loaded = load_state(tmp_path / "s", run_id="r1")
+    assert loaded is not None and loaded.round == 7 and loaded.hash == state.hash
+    assert load_state(tmp_path / "nothing", run_id="r1") is None
+    with pytest.raises(ValueError, match="run"):
+        load_state(tmp_path / "s", run_id="r2")
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(3, 4)}, str(tmp_path / "s" / "model.safetensors"))
+    with pytest.raises(ValueError, match="hash"):
+        load_state(tmp_path / "s", run_id="r1")

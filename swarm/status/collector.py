@@ -19,10 +19,10 @@ from hivemind.utils import get_dht_time
 
 from models import count_parameters, get_preset
 from swarm import __version__
+from swarm.leadership import canonical_manifest
 from swarm.log import get_logger
 from swarm.net.dht import Signed
-from swarm.net.records import EventLog, Heartbeat, Manifest, Submission, manifest_key, run_key, submit_key
-from swarm.rounds import canonical_manifest
+from swarm.net.records import EventLog, Heartbeat, Manifest, Roster, Submission, manifest_key, run_key, submit_key
 from swarm.run import RunConfig
 from swarm.status.book import (
     BookConfig,
@@ -104,6 +104,9 @@ class StatusCollector:
         self.ready = asyncio.Event()  # set after the first complete poll
         self._next_round: int | None = None
         self._misses: dict[int, int] = {}
+        self.roster: Roster | None = None
+        model = get_preset(self.run.preset, **self.run.model_overrides)
+        self.n_layers, self.n_experts = model.n_layers, model.n_experts
 
     async def run_forever(self) -> None:
         while True:
@@ -117,9 +120,14 @@ class StatusCollector:
             await asyncio.sleep(max(0.0, self.cfg.poll_interval_s - (time.monotonic() - started)))
 
     async def poll_once(self) -> None:
-        beats, logs = await asyncio.gather(
-            self.node.heartbeats(), self.node.dht.get_all(run_key(self.run.run_id, "events"), EventLog)
+        beats, logs, rosters = await asyncio.gather(
+            self.node.heartbeats(),
+            self.node.dht.get_all(run_key(self.run.run_id, "events"), EventLog),
+            self.node.dht.get_all(run_key(self.run.run_id, "roster"), Roster),
         )
+        signed = [r.record for r in rosters if r.signer == self.run.coordinator]  # anyone else's is ignored
+        if signed:
+            self.roster = max(signed, key=lambda r: r.updated_at)
         now = get_dht_time()
         for change in self.book.update([b.record for b in beats], now):
             self.events.add("", [change], now)
@@ -192,6 +200,35 @@ class StatusCollector:
             "peers": peers,
             "history": self.history_json(),
             "events": self.events.to_json(names),
+            "roles": self.roles_json(names),
+        }
+
+    def roles_json(self, names: dict[str, str]) -> dict:
+        """The coordinator's roster: each admitted peer's role and, for expert roles, the ownership
+        map (expert index -> owners; an expert index is owned in every MoE layer)."""
+        roles = self.roster.roles if self.roster is not None else []
+        rows = []
+        owners: dict[int, list[str]] = {e: [] for e in range(self.n_experts)}
+        for role in roles:
+            experts = sorted({e for _, e in role.experts})
+            for e in experts:
+                if e in owners:
+                    owners[e].append(role.peer_id)
+            rows.append(
+                {
+                    "peer_id": role.peer_id,
+                    "name": names.get(role.peer_id, short_id(role.peer_id)),
+                    "kind": role.kind,
+                    "data_shard": role.data_shard,
+                    "experts": experts,
+                    "stage": role.stage,
+                    "replica_group": role.replica_group,
+                }
+            )
+        has_experts = any(r["experts"] for r in rows)
+        return {
+            "peers": rows,
+            "ownership": {"layers": self.n_layers, "experts": self.n_experts, "owners": owners} if has_experts else None,
         }
 
     def history_json(self) -> dict:

@@ -36,7 +36,13 @@ STATIC_FILES = {  # route -> (file in swarm/status/static, content type)
     "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/static/style.css": ("style.css", "text/css; charset=utf-8"),
 }
-API_SECTIONS = {"/api/summary": "summary", "/api/peers": "peers", "/api/history": "history", "/api/events": "events"}
+API_SECTIONS = {
+    "/api/summary": "summary",
+    "/api/peers": "peers",
+    "/api/history": "history",
+    "/api/events": "events",
+    "/api/roles": "roles",
+}
 REASONS = {
     200: "OK",
     400: "Bad Request",

@@ -126,6 +126,37 @@ function renderPeers(peers) {
   setText("peers-count", `${live} live of ${peers.length} seen (coordinator included)`);
 }
 
+// ----- expert ownership (layer x expert -> owners) --------------------------------------------------
+
+function renderOwnership(roles, peers) {
+  const panel = document.getElementById("ownership-panel");
+  const map = roles && roles.ownership;
+  panel.hidden = !map;
+  if (!map) return;
+  const names = new Map(peers.map((p) => [p.peer_id, p.name || p.short_id]));
+  const live = new Set(peers.filter((p) => p.state === "live").map((p) => p.peer_id));
+  const head = el("tr");
+  head.append(el("th", "", "layer"));
+  for (let e = 0; e < map.experts; e++) head.append(el("th", "", `expert ${e}`));
+  const rows = [];
+  for (let layer = 0; layer < map.layers; layer++) {
+    const tr = el("tr");
+    tr.append(el("td", "num", layer));
+    for (let e = 0; e < map.experts; e++) {
+      const owners = map.owners[e] || [];
+      const td = el("td", owners.length ? "owner" : "owner orphan", owners.map((id) => names.get(id) || id.slice(-8)).join(", ") || "none");
+      td.dataset.expert = e;
+      td.dataset.live = owners.some((id) => live.has(id)) ? "yes" : "no";
+      tr.append(td);
+    }
+    rows.push(tr);
+  }
+  document.querySelector("#ownership thead").replaceChildren(head);
+  document.querySelector("#ownership tbody").replaceChildren(...rows);
+  const orphans = Object.values(map.owners).filter((o) => !o.length).length;
+  setText("ownership-note", orphans ? `${orphans} expert(s) without an owner` : "every expert owned, in every layer");
+}
+
 // ----- plots -----------------------------------------------------------------------------------
 
 function niceTicks(lo, hi, count) {
@@ -257,6 +288,7 @@ async function poll() {
     const data = await response.json();
     renderSummary(data.summary);
     renderPeers(data.peers);
+    renderOwnership(data.roles, data.peers);
     renderPlots(data.history, data.summary, data.generated_at);
     renderEvents(data.events);
     const lag = data.summary.observer.last_poll_at ? data.generated_at - data.summary.observer.last_poll_at : null;

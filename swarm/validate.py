@@ -3,7 +3,8 @@
 On its own, a submission must be built on the leader's state, deliverable, well-formed (codec
 validation, docs/wire-format.md) and cover exactly the slots of its sender's coordinator-signed role.
 As a set (swarm/robust.py): all-zero contributions are refused, copies are found by overlapping
-selected positions, and every tensor is clipped to the round's median norm. A fault (malformed,
+selected positions, contributions pointing away from the others are left out, and every tensor is
+clipped to the round's median norm. A fault (malformed,
 free rider, copier) earns a strike; after STRIKES_BEFORE_BAN the leader ignores the sender.
 """
 
@@ -20,7 +21,7 @@ from swarm.modes.base import TrainingMode
 from swarm.net.records import ManifestEntry, Rejection, Role, Submission, role_key
 from swarm.net.transfer import TransferError
 from swarm.node import SwarmNode
-from swarm.robust import COPY_OVERLAP, Summary, clip_scales, overlap, summarise
+from swarm.robust import COPY_OVERLAP, Summary, alignments, clip_scales, misaligned, overlap, summarise
 
 logger = get_logger(__name__)
 STRIKES_BEFORE_BAN = 3
@@ -51,6 +52,7 @@ class Validator:
         verdicts = dict(zip(subs, await asyncio.gather(*(self.check(round_no, base_hash, s) for s in subs.values()))))
         self._refuse_zeros(verdicts)
         self._refuse_copies(verdicts, seen)
+        self._refuse_misaligned(verdicts)
         accepted = sorted(p for p, v in verdicts.items() if v.reason is None)
         scales = clip_scales([s for p in accepted if (s := verdicts[p].summary) is not None])
         entries = [ManifestEntry(p, subs[p].digest, subs[p].size, scales=s) for p, s in zip(accepted, scales)]
@@ -94,6 +96,17 @@ class Validator:
         for verdict in verdicts.values():
             if verdict.summary is not None and verdict.summary.is_zero:
                 verdict.reason, verdict.fault = "all-zero update (contributes nothing)", True
+
+    @staticmethod
+    def _refuse_misaligned(verdicts: dict[str, Verdict]) -> None:
+        """Leave out contributions that, clipped, point away from the sum of the others."""
+        peers = sorted(p for p, v in verdicts.items() if v.reason is None)
+        summaries = [s for p in peers if (s := verdicts[p].summary) is not None]
+        scores = alignments(summaries, clip_scales(summaries))
+        for peer, score, bad in zip(peers, scores, misaligned(scores)):
+            if bad:  # pointing against the others is a fault; merely unaligned may be bad luck
+                verdicts[peer].reason = f"points away from the other contributions (cosine {score:.3f})"
+                verdicts[peer].fault = score < 0
 
     @staticmethod
     def _refuse_copies(verdicts: dict[str, Verdict], seen: dict[str, int]) -> None:

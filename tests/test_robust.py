@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from swarm.codec import SlotMean
-from swarm.robust import check_scales, clip_scales, lower_median, overlap, summarise
+from swarm.robust import alignments, check_scales, clip_scales, lower_median, misaligned, overlap, summarise
 
 SHAPES = {"w": (4, 4)}
 
@@ -43,9 +43,9 @@ def test_clipped_mean_stays_near_the_honest_mean():
     for c, s in zip(poisoned, scales):
         acc.add(c, s)
     mean = acc.mean()["w"]
-    assert (mean > 0).all(), "one flipped contribution must not reverse the update"
-    plain = sum(c["w"] for c in poisoned) / 4
-    assert (plain < 0).all()  # what the plain mean would have done
+    assert bool((mean > 0).all()), "one flipped contribution must not reverse the update"
+    plain = (honest[0]["w"] + honest[1]["w"] + honest[2]["w"] + poisoned[3]["w"]) / 4
+    assert bool((plain < 0).all())  # what the plain mean would have done
 
 
 def test_zero_update_and_overlap():
@@ -58,6 +58,20 @@ def test_zero_update_and_overlap():
 
 def test_scale_checks():
     assert check_scales({"w": 0.5}, {"w"}) is None
-    assert "not in (0, 1]" in check_scales({"w": 1.5}, {"w"})
-    assert "not in (0, 1]" in check_scales({"w": float("nan")}, {"w"})
-    assert "does not carry" in check_scales({"x": 0.5}, {"w"})
+    assert "not in (0, 1]" in str(check_scales({"w": 1.5}, {"w"}))
+    assert "not in (0, 1]" in str(check_scales({"w": float("nan")}, {"w"}))
+    assert "does not carry" in str(check_scales({"x": 0.5}, {"w"}))
+
+
+def test_a_sign_flip_and_noise_point_away_from_the_others():
+    g = torch.Generator().manual_seed(0)
+    common = torch.randn(64, generator=g)
+    honest = [{"v": (common + 2 * torch.randn(64, generator=g)).reshape(8, 8)} for _ in range(3)]
+    flipped = {"v": (common + 2 * torch.randn(64, generator=g)).reshape(8, 8) * -1000}  # its own update, flipped
+    noise = {"v": torch.randn(8, 8, generator=g) * 1000}
+    for attacker in (flipped, noise):
+        summaries = [summarise(c, sparse=False) for c in [*honest, attacker]]
+        scores = alignments(summaries, clip_scales(summaries))
+        assert all(s > 0 for s in scores[:3]), scores
+        assert misaligned(scores) == [False, False, False, True], scores
+    assert misaligned([0.1, 0.2]) == [False, False]  # too few to tell

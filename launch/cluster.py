@@ -1,10 +1,21 @@
-"""A local cluster: a coordinator and peers as child processes on 127.0.0.1 (demo, benchmarks, tests).
+"""A local cluster: a coordinator, peers and status servers as child processes on 127.0.0.1.
 
-Every child is started in its own process group and reaped on exit, whatever happened.
+The one launcher of the demo, the benchmarks and every end-to-end test. Each child leads its own
+process group, so `kill` and `close` end it together with the helpers it spawned (hivemind's DHT
+process, p2pd daemons), as a crashed machine would; `close` reaps every group whatever happened,
+and clusters a caller forgot to close are closed at interpreter exit. Logs go to files (a full pipe
+would stall a child). Usage:
+
+    with LocalCluster(tmp_path, nano_run()) as cluster:
+        cluster.add_peer("alice")
+        url = cluster.start_status()
+        wait_for(lambda: cluster.rounds_completed(1) >= 2, 120, "2 rounds", cluster)
 """
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import json
 import os
 import re
@@ -12,12 +23,80 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
+import weakref
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"  # ../shared beside the checkout
+T = TypeVar("T")
+
+# A run that closes a round in about a second on one CPU thread per peer.
+NANO_RUN: dict[str, Any] = {
+    "preset": "nano",
+    "data_source": str(DATA) if DATA.exists() else "stdlib",
+    "inner_steps": 5,
+    "batch_size": 4,
+    "seq_len": 64,
+    "round_timeout_s": 20.0,
+    "heartbeat_interval_s": 1.0,
+    "heartbeat_ttl_s": 4.0,
+    "num_shards": 4,
+    "warmup_steps": 5,
+    "eval_batches": 2,
+}
 
 _ADDRESS = re.compile(r"join-swarm (/ip4/\S+/p2p/\S+)")
 _PEER_ID = re.compile(r"peer (\S+) listening on")
 _STATUS = re.compile(r"status page: (http://\S+)")
+_LIVE: weakref.WeakSet[LocalCluster] = weakref.WeakSet()
+
+
+def nano_run(**overrides: Any) -> dict[str, Any]:
+    """NANO_RUN with some fields changed."""
+    return {**NANO_RUN, **overrides}
+
+
+def wait_for(
+    predicate: Callable[[], T | None],
+    timeout_s: float,
+    what: str = "condition",
+    cluster: LocalCluster | None = None,
+    *,
+    interval_s: float = 0.25,
+) -> T:
+    """Poll until predicate() is truthy and return its value.
+
+    Exceptions count as 'not yet' (a server not listening yet) and the last one is reported at the
+    end, except RuntimeError: a child died, waiting longer cannot help. With a cluster, a child of
+    it exiting with an error ends the wait at once; either failure message carries its logs.
+    """
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except RuntimeError:
+            raise
+        except Exception as e:
+            last_error = e
+        if cluster is not None and cluster.failed():
+            raise RuntimeError(f"a swarm process died while waiting for {what}:\n{cluster.logs_tail()}")
+        if time.monotonic() > deadline:
+            because = f" (last error: {last_error!r})" if last_error else ""
+            logs = f":\n{cluster.logs_tail()}" if cluster is not None else ""
+            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}{because}{logs}")
+        time.sleep(interval_s)
+
+
+def get_json(url: str, timeout_s: float = 10) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        return json.loads(response.read())
 
 
 class LocalCluster:
@@ -27,9 +106,11 @@ class LocalCluster:
         run: dict,
         *,
         status_port: int | None = None,
-        coordinator_args: tuple[str, ...] = (),
+        coordinator_args: Sequence[str] = (),
         start_timeout_s: float = 120,
     ):
+        """`run`: RunConfig fields (written to workdir/run.json); `status_port`: serve the coordinator's
+        status page there (0 = any free port); `coordinator_args`: extra swarm-coordinator flags."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.run_file = self.workdir / "run.json"
@@ -38,10 +119,13 @@ class LocalCluster:
         self.status_port = status_port
         self.coordinator_args = list(coordinator_args)
         self.start_timeout_s = start_timeout_s
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, subprocess.Popen] = {}  # the latest life of each named child
         self.killed: set[str] = set()
+        self._all: list[subprocess.Popen] = []  # every life of every child, all reaped by close()
+        self._onlookers: set[str] = set()  # status servers, not peers
         self.address = ""
         self.status_url = ""
+        _LIVE.add(self)
 
     def __enter__(self) -> LocalCluster:
         try:
@@ -51,40 +135,46 @@ class LocalCluster:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     @property
     def num_peers(self) -> int:
-        return sum(1 for name in self.procs if name != "coordinator")
+        return sum(1 for name in self.procs if name != "coordinator" and name not in self._onlookers)
+
+    def _log_path(self, name: str, life: int | None = None) -> Path:
+        """workdir/<name>.log (<name>.<life>.log for an earlier life); odd names (a hostile peer's
+        markup) are made safe for the file system and kept apart by a hash."""
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:60]
+        if stem != name:
+            stem += "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+        return self.workdir / (f"{stem}.log" if life is None else f"{stem}.{life}.log")
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        path = self.workdir / f"{name}.log"
+        path = self._log_path(name)
         if path.exists():  # a restart: keep the earlier life's log beside the new one
-            path.rename(self.workdir / f"{name}.{len(list(self.workdir.glob(name + '.*.log'))) + 1}.log")
+            life = 1
+            while self._log_path(name, life).exists():
+                life += 1
+            path.rename(self._log_path(name, life))
         self.killed.discard(name)
-        log = open(path, "wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        with open(path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         self.procs[name] = proc
+        self._all.append(proc)
         return proc
 
-    def start_coordinator(self, extra: list[str] = ()) -> None:
-        args = [
-            "-m",
-            "launch.coordinator",
-            "--state-dir",
-            str(self.workdir / "coordinator"),
-            "--run-file",
-            str(self.run_file),
-            "--host",
-            "127.0.0.1",
-        ]
+    def start_coordinator(self, extra: Sequence[str] = ()) -> None:
+        """Start (or restart, keeping its state directory) the coordinator; waits for its address."""
+        args = ["-m", "launch.coordinator", "--state-dir", str(self.workdir / "coordinator")]
+        args += ["--run-file", str(self.run_file), "--host", "127.0.0.1"]
         if self.status_port is not None:
             args += ["--status-port", str(self.status_port)]
         self._spawn("coordinator", args + list(extra))
-        text = self.wait_for_log("coordinator", _ADDRESS)
-        self.address = _ADDRESS.search(text).group(1)
+        self.address = _ADDRESS.findall(self.wait_for_log("coordinator", _ADDRESS))[-1]
         match = _STATUS.search(self.log("coordinator"))
         self.status_url = match.group(1) if match else ""
 
@@ -94,40 +184,53 @@ class LocalCluster:
         *,
         threads: int = 1,
         max_rounds: int | None = None,
-        extra: list[str] = (),
-        program: list[str] = ("-m", "launch.join"),
+        device: str | None = None,
+        extra: Sequence[str] = (),
+        program: Sequence[str] = ("-m", "launch.join"),
     ) -> subprocess.Popen:
         """Start a join-swarm peer (or another program taking join-swarm's arguments)."""
-        args = [
-            *program,
-            self.address,
-            "--host",
-            "127.0.0.1",
-            "--name",
-            name,
-            "--threads",
-            str(threads),
-            "--out",
-            str(self.metrics_dir),
-        ]
+        args = [*program, self.address, "--host", "127.0.0.1", "--name", name, "--threads", str(threads)]
+        args += ["--out", str(self.metrics_dir)]
         if max_rounds is not None:
             args += ["--max-rounds", str(max_rounds)]
+        if device is not None:
+            args += ["--device", device]
         return self._spawn(name, args + list(extra))
 
+    def start_status(self, address: str | None = None, *, name: str = "status", coordinator: str | None = None) -> str:
+        """Start `swarm-status` on a free port, joined through `address` (default: the coordinator's);
+        `coordinator` is the coordinator's peer id when `address` is another peer's. Returns the page URL."""
+        args = ["-m", "launch.status", address or self.address, "--port", "0", "--dht-host", "127.0.0.1"]
+        if coordinator:
+            args += ["--coordinator", coordinator]
+        self._onlookers.add(name)
+        self._spawn(name, args)
+        return _STATUS.findall(self.wait_for_log(name, _STATUS))[-1]
+
     def log(self, name: str) -> str:
-        path = self.workdir / f"{name}.log"
+        """What the named child (its latest life) printed so far."""
+        path = self._log_path(name)
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def logs_tail(self, chars: int = 2500) -> str:
+        """The end of every child's log, for failure messages."""
+        return "\n".join(f"--- {name}\n{self.log(name)[-chars:]}" for name in self.procs)
+
     def wait_for_log(self, name: str, pattern: re.Pattern, timeout_s: float | None = None) -> str:
-        deadline = time.monotonic() + (timeout_s or self.start_timeout_s)
-        while time.monotonic() < deadline:
+        """Wait until the named child's log matches; returns the log. Raises if the child exits first."""
+
+        def matched() -> str | None:
             text = self.log(name)
             if pattern.search(text):
                 return text
             if self.procs[name].poll() is not None:
                 raise RuntimeError(f"{name} exited with {self.procs[name].returncode}:\n{text[-3000:]}")
-            time.sleep(0.2)
-        raise TimeoutError(f"{name} did not print {pattern.pattern!r} in time:\n{self.log(name)[-3000:]}")
+            return None
+
+        try:
+            return wait_for(matched, timeout_s or self.start_timeout_s, f"{name} to print {pattern.pattern!r}", interval_s=0.2)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}:\n{self.log(name)[-3000:]}") from None
 
     def metrics_by_round(self) -> dict[int, list[dict]]:
         """Every peer's per-round metrics rows, grouped by round."""
@@ -172,24 +275,41 @@ class LocalCluster:
         return min(rounds) if rounds else None
 
     def failed(self) -> bool:
+        """Whether a child that was not killed on purpose exited with an error."""
         return any(p.poll() not in (None, 0) for n, p in self.procs.items() if n not in self.killed)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal the child's whole process group (default SIGKILL: a crash, no goodbye) and wait for it."""
         self.killed.add(name)
-        os.killpg(self.procs[name].pid, sig)
+        _signal_group(self.procs[name], sig)
         self.procs[name].wait(timeout=30)
 
-    def close(self) -> None:
-        for proc in self.procs.values():
+    def close(self, grace_s: float = 15.0) -> None:
+        """Ask every child to leave (SIGINT, as Ctrl+C), then SIGKILL whatever is left of each group."""
+        for proc in self._all:
             if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGINT)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 15
-        for proc in self.procs.values():
+                _signal_group(proc, signal.SIGINT)
+        deadline = time.monotonic() + grace_s
+        for proc in self._all:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                pass
+        for proc in self._all:
+            _signal_group(proc, signal.SIGKILL)  # also ends helpers (p2pd) that a clean exit left behind
+            proc.wait(timeout=30)
+        self._all.clear()  # reaped: a second close must not signal their (maybe reused) ids
+        _LIVE.discard(self)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the child leads its own session: pgid == pid
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@atexit.register
+def _close_forgotten() -> None:
+    for cluster in list(_LIVE):
+        cluster.close(grace_s=5.0)

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import pytest
-from swarm_fixtures import NANO_RUN, REPO, get_json, kill_hard, reap, start_coordinator, start_peer, start_status, wait_for
+
+from launch.cluster import NANO_RUN, REPO, LocalCluster, get_json, wait_for
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 try:
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import Dialog, Locator, Page, sync_playwright
 except ImportError:  # pragma: no cover - the test extra installs it
-    sync_playwright = None
+    sync_playwright = None  # type: ignore[assignment]
 
 pytestmark = [
     pytest.mark.slow,
@@ -39,25 +43,23 @@ POLL_LATENCY_S = 1.0 + 1.5 + 2.5  # last beat up to 1 s before the kill + page p
 ARTIFACTS = REPO / "test-artifacts"
 
 
-@pytest.fixture(scope="module")
-def swarm(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("status-browser")
-    procs = []
-    try:
-        coord, address = start_coordinator(tmp)
-        procs.append(coord)
-        peers = {"alice": start_peer(address, "alice", tmp), HOSTILE: start_peer(address, HOSTILE, tmp)}
-        procs += peers.values()
-        status, url = start_status(address, tmp)
-        procs.append(status)
-        wait_for(lambda: get_json(url + "api/summary")["live_peers"] == 2, 120, what="both peers live")
-        yield {"url": url, "peers": peers}
-    finally:
-        reap(procs)
+class Swarm(NamedTuple):
+    cluster: LocalCluster
+    url: str
 
 
 @pytest.fixture(scope="module")
-def browser(swarm, tmp_path_factory):
+def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+    with LocalCluster(tmp_path_factory.mktemp("status-browser"), NANO_RUN) as cluster:
+        cluster.add_peer("alice", device="cpu")
+        cluster.add_peer(HOSTILE, device="cpu")
+        url = cluster.start_status()
+        wait_for(lambda: get_json(url + "api/summary")["live_peers"] == 2, 120, "both peers live", cluster)
+        yield Swarm(cluster, url)
+
+
+@pytest.fixture(scope="module")
+def browser(swarm: Swarm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     requests: list[str] = []
     problems: list[str] = []
     with sync_playwright() as pw:
@@ -72,26 +74,36 @@ def browser(swarm, tmp_path_factory):
         p = context.new_page()
         p.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
         p.on("pageerror", lambda e: problems.append(str(e)))
-        p.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
-        p.goto(swarm["url"])
+
+        def on_dialog(d: Dialog) -> None:
+            problems.append(f"dialog: {d.message}")
+            d.dismiss()
+
+        p.on("dialog", on_dialog)
+        p.goto(swarm.url)
         yield SimpleNamespace(page=p, requests=requests, problems=problems)
         context.close()
 
 
-def row(page, peer_id: str):
+def row(page: Page, peer_id: str) -> Locator:
     return page.locator(f'#peers tbody tr[data-peer-id="{peer_id}"]')
 
 
+def row_is_live(page: Page, peer_id: str) -> bool:
+    return row(page, peer_id).get_attribute("data-state") == "live"
+
+
 def peer_ids(url: str) -> dict[str, str]:
+    """Name -> peer id of every live peer (the coordinator included)."""
     return {p["name"]: p["peer_id"] for p in get_json(url + "api/peers") if p["state"] == "live"}
 
 
-def test_a_row_per_live_peer_and_the_round_advances(swarm, browser):
+def test_a_row_per_live_peer_and_the_round_advances(swarm: Swarm, browser: SimpleNamespace) -> None:
     page = browser.page
-    ids = peer_ids(swarm["url"])
+    ids = peer_ids(swarm.url)
     assert {"coordinator", "alice", HOSTILE} <= set(ids)
     for name, peer_id in ids.items():
-        wait_for(lambda pid=peer_id: row(page, pid).get_attribute("data-state") == "live", 20, what=f"a live row for {name}")
+        wait_for(partial(row_is_live, page, peer_id), 20, f"a live row for {name}")
     first = wait_for(
         lambda: page.text_content("#round").strip().isdigit() and int(page.text_content("#round")), 30, what="a round number"
     )
@@ -99,14 +111,14 @@ def test_a_row_per_live_peer_and_the_round_advances(swarm, browser):
     wait_for(lambda: page.locator("#plot-loss svg polyline").count() >= 2, 30, what="the loss plot")
     assert page.locator("#plot-bytes svg polyline").count() == 2 and page.locator("#plot-peers svg").count() == 1
     assert page.locator("#events li").count() > 0
-    own = swarm["url"].rstrip("/")
+    own = swarm.url.rstrip("/")
     assert all(u.startswith(own) or u.startswith("data:") for u in browser.requests), "the page loaded something from elsewhere"
     assert not browser.problems, browser.problems
 
 
-def test_hostile_peer_name_shows_literally_and_runs_nothing(swarm, browser):
+def test_hostile_peer_name_shows_literally_and_runs_nothing(swarm: Swarm, browser: SimpleNamespace) -> None:
     page = browser.page
-    peer_id = peer_ids(swarm["url"])[HOSTILE]
+    peer_id = peer_ids(swarm.url)[HOSTILE]
     wait_for(lambda: row(page, peer_id).count() == 1, 20, what="the hostile peer's row")
     assert row(page, peer_id).locator(".name").text_content() == HOSTILE
     wait_for(
@@ -123,26 +135,28 @@ def test_hostile_peer_name_shows_literally_and_runs_nothing(swarm, browser):
     page.screenshot(path=str(ARTIFACTS / "status-hostile-name.png"), full_page=True)
 
 
-def test_killed_peer_is_marked_stale_within_its_heartbeat_timeout(swarm, browser):
+def test_killed_peer_is_marked_stale_within_its_heartbeat_timeout(swarm: Swarm, browser: SimpleNamespace) -> None:
+    # A peer of its own to kill, so the shared swarm stays as the other tests expect it.
     page = browser.page
-    peer_id = peer_ids(swarm["url"])["alice"]
-    wait_for(lambda: row(page, peer_id).get_attribute("data-state") == "live", 20, what="alice live")
-    kill_hard(swarm["peers"]["alice"])
+    swarm.cluster.add_peer("carol", device="cpu")
+    peer_id = wait_for(lambda: peer_ids(swarm.url).get("carol"), 120, "carol live in the API", swarm.cluster)
+    wait_for(lambda: row_is_live(page, peer_id), 20, "carol live on the page")
+    swarm.cluster.kill("carol")
     killed = time.monotonic()
     try:
         wait_for(
             lambda: row(page, peer_id).get_attribute("data-state", timeout=1000) == "stale",
             TTL + POLL_LATENCY_S,
-            interval=0.1,
-            what="alice marked stale",
+            "carol marked stale",
+            interval_s=0.1,
         )
     except TimeoutError:
-        api_row = next((p for p in get_json(swarm["url"] + "api/peers") if p["peer_id"] == peer_id), None)
+        api_row = next((p for p in get_json(swarm.url + "api/peers") if p["peer_id"] == peer_id), None)
         page_says = (row(page, peer_id).get_attribute("data-state", timeout=1000), page.text_content("#conn-text"))
         raise AssertionError(f"not stale after {time.monotonic() - killed:.1f}s: API {api_row}, page {page_says}") from None
     elapsed = time.monotonic() - killed
     assert elapsed <= TTL + POLL_LATENCY_S
-    assert float(row(page, peer_id).locator(".age").text_content().split()[0]) > TTL
+    assert float((row(page, peer_id).locator(".age").text_content() or "").split()[0]) > TTL
     assert row(page, peer_id).locator(".state .badge").text_content() == "stale"
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "status-page.png"), full_page=True)

@@ -8,51 +8,19 @@ from __future__ import annotations
 
 import re
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
-from launch.cluster import LocalCluster
+from launch.cluster import LocalCluster, nano_run, wait_for
 
 pytestmark = pytest.mark.slow
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 HOSTILE = str(Path(__file__).with_name("hostile_peer.py"))
 
 
-def run_config(**overrides) -> dict:
-    run = {
-        "preset": "nano",
-        "data_source": str(SHAKESPEARE) if SHAKESPEARE.exists() else "stdlib",
-        "inner_steps": 5,
-        "batch_size": 4,
-        "seq_len": 64,
-        "warmup_steps": 5,
-        "inner_lr": 3e-3,
-        "round_timeout_s": 15.0,
-        "heartbeat_interval_s": 1.0,
-        "heartbeat_ttl_s": 4.0,
-        "num_shards": 8,
-        "eval_batches": 2,
-    }
-    run.update(overrides)
-    return run
-
-
-def wait_for(predicate, timeout_s: float, what: str, cluster: LocalCluster | None = None):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if cluster is not None and cluster.failed():
-            pytest.fail(f"a swarm process died while waiting for {what}:\n" + _logs(cluster))
-        time.sleep(0.3)
-    pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}:\n" + (_logs(cluster) if cluster else ""))
-
-
-def _logs(cluster: LocalCluster) -> str:
-    return "\n".join(f"--- {name}\n{cluster.log(name)[-2500:]}" for name in cluster.procs)
+def run_config() -> dict:
+    """The nano run, with a higher inner lr so the loss falls visibly within three rounds."""
+    return nano_run(inner_lr=3e-3, round_timeout_s=15.0, num_shards=8)
 
 
 def rounds_done_by(cluster: LocalCluster, peers: set[str], at_least: int) -> bool:
@@ -83,7 +51,7 @@ def assert_identical(cluster: LocalCluster, rounds: range | None = None) -> None
             assert len(hashes) == 1, f"replicas differ after round {r}: {rows}"
 
 
-def test_rounds_join_and_kill(tmp_path):
+def test_rounds_join_and_kill(tmp_path: Path) -> None:
     with LocalCluster(tmp_path, run_config()) as cluster:
         for i in range(3):
             cluster.add_peer(f"p{i}")
@@ -123,12 +91,14 @@ def test_rounds_join_and_kill(tmp_path):
         wait_for(lambda: cluster.rounds_completed(2) > left_at + 1, 180, "a round after the Ctrl+C", cluster)
 
 
-def test_coordinator_down_and_back(tmp_path):
+def test_coordinator_down_and_back(tmp_path: Path) -> None:
     with LocalCluster(tmp_path, run_config()) as cluster:
         cluster.add_peer("p0")
         cluster.add_peer("p1")
         wait_for(lambda: cluster.rounds_completed(2) >= 2, 240, "2 rounds", cluster)
-        peer_address = re.search(r"listening on (\S+)", cluster.log("p0")).group(1)
+        listening = re.search(r"listening on (\S+)", cluster.log("p0"))
+        assert listening, cluster.log("p0")
+        peer_address = listening.group(1)
         cluster.kill("coordinator")
         down_at = max(cluster.metrics_by_round())
         wait_for(lambda: cluster.rounds_completed(2) > down_at + 3, 180, "3 rounds without the coordinator", cluster)
@@ -142,7 +112,7 @@ def test_coordinator_down_and_back(tmp_path):
         assert_identical(cluster)
 
 
-def test_hostile_peers_are_rejected(tmp_path):
+def test_hostile_peers_are_rejected(tmp_path: Path) -> None:
     with LocalCluster(tmp_path, run_config()) as cluster:
         cluster.add_peer("honest0")
         cluster.add_peer("honest1")

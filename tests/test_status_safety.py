@@ -7,8 +7,8 @@ import inspect
 import json
 import math
 import re
-from typing import Any
 from importlib import resources
+from typing import Any
 
 import pytest
 

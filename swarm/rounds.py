@@ -91,8 +91,10 @@ class RoundAgreement:
 
     async def close_round(self, round_no: int) -> Manifest:
         """Wait for round r's manifest, leading the round ourselves when it is our turn."""
-        started = time.monotonic()
+        started: float | None = None  # when we first saw a submission: the round is under way
         while True:
+            if started is None and await self._submissions(round_no):
+                started = time.monotonic()
             beats, agreed = await self._view(round_no)
             may_lead = self._peers_may_lead(round_no, beats, agreed, started)
             manifest = await self.find_manifest(round_no, agreed, peers_may_lead=may_lead)
@@ -104,11 +106,12 @@ class RoundAgreement:
                     return manifest
             await asyncio.sleep(self.poll_s)
 
-    def _peers_may_lead(self, round_no: int, beats: list[Heartbeat], agreed: str | None, started: float) -> bool:
-        """Peers lead while the coordinator is away, or once it has been silent for a view timeout."""
+    def _peers_may_lead(self, round_no: int, beats: list[Heartbeat], agreed: str | None, started: float | None) -> bool:
+        """Peers lead while the coordinator is away, or once it has let a view timeout pass since the
+        round's first submission without closing it."""
         if not coordinator_holds(round_no, beats, self.run.coordinator, agreed):
             return True
-        return time.monotonic() - started > self.run.leader_timeout_s
+        return started is not None and time.monotonic() - started > self.run.leader_timeout_s
 
     async def _view(self, round_no: int) -> tuple[list[Heartbeat], str | None]:
         """Live admitted peers (ourselves included, as we are now) and the agreed state of round r."""
@@ -144,7 +147,7 @@ class RoundAgreement:
 
     # ----- leading ---------------------------------------------------------------------------
 
-    async def _lead(self, round_no: int, started: float) -> Manifest | None:
+    async def _lead(self, round_no: int, started: float | None) -> Manifest | None:
         """Collect submissions until all live replicas are in or the deadline passes, then publish."""
         first_seen: float | None = None
         seen: dict[str, int] = {}  # poll in which each submission first appeared

@@ -72,9 +72,11 @@ def test_a_copier_is_caught_and_the_honest_peer_is_not_framed(tmp_path):
         cluster.add_peer("copier", program=(*HOSTILE, "copy"))
         wait_for(lambda: "[ban]" in cluster.log("coordinator"), 300, "the copier banned", cluster)
         copier, honest = cluster.peer_id("copier")[-8:], [cluster.peer_id(f"honest{i}")[-8:] for i in range(2)]
-        rejections = [line for line in cluster.log("coordinator").splitlines() if "rejected:" in line]
-        assert any(copier in line and "copies the payload" in line for line in rejections)
-        assert not any(h in line.split("rejected:")[0] for h in honest for line in rejections), rejections
+        log = cluster.log("coordinator").splitlines()
+        struck = [line.split("payload from ")[1][:8] for line in log if "copies the payload" in line]
+        assert struck and set(struck) == {copier}, "only the copier is struck as a copier"
+        banned = [line for line in log if "[ban]" in line]
+        assert all(copier in line for line in banned) and not any(h in line for h in honest for line in banned)
         start = max(cluster.metrics_by_round())
         wait_for(lambda: cluster.rounds_completed(2) > start + 1, 120, "rounds after the ban", cluster)
 

@@ -14,7 +14,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from launch.benchmarks.swarm import WHOLE_EVAL_SPLIT, run_solo_baseline, run_swarm
+from launch.benchmarks.swarm import bench_run, run_solo_baseline, run_swarm
 from models import build_model, get_preset
 from models.moe import is_expert_parameter
 
@@ -33,25 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3, help="inner (and solo) peak lr")
     parser.add_argument("--workdir", default=None)
-
-
-def _run(args: argparse.Namespace, mode: str) -> dict:
-    return {
-        "mode": mode,
-        "preset": args.preset,
-        "data_source": args.data,
-        "inner_steps": args.inner_steps,
-        "batch_size": args.batch_size,
-        "seq_len": args.seq_len,
-        "inner_lr": args.lr,
-        "warmup_steps": args.inner_steps,
-        "max_rounds": args.rounds,
-        "round_timeout_s": 120.0,
-        "heartbeat_interval_s": 2.0,
-        "heartbeat_ttl_s": 10.0,
-        "num_shards": args.replicas,
-        "eval_batches": WHOLE_EVAL_SPLIT,
-    }
 
 
 def model_split(preset: str) -> tuple[int, int, int]:
@@ -74,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
         f"{args.replicas} peers x H={args.inner_steps} x {args.rounds} rounds, {tokens:,} tokens each; logs in {workdir}",
         flush=True,
     )
-    spes = run_swarm(workdir / "spes", _run(args, "spes"), args.replicas, args.rounds)
-    full = run_swarm(workdir / "sparseloco", _run(args, "sparseloco"), args.replicas, args.rounds)
+    spes = run_swarm(workdir / "spes", bench_run(args, "spes"), args.replicas, args.rounds)
+    full = run_swarm(workdir / "sparseloco", bench_run(args, "sparseloco"), args.replicas, args.rounds)
     solo = run_solo_baseline(args, args.preset)
     trainable = dense + owned * per_expert
     reference = 4 * trainable + 4 * total  # fp32 upload of trainable weights + fp32 download of the model

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     results = {
-        mode: run_swarm(workdir / mode, _run_config(args, mode), args.replicas, args.rounds) for mode in ("sparseloco", "diloco")
+        mode: run_swarm(workdir / mode, bench_run(args, mode), args.replicas, args.rounds) for mode in ("sparseloco", "diloco")
     }
     solo = run_solo_baseline(args, args.preset)
     _print_table(args, params, results, solo)
@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_config(args: argparse.Namespace, mode: str) -> dict:
+def bench_run(args: argparse.Namespace, mode: str) -> dict:
+    """The run description every swarm benchmark uses: the arguments' model, data and H, whole eval split."""
     run = {
         "preset": args.preset,
         "mode": mode,

@@ -1,0 +1,41 @@
+"""The leader's checks on a round's set of contributions (swarm/validate.py), without a network."""
+
+from __future__ import annotations
+
+import torch
+
+from swarm.robust import summarise
+from swarm.validate import Validator, Verdict
+
+
+def sparse(positions: list[int], sign: float = 1.0, seed: int = 0) -> Verdict:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.zeros(64)
+    t[torch.tensor(positions)] = sign * (1 + torch.rand(len(positions), generator=g))
+    return Verdict(summary=summarise({"w": t.reshape(8, 8)}, sparse=True))
+
+
+def test_zero_updates_are_refused_with_a_strike():
+    verdicts = {"a": sparse([1, 2]), "z": Verdict(summary=summarise({"w": torch.zeros(8, 8)}, sparse=True))}
+    Validator._refuse_zeros(verdicts)
+    assert verdicts["a"].reason is None
+    assert verdicts["z"].reason and "all-zero" in verdicts["z"].reason and verdicts["z"].fault
+
+
+def test_the_later_of_two_copies_is_struck_and_a_tie_sits_out_without_strikes():
+    verdicts = {"honest": sparse([1, 2, 3, 4]), "copier": sparse([1, 2, 3, 5], seed=1), "other": sparse([10, 11, 12])}
+    Validator._refuse_copies(verdicts, seen={"honest": 1, "copier": 2, "other": 1})
+    assert verdicts["honest"].reason is None and verdicts["other"].reason is None
+    assert verdicts["copier"].fault and "copies the payload" in str(verdicts["copier"].reason)
+    tie = {"a": sparse([1, 2, 3, 4]), "b": sparse([1, 2, 3, 4], seed=2)}
+    Validator._refuse_copies(tie, seen={"a": 3, "b": 3})
+    assert all(v.reason and not v.fault for v in tie.values())
+
+
+def test_a_contribution_pointing_against_the_others_is_left_out():
+    common = list(range(0, 40))
+    verdicts = {f"h{i}": sparse(common, seed=i) for i in range(3)}
+    verdicts["flip"] = sparse(common, sign=-1.0, seed=9)
+    Validator._refuse_misaligned(verdicts)
+    assert all(verdicts[f"h{i}"].reason is None for i in range(3))
+    assert verdicts["flip"].fault and "points away" in str(verdicts["flip"].reason)

@@ -14,6 +14,7 @@ from hivemind.utils import get_dht_time
 from swarm.log import get_logger
 from swarm.net.identity import Identity, peer_id_from_owner_marker
 from swarm.net.schema import SchemaError, decode_record, encode_record
+from swarm.net.validator import SwarmRecordValidator
 
 logger = get_logger(__name__)
 T = TypeVar("T")
@@ -81,7 +82,7 @@ class SwarmDHT:
             use_relay=options.use_relay,
             use_auto_relay=options.use_auto_relay,
             client_mode=options.client_mode,
-            record_validators=[identity.validator()],
+            record_validators=[identity.validator(), SwarmRecordValidator()],
             startup_timeout=60,
         )
 

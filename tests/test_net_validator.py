@@ -1,0 +1,41 @@
+"""The DHT validator refuses unsigned and malformed values at store time."""
+
+from __future__ import annotations
+
+import msgpack
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord
+from hivemind.utils.serializer import MSGPackSerializer
+
+from swarm.net.records import RUNS_KEY, Heartbeat
+from swarm.net.schema import encode_record
+from swarm.net.validator import SwarmRecordValidator
+from swarm.run import RunConfig
+
+OWNER = MSGPackSerializer.dumps(b"[owner:ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ]")
+
+
+def record(key: str, value: bytes, subkey: bytes | None = OWNER) -> DHTRecord:
+    return DHTRecord(DHTID.generate(source=key).to_bytes(), subkey, MSGPackSerializer.dumps(value), 0.0)
+
+
+def beat() -> Heartbeat:
+    return Heartbeat("p", "p", "replica", "cpu", "idle", 0, 0.0, None, 0, 0, "", "0", 0.0)
+
+
+def test_signed_records_of_ours_pass():
+    v = SwarmRecordValidator()
+    assert v.validate(record("swarm/r/heartbeat", encode_record(beat())))
+    assert v.validate(record(RUNS_KEY, encode_record(RunConfig(run_id="r"))))
+
+
+def test_unsigned_garbage_oversized_and_bad_run_descriptions_are_refused():
+    v = SwarmRecordValidator()
+    good = encode_record(beat())
+    assert not v.validate(record("swarm/r/heartbeat", good, subkey=MSGPackSerializer.dumps(b"plain")))
+    assert not v.validate(record("swarm/r/heartbeat", good, subkey=None))
+    assert not v.validate(record("swarm/r/heartbeat", b"\xc1 not msgpack"))
+    assert not v.validate(record("swarm/r/heartbeat", msgpack.packb({"v": 99, "body": {}})))
+    assert not v.validate(record("swarm/r/heartbeat", msgpack.packb({"v": 1, "body": b"x" * 300_000})))
+    bad_run = msgpack.packb({"v": 1, "body": {"run_id": "r", "mode": "no-such-mode"}})
+    assert not v.validate(record(RUNS_KEY, bad_run))

@@ -31,7 +31,7 @@ class GlobalState:
     round: int
     params: dict[str, torch.Tensor]  # name -> fp32 CPU tensor, sorted by name
     momentum: dict[str, torch.Tensor] = field(default_factory=dict)
-    _hash: str | None = field(default=None, repr=False)
+    _hash: str | None = field(default=None, repr=False)  # of the tensors alone (the round is mixed in by .hash)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, round_no: int = 0) -> GlobalState:
@@ -48,10 +48,11 @@ class GlobalState:
 
     @property
     def hash(self) -> str:
-        """sha256 of round-independent content: every tensor's name, shape and bytes, in name order."""
+        """sha256 of the round number and every tensor's name, shape and bytes, in name order: a state
+        announced for another round is another state, even with the same weights."""
         if self._hash is None:
             self._hash = state_hash(self.params, self.momentum)
-        return self._hash
+        return hashlib.sha256(f"{self.round}:{self._hash}".encode()).hexdigest()[:32]
 
     def load_into(self, model: torch.nn.Module) -> None:
         """Copy the global weights into a (possibly GPU, possibly bf16-autocast) training model."""

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 STATE_FORMAT_VERSION = 1
 MOMENTUM_PREFIX = "momentum/"
+RELOAD_DEADLINE_S = 600.0  # a diverged node that cannot get the agreed state in this long stops
 
 
 class StateError(ValueError):
@@ -223,25 +224,31 @@ def serve_state(server: TransferServer, agreement: RoundAgreement) -> None:
     server.register("state", chunk)
 
 
-async def reload_state(node: SwarmNode) -> GlobalState:
-    """After divergence: the agreed state from the swarm, however long it takes (never θ(0),
-    which would fork the run)."""
+async def reload_state(node: SwarmNode, deadline_s: float = RELOAD_DEADLINE_S) -> GlobalState:
+    """After divergence: the agreed state from the swarm (never θ(0), which would fork the run).
+    StateError if it cannot be had within deadline_s: the node then stops with that message rather
+    than wait for ever."""
     node.status.phase = "joining"
-    state = await catch_up(node, patience_s=float("inf"))
-    assert state is not None  # catch_up returns None only once its patience has run out
+    state = await catch_up(node, patience_s=deadline_s, deadline_s=deadline_s)
+    if state is None:
+        raise StateError(f"could not download the swarm's agreed state within {deadline_s:.0f}s")
     return state
 
 
-async def catch_up(node: SwarmNode, *, patience_s: float, retry_s: float = 1.0) -> GlobalState | None:
-    """Download the newest agreed state from live peers; None if for patience_s nobody holds one.
+async def catch_up(
+    node: SwarmNode, *, patience_s: float, retry_s: float = 1.0, deadline_s: float = float("inf")
+) -> GlobalState | None:
+    """Download the newest agreed state from live members; None if for patience_s nobody holds one,
+    or if deadline_s passes.
 
-    Once some peer holds state, keeps trying (donors may move on mid-download) rather than
-    falling back to θ(0), which would fork the run.
+    Once some member holds state, keeps trying until the deadline (donors may move on mid-download)
+    rather than falling back to θ(0), which would fork the run.
     """
     loop = asyncio.get_running_loop()
     give_up_at = loop.time() + patience_s
+    hard_stop = loop.time() + deadline_s
     seen_holders = False
-    while seen_holders or loop.time() < give_up_at:
+    while (seen_holders or loop.time() < give_up_at) and loop.time() < hard_stop:
         choice = pick_donors(await node.member_peers(), exclude=node.peer_id)
         if choice is not None:
             seen_holders = True

@@ -1,3 +1,4 @@
+# mypy: disable-error-code="method-assign,union-attr"
 """A misbehaving volunteer for end-to-end fault tests: `python tests/hostile_peer.py FAULT ADDRESS ...`.
 
 FAULT is one of:
@@ -17,6 +18,7 @@ import torch
 from launch import join
 from swarm import exchange, rounds
 from swarm.codec import PayloadMeta, SparseLoCoCompressor, encode_payload, payload_digest
+from swarm.net.records import Manifest
 
 FAULTS = ["truncated", "version", "nan-table", "huge-table", "bad-index", "wrong-shape"]
 
@@ -49,18 +51,15 @@ def corrupt(self: exchange.PayloadEncoder, delta: dict[str, torch.Tensor], round
     return exchange.Encoded(data, payload_digest(data))
 
 
-def diverge(self: rounds.RoundAgreement, manifest) -> int:
-    async def go() -> int:
-        applied = await original_apply(self, manifest)
-        if not perturbed:  # once, after the first round we apply (whenever we joined)
-            perturbed.append(manifest.round)
-            with torch.no_grad():
-                next(iter(self.state.params.values())).add_(1e-3)
-            self.state._hash = None
-            print("hostile: perturbed our global weights", file=sys.stderr, flush=True)
-        return applied
-
-    return go()
+async def diverge(self: rounds.RoundAgreement, manifest: Manifest) -> int:
+    applied = await original_apply(self, manifest)
+    if not perturbed:  # once, after the first round we apply (whenever we joined)
+        perturbed.append(manifest.round)
+        with torch.no_grad():
+            next(iter(self.state.params.values())).add_(1e-3)
+        self.state.invalidate_hash()
+        print("hostile: perturbed our global weights", file=sys.stderr, flush=True)
+    return applied
 
 
 perturbed: list[int] = []

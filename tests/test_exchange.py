@@ -51,6 +51,7 @@ def test_store_checks_who_when_and_which_run():
 def test_excluded_payload_keeps_the_whole_accumulator():
     run = RunConfig(run_id="r")
     encoder = PayloadEncoder(run, "peerA")
+    assert encoder.compressor is not None
     encoder.encode(delta(0), round_no=0)
     e_old = {n: t.clone() for n, t in encoder.compressor.state_dict().items()}
     encoder.encode(delta(1), round_no=1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from swarm.modes.experts import assign_experts, expert_neighbours, merge_alpha, 
 from swarm.replica import initial_state
 from swarm.run import RunConfig
 
-RUN = dict(mode="spes", preset="moe-nano", data_source="stdlib", data_max_bytes=200_000, batch_size=2, seq_len=32)
+RUN: dict[str, Any] = dict(mode="spes", preset="moe-nano", data_source="stdlib", data_max_bytes=200_000, batch_size=2, seq_len=32)
 
 
 def owners(table: dict[str, list[int]], n: int) -> list[int]:
@@ -87,6 +89,7 @@ def test_spes_peer_trains_only_dense_and_owned_experts():
     role = mode.assign_roles(["me", "other"], {}, {"me": 0, "other": 1}, now=0.0)["me"]
     worker = mode.make_worker(role, torch.device("cpu"))
     work = worker.train_round(initial_state(run))
+    assert work is not None
     owned = {key for n in work.delta if (key := is_expert_parameter(n)) is not None}
     assert owned == set(role.experts) and {e for _, e in owned} == {0, 1, 2, 3}
     state_ids = {id(p) for p in worker.optimizer.state}
@@ -111,7 +114,7 @@ def test_a_new_role_keeps_moments_of_parameters_still_trained():
     moment = worker.optimizer.state[emb]["exp_avg"].clone()
     mode.update_worker(worker, roles["other"])
     assert torch.equal(worker.optimizer.state[emb]["exp_avg"], moment)
-    trained_experts = {is_expert_parameter(n)[1] for n in worker.trained_names() if is_expert_parameter(n)}
+    trained_experts = {key[1] for n in worker.trained_names() if (key := is_expert_parameter(n)) is not None}
     assert trained_experts == {4, 5, 6, 7}
 
 

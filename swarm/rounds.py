@@ -11,6 +11,7 @@ it applies to; a node holding another hash has diverged and reloads (see peer.py
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from swarm.exchange import PayloadStore
 from swarm.leadership import agreed_hash, canonical_manifest, coordinator_holds, should_lead
 from swarm.log import get_logger
 from swarm.modes.base import TrainingMode
+from swarm.net.dht import Signed
 from swarm.net.records import (
     Heartbeat,
     Manifest,
@@ -32,6 +34,7 @@ from swarm.net.records import (
     manifest_key,
     submit_key,
 )
+from swarm.net.schema import encode_record
 from swarm.node import SwarmNode
 from swarm.robust import check_scales
 from swarm.run import RunConfig
@@ -52,6 +55,28 @@ class BadManifest(RuntimeError):
 
 
 @dataclass
+class EquivocationWitness:
+    """Remembers the manifest each signer published for each recent round. A signer whose manifest
+    for a round changes has signed two different ones: it is excluded from leading for good, and both
+    records are kept as evidence (shown in the log; they are not yet shared with other peers)."""
+
+    keep_rounds: int = 16
+    seen: dict[tuple[int, str], tuple[str, Manifest]] = field(default_factory=dict)
+    equivocators: set[str] = field(default_factory=set)
+    evidence: dict[str, tuple[Manifest, Manifest]] = field(default_factory=dict)
+
+    def saw(self, round_no: int, signed: Signed[Manifest], node: SwarmNode) -> None:
+        digest = hashlib.sha256(encode_record(signed.record)).hexdigest()
+        first = self.seen.setdefault((round_no, signed.signer), (digest, signed.record))
+        if first[0] != digest and signed.signer not in self.equivocators:
+            self.equivocators.add(signed.signer)
+            self.evidence[signed.signer] = (first[1], signed.record)
+            node.log_event("equivocation", f"{signed.signer[-8:]} signed two different manifests for round {round_no}: excluded")
+        for key in [k for k in self.seen if k[0] < round_no - self.keep_rounds]:
+            del self.seen[key]
+
+
+@dataclass
 class RoundAgreement:
     """Leads or follows rounds for one node. `state` is the node's θ(r), guarded by `lock`."""
 
@@ -66,6 +91,7 @@ class RoundAgreement:
 
     def __post_init__(self) -> None:
         self.validator = Validator(self.node, self.store, self.mode)
+        self.witness = EquivocationWitness()
 
     @property
     def run(self) -> RunConfig:
@@ -80,7 +106,9 @@ class RoundAgreement:
     async def find_manifest(self, round_no: int, agreed: str | None = None, *, peers_may_lead: bool = True) -> Manifest | None:
         """The canonical manifest of a round, if one has been published (see leadership.py)."""
         found = await self.node.dht.get_all(manifest_key(self.run.run_id, round_no), Manifest)
-        found = [m for m in found if (round_no, m.signer) not in self.ignored]
+        for m in found:
+            self.witness.saw(round_no, m, self.node)
+        found = [m for m in found if (round_no, m.signer) not in self.ignored and m.signer not in self.witness.equivocators]
         members = await self.node.members()
         return canonical_manifest(found, round_no, self.run.coordinator, agreed, members=members, peers_may_lead=peers_may_lead)
 
@@ -116,7 +144,7 @@ class RoundAgreement:
     async def _view(self, round_no: int) -> tuple[list[Heartbeat], str | None]:
         """Live admitted peers (ourselves included, as we are now) and the agreed state of round r."""
         me = self.node.peer_id
-        beats = [b for b in await self.node.member_peers() if b.peer_id != me]
+        beats = [b for b in await self.node.member_peers() if b.peer_id != me and b.peer_id not in self.witness.equivocators]
         beats.append(
             Heartbeat(
                 peer_id=me,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from swarm.leadership import agreed_hash, canonical_manifest, leader_rank, should_lead
 from swarm.net.dht import Signed
 from swarm.net.records import Heartbeat, Manifest, Phase
+from swarm.rounds import EquivocationWitness
 
 
 def beat(pid: str, round_no: int, h: str, *, coordinator: bool = False, phase: Phase = "training") -> Heartbeat:
@@ -75,3 +76,23 @@ def test_canonical_manifest_needs_the_leaders_signature_and_the_agreed_base():
     assert canonical_manifest(found, 3, coordinator="c", agreed="other") is None
     assert leader_of(canonical_manifest([*found, manifest("c", 3, "good")], 3, coordinator="c", agreed="good")) == "c"
     assert canonical_manifest(found, 4, coordinator="c") is None
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def log_event(self, kind: str, text: str) -> None:
+        self.events.append(kind)
+
+
+def test_two_different_manifests_from_one_signer_are_equivocation():
+    witness = EquivocationWitness()
+    node = _Node()
+    first = manifest("p1", 3, "good")
+    witness.saw(3, first, node)  # type: ignore[arg-type]
+    witness.saw(3, first, node)  # type: ignore[arg-type]  # the same one again: fine
+    assert not witness.equivocators
+    witness.saw(3, manifest("p1", 3, "other"), node)  # type: ignore[arg-type]
+    assert witness.equivocators == {"p1"} and node.events == ["equivocation"]
+    assert witness.evidence["p1"][0].base_hash == "good" and witness.evidence["p1"][1].base_hash == "other"

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 STATE_FORMAT_VERSION = 1
 MOMENTUM_PREFIX = "momentum/"
-RELOAD_DEADLINE_S = 600.0  # a diverged node that cannot get the agreed state in this long stops
+RELOAD_DEADLINE_S = 600.0
+MAX_STATE_READERS = 4  # state requests answered at once; the rest wait their turn  # a diverged node that cannot get the agreed state in this long stops
 
 
 class StateError(ValueError):
@@ -68,14 +69,6 @@ def _sha(t: torch.Tensor) -> str:
 def build_index(state: GlobalState) -> bytes:
     tensors = [[n, list(t.shape), _sha(t)] for n, t in _all_tensors(state).items()]
     return msgpack.packb({"v": STATE_FORMAT_VERSION, "round": state.round, "hash": state.hash, "tensors": tensors})
-
-
-def build_chunk(state: GlobalState, names: list[str]) -> bytes | None:
-    """The raw fp32 bytes of the named tensors, concatenated in the requested order."""
-    tensors = _all_tensors(state)
-    if any(n not in tensors for n in names):
-        return None
-    return b"".join(tensors[n].contiguous().numpy().tobytes() for n in names)
 
 
 def parse_index(data: bytes) -> StateIndex:
@@ -160,13 +153,17 @@ async def download_state(
 
 
 def _split_work(infos: list[TensorInfo], num_donors: int) -> list[list[TensorInfo]]:
-    """Spread tensors over donors, biggest first onto the least-loaded donor."""
-    parts: list[list[TensorInfo]] = [[] for _ in range(max(1, num_donors))]
-    loads = [0] * len(parts)
-    for info in sorted(infos, key=lambda i: -int(np.prod(i.shape, dtype=np.int64))):
-        k = loads.index(min(loads))
-        parts[k].append(info)
-        loads[k] += int(np.prod(info.shape, dtype=np.int64))
+    """Cut the index into one contiguous run of tensors per donor, of about equal bytes (a donor
+    serves a contiguous run straight from its snapshot, without copying)."""
+    sizes = [int(np.prod(i.shape, dtype=np.int64)) for i in infos]
+    target = sum(sizes) / max(1, num_donors)
+    parts: list[list[TensorInfo]] = [[]]
+    filled = 0
+    for info, size in zip(infos, sizes):
+        if parts[-1] and filled + size / 2 > target * len(parts) and len(parts) < num_donors:
+            parts.append([])
+        parts[-1].append(info)
+        filled += size
     return [p for p in parts if p]
 
 
@@ -183,9 +180,10 @@ async def _fetch_part(
     """Fetch one part, starting with its own donor and falling back to the others."""
     order = donors[first % len(donors) :] + donors[: first % len(donors)]
     request = {"kind": "state", "round": index.round, "names": [i.name for i in part]}
+    expected = 4 * sum(int(np.prod(i.shape, dtype=np.int64)) for i in part)  # a bigger answer is refused unread
     for donor in order:
         try:
-            raw = await fetch(p2p, donor, request, max_bytes=max_bytes, timeout_s=timeout_s, traffic=traffic)
+            raw = await fetch(p2p, donor, request, max_bytes=min(max_bytes, expected), timeout_s=timeout_s, traffic=traffic)
             if raw is not None:
                 return split_chunk(raw, part)
         except Exception as e:  # a hostile or broken donor: try the next one
@@ -193,32 +191,60 @@ async def _fetch_part(
     raise StateError(f"no donor could provide {len(part)} tensors of round {index.round}")
 
 
-def serve_state(server: TransferServer, agreement: RoundAgreement) -> None:
-    """Answer 'state-index' and 'state' requests from a node's current global state.
+class StateSnapshot:
+    """The state of one round as one read-only buffer, tensors in index order, built once per round.
 
-    The agreement's lock is held while reading, so a donor never sends a half-updated state; a
-    request for a round the donor has left is answered 'not found' and the joiner retries.
+    Requests are answered from it without the round lock and, for a contiguous run of tensors (what
+    joiners ask for), without copying: the answer is a view into the buffer.
     """
 
-    busy = asyncio.Semaphore(2)  # state is big: a few requests at a time, the rest wait their turn
-    cached: dict[tuple[int, str], bytes] = {}
+    def __init__(self, state: GlobalState) -> None:
+        self.round, self.hash = state.round, state.hash
+        tensors = _all_tensors(state)
+        self.names = list(tensors)
+        self.position = {n: i for i, n in enumerate(self.names)}
+        pieces = [tensors[n].contiguous().numpy().tobytes() for n in self.names]
+        self.offsets = np.cumsum([0] + [len(p) for p in pieces]).tolist()
+        self.buffer = memoryview(b"".join(pieces))
+        self.index = build_index(state)
+
+    def chunk(self, names: list[str]) -> memoryview | bytes | None:
+        if not names or any(n not in self.position for n in names):
+            return None
+        first = self.position[names[0]]
+        if [self.position[n] for n in names] == list(range(first, first + len(names))):
+            return self.buffer[self.offsets[first] : self.offsets[first + len(names)]]
+        return b"".join(self.buffer[self.offsets[self.position[n]] : self.offsets[self.position[n] + 1]] for n in names)
+
+
+def serve_state(server: TransferServer, agreement: RoundAgreement) -> None:
+    """Answer 'state-index' and 'state' requests from a snapshot of the node's current global state.
+
+    The snapshot is taken under the round lock (never half-updated) once per round, then served
+    without it; a request for a round the donor has left is answered 'not found' and the joiner
+    retries. At most MAX_STATE_READERS requests are answered at a time.
+    """
+    busy = asyncio.Semaphore(MAX_STATE_READERS)
+    latest: list[StateSnapshot] = []
+
+    async def snapshot() -> StateSnapshot:
+        async with agreement.lock:
+            state = agreement.state
+            if not latest or (latest[0].round, latest[0].hash) != (state.round, state.hash):
+                latest[:] = [await asyncio.to_thread(StateSnapshot, state)]
+            return latest[0]
 
     async def index(request: dict) -> bytes | None:
-        async with busy, agreement.lock:
-            key = (agreement.state.round, agreement.state.hash)
-            if key not in cached:
-                cached.clear()
-                cached[key] = await asyncio.to_thread(build_index, agreement.state)
-            return cached[key]
+        async with busy:
+            return (await snapshot()).index
 
-    async def chunk(request: dict) -> bytes | None:
+    async def chunk(request: dict) -> memoryview | bytes | None:
         names = request.get("names")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
             return None  # duplicates would let one small request make us build a huge body
-        async with busy, agreement.lock:
-            if request.get("round") != agreement.state.round:
-                return None
-            return await asyncio.to_thread(build_chunk, agreement.state, names)
+        async with busy:
+            snap = await snapshot()
+            return snap.chunk(names) if request.get("round") == snap.round else None
 
     server.register("state-index", index)
     server.register("state", chunk)

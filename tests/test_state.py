@@ -8,7 +8,15 @@ import torch
 from swarm.net.records import Heartbeat, Phase
 from swarm.run import OuterConfig
 from swarm.state import GlobalState, NonFiniteUpdateError, load_state, save_state
-from swarm.statesync import StateError, _split_work, build_chunk, build_index, parse_index, pick_donors, split_chunk
+from swarm.statesync import (
+    StateError,
+    StateSnapshot,
+    _split_work,
+    build_index,
+    parse_index,
+    pick_donors,
+    split_chunk,
+)
 
 
 def make_state(seed: int = 0) -> GlobalState:
@@ -66,8 +74,9 @@ def test_state_transfer_round_trip_and_tampering():
     index = parse_index(build_index(state))
     assert (index.round, index.hash) == (3, state.hash)
     infos = index.tensors
-    chunk = build_chunk(state, [i.name for i in infos])
-    assert chunk is not None
+    view = StateSnapshot(state).chunk([i.name for i in infos])
+    assert view is not None
+    chunk = bytes(view)
     tensors = split_chunk(chunk, infos)
     assert torch.equal(tensors["a.weight"], state.params["a.weight"])
     assert torch.equal(tensors["momentum/a.weight"], state.momentum["a.weight"])
@@ -79,7 +88,6 @@ def test_state_transfer_round_trip_and_tampering():
         split_chunk(chunk[:-4], infos)
     with pytest.raises(StateError):
         parse_index(b"\x93garbage")
-    assert build_chunk(state, ["nope"]) is None
 
 
 def test_work_is_spread_over_donors():
@@ -116,3 +124,19 @@ def test_saved_state_round_trips_and_refuses_other_runs_and_corruption(tmp_path)
     save_file({"a": torch.zeros(3, 4)}, str(tmp_path / "s" / "model.safetensors"))
     with pytest.raises(ValueError, match="hash"):
         load_state(tmp_path / "s", run_id="r1")
+
+
+def test_snapshot_serves_contiguous_parts_as_views_of_one_buffer():
+    state = make_state()
+    state.momentum = {"a.weight": torch.ones(8, 4)}
+    snap = StateSnapshot(state)
+    infos = parse_index(snap.index).tensors
+    parts = _split_work(infos, 2)
+    assert [i.name for p in parts for i in p] == [i.name for i in infos]  # contiguous runs, in index order
+    for part in parts:
+        body = snap.chunk([i.name for i in part])
+        assert isinstance(body, memoryview)  # no copy
+        split_chunk(bytes(body), part)
+    shuffled = [i.name for i in reversed(infos)]
+    assert isinstance(snap.chunk(shuffled), bytes)  # any order still works, as a copy
+    assert snap.chunk(["nope"]) is None and snap.chunk([]) is None

@@ -29,7 +29,7 @@ OK, NOT_FOUND, ERROR = 0, 1, 2
 _LEN = struct.Struct("!I")
 _BODY = struct.Struct("!BQ")
 
-Provider = Callable[[dict], Awaitable[bytes | None]]
+Provider = Callable[[dict], Awaitable[bytes | memoryview | None]]  # a view is sent without copying
 
 
 class TransferError(RuntimeError):
@@ -149,7 +149,7 @@ async def _read_header(reader: asyncio.StreamReader) -> object:
     return msgpack.unpackb(await reader.readexactly(length), raw=False)
 
 
-async def _write_body(writer: asyncio.StreamWriter, status: int, body: bytes) -> None:
+async def _write_body(writer: asyncio.StreamWriter, status: int, body: bytes | memoryview) -> None:
     writer.write(_BODY.pack(status, len(body)))
     view = memoryview(body)
     for offset in range(0, len(view), CHUNK_BYTES):

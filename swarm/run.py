@@ -38,12 +38,10 @@ class OuterConfig:
 
     @classmethod
     def for_mode(cls, mode: str, dense_dtype: str = "fp32") -> OuterConfig:
-        """The published outer settings of a mode: DiLoCo's for 'diloco', SparseLoCo's otherwise."""
-        if mode != "diloco":
-            return cls()
-        # DiLoCo's published outer optimizer: Nesterov momentum 0.9, outer lr 0.7, dense payloads.
-        codec: Codec = "dense-fp16" if dense_dtype == "fp16" else "dense-fp32"
-        return cls(codec=codec, outer_lr=0.7, momentum=0.9, nesterov=True)
+        """The outer settings a mode recommends (`TrainingMode.default_outer`)."""
+        from swarm.modes import mode_class  # the modes import this module
+
+        return mode_class(mode).default_outer(dense_dtype)
 
 
 @dataclass

@@ -83,8 +83,7 @@ def bench_run(args: argparse.Namespace, mode: str) -> dict:
         "num_shards": args.replicas,
         "eval_batches": WHOLE_EVAL_SPLIT,
     }
-    if mode == "diloco":
-        run["outer"] = to_plain(OuterConfig.for_mode("diloco"))
+    run["outer"] = to_plain(OuterConfig.for_mode(mode))
     return run
 
 

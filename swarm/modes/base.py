@@ -26,7 +26,7 @@ from swarm.net.records import Role
 if TYPE_CHECKING:
     from swarm.data.corpus import Corpus
     from swarm.replica import Replica
-    from swarm.run import RunConfig
+    from swarm.run import OuterConfig, RunConfig
     from swarm.state import GlobalState
 
 
@@ -58,6 +58,13 @@ class TrainingMode:
 
     def check_run(self) -> None:
         """Reject run settings that mean nothing (or something wrong) in this mode."""
+
+    @classmethod
+    def default_outer(cls, dense_dtype: str = "fp32") -> OuterConfig:
+        """The outer settings this mode recommends: SparseLoCo's published ones by default."""
+        from swarm.run import OuterConfig
+
+        return OuterConfig()
 
     # ----- roles (coordinator) -------------------------------------------------------------------
 

@@ -4,10 +4,18 @@ momentum (its buffer is part of the hashed global state). Same round path as Spa
 from __future__ import annotations
 
 from swarm.modes.base import TrainingMode
+from swarm.run import OuterConfig
 
 
 class DiLoCoMode(TrainingMode):
     name = "diloco"
+
+    @classmethod
+    def default_outer(cls, dense_dtype: str = "fp32") -> OuterConfig:
+        """DiLoCo's published outer optimizer: Nesterov momentum 0.9, outer lr 0.7, dense payloads."""
+        return OuterConfig(
+            codec="dense-fp16" if dense_dtype == "fp16" else "dense-fp32", outer_lr=0.7, momentum=0.9, nesterov=True
+        )
 
     def check_run(self) -> None:
         outer = self.run.outer

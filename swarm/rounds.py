@@ -295,7 +295,9 @@ class RoundAgreement:
         while True:
             manifest = await self.close_round(round_no)
             try:
-                return manifest, await self.apply(manifest)
+                applied = await self.apply(manifest)
+                self.validator.record(manifest)
+                return manifest, applied
             except BadManifest as e:
                 self.ignored.add((manifest.round, manifest.leader))
                 self.node.log_event("reject", f"manifest of round {manifest.round} by {manifest.leader[-8:]} ignored: {e}")

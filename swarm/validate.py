@@ -4,8 +4,10 @@ On its own, a submission must be built on the leader's state, deliverable, well-
 validation, docs/wire-format.md) and cover exactly the slots of its sender's coordinator-signed role.
 As a set (swarm/robust.py): all-zero contributions are refused, copies are found by overlapping
 selected positions, contributions pointing away from the others are left out, and every tensor is
-clipped to the round's median norm. A fault (malformed,
-free rider, copier) earns a strike; after STRIKES_BEFORE_BAN the leader ignores the sender.
+clipped to the round's median norm. A fault (malformed, free rider, copier, pointing against the
+others) is marked in the manifest's rejection; every node counts the strikes in the coordinator's
+manifests as it applies them (`record`), so strikes are part of what the swarm agreed on, and after
+STRIKES_BEFORE_BAN any leader ignores the sender.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from swarm.codec import PayloadError
 from swarm.exchange import PayloadStore
 from swarm.log import get_logger
 from swarm.modes.base import TrainingMode
-from swarm.net.records import ManifestEntry, Rejection, Role, Submission, role_key
+from swarm.net.records import Manifest, ManifestEntry, Rejection, Role, Submission, role_key
 from swarm.net.transfer import TransferError
 from swarm.node import SwarmNode
 from swarm.robust import COPY_OVERLAP, Summary, alignments, clip_scales, misaligned, overlap, summarise
@@ -59,8 +61,8 @@ class Validator:
         rejected = []
         for peer, verdict in sorted(verdicts.items()):
             if verdict.reason is not None:
-                rejected.append(Rejection(peer, verdict.reason))
-                self._penalise(round_no, peer, verdict)
+                rejected.append(Rejection(peer, verdict.reason, verdict.fault))
+                self.node.log_event("reject", f"round {round_no}: payload from {peer[-8:]} rejected: {verdict.reason}")
         return entries, rejected
 
     async def check(self, round_no: int, base_hash: str, sub: Submission) -> Verdict:
@@ -123,9 +125,16 @@ class Validator:
                 elif b.reason is None:
                     b.reason, b.fault = f"copies the payload of {first[-8:]} (selected positions overlap)", True
 
-    def _penalise(self, round_no: int, peer: str, verdict: Verdict) -> None:
-        if verdict.fault:
-            self.strikes[peer] += 1
-        self.node.log_event("reject", f"round {round_no}: payload from {peer[-8:]} rejected: {verdict.reason}")
-        if verdict.fault and self.strikes[peer] == STRIKES_BEFORE_BAN:
-            self.node.log_event("ban", f"{peer[-8:]} made {STRIKES_BEFORE_BAN} faulty submissions: ignored from now on")
+    def record(self, manifest: Manifest) -> None:
+        """Count the strikes of an applied manifest closed by the coordinator. Every node applies the
+        same manifests, so every node holds the same counts and whoever leads next keeps the
+        penalties; a peer that leads cannot strike anyone for the others (it could frame honest peers)."""
+        if manifest.leader != self.node.run.coordinator:
+            return
+        for rejection in manifest.rejected:
+            if rejection.fault:
+                self.strikes[rejection.peer_id] += 1
+                if self.strikes[rejection.peer_id] == STRIKES_BEFORE_BAN:
+                    self.node.log_event(
+                        "ban", f"{rejection.peer_id[-8:]} made {STRIKES_BEFORE_BAN} faulty submissions: ignored from now on"
+                    )

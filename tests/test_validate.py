@@ -39,3 +39,25 @@ def test_a_contribution_pointing_against_the_others_is_left_out():
     Validator._refuse_misaligned(verdicts)
     assert all(verdicts[f"h{i}"].reason is None for i in range(3))
     assert verdicts["flip"].fault and "points away" in str(verdicts["flip"].reason)
+
+
+class _Run:
+    coordinator = "C"
+
+
+class _Node:
+    run = _Run()
+
+    def log_event(self, kind: str, text: str) -> None:
+        pass
+
+
+def test_strikes_come_from_the_coordinators_manifests_applied_by_everyone():
+    from swarm.net.records import Manifest, Rejection
+    from swarm.validate import STRIKES_BEFORE_BAN
+
+    validator = Validator(_Node(), None, None)  # type: ignore[arg-type]
+    for r in range(STRIKES_BEFORE_BAN):
+        validator.record(Manifest(r, "C", "h", [], [Rejection("bad", "zero", True), Rejection("slow", "stale")], 0.0))
+        validator.record(Manifest(r, "peer", "h", [], [Rejection("honest", "framed", True)], 0.0))
+    assert validator.banned("bad") and not validator.banned("slow") and not validator.banned("honest")

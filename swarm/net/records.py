@@ -129,6 +129,7 @@ class ManifestEntry:
 class Rejection:
     peer_id: str
     reason: str
+    fault: bool = False  # the sender's fault: everyone who applies the manifest counts a strike
 
 
 @dataclass

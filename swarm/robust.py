@@ -122,6 +122,30 @@ def clip_scales(summaries: list[Summary]) -> list[dict[str, float]]:
     return scales
 
 
+def clipped_norms(tensors: dict[str, torch.Tensor], scales: dict[str, float]) -> dict[str, float]:
+    """Per-tensor norms of a contribution after its clip factors (float64)."""
+    return {n: float(torch.linalg.vector_norm(t.double())) * scales.get(n, 1.0) for n, t in tensors.items()}
+
+
+CLIP_TOLERANCE = 1e-3  # relative slack for reduction-order differences between machines
+
+
+def check_clipping(norms: list[dict[str, float]]) -> str | None:
+    """Why a manifest's contributions are not clipped as the rule says (None if they are): after
+    its factors, no tensor of any contribution may exceed the round's median norm of that tensor.
+    Every follower checks this, so a leader cannot slip in an oversized payload (its own, say)."""
+    by_tensor: dict[str, list[float]] = {}
+    for contribution in norms:
+        for name, norm in contribution.items():
+            by_tensor.setdefault(name, []).append(norm)
+    for name, values in by_tensor.items():
+        limit = lower_median(values) * (1 + CLIP_TOLERANCE)
+        worst = max(values)
+        if worst > limit and worst > 1e-30:
+            return f"tensor {name} of a contribution has norm {worst:.4g} above the round's median {limit:.4g}: not clipped"
+    return None
+
+
 def check_scales(scales: dict[str, float], names: set[str]) -> str | None:
     """Why a manifest's clip factors are unacceptable (None if they are fine)."""
     for name, s in scales.items():

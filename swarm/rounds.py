@@ -36,7 +36,7 @@ from swarm.net.records import (
 )
 from swarm.net.schema import encode_record
 from swarm.node import SwarmNode
-from swarm.robust import check_scales
+from swarm.robust import check_clipping, check_scales, clipped_norms
 from swarm.run import RunConfig
 from swarm.state import GlobalState, save_state
 from swarm.validate import Validator
@@ -269,6 +269,7 @@ class RoundAgreement:
 
     def _apply_blobs(self, manifest: Manifest, blobs: list[bytes]) -> None:
         acc = SlotMean(self.store.shapes)
+        norms: list[dict[str, float]] = []  # of each clipped contribution, to check the leader clipped
         for entry, data in zip(manifest.entries, blobs):
             try:
                 tensors = self.store.decode(data, sender=entry.peer_id, round_no=manifest.round)
@@ -278,6 +279,10 @@ class RoundAgreement:
             if problem is not None:
                 raise BadManifest(f"entry of {entry.peer_id[-8:]}: {problem}")
             acc.add(tensors, entry.scales)
+            norms.append(clipped_norms(tensors, entry.scales))
+        problem = check_clipping(norms)
+        if problem is not None:
+            raise BadManifest(problem)
         coverage: dict[str, int] = {}
         for name, count in acc.counts.items():
             group = self.mode.slot_group(name)

@@ -5,7 +5,17 @@ from __future__ import annotations
 import torch
 
 from swarm.codec import SlotMean
-from swarm.robust import alignments, check_scales, clip_scales, lower_median, misaligned, overlap, summarise
+from swarm.robust import (
+    alignments,
+    check_clipping,
+    check_scales,
+    clip_scales,
+    clipped_norms,
+    lower_median,
+    misaligned,
+    overlap,
+    summarise,
+)
 
 SHAPES = {"w": (4, 4)}
 
@@ -75,3 +85,13 @@ def test_a_sign_flip_and_noise_point_away_from_the_others():
         assert all(s > 0 for s in scores[:3]), scores
         assert misaligned(scores) == [False, False, False, True], scores
     assert misaligned([0.1, 0.2]) == [False, False]  # too few to tell
+
+
+def test_followers_catch_a_leader_that_did_not_clip():
+    honest = [sparse(i) for i in range(3)]
+    contributions = [*honest, {"w": honest[0]["w"] * -1000}]
+    summaries = [summarise(c, sparse=True) for c in contributions]
+    scales = clip_scales(summaries)
+    assert check_clipping([clipped_norms(c, s) for c, s in zip(contributions, scales)]) is None
+    unclipped = [clipped_norms(c, {}) for c in contributions]
+    assert "not clipped" in str(check_clipping(unclipped))

@@ -17,7 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-COPY_OVERLAP = 0.4  # share of selected positions two payloads have in common to count as a copy (Templar's figure)
+# Share of selected positions two payloads must have in common to count as a copy. Templar uses 0.4;
+# a copier that re-encodes another payload reproduces its positions exactly (1.0), while honest
+# peers' payloads can overlap heavily when one direction dominates every gradient (after a bad
+# round we saw all four at once above 0.4, and the swarm stalled): 0.9 catches copiers only.
+COPY_OVERLAP = 0.9
 
 
 ALIGN_FRACTION = 0.25  # a contribution whose alignment with the others is below this share of the round's median is left out

@@ -23,7 +23,7 @@ def test_zero_updates_are_refused_with_a_strike():
 
 
 def test_the_later_of_two_copies_is_struck_and_a_tie_sits_out_without_strikes():
-    verdicts = {"honest": sparse([1, 2, 3, 4]), "copier": sparse([1, 2, 3, 5], seed=1), "other": sparse([10, 11, 12])}
+    verdicts = {"honest": sparse([1, 2, 3, 4]), "copier": sparse([1, 2, 3, 4], seed=1), "other": sparse([1, 2, 10, 11])}
     Validator._refuse_copies(verdicts, seen={"honest": 1, "copier": 2, "other": 1})
     assert verdicts["honest"].reason is None and verdicts["other"].reason is None
     assert verdicts["copier"].fault and "copies the payload" in str(verdicts["copier"].reason)

@@ -26,9 +26,9 @@ def rows(cluster: LocalCluster) -> list[dict]:
 
 def final_loss(tmp: Path, attack: str | None) -> float:
     """Coordinator's eval loss after ROUNDS rounds of 3 honest peers (+ one attacker)."""
-    # Robust aggregation needs an honest majority in every round: a round must wait for 3
-    # contributions (or its timeout), as a run open to strangers should (docs/security.md).
-    run = nano_run(num_shards=4, round_timeout_s=15.0, min_peers=3)
+    # Robust aggregation needs three honest contributions in a round to outvote one attacker: every
+    # round waits for 4 (or its timeout), as a run open to strangers should (docs/security.md).
+    run = nano_run(num_shards=4, round_timeout_s=15.0, min_peers=4)
     with LocalCluster(tmp, run, coordinator_args=("--stop-after", str(ROUNDS))) as cluster:
         for i in range(3):
             cluster.add_peer(f"honest{i}", max_rounds=ROUNDS)

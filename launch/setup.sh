@@ -3,7 +3,8 @@
 # installs the right torch build (CPU unless a CUDA GPU is present), the project and its test
 # tools, then runs what was asked:
 #   bash launch/setup.sh demo [ARGS...]   the main job (a local swarm on the built-in corpus)
-#   bash launch/setup.sh test [ARGS...]   the whole test suite (installs Chromium for browser tests)
+#   bash launch/setup.sh test [ARGS...]   lint, format check, type check, then the whole test suite
+#                                          (installs Chromium for browser tests; ARGS go to pytest)
 #   bash launch/setup.sh install          only the set-up
 set -euo pipefail
 
@@ -77,7 +78,15 @@ case "$action" in
     ;;
   test)
     make_venv; install_torch; install_project "[test]"; install_chromium
-    exec "$VENV/bin/python" -m pytest "$@"
+    # Lint, format and types first (seconds); any finding fails the run before the tests start.
+    log "ruff check, ruff format --check, mypy"
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" format --check .
+    "$VENV/bin/mypy"
+    # Two workers, each taking whole test files (a module's shared swarm starts once; files are
+    # independent). Most of the suite waits on swarm rounds, so two workers halve it even on two
+    # cores. Pass -n 0 to run in one process.
+    exec "$VENV/bin/python" -m pytest -n 2 --dist loadfile "$@"
     ;;
   *)
     echo "usage: bash launch/setup.sh {demo|test|install} [ARGS...]" >&2

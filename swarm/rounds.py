@@ -43,7 +43,6 @@ from swarm.validate import Validator
 
 logger = get_logger(__name__)
 MANIFEST_TTL_S = 6 * 3600
-STRIKES_BEFORE_BAN = 3
 
 
 class Diverged(RuntimeError):

@@ -77,7 +77,11 @@ class GlobalState:
                 buf = self.momentum.setdefault(name, torch.zeros_like(delta))
                 buf.mul_(outer.momentum).add_(delta)
                 delta = delta + outer.momentum * buf if outer.nesterov else buf
-            self.params[name].sub_(delta, alpha=outer.outer_lr)
+            # α·Δ first, then subtract: two IEEE roundings on every CPU. A fused sub_(Δ, alpha=α) is an
+            # FMA in AVX2/AVX-512/NEON kernels and a multiply-then-subtract in scalar ones, so the
+            # bits would depend on the machine (and on which elements fall in a thread's scalar tail).
+            step = delta * outer.outer_lr if outer.outer_lr != 1.0 else delta
+            self.params[name].sub_(step)
         self.round += 1
         self._hash = None
 

@@ -108,9 +108,13 @@ class LocalCluster:
         status_port: int | None = None,
         coordinator_args: Sequence[str] = (),
         start_timeout_s: float = 120,
+        coordinator_host: str = "127.0.0.1",
+        coordinator_prefix: Sequence[str] = (),
     ):
         """`run`: RunConfig fields (written to workdir/run.json); `status_port`: serve the coordinator's
-        status page there (0 = any free port); `coordinator_args`: extra swarm-coordinator flags."""
+        status page there (0 = any free port); `coordinator_args`: extra swarm-coordinator flags;
+        `coordinator_host`, `coordinator_prefix`: where it listens and what its command line starts
+        with (a testbed host's address and `ip netns exec NAME`, see launch/testbed.py)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.run_file = self.workdir / "run.json"
@@ -119,6 +123,8 @@ class LocalCluster:
         self.status_port = status_port
         self.coordinator_args = list(coordinator_args)
         self.start_timeout_s = start_timeout_s
+        self.coordinator_host = coordinator_host
+        self.coordinator_prefix = list(coordinator_prefix)
         self.procs: dict[str, subprocess.Popen] = {}  # the latest life of each named child
         self.killed: set[str] = set()
         self._all: list[subprocess.Popen] = []  # every life of every child, all reaped by close()
@@ -150,7 +156,7 @@ class LocalCluster:
             stem += "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
         return self.workdir / (f"{stem}.log" if life is None else f"{stem}.{life}.log")
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], prefix: Sequence[str] = ()) -> subprocess.Popen:
         path = self._log_path(name)
         if path.exists():  # a restart: keep the earlier life's log beside the new one
             life = 1
@@ -161,7 +167,7 @@ class LocalCluster:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(path, "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                [*prefix, sys.executable, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
         self.procs[name] = proc
         self._all.append(proc)
@@ -170,10 +176,10 @@ class LocalCluster:
     def start_coordinator(self, extra: Sequence[str] = ()) -> None:
         """Start (or restart, keeping its state directory) the coordinator; waits for its address."""
         args = ["-m", "launch.coordinator", "--state-dir", str(self.workdir / "coordinator")]
-        args += ["--run-file", str(self.run_file), "--host", "127.0.0.1"]
+        args += ["--run-file", str(self.run_file), "--host", self.coordinator_host]
         if self.status_port is not None:
             args += ["--status-port", str(self.status_port)]
-        self._spawn("coordinator", args + list(extra))
+        self._spawn("coordinator", args + list(extra), self.coordinator_prefix)
         self.address = _ADDRESS.findall(self.wait_for_log("coordinator", _ADDRESS))[-1]
         match = _STATUS.search(self.log("coordinator"))
         self.status_url = match.group(1) if match else ""
@@ -187,15 +193,20 @@ class LocalCluster:
         device: str | None = None,
         extra: Sequence[str] = (),
         program: Sequence[str] = ("-m", "launch.join"),
+        host: str = "127.0.0.1",
+        prefix: Sequence[str] = (),
+        address: str | None = None,
     ) -> subprocess.Popen:
-        """Start a join-swarm peer (or another program taking join-swarm's arguments)."""
-        args = [*program, self.address, "--host", "127.0.0.1", "--name", name, "--threads", str(threads)]
+        """Start a join-swarm peer (or another program taking join-swarm's arguments), listening on
+        `host`, its command line after `prefix` (a testbed host's), joining through `address` (default:
+        the coordinator's; another peer's address then needs `--coordinator` in `extra`)."""
+        args = [*program, address or self.address, "--host", host, "--name", name, "--threads", str(threads)]
         args += ["--out", str(self.metrics_dir)]
         if max_rounds is not None:
             args += ["--max-rounds", str(max_rounds)]
         if device is not None:
             args += ["--device", device]
-        return self._spawn(name, args + list(extra))
+        return self._spawn(name, args + list(extra), prefix)
 
     def start_status(self, address: str | None = None, *, name: str = "status", coordinator: str | None = None) -> str:
         """Start `swarm-status` on a free port, joined through `address` (default: the coordinator's);

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from launch.common import add_network_args, dht_options, run_node
+from launch.common import add_metrics_args, add_network_args, dht_options, run_node, sink_config
 from swarm.coordinator import Coordinator, CoordinatorConfig
 from swarm.modes import available_modes
 from swarm.net.schema import from_plain, to_plain
@@ -30,6 +30,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--batch-size", type=int, help="sequences per inner step per peer")
     run.add_argument("--seq-len", type=int, help="tokens per sequence")
     run.add_argument("--round-timeout", type=float, help="seconds a round waits for late peers")
+    run.add_argument(
+        "--min-peers", type=int, help="contributions a round waits for (open runs: at least 4, so robust aggregation can outvote one)"
+    )
+    run.add_argument(
+        "--trim", type=float, help="coordinate-wise trimmed mean: fraction dropped at each end (dense codecs; default 0 = off)"
+    )
     run.add_argument("--max-rounds", type=int, help="schedule horizon in rounds (0 = open-ended)")
     run.add_argument("--seed", type=int)
     p.add_argument("--stop-after", type=int, default=None, help="exit after coordinating this many rounds")
@@ -40,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--status-port", type=int, default=None, help="serve the status page on this port (0 = any free port)")
     p.add_argument("--status-host", default="127.0.0.1", help="address the status page binds to (default %(default)s)")
     add_network_args(p)
+    add_metrics_args(p)
     p.add_argument("--initial-peers", nargs="*", default=[], help="other peers to connect to (restarting into a live run)")
     return p.parse_args(argv)
 
@@ -54,6 +61,7 @@ def build_run(args: argparse.Namespace) -> RunConfig:
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "round_timeout_s": args.round_timeout,
+        "min_peers": args.min_peers,
         "max_rounds": args.max_rounds,
         "seed": args.seed,
     }
@@ -62,6 +70,8 @@ def build_run(args: argparse.Namespace) -> RunConfig:
         base["mode_options"] = {**base.get("mode_options", {}), **dict(_option(o) for o in args.mode_option)}
     if "outer" not in base or args.mode is not None:  # the outer optimiser follows the mode
         base["outer"] = to_plain(OuterConfig.for_mode(base.get("mode", "sparseloco"), args.dense_dtype))
+    if args.trim is not None:
+        base["outer"] = {**base["outer"], "trim": args.trim}
     return from_plain(RunConfig, base)
 
 
@@ -82,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         run = build_run(args)
     except (ValueError, OSError) as e:
         raise SystemExit(f"swarm-coordinator: bad run description: {e}") from None
+    try:
+        sinks = sink_config(args)
+    except ValueError as e:
+        raise SystemExit(f"swarm-coordinator: {e}") from None
     cfg = CoordinatorConfig(
         state_dir=args.state_dir,
         dht=dht_options(args, args.initial_peers),
@@ -90,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         status_host=args.status_host,
         status_port=args.status_port,
         save_every_rounds=args.save_every,
+        sinks=sinks,
     )
     coordinator = Coordinator(cfg, run)
 

@@ -49,10 +49,12 @@ def canonical_manifest(
     *,
     members: set[str] | None = None,
     peers_may_lead: bool = True,
+    quorum: int = 0,
 ) -> Manifest | None:
     """Of the manifests published for a round, the one to apply: the coordinator's if there is one;
     else, when peers may lead (the coordinator is away or its view timed out), the best-ranked
-    admitted leader's. Only manifests signed by their leader and built on the agreed state count."""
+    admitted leader's that lists at least `quorum` contributions (so a peer that leads cannot decide
+    a round alone). Only manifests signed by their leader and built on the agreed state count."""
     valid = [m for m in found if m.record.leader == m.signer and m.record.round == round_no]
     if members is not None:
         valid = [m for m in valid if m.signer in members or m.signer == coordinator]
@@ -61,6 +63,7 @@ def canonical_manifest(
     ours = [m for m in valid if m.signer == coordinator]
     if ours:
         return ours[0].record
+    valid = [m for m in valid if len(m.record.entries) >= quorum]
     if not valid or not peers_may_lead:
         return None
     return min(valid, key=lambda m: leader_rank(round_no, m.signer, coordinator)).record
@@ -78,3 +81,8 @@ def should_lead(
         b for b in beats if b.peer_id != coordinator and b.round == round_no and b.param_hash == agreed and b.phase in FREE_PHASES
     ]
     return bool(holders) and min(holders, key=lambda b: leader_rank(round_no, b.peer_id, coordinator)).peer_id == me
+
+
+def peer_quorum(trainers: int) -> int:
+    """Contributions a peer-led manifest must list: a majority of the round's live trainers."""
+    return (trainers + 1) // 2

@@ -20,9 +20,10 @@ from pathlib import Path
 from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
-from swarm.codec import SlotMean
+from swarm.codec import slot_aggregator
+from swarm.evidence import EquivocationWitness, proof_ok, sign_manifest
 from swarm.exchange import PayloadStore
-from swarm.leadership import agreed_hash, canonical_manifest, coordinator_holds, should_lead
+from swarm.leadership import agreed_hash, canonical_manifest, coordinator_holds, peer_quorum, should_lead
 from swarm.log import get_logger
 from swarm.modes.base import TrainingMode
 from swarm.net.dht import Signed
@@ -39,7 +40,7 @@ from swarm.node import SwarmNode
 from swarm.robust import check_clipping, check_scales, clipped_norms
 from swarm.run import RunConfig
 from swarm.state import GlobalState, save_state
-from swarm.validate import Validator
+from swarm.validate import NOT_DELIVERED, Validator
 
 logger = get_logger(__name__)
 MANIFEST_TTL_S = 6 * 3600
@@ -54,28 +55,6 @@ class BadManifest(RuntimeError):
 
 
 @dataclass
-class EquivocationWitness:
-    """Remembers the manifest each signer published for each recent round. A signer whose manifest
-    for a round changes has signed two different ones: it is excluded from leading for good, and both
-    records are kept as evidence (shown in the log; they are not yet shared with other peers)."""
-
-    keep_rounds: int = 16
-    seen: dict[tuple[int, str], tuple[str, Manifest]] = field(default_factory=dict)
-    equivocators: set[str] = field(default_factory=set)
-    evidence: dict[str, tuple[Manifest, Manifest]] = field(default_factory=dict)
-
-    def saw(self, round_no: int, signed: Signed[Manifest], node: SwarmNode) -> None:
-        digest = hashlib.sha256(encode_record(signed.record)).hexdigest()
-        first = self.seen.setdefault((round_no, signed.signer), (digest, signed.record))
-        if first[0] != digest and signed.signer not in self.equivocators:
-            self.equivocators.add(signed.signer)
-            self.evidence[signed.signer] = (first[1], signed.record)
-            node.log_event("equivocation", f"{signed.signer[-8:]} signed two different manifests for round {round_no}: excluded")
-        for key in [k for k in self.seen if k[0] < round_no - self.keep_rounds]:
-            del self.seen[key]
-
-
-@dataclass
 class RoundAgreement:
     """Leads or follows rounds for one node. `state` is the node's θ(r), guarded by `lock`."""
 
@@ -87,10 +66,12 @@ class RoundAgreement:
     poll_s: float = 0.25
     ignored: set[tuple[int, str]] = field(default_factory=set)  # (round, leader) of bad manifests
     coverage: dict[str, int] = field(default_factory=dict)  # slot group -> contributions, last round applied
+    apply_s: float = 0.0  # seconds the last round took to decode and apply (SPSA: its replay cost)
 
     def __post_init__(self) -> None:
         self.validator = Validator(self.node, self.store, self.mode)
         self.witness = EquivocationWitness()
+        self._proofs_ok: dict[tuple[str, str], bool] = {}
 
     @property
     def run(self) -> RunConfig:
@@ -102,14 +83,32 @@ class RoundAgreement:
 
     # ----- following -------------------------------------------------------------------------
 
-    async def find_manifest(self, round_no: int, agreed: str | None = None, *, peers_may_lead: bool = True) -> Manifest | None:
+    async def find_manifest(
+        self, round_no: int, agreed: str | None = None, *, peers_may_lead: bool = True, quorum: int = 0
+    ) -> Manifest | None:
         """The canonical manifest of a round, if one has been published (see leadership.py)."""
         found = await self.node.dht.get_all(manifest_key(self.run.run_id, round_no), Manifest)
+        found = [m for m in found if self._signed_by_leader(m)]
         for m in found:
             self.witness.saw(round_no, m, self.node)
+        await self.witness.read(self.node)
+        await self.witness.publish(self.node)
         found = [m for m in found if (round_no, m.signer) not in self.ignored and m.signer not in self.witness.equivocators]
         members = await self.node.members()
-        return canonical_manifest(found, round_no, self.run.coordinator, agreed, members=members, peers_may_lead=peers_may_lead)
+        return canonical_manifest(
+            found, round_no, self.run.coordinator, agreed, members=members, peers_may_lead=peers_may_lead, quorum=quorum
+        )
+
+    def _signed_by_leader(self, signed: Signed[Manifest]) -> bool:
+        """A manifest counts only with a valid proof by its signer (verified once per version)."""
+        key = (signed.signer, hashlib.sha256(encode_record(signed.record)).hexdigest())
+        if key not in self._proofs_ok:
+            if len(self._proofs_ok) > 4096:
+                self._proofs_ok.clear()
+            self._proofs_ok[key] = proof_ok(signed.record, signed.owner, signed.signer)
+            if not self._proofs_ok[key]:
+                logger.warning("ignoring a manifest of round %d from %s: bad signature", signed.record.round, signed.signer[-8:])
+        return self._proofs_ok[key]
 
     async def closed(self, round_no: int) -> bool:
         """Whether round r already has a manifest on the agreed state (we are behind: don't train)."""
@@ -124,7 +123,8 @@ class RoundAgreement:
                 started = time.monotonic()
             beats, agreed = await self._view(round_no)
             may_lead = self._peers_may_lead(round_no, beats, agreed, started)
-            manifest = await self.find_manifest(round_no, agreed, peers_may_lead=may_lead)
+            quorum = peer_quorum(len(self._expected(round_no, beats)))
+            manifest = await self.find_manifest(round_no, agreed, peers_may_lead=may_lead, quorum=quorum)
             if manifest is not None:
                 return manifest
             if await self._should_lead(round_no, beats, agreed, may_lead):
@@ -183,7 +183,9 @@ class RoundAgreement:
             polls += 1
             beats, agreed = await self._view(round_no)
             may_lead = self._peers_may_lead(round_no, beats, agreed, started)
-            other = await self.find_manifest(round_no, agreed, peers_may_lead=may_lead)
+            expected = self._expected(round_no, beats)
+            quorum = peer_quorum(len(expected)) if self.node.peer_id != self.run.coordinator else 0
+            other = await self.find_manifest(round_no, agreed, peers_may_lead=may_lead, quorum=quorum)
             if other is not None:
                 return other
             subs = await self._submissions(round_no)
@@ -191,15 +193,20 @@ class RoundAgreement:
                 seen.setdefault(peer, polls)
             if subs and first_seen is None:
                 first_seen = time.monotonic()
-            expected = self._expected(round_no, beats)
             if not await self._should_lead(round_no, beats, agreed, may_lead):
                 return None  # a better-ranked leader has appeared
             everyone_in = expected <= set(subs) and len(subs) >= self.run.min_peers
             late = first_seen is not None and time.monotonic() - first_seen > self.run.round_timeout_s
-            if subs and (everyone_in or late):
+            if subs and (everyone_in or late) and len(subs) >= quorum:
                 break
             await asyncio.sleep(self.poll_s)
         entries, rejected = await self.validator.validate(round_no, self.state.hash, subs, seen)
+        if len(entries) < quorum:  # followers would not take it; wait on (or for the next view)
+            logger.info("round %d: %d valid contributions, below the quorum of %d", round_no, len(entries), quorum)
+            await asyncio.sleep(self.poll_s * 8)
+            return None
+        undelivered = {r.peer_id for r in rejected if r.reason.startswith(NOT_DELIVERED)}
+        missing = sorted((expected - set(subs)) | undelivered)
         manifest = Manifest(
             round=round_no,
             leader=self.node.peer_id,
@@ -208,14 +215,15 @@ class RoundAgreement:
             rejected=rejected,
             closed_at=get_dht_time(),
             eval_loss=self.node.status.loss if self.node.status.is_coordinator else None,
+            missing=missing,
         )
+        manifest = sign_manifest(self.node.dht.identity, manifest)
         for _ in range(3):
             if await self.node.dht.put(manifest_key(self.run.run_id, round_no), manifest, MANIFEST_TTL_S):
                 break
         else:
             logger.warning("could not publish the manifest of round %d; not applying it", round_no)
             return None
-        missing = sorted(expected - set(subs))
         if missing:
             self.node.log_event("timeout", f"round {round_no} closed without {', '.join(p[-8:] for p in missing)}")
         return manifest
@@ -230,6 +238,7 @@ class RoundAgreement:
             and b.round in (round_no - 1, round_no)
             and b.phase in ("training", "exchanging", "idle")
             and not self.validator.banned(b.peer_id)
+            and self.validator.waited_for(b.peer_id)
         }
 
     async def _submissions(self, round_no: int) -> dict[str, Submission]:
@@ -257,17 +266,40 @@ class RoundAgreement:
         order (memory O(params)), and let the mode take the outer step on the per-slot mean."""
         if manifest.base_hash != self.state.hash:
             raise Diverged(f"round {manifest.round} applies to state {manifest.base_hash[:12]}, ours is {self.state.hash[:12]}")
+        if self.mode.inline_payload:
+            return await self._apply_inline(manifest)
         blobs = await asyncio.gather(*(self._fetch(manifest, e) for e in manifest.entries))
         async with self.lock:
+            started = time.perf_counter()
             if blobs:
                 await asyncio.to_thread(self._apply_blobs, manifest, list(blobs))
             else:
                 self.state.advance_without_update()
                 self.coverage = {}
+            self.apply_s = time.perf_counter() - started
         return len(blobs)
 
+    async def _apply_inline(self, manifest: Manifest) -> int:
+        """A mode whose payloads travel in the records: nothing to fetch; each entry is checked as the
+        leader checked it, then the mode applies them all in manifest order (timed: `apply_s`)."""
+        contributions = []
+        for e in manifest.entries:
+            problem = self.validator.inline_problem(e.inline, e.digest, e.size)
+            if problem is not None:
+                raise BadManifest(f"entry of {e.peer_id[-8:]}: {problem}")
+            contributions.append((e.peer_id, e.inline))
+        async with self.lock:
+            started = time.perf_counter()
+            if contributions:
+                await asyncio.to_thread(self.mode.apply_inline, self.state, manifest.round, contributions)
+            else:
+                self.state.advance_without_update()
+            self.apply_s = time.perf_counter() - started
+            self.coverage = {"all": len(contributions)} if contributions else {}
+        return len(contributions)
+
     def _apply_blobs(self, manifest: Manifest, blobs: list[bytes]) -> None:
-        acc = SlotMean(self.store.shapes)
+        acc = slot_aggregator(self.store.shapes, self.run.outer.trim)
         norms: list[dict[str, float]] = []  # of each clipped contribution, to check the leader clipped
         for entry, data in zip(manifest.entries, blobs):
             try:
@@ -311,8 +343,17 @@ class RoundAgreement:
                 return manifest, None
 
     async def _fetch(self, manifest: Manifest, entry: ManifestEntry) -> bytes:
+        """A listed payload from its sender, the leader, the other senders, or any member that has
+        applied the round already (they keep what they fetched). A leader that serves a payload to
+        some followers only cannot split the swarm: an honest peer that got it passes it on; only if
+        nobody honest could get it within the view timeout is the manifest bad, and then for everyone."""
         holders = [entry.peer_id, manifest.leader] + [e.peer_id for e in manifest.entries if e is not entry]
-        try:
-            return await self.store.get(self.p2p, entry.digest, holders)
-        except Exception as e:  # undeliverable: the manifest should never have listed it
-            raise BadManifest(f"payload of {entry.peer_id[-8:]}: {e}") from None
+        deadline = time.monotonic() + self.run.leader_timeout_s
+        while True:
+            others = sorted({b.peer_id for b in await self.node.member_peers()} - set(holders) - {self.node.peer_id})
+            try:
+                return await self.store.get(self.p2p, entry.digest, holders + others)
+            except Exception as e:  # undeliverable: the manifest should never have listed it
+                if time.monotonic() > deadline:
+                    raise BadManifest(f"payload of {entry.peer_id[-8:]}: {e}") from None
+            await asyncio.sleep(2.0)

@@ -7,9 +7,12 @@ it only if the marker's peer id equals the coordinator peer id in the address it
 from __future__ import annotations
 
 import math
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Literal
+
+from swarm.data.shards import SHARDS_SOURCE, CorpusShard
 
 Codec = Literal["sparseloco", "dense-fp32", "dense-fp16"]
 
@@ -25,6 +28,8 @@ class OuterConfig:
     topk_per_chunk: int = 64  # 64 of 4096 = 1.56% density, the paper's setting
     chunk_size: int = 64  # matrices are cut into chunk_size x chunk_size blocks
     error_decay: float = 0.95  # beta of the error-feedback buffer
+    overlap: bool = True  # train round r+1 while round r's manifest settles (one-step-delayed update, swarm/overlap.py)
+    trim: float = 0.0  # coordinate-wise trimmed mean: fraction of contributions dropped at each end (dense codecs)
 
     def __post_init__(self) -> None:
         if not 0 < self.outer_lr <= 10:
@@ -35,6 +40,12 @@ class OuterConfig:
             raise ValueError("topk_per_chunk must be in (0, chunk_size^2]")
         if not 0 <= self.error_decay <= 1:
             raise ValueError("error_decay must be in [0, 1]")
+        if not 0 <= self.trim < 0.5:
+            raise ValueError(f"trim must be in [0, 0.5), got {self.trim}")
+        if self.trim and self.codec == "sparseloco":
+            raise ValueError(
+                "a trimmed mean needs a dense codec: sparse contributions are zero almost everywhere, trimming would drop their signal"
+            )
 
     @classmethod
     def for_mode(cls, mode: str, dense_dtype: str = "fp32") -> OuterConfig:
@@ -52,10 +63,16 @@ class RunConfig:
     mode: str = "sparseloco"  # a module of swarm/modes/ (see swarm.modes.available_modes)
     mode_options: dict[str, int | float | bool | str] = field(default_factory=dict)  # the mode's own knobs
     preset: str = "nano"
+    # sha256 of the run's tokenizer.json ("" = the byte tokenizer); peers fetch the file from the swarm
+    # and refuse to train with any other. The model's vocab_size (in model_overrides) comes from it.
+    tokenizer_sha256: str = ""
     model_overrides: dict[str, int | float | bool] = field(default_factory=dict)
     data_source: str = "stdlib"
     text_field: str = "text"
     data_max_bytes: int | None = None
+    corpus: list[CorpusShard] = field(default_factory=list)  # data_source "shards": the corpus by content
+    corpus_fingerprint: str = ""  # other sources: their token fingerprint, signed in by the coordinator
+    corpus_origin: str = ""  # words for that source ("the standard library of Python 3.11.9")
     eval_fraction: float = 0.01
     seed: int = 0
     batch_size: int = 8
@@ -95,6 +112,12 @@ class RunConfig:
             raise ValueError(f"inner_lr must be positive, got {self.inner_lr}")
         if self.max_rounds < 0:
             raise ValueError("max_rounds must be >= 0")
+        if self.tokenizer_sha256 and not re.fullmatch(r"[0-9a-f]{64}", self.tokenizer_sha256):
+            raise ValueError(f"tokenizer_sha256 must be 64 lowercase hex digits or empty, got {self.tokenizer_sha256!r:.80}")
+        if (self.data_source == SHARDS_SOURCE) != bool(self.corpus):
+            raise ValueError(f"data_source {SHARDS_SOURCE!r} goes with a non-empty corpus shard list, and only with it")
+        if len(self.corpus) > self.num_shards:
+            raise ValueError(f"{len(self.corpus)} corpus shards but num_shards={self.num_shards}: raise num_shards")
         if not self.run_id or "/" in self.run_id or len(self.run_id) > 64:
             raise ValueError(f"bad run_id {self.run_id!r}: 1-64 characters, no '/'")
         from swarm.modes import mode_for  # the modes import this module

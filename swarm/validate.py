@@ -16,7 +16,7 @@ import asyncio
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from swarm.codec import PayloadError
+from swarm.codec import PayloadError, payload_digest
 from swarm.exchange import PayloadStore
 from swarm.log import get_logger
 from swarm.modes.base import TrainingMode
@@ -27,6 +27,9 @@ from swarm.robust import COPY_OVERLAP, Summary, alignments, clip_scales, misalig
 
 logger = get_logger(__name__)
 STRIKES_BEFORE_BAN = 3
+NOT_DELIVERED = "payload not delivered"
+ABSENT_ROUNDS = 2  # rounds a peer delivered nothing in time before leaders stop waiting for it
+SHORT_FETCH_S = 10.0  # fetch deadline for the payload of a peer that is not waited for
 
 
 @dataclass
@@ -42,9 +45,19 @@ class Validator:
     store: PayloadStore
     mode: TrainingMode
     strikes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    absent: dict[str, int] = field(default_factory=dict)  # consecutive applied rounds a peer was missing
 
     def banned(self, peer_id: str) -> bool:
         return self.strikes.get(peer_id, 0) >= STRIKES_BEFORE_BAN
+
+    def waited_for(self, peer_id: str) -> bool:
+        """Whether a leader waits for this peer's submission: not after it said it was training and
+        delivered nothing in time for ABSENT_ROUNDS rounds in a row (a free delay costs at most that)."""
+        return self.absent.get(peer_id, 0) < ABSENT_ROUNDS
+
+    def fetch_deadline(self, peer_id: str) -> float:
+        round_s = self.node.run.round_timeout_s
+        return round_s if self.waited_for(peer_id) else min(SHORT_FETCH_S, round_s)
 
     async def validate(
         self, round_no: int, base_hash: str, subs: dict[str, Submission], seen: dict[str, int]
@@ -57,7 +70,10 @@ class Validator:
         self._refuse_misaligned(verdicts)
         accepted = sorted(p for p, v in verdicts.items() if v.reason is None)
         scales = clip_scales([s for p in accepted if (s := verdicts[p].summary) is not None])
-        entries = [ManifestEntry(p, subs[p].digest, subs[p].size, scales=s) for p, s in zip(accepted, scales)]
+        if self.mode.inline_payload:  # no tensors, nothing to clip: the mode bounds its own values on apply
+            entries = [ManifestEntry(p, subs[p].digest, subs[p].size, inline=subs[p].inline) for p in accepted]
+        else:
+            entries = [ManifestEntry(p, subs[p].digest, subs[p].size, scales=s) for p, s in zip(accepted, scales)]
         rejected = []
         for peer, verdict in sorted(verdicts.items()):
             if verdict.reason is not None:
@@ -69,13 +85,19 @@ class Validator:
         """One submission on its own."""
         if sub.base_hash != base_hash:
             return Verdict("computed against other weights (stale or diverged)")
+        if self.mode.inline_payload:
+            return self._check_inline(sub)
+        deadline = self.fetch_deadline(sub.peer_id)
         try:
-            data = await self.store.get(self.node.server.p2p, sub.digest, [sub.peer_id])
+            data = await asyncio.wait_for(self.store.get(self.node.server.p2p, sub.digest, [sub.peer_id]), deadline)
+        except asyncio.TimeoutError:  # served too slowly: it costs the round at most the deadline
+            return Verdict(f"{NOT_DELIVERED} within {deadline:.0f} s")
+        try:
             tensors = await asyncio.to_thread(self.store.decode, data, sender=sub.peer_id, round_no=round_no)
         except PayloadError as e:
             return Verdict(f"malformed payload: {e.reason}", fault=True)
         except TransferError as e:
-            return Verdict(f"payload not delivered: {e}")
+            return Verdict(f"{NOT_DELIVERED}: {e}")
         except Exception as e:  # the codec must not crash the leader on hostile bytes, whatever it raises
             logger.exception("unexpected error validating the payload of %s", sub.peer_id[-8:])
             return Verdict(f"malformed payload: {type(e).__name__}", fault=True)
@@ -85,6 +107,20 @@ class Validator:
             return Verdict(f"payload does not cover its role's slots ({len(wanted - set(tensors))} missing, {extra} not its own)")
         sparse = self.node.run.outer.codec == "sparseloco"
         return Verdict(summary=await asyncio.to_thread(summarise, tensors, sparse))
+
+    def _check_inline(self, sub: Submission) -> Verdict:
+        """A payload carried in the signed record: its digest and size must name it, the mode's check pass."""
+        problem = self.inline_problem(sub.inline, sub.digest, sub.size)
+        return Verdict(problem, fault=True) if problem else Verdict()
+
+    def inline_problem(self, data: bytes, digest: str, size: int) -> str | None:
+        """What is wrong with an inline payload as a submission or manifest entry names it (None: fine)."""
+        if not data:
+            return "no inline payload"
+        if size != len(data) or digest != payload_digest(data):
+            return "inline payload does not match its digest or size"
+        problem = self.mode.check_inline(data)
+        return f"malformed payload: {problem}" if problem else None
 
     async def slots_of(self, peer_id: str) -> set[str]:
         """The tensors a peer's coordinator-signed role contributes (the mode's default role if none)."""
@@ -126,9 +162,15 @@ class Validator:
                     b.reason, b.fault = f"copies the payload of {first[-8:]} (selected positions overlap)", True
 
     def record(self, manifest: Manifest) -> None:
-        """Count the strikes of an applied manifest closed by the coordinator. Every node applies the
-        same manifests, so every node holds the same counts and whoever leads next keeps the
-        penalties; a peer that leads cannot strike anyone for the others (it could frame honest peers)."""
+        """Count the absences of an applied manifest, and its strikes if the coordinator closed it.
+        Every node applies the same manifests, so every node holds the same counts and whoever leads
+        next keeps the penalties; a peer that leads cannot strike anyone for the others (it could
+        frame honest peers). Absences only decide whom a leader waits for, so any leader's count."""
+        for peer in {e.peer_id for e in manifest.entries} | {r.peer_id for r in manifest.rejected}:
+            if peer not in manifest.missing:
+                self.absent.pop(peer, None)
+        for peer in manifest.missing:
+            self.absent[peer] = self.absent.get(peer, 0) + 1
         if manifest.leader != self.node.run.coordinator:
             return
         for rejection in manifest.rejected:

@@ -38,3 +38,33 @@ def test_rejects_missing_names_shape_mismatch_and_no_payloads():
         mean_of_payloads([{"a": torch.ones(2)}, {"a": torch.ones(3)}], ["a"])
     with pytest.raises(ValueError, match="zero payloads"):
         mean_of_payloads([], ["a"])
+
+
+def test_trimmed_mean_drops_the_extremes_per_coordinate_and_is_order_independent():
+    import pytest
+
+    from swarm.codec import SlotTrimmedMean, slot_aggregator
+
+    shapes = {"w": (2, 3)}
+    honest = [torch.full((2, 3), v) for v in (1.0, 2.0, 3.0)]
+    attack = torch.tensor([[1e4, -1e4, 1e4], [-1e4, 1e4, 2.0]])
+    acc = slot_aggregator(shapes, trim=0.25)
+    assert isinstance(acc, SlotTrimmedMean)
+    for t in [*honest, attack]:
+        acc.add({"w": t})
+    out = acc.mean()["w"]
+    # per element: 4 values, one dropped at each end, the middle two averaged
+    expected = torch.tensor([[2.5, 1.5, 2.5], [1.5, 2.5, 2.0]])
+    assert torch.equal(out, expected)
+    again = slot_aggregator(shapes, trim=0.25)
+    for t in [attack, *reversed(honest)]:
+        again.add({"w": t})
+    assert torch.equal(again.mean()["w"], out)
+    assert type(slot_aggregator(shapes)).__name__ == "SlotMean"
+    with pytest.raises(ValueError):
+        SlotTrimmedMean(shapes, 0.5)
+    from swarm.run import OuterConfig
+
+    with pytest.raises(ValueError, match="dense codec"):
+        OuterConfig(trim=0.2)  # sparse contributions would lose their few values
+    assert OuterConfig(codec="dense-fp32", trim=0.2).trim == 0.2

@@ -5,7 +5,7 @@ from __future__ import annotations
 from swarm.leadership import agreed_hash, canonical_manifest, leader_rank, should_lead
 from swarm.net.dht import Signed
 from swarm.net.records import Heartbeat, Manifest, Phase
-from swarm.rounds import EquivocationWitness
+from swarm.evidence import EquivocationWitness
 
 
 def beat(pid: str, round_no: int, h: str, *, coordinator: bool = False, phase: Phase = "training") -> Heartbeat:
@@ -95,4 +95,20 @@ def test_two_different_manifests_from_one_signer_are_equivocation():
     assert not witness.equivocators
     witness.saw(3, manifest("p1", 3, "other"), node)  # type: ignore[arg-type]
     assert witness.equivocators == {"p1"} and node.events == ["equivocation"]
-    assert witness.evidence["p1"][0].base_hash == "good" and witness.evidence["p1"][1].base_hash == "other"
+    proof = witness.proofs["p1"]
+    assert proof.accused == "p1" and proof.round == 3 and witness.unpublished
+
+
+def test_a_peer_led_manifest_needs_a_quorum_of_contributions_the_coordinators_does_not():
+    from swarm.leadership import peer_quorum
+    from swarm.net.records import ManifestEntry
+
+    def listing(leader: str, n: int) -> Signed[Manifest]:
+        entries = [ManifestEntry(f"p{i}", "d", 1) for i in range(n)]
+        return Signed(leader, Manifest(3, leader, "good", entries, [], 0.0), 0.0)
+
+    assert [peer_quorum(n) for n in (0, 1, 2, 3, 4, 5)] == [0, 1, 1, 2, 2, 3]
+    alone = [listing("p1", 1)]
+    assert canonical_manifest(alone, 3, coordinator="c", agreed="good", quorum=2) is None, "a leader alone decides nothing"
+    assert leader_of(canonical_manifest([*alone, listing("p2", 2)], 3, coordinator="c", agreed="good", quorum=2)) == "p2"
+    assert leader_of(canonical_manifest([listing("c", 0)], 3, coordinator="c", agreed="good", quorum=2)) == "c"

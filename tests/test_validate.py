@@ -61,3 +61,22 @@ def test_strikes_come_from_the_coordinators_manifests_applied_by_everyone():
         validator.record(Manifest(r, "C", "h", [], [Rejection("bad", "zero", True), Rejection("slow", "stale")], 0.0))
         validator.record(Manifest(r, "peer", "h", [], [Rejection("honest", "framed", True)], 0.0))
     assert validator.banned("bad") and not validator.banned("slow") and not validator.banned("honest")
+
+
+def test_a_peer_that_delivers_nothing_twice_is_no_longer_waited_for():
+    from swarm.net.records import Manifest, ManifestEntry, Rejection
+    from swarm.validate import ABSENT_ROUNDS, SHORT_FETCH_S
+
+    class _SlowRun(_Run):
+        round_timeout_s = 60.0
+
+    node = _Node()
+    node.run = _SlowRun()
+    validator = Validator(node, None, None)  # type: ignore[arg-type]
+    for r in range(ABSENT_ROUNDS):
+        assert validator.waited_for("idler") and validator.fetch_deadline("idler") == 60.0
+        validator.record(Manifest(r, "P", "h", [ManifestEntry("worker", "d", 1)], [], 0.0, missing=["idler"]))
+    assert not validator.waited_for("idler") and validator.fetch_deadline("idler") == SHORT_FETCH_S
+    assert validator.waited_for("worker") and not validator.banned("idler"), "an absence is no strike"
+    validator.record(Manifest(9, "P", "h", [], [Rejection("idler", "late", False)], 0.0))
+    assert validator.waited_for("idler"), "delivering again (even a rejected payload) restores the wait"

@@ -6,7 +6,7 @@ baseline), header + payload (the versioned wire format), aggregate (the 1/R mean
 bench (throughput). The byte layout is documented in docs/wire-format.md.
 """
 
-from swarm.codec.aggregate import SlotMean, mean_of_payloads
+from swarm.codec.aggregate import SlotMean, SlotTrimmedMean, mean_of_payloads, slot_aggregator
 from swarm.codec.base import (
     CODEC_KINDS,
     DENSE_FP16,
@@ -38,6 +38,7 @@ __all__ = [
     "PayloadError",
     "PayloadMeta",
     "SlotMean",
+    "SlotTrimmedMean",
     "SparseLoCoCompressor",
     "SparseLoCoConfig",
     "decode_payload",
@@ -49,4 +50,5 @@ __all__ = [
     "mean_of_payloads",
     "payload_digest",
     "payload_size",
+    "slot_aggregator",
 ]

@@ -77,3 +77,48 @@ class SlotMean:
             result[name] = total
         self.sums = {}
         return result
+
+
+class SlotTrimmedMean(SlotMean):
+    """Per-slot coordinate-wise trimmed mean: for every element, the ⌊trim·R⌋ largest and smallest
+    of the R contributions covering its slot are dropped and the rest averaged. Robust to a minority
+    of extreme values per coordinate, at the price of holding every contribution of the round
+    (memory O(R·params), against SlotMean's O(params)). Deterministic: values are sorted per element
+    and the kept ones added in sorted order, whatever the thread count. Meant for dense codecs: a
+    sparse contribution is zero almost everywhere, and trimming would drop its few values.
+    """
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], trim: float) -> None:
+        super().__init__(shapes)
+        if not 0 <= trim < 0.5:
+            raise ValueError(f"trim must be in [0, 0.5), got {trim}")
+        self.trim = trim
+        self.terms: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, payload: Mapping[str, torch.Tensor], scales: Mapping[str, float] | None = None) -> None:
+        single = SlotMean(self.shapes)
+        single.add(payload, scales)  # the same checks and clipping, one contribution
+        for name, term in single.sums.items():
+            self.terms.setdefault(name, []).append(term)
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        result = {}
+        for name in sorted(self.terms):
+            stacked = torch.stack(self.terms[name])
+            cut = int(self.trim * len(stacked))
+            ordered = torch.sort(stacked, dim=0).values if cut else stacked
+            total = ordered[cut].clone()
+            for i in range(cut + 1, len(stacked) - cut):
+                total.add_(ordered[i])
+            total.div_(len(stacked) - 2 * cut)
+            if not torch.isfinite(total).all():
+                raise ValueError(f"mean of {name!r} is not finite")
+            result[name] = total
+        self.terms = {}
+        return result
+
+
+def slot_aggregator(shapes: Mapping[str, tuple[int, ...]], trim: float = 0.0) -> SlotMean:
+    """The round's aggregator: the plain per-slot mean, or the trimmed one when the run asks for it."""
+    return SlotTrimmedMean(shapes, trim) if trim else SlotMean(shapes)

@@ -27,6 +27,7 @@ class Signed(Generic[T]):
     signer: str
     record: T
     expires_at: float
+    owner: bytes = b""  # the signer's '[owner:...]' subkey: its public key
 
 
 @dataclass
@@ -122,7 +123,8 @@ class SwarmDHT:
             except (SchemaError, TypeError) as e:
                 logger.warning("rejecting record under %s from %s: %s", key, str(signer)[-8:], e)
                 continue
-            result.append(Signed(str(signer), record, item.expiration_time))
+            owner = subkey.encode() if isinstance(subkey, str) else bytes(subkey)
+            result.append(Signed(str(signer), record, item.expiration_time, owner))
         return result
 
     async def get_from(self, key: str, cls: type[T], signer: str) -> Signed[T] | None:

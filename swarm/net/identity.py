@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import multihash
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
@@ -97,8 +97,8 @@ def peer_id_from_public_key(public_key: rsa.RSAPublicKey) -> PeerID:
     return PeerID(multihash.encode(hashlib.sha256(wrapped).digest(), multihash.coerce_code("sha2-256")))
 
 
-def peer_id_from_owner_marker(subkey: bytes | str) -> PeerID | None:
-    """Peer id of the key in an '[owner:ssh-rsa ...]' subkey; None if the subkey holds no valid marker."""
+def public_key_from_owner_marker(subkey: bytes | str) -> rsa.RSAPublicKey | None:
+    """The RSA key in an '[owner:ssh-rsa ...]' subkey; None if the subkey holds no valid marker."""
     if isinstance(subkey, str):
         subkey = subkey.encode()
     if not (subkey.startswith(_OWNER_PREFIX) and subkey.endswith(_OWNER_SUFFIX)):
@@ -107,6 +107,23 @@ def peer_id_from_owner_marker(subkey: bytes | str) -> PeerID | None:
         key = serialization.load_ssh_public_key(subkey[len(_OWNER_PREFIX) : -len(_OWNER_SUFFIX)])
     except (ValueError, TypeError, UnsupportedAlgorithm):
         return None
-    if not isinstance(key, rsa.RSAPublicKey):
-        return None
-    return peer_id_from_public_key(key)
+    return key if isinstance(key, rsa.RSAPublicKey) else None
+
+
+def peer_id_from_owner_marker(subkey: bytes | str) -> PeerID | None:
+    """Peer id of the key in an '[owner:ssh-rsa ...]' subkey; None if the subkey holds no valid marker."""
+    key = public_key_from_owner_marker(subkey)
+    return None if key is None else peer_id_from_public_key(key)
+
+
+def sign_bytes(identity: Identity, data: bytes) -> bytes:
+    """An RSA PKCS#1 v1.5 / SHA-256 signature of data by this identity (deterministic)."""
+    return identity.private_key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+
+
+def verify_bytes(public_key: rsa.RSAPublicKey, data: bytes, signature: bytes) -> bool:
+    try:
+        public_key.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+    except InvalidSignature:
+        return False
+    return True

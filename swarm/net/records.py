@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 RUNS_KEY = "swarm/runs"  # subkey: coordinator's owner marker -> RunDescription
+# A mode whose whole contribution is a few bytes (SPSA) sends it inside its signed submission record
+# and the manifest repeats it, so no payload transfer happens; this bounds what a peer can put there.
+MAX_INLINE_BYTES = 1024
 
 Phase = Literal["joining", "training", "exchanging", "idle", "leaving", "coordinating"]
 RoleKind = Literal["replica", "experts", "stage", "observer"]
@@ -115,6 +118,10 @@ class Submission:
     base_hash: str  # hash of the global weights the pseudo-gradient was computed against
     tokens: int
     loss: float | None
+    inline: bytes = b""  # the payload itself, in modes that carry it in the record (digest and size still name it)
+
+    def __post_init__(self) -> None:
+        _check_inline(self.inline)
 
 
 @dataclass
@@ -123,6 +130,15 @@ class ManifestEntry:
     digest: str
     size: int
     scales: dict[str, float] = field(default_factory=dict)  # clip factors in (0, 1] of tensors above the round's median norm
+    inline: bytes = b""  # the sender's inline payload (modes that carry it in the record)
+
+    def __post_init__(self) -> None:
+        _check_inline(self.inline)
+
+
+def _check_inline(data: bytes) -> None:
+    if len(data) > MAX_INLINE_BYTES:
+        raise ValueError(f"an inline payload holds at most {MAX_INLINE_BYTES} bytes, got {len(data)}")
 
 
 @dataclass
@@ -143,11 +159,33 @@ class Manifest:
     rejected: list[Rejection]
     closed_at: float
     eval_loss: float | None = None  # the leader's eval loss of the base weights, when it measured one
+    missing: list[str] = field(default_factory=list)  # expected peers that delivered nothing in time
+    proof: bytes = b""  # the leader's signature of the manifest without this field (swarm/evidence.py)
 
     def __post_init__(self) -> None:
         ids = [e.peer_id for e in self.entries]
         if ids != sorted(set(ids)):
             raise ValueError("manifest entries must be sorted by peer id and unique")
+
+
+@dataclass
+class Equivocation:
+    """Proof that `accused` signed two different manifests for one round: both manifests as encoded
+    (each carrying the accused's signature in `proof`) and the accused's public key (its DHT owner
+    marker, from which its peer id follows). Anyone can check it; nobody can forge it."""
+
+    round: int
+    accused: str
+    owner: bytes
+    first: bytes
+    second: bytes
+
+
+@dataclass
+class Evidence:
+    """The equivocations a peer has witnessed (most recent few), published for everyone to check."""
+
+    items: list[Equivocation]
 
 
 @dataclass

@@ -19,6 +19,7 @@ from hivemind.utils import get_dht_time
 
 from models import count_parameters, get_preset
 from swarm import __version__
+from swarm.evidence import proof_ok
 from swarm.leadership import canonical_manifest
 from swarm.log import get_logger
 from swarm.net.dht import Signed
@@ -176,7 +177,8 @@ class StatusCollector:
 
     async def _read_round(self, round_no: int) -> tuple[Manifest, dict[str, Submission]] | None:
         dht, run_id = self.node.dht, self.run.run_id
-        manifest = canonical_manifest(await dht.get_all(manifest_key(run_id, round_no), Manifest), round_no, self.run.coordinator)
+        found = [m for m in await dht.get_all(manifest_key(run_id, round_no), Manifest) if proof_ok(m.record, m.owner, m.signer)]
+        manifest = canonical_manifest(found, round_no, self.run.coordinator)
         if manifest is None:
             return None
         subs = {

@@ -10,6 +10,9 @@ It joins like anyone (it is admitted and gets a role), then misbehaves in one wa
   junk-manifests   publishes manifests for the next 20 rounds on made-up states
   claim-coordinator  says it is the coordinator in every heartbeat (and never leads)
   copy             submits another peer's payload, re-encoded under its own name
+  equivocate       publishes two different signed manifests for every round, a few seconds apart
+  idle             says it is training every round but never submits (a free delay)
+  slow-serve       submits every round but serves its payload only after an hour
 Each attack is a small patch of the honest peer's code; everything else is join-swarm.
 """
 
@@ -25,9 +28,23 @@ from hivemind.utils import get_dht_time
 from launch import join
 from swarm import exchange, peer, replica, rounds
 from swarm.codec import PayloadMeta, SparseLoCoCompressor, encode_payload, payload_digest
+from swarm.evidence import sign_manifest
+from swarm.net.dht import SwarmDHT
 from swarm.net.records import Manifest, ManifestEntry, Submission, manifest_key, submit_key
 
-ATTACKS = ["sign-flip", "noise", "zero", "usurp", "stall", "junk-manifests", "claim-coordinator", "copy"]
+ATTACKS = [
+    "sign-flip",
+    "noise",
+    "zero",
+    "usurp",
+    "stall",
+    "junk-manifests",
+    "claim-coordinator",
+    "copy",
+    "equivocate",
+    "idle",
+    "slow-serve",
+]
 say = lambda text: print(f"hostile: {text}", file=sys.stderr, flush=True)  # noqa: E731
 
 
@@ -62,12 +79,52 @@ def publish_manifests(kind: str) -> None:
             if kind == "usurp":
                 subs = await self.node.dht.get_all(submit_key(run.run_id, r), Submission)
                 entries = [ManifestEntry(s.signer, s.record.digest, s.record.size) for s in subs if s.signer == me]
-            manifest = Manifest(r, me, base, entries, [], get_dht_time())
+            manifest = sign_manifest(self.node.dht.identity, Manifest(r, me, base, entries, [], get_dht_time()))
             await self.node.dht.put(manifest_key(run.run_id, r), manifest, 3600)
         say(f"round {round_no}: published {kind} manifest(s)")
         return await original(self, round_no)
 
     rounds.RoundAgreement.close_round = close_round
+
+
+def equivocate() -> None:
+    """Before waiting like everyone, sign one manifest for the round, then a different one."""
+    original = rounds.RoundAgreement.close_round
+
+    async def close_round(self, round_no):
+        key = manifest_key(self.run.run_id, round_no)
+        for variant in range(2):
+            manifest = Manifest(round_no, self.node.peer_id, self.state.hash, [], [], get_dht_time() + variant)
+            await self.node.dht.put(key, sign_manifest(self.node.dht.identity, manifest), 3600 + variant)
+            await asyncio.sleep(3.0)
+        say(f"round {round_no}: published two different manifests")
+        return await original(self, round_no)
+
+    rounds.RoundAgreement.close_round = close_round
+
+
+def idle() -> None:
+    """Heartbeats say 'training' then 'exchanging', but no submission is ever stored."""
+    original = SwarmDHT.put
+
+    async def put(self, key, record, ttl_s):
+        if isinstance(record, Submission):
+            say(f"round {record.round}: pretending to have submitted")
+            return True
+        return await original(self, key, record, ttl_s)
+
+    SwarmDHT.put = put
+
+
+def slow_serve() -> None:
+    original = exchange.PayloadStore.serve
+
+    async def serve(self, request):
+        say("holding a payload request for an hour")
+        await asyncio.sleep(3600)
+        return await original(self, request)
+
+    exchange.PayloadStore.serve = serve
 
 
 def claim_coordinator() -> None:
@@ -135,6 +192,12 @@ if __name__ == "__main__":
         claim_coordinator()
     elif attack == "copy":
         copy_others()
+    elif attack == "equivocate":
+        equivocate()
+    elif attack == "idle":
+        idle()
+    elif attack == "slow-serve":
+        slow_serve()
     else:
         raise SystemExit(f"unknown attack {attack!r}; one of {', '.join(ATTACKS)}")
     sys.exit(join.main(args))

@@ -50,21 +50,57 @@ def test_poisoned_updates_move_the_loss_by_less_than_5_percent(tmp_path):
 
 
 def test_round_protocol_attacks_change_nothing(tmp_path):
-    """A usurper, a staller, a junk-manifest spammer and a false coordinator at once: every round
-    is still closed by the coordinator, with every honest payload in it."""
+    """A usurper, a staller, a junk-manifest spammer, a false coordinator and an equivocator at once:
+    every round is still closed by the coordinator, with every honest payload in it, and every
+    honest node excludes the equivocator (from what it saw itself or from a proof it checked)."""
+    attacks = ("usurp", "stall", "junk-manifests", "claim-coordinator", "equivocate")
     with LocalCluster(tmp_path, nano_run(num_shards=8)) as cluster:
         for i in range(2):
             cluster.add_peer(f"honest{i}")
-        for attack in ("usurp", "stall", "junk-manifests", "claim-coordinator"):
+        for attack in attacks:
             cluster.add_peer(attack, program=(*HOSTILE, attack))
         wait_for(lambda: len(rows(cluster)) >= 5, 300, "5 rounds", cluster)
         coordinator = cluster.address.rsplit("/p2p/", 1)[1]
         assert {r["leader"] for r in rows(cluster)} == {coordinator}, "only the coordinator closes rounds while it is live"
         assert all(r["applied"] >= 2 for r in rows(cluster) if r["round"] >= 2), "honest payloads are in every round"
-        for attack in ("usurp", "stall", "junk-manifests", "claim-coordinator"):
+        for attack in attacks:
             assert "hostile:" in cluster.log(attack), f"the {attack} peer never attacked"
+        liar = cluster.peer_id("equivocate")[-8:]
+        for name in ("coordinator", "honest0", "honest1"):
+            wait_for(
+                lambda n=name: f"{liar} " in "".join(x for x in cluster.log(n).splitlines() if "[equivocation]" in x),
+                120,
+                f"{name} excluding the equivocator",
+                cluster,
+            )
         for r, by_peer in cluster.metrics_by_round().items():
             assert len({row["hash"] for row in by_peer}) == 1, f"replicas differ after round {r}"
+
+
+def test_free_delays_cost_the_swarm_at_most_two_rounds(tmp_path):
+    """A peer that says it trains but never submits, and one that submits but never serves its
+    payload: after two rounds the leader waits for neither (the first only by its round timeout,
+    the second by a short fetch deadline), and honest training goes on."""
+    from swarm.validate import ABSENT_ROUNDS, SHORT_FETCH_S
+
+    with LocalCluster(tmp_path, nano_run(num_shards=4, round_timeout_s=25.0)) as cluster:
+        for i in range(2):
+            cluster.add_peer(f"honest{i}")
+        for attack in ("idle", "slow-serve"):
+            cluster.add_peer(attack, program=(*HOSTILE, attack))
+        last = ABSENT_ROUNDS + 4
+        wait_for(lambda: len(rows(cluster)) >= last, 400, f"{last} rounds", cluster)
+        idler, slow = cluster.peer_id("idle")[-8:], cluster.peer_id("slow-serve")[-8:]
+        log = cluster.log("coordinator").splitlines()
+        waited = [line for line in log if "closed without" in line and idler in line]
+        assert waited, "the idle peer was waited for at first"
+        late = [r for r in rows(cluster) if r["round"] >= ABSENT_ROUNDS + 2]
+        assert late and all(r["applied"] >= 2 for r in late), "honest payloads are in every round"
+        short = [line for line in log if slow in line and f"within {SHORT_FETCH_S:.0f} s" in line]
+        assert short, "the slow server's payload gets only the short deadline once it is not waited for"
+        for r, by_peer in cluster.metrics_by_round().items():
+            honest = {row["hash"] for row in by_peer if cluster.peer_names.get(row["peer"], "").startswith("honest")}
+            assert len(honest) <= 1, f"honest replicas differ after round {r}"
 
 
 def test_a_copier_is_caught_and_the_honest_peer_is_not_framed(tmp_path):

@@ -8,9 +8,12 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from swarm.net.dht import DHTOptions
+from swarm.metrics import SinkConfig
+
+if TYPE_CHECKING:  # swarm-train uses the metrics flags and must not pay for importing hivemind
+    from swarm.net.dht import DHTOptions
 
 
 def add_network_args(parser: argparse.ArgumentParser, *, default_host: str = "0.0.0.0") -> None:
@@ -31,7 +34,30 @@ def add_network_args(parser: argparse.ArgumentParser, *, default_host: str = "0.
     )
 
 
+def add_metrics_args(parser: argparse.ArgumentParser) -> None:
+    """--tensorboard / --wandb / --wandb-offline: the same three flags on every process that trains."""
+    group = parser.add_argument_group("metrics (optional: pip install 'swarm[metrics]')")
+    group.add_argument(
+        "--tensorboard", metavar="DIR", help="also write the per-round figures as TensorBoard event files under DIR"
+    )
+    group.add_argument("--wandb", metavar="PROJECT", help="also log the per-round figures to this Weights & Biases project")
+    group.add_argument(
+        "--wandb-offline",
+        action="store_true",
+        help="keep the W&B run on disk only (upload later with `wandb sync`); automatic when W&B is unreachable",
+    )
+
+
+def sink_config(args: argparse.Namespace) -> SinkConfig:
+    """The metrics flags as a SinkConfig; raises MetricsUnavailable for a backend not installed."""
+    if args.wandb_offline and not args.wandb:
+        raise ValueError("--wandb-offline needs --wandb PROJECT")
+    return SinkConfig(tensorboard_dir=args.tensorboard, wandb_project=args.wandb, wandb_offline=args.wandb_offline)
+
+
 def dht_options(args: argparse.Namespace, initial_peers: list[str]) -> DHTOptions:
+    from swarm.net.dht import DHTOptions
+
     return DHTOptions(
         initial_peers=tuple(initial_peers),
         host_maddrs=(f"/ip4/{args.host}/tcp/{args.port}",),

@@ -6,7 +6,7 @@ import argparse
 import os
 import tempfile
 
-from launch.common import add_network_args, dht_options, run_node
+from launch.common import add_metrics_args, add_network_args, dht_options, run_node, sink_config
 from swarm.peer import Peer, PeerConfig
 
 
@@ -23,6 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-dir", default=None, help="keep a copy of the run's agreed state here (safetensors + JSON)")
     p.add_argument("--save-every", type=int, default=10, help="rounds between copies with --save-dir (default %(default)s)")
     add_network_args(p)
+    add_metrics_args(p)
     return p.parse_args(argv)
 
 
@@ -34,6 +35,10 @@ def coordinator_from_address(address: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        sinks = sink_config(args)
+    except ValueError as e:
+        raise SystemExit(f"join-swarm: {e}") from None
     identity = args.identity or os.path.join(tempfile.mkdtemp(prefix="swarm-peer-"), "identity.key")
     cfg = PeerConfig(
         coordinator=args.coordinator or coordinator_from_address(args.address[0]),
@@ -46,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         save_dir=args.save_dir,
         save_every_rounds=args.save_every,
+        sinks=sinks,
     )
     peer = Peer(cfg)
     return run_node(peer.main, peer.stop, peer.stopping.set, setup=peer.start_dht)

@@ -12,13 +12,14 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from swarm.exchange import PayloadStore
 from swarm.log import get_logger
+from swarm.metrics import MetricSinks, SinkConfig
 from swarm.modes import mode_for
 from swarm.net.dht import DHTOptions
 from swarm.net.records import RUNS_KEY, Manifest
@@ -48,6 +49,7 @@ class CoordinatorConfig:
     status_host: str = "127.0.0.1"
     status_port: int | None = None  # None: no status page
     save_every_rounds: int = 10  # write the agreed state to <state_dir>/state this often (and on exit)
+    sinks: SinkConfig = field(default_factory=SinkConfig)  # TensorBoard / W&B copies of rounds.jsonl
 
     def __post_init__(self) -> None:
         if not self.state_dir:
@@ -66,6 +68,7 @@ class Coordinator(SwarmNode):
         self.run = self._load_or_save_run(run)
         self.mode = mode_for(self.run)
         self.status_url = ""
+        self.sinks = MetricSinks()  # opened once the run is known
 
     def _load_or_save_run(self, run: RunConfig) -> RunConfig:
         path = Path(self.cfg.state_dir) / "run.json"
@@ -105,6 +108,9 @@ class Coordinator(SwarmNode):
             await asyncio.to_thread(Replica, self.run, shard=0, device=torch.device("cpu")) if self.cfg.evaluate else None
         )
         self.log_event("start", f"coordinator of run {self.run.run_id} at round {state.round}")
+        self.sinks = await asyncio.to_thread(
+            MetricSinks.open, self.cfg.sinks, name="coordinator", group=self.run.run_id, config=to_plain(self.run)
+        )
         await self._round_loop()
 
     async def _start_status_page(self) -> None:
@@ -139,6 +145,7 @@ class Coordinator(SwarmNode):
     async def stop(self, *, announce_leave: bool = True) -> None:
         if hasattr(self, "agreement"):
             await self.agreement.save(self.saved_state_dir)
+        await asyncio.to_thread(self.sinks.close)
         await super().stop(announce_leave=announce_leave)
 
     async def _republish_loop(self) -> None:
@@ -204,3 +211,4 @@ class Coordinator(SwarmNode):
     def _write_row(self, row: dict) -> None:
         with (Path(self.cfg.state_dir) / "rounds.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
+        self.sinks.log(row)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,9 +20,11 @@ import torch
 from swarm import __version__
 from swarm.exchange import Encoded, PayloadEncoder, PayloadStore
 from swarm.log import get_logger
+from swarm.metrics import MetricSinks, SinkConfig
 from swarm.modes import mode_for
 from swarm.net.dht import DHTOptions
 from swarm.net.records import Capacity, Role, Submission, role_key, run_key, submit_key
+from swarm.net.schema import to_plain
 from swarm.node import SwarmNode, fetch_run_description
 from swarm.replica import RoundWork, initial_state, measure_tokens_per_s
 from swarm.rounds import RoundAgreement
@@ -48,6 +50,7 @@ class PeerConfig:
     threads: int | None = None  # torch intra-op threads
     save_dir: str | None = None  # keep a copy of the agreed state here (every save_every_rounds, and on exit)
     save_every_rounds: int = 10
+    sinks: SinkConfig = field(default_factory=SinkConfig)  # TensorBoard / W&B copies of the per-round JSONL
 
     def __post_init__(self) -> None:
         if not self.coordinator:
@@ -64,6 +67,7 @@ class Peer(SwarmNode):
         self.device = resolve_device(cfg.device)
         self.status.device = str(self.device)
         self.rounds_done = 0
+        self.sinks = MetricSinks()  # opened when rounds start (the run is known then)
 
     async def main(self) -> None:
         if self.cfg.threads:
@@ -141,7 +145,14 @@ class Peer(SwarmNode):
     # ----- rounds ----------------------------------------------------------------------------
 
     async def _round_loop(self) -> None:
-        metrics = _MetricsFile(self.cfg.out_dir, self.peer_id)
+        self.sinks = await asyncio.to_thread(
+            MetricSinks.open,
+            self.cfg.sinks,
+            name=f"peer-{self.peer_id[-8:]}",
+            group=self.run.run_id,
+            config={"peer_name": self.cfg.name, "device": str(self.device), **to_plain(self.run)},
+        )
+        metrics = _MetricsFile(self.cfg.out_dir, self.peer_id, self.sinks)
         while not self.stopping.is_set():
             if self.cfg.max_rounds is not None and self.rounds_done >= self.cfg.max_rounds:
                 break
@@ -225,12 +236,14 @@ class Peer(SwarmNode):
     async def stop(self, *, announce_leave: bool = True) -> None:
         if self.cfg.save_dir and hasattr(self, "agreement"):
             await self.agreement.save(self.cfg.save_dir)
+        await asyncio.to_thread(self.sinks.close)
         await super().stop(announce_leave=announce_leave)
 
 
 class _MetricsFile:
-    def __init__(self, out_dir: str | None, peer_id: str):
+    def __init__(self, out_dir: str | None, peer_id: str, sinks: MetricSinks):
         self.path = Path(out_dir) / f"peer-{peer_id[-8:]}.jsonl" if out_dir else None
+        self.sinks = sinks
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -238,6 +251,7 @@ class _MetricsFile:
         if self.path:
             with self.path.open("a") as f:
                 f.write(json.dumps({**row, "time": time.time()}) + "\n")
+        self.sinks.log(row)
 
 
 def _memory_gb(device: torch.device) -> float:

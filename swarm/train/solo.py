@@ -16,6 +16,7 @@ import torch
 from models import LanguageModel, ModelConfig, build_model, generate, get_preset
 from swarm.data import BOS_ID, BatchStream, ByteTokenizer, Corpus, DataConfig, eval_batches, load_corpus
 from swarm.log import get_logger
+from swarm.metrics import MetricSinks, SinkConfig
 from swarm.train.checkpoint import (
     META_FILE,
     CheckpointError,
@@ -74,6 +75,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end (when out_dir is set)
     out_dir: str | None = "runs/solo"  # checkpoint and metrics go here; None writes nothing
     metrics_path: str | None = None  # default <out_dir>/metrics.jsonl
+    sinks: SinkConfig = field(default_factory=SinkConfig)  # TensorBoard / W&B, besides the JSONL
     seed: int = 0  # model init and data order
     device: str = "auto"  # auto | cpu | cuda[:N]
     sample_bytes: int = 0  # bytes to generate after training (0 = none)
@@ -104,6 +106,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["data"], d["optim"] = self.data.to_dict(), self.optim.to_dict()  # type: ignore[union-attr]
+        d["sinks"] = self.sinks.to_dict()
         return d
 
     @classmethod
@@ -111,6 +114,7 @@ class TrainConfig:
         d = dict(d)
         d["data"] = DataConfig.from_dict(d["data"])
         d["optim"] = OptimConfig.from_dict(d["optim"]) if d.get("optim") is not None else None
+        d["sinks"] = SinkConfig.from_dict(d.get("sinks") or {})  # checkpoints from before sinks have none
         return cls(**d)
 
 
@@ -173,6 +177,9 @@ class _SoloRun:
         metrics = cfg.metrics_path or (str(self.out_dir / METRICS_FILE) if self.out_dir else None)
         self.metrics_path = metrics
         self.metrics = MetricsWriter(metrics, resume_step=self.trainer.step if resume else None) if metrics else None
+        self.sinks = MetricSinks.open(
+            cfg.sinks, name=self.out_dir.name if self.out_dir else "solo", step_key="step", config=cfg.to_dict()
+        )
         self.step_times: list[float] = []
         self.losses: list[float] = []
         self.eval_loss: float | None = None
@@ -227,6 +234,7 @@ class _SoloRun:
                 _log_eval(stats, self.eval_loss, cfg.steps, record["tokens_per_s"], record["elapsed_s"])
         if self.metrics:
             self.metrics.write(record)
+        self.sinks.log(record)
         if (cfg.checkpoint_every and stats.step % cfg.checkpoint_every == 0) or stats.step == end:
             self.save()
         return record
@@ -308,6 +316,7 @@ def run_solo(
     finally:
         if run.metrics:
             run.metrics.close()
+        run.sinks.close()
     return run.result()
 
 

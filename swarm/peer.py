@@ -50,6 +50,7 @@ class PeerConfig:
     threads: int | None = None  # torch intra-op threads
     save_dir: str | None = None  # keep a copy of the agreed state here (every save_every_rounds, and on exit)
     save_every_rounds: int = 10
+    memory_gb: float | None = None  # announced instead of the measured memory (join-swarm --memory-gb)
     sinks: SinkConfig = field(default_factory=SinkConfig)  # TensorBoard / W&B copies of the per-round JSONL
 
     def __post_init__(self) -> None:
@@ -81,6 +82,7 @@ class Peer(SwarmNode):
         self.role = await self._get_role()
         self.status.role = self.mode.describe_role(self.role)
         self.replica = await asyncio.to_thread(self.mode.make_worker, self.role, self.device)
+        await self.mode.attach_worker(self.replica, self)
         shapes = {n: tuple(p.shape) for n, p in sorted(self.replica.model.named_parameters())}
         self.store = PayloadStore(self.run, shapes, self.traffic)
         self.encoder = PayloadEncoder(self.run, self.peer_id)
@@ -98,7 +100,7 @@ class Peer(SwarmNode):
             peer_id=self.peer_id,
             name=self.status.name,
             device=str(self.device),
-            memory_gb=_memory_gb(self.device),
+            memory_gb=self.cfg.memory_gb if self.cfg.memory_gb is not None else _memory_gb(self.device),
             tokens_per_s=await asyncio.to_thread(measure_tokens_per_s, self.run, self.device),
             addrs=self.dht.visible_maddrs()[:4],
             version=__version__,
@@ -166,8 +168,11 @@ class Peer(SwarmNode):
                 self.status.phase = "training"
                 await self.publish_heartbeat()
                 work = await asyncio.to_thread(self.replica.train_round, state, self.stopping)
-                if work is None:
+                if work is None and self.stopping.is_set():
                     break
+                if work is None:  # nothing for our role this round (a spare, or a pipeline stage whose group broke)
+                    await self._sit_out(r)
+                    continue
                 encoded = await asyncio.to_thread(self.encoder.encode, work.delta, r)
                 self.store.blobs.put(encoded.digest, encoded.data)
                 sub = Submission(self.peer_id, r, encoded.digest, len(encoded.data), state.hash, work.tokens, work.loss)

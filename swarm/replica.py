@@ -18,6 +18,7 @@ from models import ModelConfig, build_model, get_preset
 from models.moe import freeze_experts
 from swarm.data.corpus import Corpus, DataConfig, load_corpus
 from swarm.data.sampler import BatchStream, eval_batches
+from swarm.modes import mode_for
 from swarm.run import RunConfig
 from swarm.state import GlobalState
 from swarm.train.optim import OptimConfig, build_optimizer
@@ -91,6 +92,7 @@ class Replica:
         self.device = device
         self.corpus = corpus or load_corpus(data_config(run))
         self.model = build_model(model_config(run), seed=run.seed).to(device)
+        mode_for(run).prepare_model(self.model)  # e.g. the pipeline mode's fixed embedding
         if experts is not None:
             freeze_experts(self.model, experts)
         self.optimizer = build_optimizer(self.model, optim_config(run))

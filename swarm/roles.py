@@ -39,9 +39,13 @@ class RoleKeeper:
 
     async def live(self) -> set[str]:
         """Peers that announced their capacity and whose heartbeat is fresh (the coordinator aside)."""
-        announced = {
-            c.signer for c in await self.node.dht.get_all(run_key(self.run_id, "peers"), Capacity) if c.record.peer_id == c.signer
+        capacities = {
+            c.signer: c.record
+            for c in await self.node.dht.get_all(run_key(self.run_id, "peers"), Capacity)
+            if c.record.peer_id == c.signer
         }
+        self.mode.note_capacities(capacities)  # modes that assign roles by capacity (pipeline) read them
+        announced = set(capacities)
         return {b.peer_id for b in await self.node.live_peers()} & announced - {self.node.peer_id}
 
     async def update(self) -> None:

@@ -65,9 +65,11 @@ class Validator:
         """Entries (sorted by peer, with clip factors) and rejections of a round. `seen`: the poll in
         which the leader first saw each submission (who came first when two are copies)."""
         verdicts = dict(zip(subs, await asyncio.gather(*(self.check(round_no, base_hash, s) for s in subs.values()))))
+        await self._refuse_incomplete(verdicts)
         self._refuse_zeros(verdicts)
         self._refuse_copies(verdicts, seen)
         self._refuse_misaligned(verdicts)
+        await self._refuse_incomplete(verdicts)  # a refusal above may have broken a group
         accepted = sorted(p for p, v in verdicts.items() if v.reason is None)
         scales = clip_scales([s for p in accepted if (s := verdicts[p].summary) is not None])
         if self.mode.inline_payload:  # no tensors, nothing to clip: the mode bounds its own values on apply
@@ -122,12 +124,22 @@ class Validator:
         problem = self.mode.check_inline(data)
         return f"malformed payload: {problem}" if problem else None
 
-    async def slots_of(self, peer_id: str) -> set[str]:
-        """The tensors a peer's coordinator-signed role contributes (the mode's default role if none)."""
+    async def role_of(self, peer_id: str) -> Role:
+        """A peer's coordinator-signed role (the mode's default role if none)."""
         run = self.node.run
         item = await self.node.dht.get_from(role_key(run.run_id, peer_id), Role, run.coordinator)
-        role = item.record if item is not None and item.record.peer_id == peer_id else self.mode.default_role(peer_id, 0)
-        return set(self.mode.contribution_names(role, sorted(self.store.shapes)))
+        return item.record if item is not None and item.record.peer_id == peer_id else self.mode.default_role(peer_id, 0)
+
+    async def slots_of(self, peer_id: str) -> set[str]:
+        """The tensors a peer's coordinator-signed role contributes (the mode's default role if none)."""
+        return set(self.mode.contribution_names(await self.role_of(peer_id), sorted(self.store.shapes)))
+
+    async def _refuse_incomplete(self, verdicts: dict[str, Verdict]) -> None:
+        """Contributions that only count together (a pipeline group's stages) sit out together; no strike."""
+        accepted = sorted(p for p, v in verdicts.items() if v.reason is None)
+        roles = dict(zip(accepted, await asyncio.gather(*(self.role_of(p) for p in accepted))))
+        for peer, reason in self.mode.incomplete_contributions(roles).items():
+            verdicts[peer].reason = reason
 
     @staticmethod
     def _refuse_zeros(verdicts: dict[str, Verdict]) -> None:

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from swarm.net.records import Role
+from swarm.net.records import Capacity, Role
 
 if TYPE_CHECKING:
     from swarm.data.corpus import Corpus
+    from swarm.node import SwarmNode
     from swarm.replica import Replica
     from swarm.run import OuterConfig, RunConfig
     from swarm.state import GlobalState
@@ -76,6 +77,10 @@ class TrainingMode:
         """
         return {p: current.get(p) or Role(peer_id=p, kind="replica", data_shard=shards[p], assigned_at=now) for p in live}
 
+    def note_capacities(self, capacities: dict[str, Capacity]) -> None:
+        """The capacities live peers announced, given to the coordinator's mode before `assign_roles`
+        (a mode that assigns roles by memory or speed keeps them; default: ignored)."""
+
     def default_role(self, peer_id: str, shard: int) -> Role:
         """The role a peer takes (and is checked against) when no coordinator-signed role exists."""
         return Role(peer_id=peer_id, kind="replica", data_shard=shard)
@@ -94,11 +99,24 @@ class TrainingMode:
     def update_worker(self, worker: Replica, role: Role) -> None:
         """The coordinator changed this peer's role: adapt the local trainer (default: nothing)."""
 
+    async def attach_worker(self, worker: Replica, node: SwarmNode) -> None:
+        """Give a new worker what it needs from its node's event loop, e.g. links to other peers
+        over the node's libp2p host (default: nothing)."""
+
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        """The mode's change to the model every node builds, before any weights are loaded (e.g. a
+        fixed embedding added to the token embedding; default: none)."""
+
     # ----- contributions -------------------------------------------------------------------------
 
     def contribution_names(self, role: Role, names: list[str]) -> list[str]:
         """Tensors a peer in `role` sends each round (and the only ones a leader accepts from it)."""
         return list(names)
+
+    def incomplete_contributions(self, roles: dict[str, Role]) -> dict[str, str]:
+        """Of the contributions a leader is about to accept (peer -> signed role), those that only
+        count together with others missing this round, with the reason (no strike). Default: none."""
+        return {}
 
     def slot_group(self, name: str) -> str:
         """A coarse name for reports of which slots a round covered."""

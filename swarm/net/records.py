@@ -60,12 +60,19 @@ class Role:
     stage: int | None = None  # pipeline stage index
     replica_group: int | None = None  # which pipelined replica the stage belongs to
     assigned_at: float = 0.0
+    group_peers: list[str] = field(default_factory=list)  # a pipeline group's peers, in stage order
+    layer_cuts: list[int] = field(default_factory=list)  # the group's block boundaries between stages
 
     def __post_init__(self) -> None:
         if self.data_shard < 0:
             raise ValueError("data_shard must be >= 0")
-        if self.kind == "stage" and self.stage is None:
-            raise ValueError("a stage role needs a stage index")
+        if self.kind == "stage":
+            if self.stage is None or not 0 <= self.stage < len(self.group_peers):
+                raise ValueError("a stage role needs a stage index within its group")
+            if self.group_peers[self.stage] != self.peer_id or len(set(self.group_peers)) != len(self.group_peers):
+                raise ValueError("a stage role's group must list each peer once, this one at its stage")
+            if len(self.layer_cuts) != len(self.group_peers) - 1 or self.layer_cuts != sorted(set(self.layer_cuts)):
+                raise ValueError("a stage role needs one increasing layer cut between each two stages")
 
 
 @dataclass

@@ -1,0 +1,163 @@
+"""Pipelined replicas: weak peers form one replica together, joined by compressed activations.
+
+Peers that can hold a model (weights, grads, AdamW state) train as full SparseLoCo replicas; weak
+ones (announced memory below the threshold, `join-swarm --memory-gb` to override) are grouped S at
+a time into pipeline groups, each stage holding consecutive blocks (swarm/pipeline/groups.py). A
+stage sends its activations forward and receives their gradients over the stage link, compressed
+to k = d / ratio numbers per token (models/subspace.py). Each stage contributes the slots it holds,
+averaged with the same slots of every full replica and of the same stage of other groups; a group
+missing a stage contributes nothing that round (`incomplete_contributions`). With compression on,
+every node projects the residual writers back onto span(U) after each outer step, so the global
+weights always satisfy the constraint that makes the link exact.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from models import get_preset
+from models.subspace import constrained_names
+from swarm.modes.base import TrainingMode
+from swarm.net.records import Capacity, Role
+from swarm.pipeline.groups import incomplete_groups, plan_roles, stage_layers
+from swarm.pipeline.options import PipelineOptions
+from swarm.run import OuterConfig
+
+if TYPE_CHECKING:
+    from swarm.data.corpus import Corpus
+    from swarm.state import GlobalState
+
+
+class PipelineMode(TrainingMode):
+    name = "pipeline"
+    Options = PipelineOptions
+
+    @classmethod
+    def default_outer(cls, dense_dtype: str = "fp32") -> OuterConfig:
+        """SparseLoCo's settings, without overlapping rounds: a group's stages must train the same round."""
+        return OuterConfig(overlap=False)
+
+    def check_run(self) -> None:
+        cfg = get_preset(self.run.preset, **self.run.model_overrides)
+        opts: PipelineOptions = self.options
+        if cfg.is_moe:
+            raise ValueError("mode 'pipeline' needs a dense preset")
+        if cfg.n_layers < opts.stages:
+            raise ValueError(f"{cfg.n_layers} layers cannot be split into {opts.stages} stages")
+        if opts.ratio > 1 and cfg.tie_embeddings:
+            raise ValueError("compressed pipelines need untied embeddings (the head must not be kept in span(U))")
+        if opts.ratio > cfg.d_model:
+            raise ValueError(f"ratio {opts.ratio} exceeds d_model {cfg.d_model}")
+        if self.run.outer.codec != "sparseloco" or self.run.outer.momentum:
+            raise ValueError("mode 'pipeline' sends SparseLoCo payloads without outer momentum")
+        if self.run.outer.overlap:
+            raise ValueError("mode 'pipeline' does not overlap rounds: a group's stages must start each round together")
+        if opts.link_timeout_s >= self.run.round_timeout_s:
+            raise ValueError("link_timeout_s must be below round_timeout_s, or a broken group holds up every round")
+        self.cfg = cfg
+        self._subspace: Any = None
+        self.capacities: dict[str, Capacity] = {}
+
+    @property
+    def subspace(self) -> Any:
+        if self._subspace is None and self.options.ratio > 1:
+            self._subspace = self.options.subspace(self.cfg, self.run.seed)
+        return self._subspace
+
+    # ----- roles ---------------------------------------------------------------------------------
+
+    def note_capacities(self, capacities: dict[str, Capacity]) -> None:
+        self.capacities = dict(capacities)
+
+    def assign_roles(self, live: list[str], current: dict[str, Role], shards: dict[str, int], now: float) -> dict[str, Role]:
+        return plan_roles(
+            live,
+            current,
+            shards,
+            self.capacities,
+            stages=self.options.stages,
+            n_layers=self.cfg.n_layers,
+            weak_below_gb=self.options.threshold_gb(self.cfg),
+            now=now,
+        )
+
+    def describe_role(self, role: Role) -> str:
+        if role.kind == "stage":
+            start, end = stage_layers(role, self.cfg.n_layers)
+            return f"stage {role.stage} of group {role.replica_group} (layers {start}-{end - 1}) shard {role.data_shard}"
+        if role.kind == "observer":
+            return "spare (waits for a pipeline group)"
+        return super().describe_role(role)
+
+    # ----- local work ----------------------------------------------------------------------------
+
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        if self.subspace is not None:
+            self.subspace.attach(model)
+
+    def make_worker(self, role: Role, device: torch.device, corpus: Corpus | None = None) -> Any:
+        from swarm.pipeline.worker import PipelineWorker
+
+        return PipelineWorker(self.run, self.options, role, device=device, corpus=corpus)
+
+    def update_worker(self, worker: Any, role: Role) -> None:
+        worker.update(role)
+
+    async def attach_worker(self, worker: Any, node: Any) -> None:
+        import asyncio
+
+        from swarm.pipeline.link import StageLink
+
+        link = StageLink(node.server.p2p, asyncio.get_running_loop())
+        await link.start()
+        await asyncio.to_thread(worker.attach_link, link)
+
+    # ----- contributions -------------------------------------------------------------------------
+
+    def contribution_names(self, role: Role, names: list[str]) -> list[str]:
+        if role.kind == "replica":
+            return list(names)
+        if role.kind != "stage" or role.stage is None:
+            return []
+        start, end = stage_layers(role, self.cfg.n_layers)
+        last = role.stage == len(role.group_peers) - 1
+        return [n for n in names if _in_stage(n, start, end, first=role.stage == 0, last=last)]
+
+    def incomplete_contributions(self, roles: dict[str, Role]) -> dict[str, str]:
+        return incomplete_groups(roles)
+
+    def slot_group(self, name: str) -> str:
+        if name.startswith("blocks."):
+            return f"block {name.split('.')[1]}"
+        return "embedding" if name.startswith("tok_emb") else "head"
+
+    # ----- applying ------------------------------------------------------------------------------
+
+    def outer_step(self, state: GlobalState, mean: dict[str, torch.Tensor]) -> None:
+        state.apply_outer_step(mean, self.run.outer)
+        if self.subspace is not None:
+            project_state(self.subspace, state.params, self.cfg.n_layers)
+            state.invalidate_hash()
+
+
+def project_state(subspace: Any, params: dict[str, torch.Tensor], n_layers: int) -> None:
+    """Project the global weights onto span(U) in float64 and round once to float32, so a BLAS
+    kernel's summation order (it differs between machines) almost never changes a bit."""
+    u = subspace.U.double()
+    for name in constrained_names(n_layers):
+        w = params[name].double()
+        projected = (w @ u) @ u.T if name == "tok_emb.weight" else u @ (u.T @ w)
+        params[name].copy_(projected.to(torch.float32))
+
+
+def _in_stage(name: str, start: int, end: int, *, first: bool, last: bool) -> bool:
+    if name.startswith("blocks."):
+        return start <= int(name.split(".")[1]) < end
+    if name.startswith("tok_emb."):
+        return first
+    return last  # norm, head
+
+
+MODE = PipelineMode

@@ -1,0 +1,41 @@
+"""The pipeline mode's options (``RunConfig.mode_options``), validated when the run is built or read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from models import ModelConfig, count_parameters
+from models.subspace import Subspace, SubspaceConfig
+from swarm.pipeline.wire import DTYPES
+
+
+@dataclass
+class PipelineOptions:
+    stages: int = 2  # S: weak peers that together hold one replica
+    ratio: int = 1  # d / k of the activation subspace; 1 = uncompressed (h itself crosses the link)
+    wire_dtype: str = "bf16"  # of activations and their gradients on the link
+    micro_batches: int = 4  # in flight per inner step (GPipe); the batch is cut into this many
+    link_timeout_s: float = 30.0  # deadline of every receive; must stay below the round timeout
+    weak_below_gb: float = 0.0  # announced memory under which a peer is a stage; 0 = what a replica needs
+
+    def __post_init__(self) -> None:
+        if self.stages < 2:
+            raise ValueError(f"stages must be >= 2, got {self.stages}")
+        if self.ratio < 1:
+            raise ValueError(f"ratio must be >= 1 (1 = uncompressed), got {self.ratio}")
+        if self.wire_dtype not in DTYPES:
+            raise ValueError(f"wire_dtype must be one of {', '.join(DTYPES)}, got {self.wire_dtype!r}")
+        if self.micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
+        if not self.link_timeout_s > 0 or self.weak_below_gb < 0:
+            raise ValueError("link_timeout_s must be > 0 and weak_below_gb >= 0")
+
+    def threshold_gb(self, cfg: ModelConfig) -> float:
+        """Memory below which a peer cannot hold a replica: weights, grads and two AdamW moments in
+        fp32 (16 bytes a parameter), with half again for activations and the allocator."""
+        return self.weak_below_gb or 1.5 * 16 * count_parameters(cfg) / 2**30
+
+    def subspace(self, cfg: ModelConfig, seed: int) -> Subspace | None:
+        if self.ratio == 1:
+            return None
+        return Subspace(SubspaceConfig(cfg.d_model, cfg.vocab_size, self.ratio, seed=seed))

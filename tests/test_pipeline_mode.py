@@ -1,0 +1,114 @@
+"""The pipeline mode without networking: roles, slots, incomplete groups, the projected outer step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import build_model, split_stages
+from swarm.modes import mode_for
+from swarm.net.records import Capacity, Role
+from swarm.pipeline.groups import balance_layers, incomplete_groups, plan_roles
+from swarm.replica import initial_state, model_config
+from swarm.run import OuterConfig, RunConfig
+
+
+def _caps(weak: list[str], full: list[str], speeds: dict[str, float] | None = None) -> dict[str, Capacity]:
+    speeds = speeds or {}
+    caps = {p: Capacity(p, p, "cpu", 0.001, speeds.get(p, 100.0)) for p in weak}
+    caps.update({p: Capacity(p, p, "cpu", 64.0, speeds.get(p, 100.0)) for p in full})
+    return caps
+
+
+def _plan(live, current, caps, stages=2, n_layers=4):
+    shards = {p: i for i, p in enumerate(sorted(caps))}
+    return plan_roles(live, current, shards, caps, stages=stages, n_layers=n_layers, weak_below_gb=1.0, now=1.0)
+
+
+def test_balance_layers_by_speed():
+    assert balance_layers(6, [1.0, 1.0]) == [3]
+    assert balance_layers(6, [1.0, 1.0, 1.0]) == [2, 4]
+    assert balance_layers(6, [3.0, 1.0]) == [5]  # the faster stage takes more blocks (5/3 < 2/1)
+    assert balance_layers(4, [100.0, 1.0]) == [3]  # every stage keeps at least one
+    with pytest.raises(ValueError):
+        balance_layers(2, [1.0, 1.0, 1.0])
+
+
+def test_weak_peers_form_groups_full_peers_replicas_and_the_rest_wait():
+    caps = _caps(weak=["w1", "w2", "w3"], full=["f1", "f2"])
+    live = ["f1", "w1", "f2", "w2", "w3"]
+    roles = _plan(live, {}, caps)
+    assert [roles[p].kind for p in live] == ["replica", "stage", "replica", "stage", "observer"]
+    assert roles["w1"].stage == 0 and roles["w2"].stage == 1 and roles["w1"].group_peers == ["w1", "w2"]
+    assert roles["w1"].data_shard == roles["w2"].data_shard  # a group reads one shard
+    assert roles["w1"].layer_cuts == [2]
+    assert _plan(live, roles, caps) == roles  # stable when nothing changes
+
+
+def test_a_dead_stage_is_filled_by_a_spare_or_the_group_dissolves():
+    caps = _caps(weak=["w1", "w2", "w3"], full=["f1"])
+    roles = _plan(["f1", "w1", "w2", "w3"], {}, caps)
+    after = _plan(["f1", "w1", "w3"], roles, caps)  # w2 (stage 1) died; w3 was waiting
+    assert after["w3"].kind == "stage" and after["w3"].stage == 1 and after["w3"].replica_group == roles["w1"].replica_group
+    assert after["w1"].group_peers == ["w1", "w3"] and after["w1"].data_shard == roles["w1"].data_shard
+    alone = _plan(["f1", "w1"], after, caps)  # no spare left: the group dissolves
+    assert alone["w1"].kind == "observer"
+
+
+def test_incomplete_groups_sit_out_together():
+    caps = _caps(weak=["w1", "w2"], full=["f1"])
+    roles = _plan(["f1", "w1", "w2"], {}, caps)
+    assert incomplete_groups(roles) == {}
+    missing = incomplete_groups({p: roles[p] for p in ("f1", "w1")})
+    assert list(missing) == ["w1"] and "incomplete" in missing["w1"]
+
+
+def _run(**options) -> RunConfig:
+    outer = OuterConfig.for_mode("pipeline")
+    return RunConfig(mode="pipeline", mode_options=options, preset="nano", round_timeout_s=60, outer=outer)
+
+
+def test_stage_slots_cover_the_model_once():
+    run = _run()
+    mode = mode_for(run)
+    caps = _caps(weak=["w1", "w2"], full=["f1"])
+    roles = _plan(["f1", "w1", "w2"], {}, caps)
+    names = sorted(n for n, _ in build_model(model_config(run)).named_parameters())
+    first, second = (set(mode.contribution_names(roles[p], names)) for p in ("w1", "w2"))
+    assert first & second == set() and first | second == set(names)
+    assert "tok_emb.weight" in first and "head.weight" in second and "blocks.1.attn.qkv.weight" in first
+    assert mode.contribution_names(roles["f1"], names) == names
+    assert mode.contribution_names(Role("s", "observer", 0), names) == []
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"ratio": 0}, "ratio"),
+        ({"stages": 1}, "stages"),
+        ({"stages": 5}, "cannot be split"),
+        ({"wire_dtype": "int4"}, "wire_dtype"),
+        ({"link_timeout_s": 90.0}, "round_timeout_s"),
+        ({"nope": 1}, "no option"),
+    ],
+)
+def test_bad_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        _run(**options)
+
+
+def test_outer_step_keeps_the_global_weights_in_the_subspace():
+    run = _run(ratio=8)
+    mode = mode_for(run)
+    state = initial_state(run)
+    mean = {n: torch.randn_like(t) * 1e-3 for n, t in state.params.items()}
+    mode.outer_step(state, mean)
+    model = build_model(model_config(run))
+    mode.prepare_model(model)
+    state.load_into(model)
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    sub = mode.subspace
+    first, second = split_stages(model, [2])
+    with torch.no_grad():
+        composed = second(sub.expand(sub.compress(first(tokens), tokens), tokens))
+        assert torch.allclose(model(tokens).logits, composed, atol=1e-4)

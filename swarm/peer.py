@@ -194,6 +194,17 @@ class Peer(SwarmNode):
                 await self.agreement.save(self.cfg.save_dir)
         self.status.phase = "leaving"
 
+    async def _sit_out(self, r: int) -> None:
+        """Follow round r without contributing: say so (a "joining" peer is not waited for), then
+        apply the round's manifest like everyone else."""
+        self.status.phase = "joining"
+        await self.publish_heartbeat()
+        _, applied = await self.agreement.settle_round(r, lambda: reload_state(self))
+        if applied is not None:
+            self.rounds_done += 1
+        state = self.agreement.state
+        self.status.round, self.status.param_hash = state.round, state.hash
+
     def _report(
         self,
         r: int,

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from swarm.data.tokenizer import EOS_ID, TOKEN_DTYPE
+from swarm.data.tokenizer import TOKEN_DTYPE, ByteTokenizer, Tokenizer
 
 STDLIB_SOURCE = "stdlib"
 # The full stdlib is ~30 MB of .py; 8 MiB loads in well under a second and is ample for the
@@ -83,38 +83,48 @@ class Corpus:
     num_bytes: int  # document bytes, without the <eos> separators
 
 
-_STDLIB_CACHE: dict[tuple[str, int | None, float], Corpus] = {}
+_STDLIB_CACHE: dict[tuple[str, int | None, float, str], Corpus] = {}
 
 
-def load_corpus(cfg: DataConfig) -> Corpus:
-    """Read, tokenise and split the corpus described by `cfg` (stdlib results cached in memory)."""
+def load_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> Corpus:
+    """Read, tokenise (bytes unless a BPE `tokenizer` is given) and split the corpus described by
+    `cfg` (stdlib results cached in memory)."""
+    tok = tokenizer if tokenizer is not None else ByteTokenizer()
     if cfg.source != STDLIB_SOURCE:
-        return _build_corpus(_iter_documents(cfg), cfg)
-    key = (stdlib_root(), cfg.effective_max_bytes(), cfg.eval_fraction)
+        return _build_corpus(_iter_documents(cfg), cfg, tok)
+    key = (stdlib_root(), cfg.effective_max_bytes(), cfg.eval_fraction, tok.sha256)
     if key not in _STDLIB_CACHE:
-        _STDLIB_CACHE[key] = _build_corpus(_iter_documents(cfg), cfg)
+        _STDLIB_CACHE[key] = _build_corpus(_iter_documents(cfg), cfg, tok)
     return _STDLIB_CACHE[key]
 
 
-def corpus_fingerprint(stream: np.ndarray, num_train: int) -> str:
-    """sha256 over a tag, the split point and the little-endian token bytes."""
+def iter_documents(cfg: DataConfig) -> Iterator[bytes]:
+    """The documents `cfg` names, in corpus order, up to its byte cap (what a tokenizer is trained on)."""
+    return _take_bytes(_iter_documents(cfg), cfg.effective_max_bytes())
+
+
+def corpus_fingerprint(stream: np.ndarray, num_train: int, tokenizer_sha256: str = "") -> str:
+    """sha256 over a tag, the tokenizer's hash (none for bytes), the split point and the
+    little-endian token bytes."""
     digest = hashlib.sha256(_FINGERPRINT_TAG)
+    digest.update(tokenizer_sha256.encode())
     digest.update(int(num_train).to_bytes(8, "little"))
     digest.update(np.ascontiguousarray(stream, dtype="<u2").tobytes())
     return digest.hexdigest()
 
 
-def _build_corpus(documents: Iterable[bytes], cfg: DataConfig) -> Corpus:
+def _build_corpus(documents: Iterable[bytes], cfg: DataConfig, tok: Tokenizer) -> Corpus:
     docs = list(_take_bytes(documents, cfg.effective_max_bytes()))
     num_bytes = sum(len(d) for d in docs)
     if num_bytes == 0:
         raise CorpusError(f"corpus is empty: {cfg.source!r} yielded no text")
-    stream = np.empty(num_bytes + len(docs), dtype=TOKEN_DTYPE)
+    encoded = tok.encode_documents(docs)
+    stream = np.empty(sum(len(e) for e in encoded) + len(docs), dtype=TOKEN_DTYPE)
     pos = 0
-    for doc in docs:
-        stream[pos : pos + len(doc)] = np.frombuffer(doc, dtype=np.uint8)
-        stream[pos + len(doc)] = EOS_ID
-        pos += len(doc) + 1
+    for ids in encoded:
+        stream[pos : pos + len(ids)] = ids
+        stream[pos + len(ids)] = tok.eos_id
+        pos += len(ids) + 1
     num_eval = round(len(stream) * cfg.eval_fraction)
     if cfg.eval_fraction > 0 and num_eval == 0:
         num_eval = 1
@@ -125,7 +135,7 @@ def _build_corpus(documents: Iterable[bytes], cfg: DataConfig) -> Corpus:
     return Corpus(
         train_tokens=stream[:num_train],
         eval_tokens=stream[num_train:],
-        fingerprint=corpus_fingerprint(stream, num_train),
+        fingerprint=corpus_fingerprint(stream, num_train, tok.sha256),
         num_documents=len(docs),
         num_bytes=num_bytes,
     )

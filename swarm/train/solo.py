@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from models import LanguageModel, ModelConfig, build_model, generate, get_preset
-from swarm.data import BOS_ID, BatchStream, ByteTokenizer, Corpus, DataConfig, eval_batches, load_corpus
+from swarm.data import BatchStream, Corpus, DataConfig, eval_batches, load_corpus
+from swarm.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, vocab_overrides
 from swarm.log import get_logger
 from swarm.metrics import MetricSinks, SinkConfig
 from swarm.train.checkpoint import (
@@ -63,6 +64,7 @@ class TrainConfig:
     preset: str = "nano"
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields over the preset
     data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: str = ""  # a BPE tokenizer.json (swarm-tokenizer train); "" = bytes. Sets the model's vocab_size
     # Sequences per step. 16 x 128 beat 32 x 128 and 16 x 256 for nano on a fixed token budget on CPU.
     batch_size: int = 16
     seq_len: int = 128  # tokens (bytes) per sequence; <= the model's max_seq_len
@@ -98,10 +100,13 @@ class TrainConfig:
         check_device_name(self.device)  # availability is checked when the run starts
 
     def model_config(self) -> ModelConfig:
-        cfg = get_preset(self.preset, **self.model_overrides)
+        cfg = get_preset(self.preset, **vocab_overrides(self.load_tokenizer(), self.model_overrides))
         if self.seq_len > cfg.max_seq_len:
             raise ValueError(f"seq_len {self.seq_len} exceeds the {self.preset} model's max_seq_len {cfg.max_seq_len}")
         return cfg
+
+    def load_tokenizer(self) -> Tokenizer:
+        return load_tokenizer(self.tokenizer or None)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -154,7 +159,8 @@ class _SoloRun:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.model_cfg = cfg.model_config()
-        self.corpus: Corpus = load_corpus(cfg.data)
+        self.tokenizer = cfg.load_tokenizer()
+        self.corpus: Corpus = load_corpus(cfg.data, self.tokenizer)
         logger.info(
             "corpus %s: %d train / %d eval tokens, %d documents, fingerprint %s",
             cfg.data.source,
@@ -266,10 +272,14 @@ class _SoloRun:
             "train_config": self.cfg.to_dict(),
             "data_state": self.stream.state_dict(),
             "corpus_fingerprint": self.corpus.fingerprint,
+            "tokenizer_sha256": self.tokenizer.sha256,
             "elapsed_s": self.elapsed_s(),
             "tokens_seen": self.tokens_seen,
         }
-        return save_checkpoint(self.out_dir / CHECKPOINT_SUBDIR, model=self.model, optimizer=self.optimizer, meta=meta)
+        path = save_checkpoint(self.out_dir / CHECKPOINT_SUBDIR, model=self.model, optimizer=self.optimizer, meta=meta)
+        if self.tokenizer.sha256:  # the checkpoint carries its tokenizer: swarm-export finds it there
+            (path / TOKENIZER_FILE).write_text(self.tokenizer.to_json())
+        return path
 
     def evaluate(self) -> float | None:
         return evaluate(self.model, self.evals, device=self.device) if self.evals else None
@@ -278,8 +288,8 @@ class _SoloRun:
         cfg = self.cfg
         if cfg.sample_bytes == 0:
             return None
-        tok = ByteTokenizer()
-        prompt = torch.tensor([[BOS_ID, *tok.encode(cfg.sample_prompt).tolist()]], device=self.device)
+        tok = self.tokenizer
+        prompt = torch.tensor([[tok.bos_id, *tok.encode(cfg.sample_prompt).tolist()]], device=self.device)
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         out = generate(
             self.model,

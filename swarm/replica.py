@@ -33,6 +33,7 @@ class RoundWork:
     loss: float  # mean LM loss over the inner steps
     tokens: int
     compute_s: float  # wall time of the inner steps alone
+    inline: bytes | None = None  # a mode whose payload travels inside the submission record (SPSA)
 
 
 def model_config(run: RunConfig) -> ModelConfig:

@@ -8,6 +8,9 @@ A mode answers five questions, and the runtime asks nothing else:
     the round code against the sender's coordinator-signed role);
   * applying: how everyone turns the round's per-slot mean into the next global state
     (`outer_step`), deterministically on the CPU.
+A mode whose contribution is a few bytes (SPSA) sets `inline_payload`: the bytes travel inside the
+signed submission record and the manifest, are checked by `check_inline` and applied by
+`apply_inline` instead of the payload transfer, the codec and the per-slot mean.
 The defaults describe a full data-parallel replica (SparseLoCo, DiLoCo); a mode overrides what
 differs. Slots: every parameter tensor is a slot, averaged over the contributions that cover it
 (swarm/codec/aggregate.py); `slot_group` only names groups of slots for reports.
@@ -127,3 +130,21 @@ class TrainingMode:
     def outer_step(self, state: GlobalState, mean: dict[str, torch.Tensor]) -> None:
         """θ(t+1) from θ(t) and the per-slot mean of the round (covered slots only)."""
         state.apply_outer_step(mean, self.run.outer)
+
+    # ----- inline payloads (off by default) ------------------------------------------------------
+
+    inline_payload: ClassVar[bool] = False  # contributions travel inside the submission record
+
+    def check_inline(self, data: bytes) -> str | None:
+        """What is wrong with an inline payload (None: well-formed). Runs on the leader and on every
+        node that applies a manifest listing it."""
+        return f"mode {self.name!r} carries no inline payloads"
+
+    def apply_inline(self, state: GlobalState, round_no: int, contributions: list[tuple[str, bytes]]) -> None:
+        """θ(t+1) from θ(t) and the round's (peer id, inline payload) pairs in manifest order (at least
+        one), deterministically on the CPU; advances the state's round."""
+        raise NotImplementedError(f"mode {self.name!r} carries no inline payloads")
+
+    def round_metrics(self, contributions: list[tuple[str, bytes]]) -> dict[str, float | int]:
+        """Extra per-round figures for the round log and status page (e.g. SPSA's scalars per round)."""
+        return {}

@@ -67,7 +67,6 @@ class RoundAgreement:
     ignored: set[tuple[int, str]] = field(default_factory=set)  # (round, leader) of bad manifests
     coverage: dict[str, int] = field(default_factory=dict)  # slot group -> contributions, last round applied
     apply_s: float = 0.0  # seconds the last round took to decode and apply (SPSA: its replay cost)
-    apply_s: float = 0.0  # seconds the last round took to decode and apply (SPSA: its replay cost)
 
     def __post_init__(self) -> None:
         self.validator = Validator(self.node, self.store, self.mode)
@@ -279,25 +278,6 @@ class RoundAgreement:
                 self.coverage = {}
             self.apply_s = time.perf_counter() - started
         return len(blobs)
-
-    async def _apply_inline(self, manifest: Manifest) -> int:
-        """A mode whose payloads travel in the records: nothing to fetch; each entry is checked as the
-        leader checked it, then the mode applies them all in manifest order (timed: `apply_s`)."""
-        contributions = []
-        for e in manifest.entries:
-            problem = self.validator.inline_problem(e.inline, e.digest, e.size)
-            if problem is not None:
-                raise BadManifest(f"entry of {e.peer_id[-8:]}: {problem}")
-            contributions.append((e.peer_id, e.inline))
-        async with self.lock:
-            started = time.perf_counter()
-            if contributions:
-                await asyncio.to_thread(self.mode.apply_inline, self.state, manifest.round, contributions)
-            else:
-                self.state.advance_without_update()
-            self.apply_s = time.perf_counter() - started
-            self.coverage = {"all": len(contributions)} if contributions else {}
-        return len(contributions)
 
     async def _apply_inline(self, manifest: Manifest) -> int:
         """A mode whose payloads travel in the records: nothing to fetch; each entry is checked as the

@@ -75,9 +75,6 @@ class Validator:
         if self.mode.inline_payload:  # no tensors, nothing to clip: the mode bounds its own values on apply
             entries = [ManifestEntry(p, subs[p].digest, subs[p].size, inline=subs[p].inline) for p in accepted]
         else:
-            if self.mode.inline_payload:  # no tensors, nothing to clip: the mode bounds its own values on apply
-            entries = [ManifestEntry(p, subs[p].digest, subs[p].size, inline=subs[p].inline) for p in accepted]
-        else:
             entries = [ManifestEntry(p, subs[p].digest, subs[p].size, scales=s) for p, s in zip(accepted, scales)]
         rejected = []
         for peer, verdict in sorted(verdicts.items()):
@@ -90,8 +87,6 @@ class Validator:
         """One submission on its own."""
         if sub.base_hash != base_hash:
             return Verdict("computed against other weights (stale or diverged)")
-        if self.mode.inline_payload:
-            return self._check_inline(sub)
         if self.mode.inline_payload:
             return self._check_inline(sub)
         deadline = self.fetch_deadline(sub.peer_id)
@@ -134,20 +129,6 @@ class Validator:
         run = self.node.run
         item = await self.node.dht.get_from(role_key(run.run_id, peer_id), Role, run.coordinator)
         return item.record if item is not None and item.record.peer_id == peer_id else self.mode.default_role(peer_id, 0)
-
-    def _check_inline(self, sub: Submission) -> Verdict:
-        """A payload carried in the signed record: its digest and size must name it, the mode's check pass."""
-        problem = self.inline_problem(sub.inline, sub.digest, sub.size)
-        return Verdict(problem, fault=True) if problem else Verdict()
-
-    def inline_problem(self, data: bytes, digest: str, size: int) -> str | None:
-        """What is wrong with an inline payload as a submission or manifest entry names it (None: fine)."""
-        if not data:
-            return "no inline payload"
-        if size != len(data) or digest != payload_digest(data):
-            return "inline payload does not match its digest or size"
-        problem = self.mode.check_inline(data)
-        return f"malformed payload: {problem}" if problem else None
 
     async def slots_of(self, peer_id: str) -> set[str]:
         """The tensors a peer's coordinator-signed role contributes (the mode's default role if none)."""

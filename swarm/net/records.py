@@ -15,9 +15,6 @@ RUNS_KEY = "swarm/runs"  # subkey: coordinator's owner marker -> RunDescription
 # A mode whose whole contribution is a few bytes (SPSA) sends it inside its signed submission record
 # and the manifest repeats it, so no payload transfer happens; this bounds what a peer can put there.
 MAX_INLINE_BYTES = 1024
-# A mode whose whole contribution is a few bytes (SPSA) sends it inside its signed submission record
-# and the manifest repeats it, so no payload transfer happens; this bounds what a peer can put there.
-MAX_INLINE_BYTES = 1024
 
 Phase = Literal["joining", "training", "exchanging", "idle", "leaving", "coordinating"]
 RoleKind = Literal["replica", "experts", "stage", "observer"]
@@ -132,10 +129,6 @@ class Submission:
 
     def __post_init__(self) -> None:
         _check_inline(self.inline)
-    inline: bytes = b""  # the payload itself, in modes that carry it in the record (digest and size still name it)
-
-    def __post_init__(self) -> None:
-        _check_inline(self.inline)
 
 
 @dataclass
@@ -144,15 +137,6 @@ class ManifestEntry:
     digest: str
     size: int
     scales: dict[str, float] = field(default_factory=dict)  # clip factors in (0, 1] of tensors above the round's median norm
-    inline: bytes = b""  # the sender's inline payload (modes that carry it in the record)
-
-    def __post_init__(self) -> None:
-        _check_inline(self.inline)
-
-
-def _check_inline(data: bytes) -> None:
-    if len(data) > MAX_INLINE_BYTES:
-        raise ValueError(f"an inline payload holds at most {MAX_INLINE_BYTES} bytes, got {len(data)}")
     inline: bytes = b""  # the sender's inline payload (modes that carry it in the record)
 
     def __post_init__(self) -> None:

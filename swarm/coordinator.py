@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from swarm.data.fetch import RunData, ShardFetcher
 from swarm.exchange import PayloadStore
 from swarm.log import get_logger
 from swarm.metrics import MetricSinks, SinkConfig
@@ -87,6 +88,9 @@ class Coordinator(SwarmNode):
     async def main(self, on_ready: Callable[[Coordinator], None] | None = None) -> None:
         await self.start_network()
         self.run.coordinator = self.peer_id
+        fetcher = ShardFetcher(self.files, coordinator=self.peer_id)
+        self.data = RunData(self.run, fetcher)
+        corpus = await self.data.stamp()  # the run description names the corpus it trains on
         (Path(self.cfg.state_dir) / "run.json").write_text(json.dumps(to_plain(self.run), indent=1))
         await self.dht.put(RUNS_KEY, self.run, RUN_TTL_S)
         self.start_heartbeats()
@@ -95,6 +99,7 @@ class Coordinator(SwarmNode):
             on_ready(self)
         self.spawn(self._republish_loop())
         self.spawn(self._role_loop())
+        self.spawn(fetcher.serve_available(self.run.corpus))
         # θ(0) once: its shapes type-check payloads now, and it is the state of a brand-new run.
         self._initial = await asyncio.to_thread(initial_state, self.run)
         shapes = {n: tuple(t.shape) for n, t in self._initial.params.items()}
@@ -104,9 +109,10 @@ class Coordinator(SwarmNode):
         state = await self._obtain_state()
         self.agreement = RoundAgreement(self, self.store, state, self.mode)
         serve_state(self.server, self.agreement)
-        self.evaluator = (
-            await asyncio.to_thread(Replica, self.run, shard=0, device=torch.device("cpu")) if self.cfg.evaluate else None
-        )
+        self.evaluator = None
+        if self.cfg.evaluate:  # on data shard 0's held-out tail
+            corpus = corpus or await self.data.corpus(0)
+            self.evaluator = await asyncio.to_thread(Replica, self.run, shard=0, device=torch.device("cpu"), corpus=corpus)
         self.log_event("start", f"coordinator of run {self.run.run_id} at round {state.round}")
         self.sinks = await asyncio.to_thread(
             MetricSinks.open, self.cfg.sinks, name="coordinator", group=self.run.run_id, config=to_plain(self.run)

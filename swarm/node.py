@@ -19,6 +19,7 @@ from hivemind.utils import get_dht_time
 from swarm import __version__
 from swarm.log import get_logger
 from swarm.net.dht import DHTOptions, Signed, SwarmDHT
+from swarm.net.files import FileService
 from swarm.net.records import RUNS_KEY, Event, EventLog, Heartbeat, Phase, Roster, run_key
 from swarm.net.transfer import Traffic, TransferServer
 from swarm.run import RunConfig
@@ -56,6 +57,7 @@ class SwarmNode:
         self._run: RunConfig | None = None
         self._dht: SwarmDHT | None = None
         self._server: TransferServer | None = None
+        self._files: FileService | None = None
         self._members: set[str] | None = None
         self._members_at = 0.0
         self._tasks: list[asyncio.Task] = []
@@ -86,6 +88,13 @@ class SwarmNode:
         return self._server
 
     @property
+    def files(self) -> FileService:
+        """Serves and fetches files by sha256 (swarm/net/files.py)."""
+        if self._files is None:
+            raise RuntimeError("the node's file service is not started")
+        return self._files
+
+    @property
     def ready(self) -> bool:
         """Started and knows its run."""
         return self._run is not None and self._dht is not None
@@ -103,6 +112,7 @@ class SwarmNode:
             self._dht = await asyncio.to_thread(SwarmDHT.start, self.identity_path, self.dht_options)
         p2p = await self.dht.dht.replicate_p2p()
         self._server = TransferServer(p2p, self.traffic)
+        self._files = FileService(self)  # content-addressed files by sha256 (corpus shards, tokenizer)
         await self._server.start()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:

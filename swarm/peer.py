@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from swarm import __version__
+from swarm.data.corpus import Corpus
+from swarm.data.fetch import RunData, ShardFetcher
 from swarm.exchange import Encoded, PayloadEncoder, PayloadStore
 from swarm.log import get_logger
 from swarm.metrics import MetricSinks, SinkConfig
@@ -81,7 +83,7 @@ class Peer(SwarmNode):
         self.start_heartbeats()
         self.role = await self._get_role()
         self.status.role = self.mode.describe_role(self.role)
-        self.replica = await asyncio.to_thread(self.mode.make_worker, self.role, self.device)
+        self.replica = await asyncio.to_thread(self.mode.make_worker, self.role, self.device, await self._corpus())
         await self.mode.attach_worker(self.replica, self)
         shapes = {n: tuple(p.shape) for n, p in sorted(self.replica.model.named_parameters())}
         self.store = PayloadStore(self.run, shapes, self.traffic)
@@ -94,6 +96,13 @@ class Peer(SwarmNode):
         await self._round_loop()
 
     # ----- joining ---------------------------------------------------------------------------
+
+    async def _corpus(self) -> Corpus:
+        """What this role reads: its corpus shard fetched and verified (then served to others), or
+        the run's data source checked against the identity the coordinator signed."""
+        fetcher = ShardFetcher(self.files, coordinator=self.run.coordinator)
+        self.spawn(fetcher.serve_available(self.run.corpus))
+        return await RunData(self.run, fetcher).corpus(self.role.data_shard)
 
     async def _get_role(self) -> Role:
         capacity = Capacity(

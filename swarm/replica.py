@@ -18,6 +18,7 @@ from models import ModelConfig, build_model, get_preset
 from models.moe import freeze_experts
 from swarm.data.corpus import Corpus, DataConfig, load_corpus
 from swarm.data.sampler import BatchStream, eval_batches
+from swarm.data.shards import stream_slot
 from swarm.modes import mode_for
 from swarm.run import RunConfig
 from swarm.state import GlobalState
@@ -98,13 +99,14 @@ class Replica:
             freeze_experts(self.model, experts)
         self.optimizer = build_optimizer(self.model, optim_config(run))
         self.trainer = Trainer(self.model, self.optimizer, optim_config(run), device=device)
+        _, sub_shard, sub_shards = stream_slot(len(run.corpus), run.num_shards, shard)  # a sharded corpus: one file's part
         self.stream = BatchStream(
             self.corpus.train_tokens,
             batch_size=run.batch_size,
             seq_len=run.seq_len,
             seed=run.seed,
-            shard=shard % run.num_shards,
-            num_shards=run.num_shards,
+            shard=sub_shard,
+            num_shards=sub_shards,
         )
 
     def train_experts(self, experts: list[tuple[int, int]]) -> None:

@@ -3,14 +3,13 @@
 A file is named by the sha256 of its bytes (hex) and its size, which is how the run description
 names corpus shards and the tokenizer. Use:
 
-    files = FileService(node)              # after node.start_network(); registers the 'file' kind
-    await files.start()                    # re-advertises what it serves until the node stops
-    digest = await files.serve(path)       # hash a local file, serve it, advertise it in the DHT
+    files = node.files                     # SwarmNode makes one in start_network(): FileService(node)
+    digest = await files.serve(path)       # hash a local file, serve it, advertise it (renewed hourly)
     await files.fetch(digest, dest, size)  # download, verify, move to dest, then serve it too
 
 Holders advertise themselves under run_key(run, 'files/<sha256>') with a signed `FileHolder`
 record. A fetch asks for pieces of at most PIECE_BYTES ({"kind": "file", "sha256", "offset",
-"length"} over /swarm/transfer/1), writes them to `<dest>.part` while hashing, so memory stays
+"length"} over /swarm/transfer/1), writes them to `<dest>.<pid>.part` while hashing, so memory stays
 bounded by one piece whatever the file size. Every holder may be hostile: one that does not have the
 file, answers a wrong length, fails or is slower than `piece_timeout_s` on a piece is dropped and the
 next holder continues from the same offset; if the finished file does not hash to the name, every
@@ -114,11 +113,14 @@ class FileService:
         self._served: dict[str, _Served] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._reads = asyncio.Semaphore(MAX_SERVING_READS)
+        self._started = False
         node.server.register("file", self._provide)
 
     async def start(self) -> None:
-        """Keep this node's holder records alive while it runs."""
-        self.node.spawn(self._readvertise_loop())
+        """Keep this node's holder records alive while it runs (serve() calls it; calling it again is harmless)."""
+        if not self._started:
+            self._started = True
+            self.node.spawn(self._readvertise_loop())
 
     def serves(self, sha256: str) -> bool:
         return sha256 in self._served
@@ -131,6 +133,7 @@ class FileService:
         stat = await asyncio.to_thread(os.stat, path)
         digest = check_sha256(sha256) if sha256 is not None else await asyncio.to_thread(file_sha256, path)
         self._served[digest] = _Served(path, stat.st_size, stat.st_mtime_ns)
+        await self.start()
         await self._advertise(digest)
         return digest
 
@@ -282,7 +285,8 @@ class FileService:
 
 
 def _part(dest: Path) -> Path:
-    return dest.with_name(dest.name + ".part")
+    """The download in progress: per process, so peers sharing a cache folder never mix their bytes."""
+    return dest.with_name(f"{dest.name}.{os.getpid()}.part")
 
 
 def _write(out: BinaryIO, digest: Any, piece: bytes) -> None:

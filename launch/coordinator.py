@@ -9,6 +9,7 @@ from pathlib import Path
 
 from launch.common import add_metrics_args, add_network_args, dht_options, run_node, sink_config
 from swarm.coordinator import Coordinator, CoordinatorConfig
+from swarm.data.shards import SHARDS_SOURCE, read_manifest
 from swarm.modes import available_modes
 from swarm.net.schema import from_plain, to_plain
 from swarm.run import OuterConfig, RunConfig
@@ -25,13 +26,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--mode-option", action="append", default=[], metavar="KEY=VALUE", help="a knob of the mode (e.g. merge_alpha0=0.05)"
     )
     run.add_argument("--dense-dtype", choices=["fp32", "fp16"], default="fp32", help="payload dtype in diloco mode")
-    run.add_argument("--data", help="corpus: 'stdlib', a text file, a directory, a glob or a .jsonl file")
+    run.add_argument(
+        "--data",
+        help="corpus: 'stdlib', a text file, a directory, a glob, a .jsonl file, or a shard manifest .json (swarm-data manifest)",
+    )
     run.add_argument("--inner-steps", type=int, help="H: inner AdamW steps per round (default 30)")
     run.add_argument("--batch-size", type=int, help="sequences per inner step per peer")
     run.add_argument("--seq-len", type=int, help="tokens per sequence")
     run.add_argument("--round-timeout", type=float, help="seconds a round waits for late peers")
     run.add_argument(
-        "--min-peers", type=int, help="contributions a round waits for (open runs: at least 4, so robust aggregation can outvote one)"
+        "--min-peers",
+        type=int,
+        help="contributions a round waits for (open runs: at least 4, so robust aggregation can outvote one)",
     )
     run.add_argument(
         "--trim", type=float, help="coordinate-wise trimmed mean: fraction dropped at each end (dense codecs; default 0 = off)"
@@ -66,6 +72,9 @@ def build_run(args: argparse.Namespace) -> RunConfig:
         "seed": args.seed,
     }
     base.update({k: v for k, v in overrides.items() if v is not None})
+    if str(base.get("data_source", "")).endswith(".json"):  # a shard manifest: the corpus by content
+        base["corpus"] = to_plain(read_manifest(base["data_source"]))
+        base["data_source"] = SHARDS_SOURCE
     if args.mode_option:
         base["mode_options"] = {**base.get("mode_options", {}), **dict(_option(o) for o in args.mode_option)}
     if "outer" not in base or args.mode is not None:  # the outer optimiser follows the mode

@@ -180,3 +180,27 @@ def test_run_data_reads_its_shard_file_and_refuses_another_corpus(tmp_path):
     with pytest.raises(CorpusError, match="differs between Python versions") as err:
         asyncio.run(RunData(stdlib_run, ShardFetcher(None)).corpus(0))
     assert "Python 2.7" in str(err.value) and "0" * 64 in str(err.value)
+
+
+def test_cli_manifest_fetch_and_coordinator_data_flag(tmp_path, capsys):
+    from launch.coordinator import build_run, parse_args
+    from launch.data import main
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(3):
+        _jsonl(folder / f"part-{i}.jsonl", [f"text {i}"])
+    (folder / "notes.bin").write_bytes(b"not a shard")
+    manifest = tmp_path / "corpus.json"
+    assert main(["manifest", str(folder), "-o", str(manifest), "--url-prefix", "http://127.0.0.1:9/x"]) == 0
+    shards = read_manifest(manifest)
+    assert [s.name for s in shards] == ["part-0.jsonl", "part-1.jsonl", "part-2.jsonl"]
+    assert main(["fetch", str(manifest), "--cache-dir", str(tmp_path / "cache")]) == 0  # from the local paths
+    assert "part-2.jsonl: " in capsys.readouterr().out
+
+    run = build_run(parse_args(["--data", str(manifest)]))
+    assert run.data_source == "shards" and run.corpus == shards
+
+    (folder / "part-1.jsonl").unlink()  # and the URL points nowhere: that shard fails, clearly
+    assert main(["fetch", str(manifest), "--cache-dir", str(tmp_path / "cache2")]) == 1
+    assert "part-1.jsonl" in capsys.readouterr().err

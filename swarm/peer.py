@@ -25,9 +25,10 @@ from swarm.log import get_logger
 from swarm.metrics import MetricSinks, SinkConfig
 from swarm.modes import mode_for
 from swarm.net.dht import DHTOptions
-from swarm.net.records import Capacity, Role, Submission, role_key, run_key, submit_key
+from swarm.net.records import Capacity, Manifest, Role, Submission, role_key, run_key, submit_key
 from swarm.net.schema import to_plain
 from swarm.node import SwarmNode, fetch_run_description
+from swarm.overlap import next_base
 from swarm.replica import RoundWork, initial_state, measure_tokens_per_s
 from swarm.rounds import RoundAgreement
 from swarm.state import GlobalState
@@ -156,6 +157,10 @@ class Peer(SwarmNode):
     # ----- rounds ----------------------------------------------------------------------------
 
     async def _round_loop(self) -> None:
+        """Train, submit, settle, round after round. With `outer.overlap` the manifest of round r is
+        awaited only after round r+1's inner steps (swarm/overlap.py); otherwise right away."""
+        self._overlap = self.run.outer.overlap
+        self._leftover: _InFlight | None = None
         self.sinks = await asyncio.to_thread(
             MetricSinks.open,
             self.cfg.sinks,
@@ -164,44 +169,86 @@ class Peer(SwarmNode):
             config={"peer_name": self.cfg.name, "device": str(self.device), **to_plain(self.run)},
         )
         metrics = _MetricsFile(self.cfg.out_dir, self.peer_id, self.sinks)
-        while not self.stopping.is_set():
-            if self.cfg.max_rounds is not None and self.rounds_done >= self.cfg.max_rounds:
-                break
-            started = time.perf_counter()
-            state = self.agreement.state
-            r = state.round
-            self.status.round, self.status.param_hash = r, state.hash
-            work, encoded = None, None
-            if not await self.agreement.closed(r):  # not behind: train this round
+        self._landed_at = time.perf_counter()
+        flight: _InFlight | None = None
+        try:
+            while not self.stopping.is_set():
+                if self.cfg.max_rounds is not None and self.rounds_done + (flight is not None) >= self.cfg.max_rounds:
+                    if flight is None:
+                        break
+                    await self._land(flight, metrics)
+                    flight = None
+                    continue
+                if flight is None:
+                    state = self.agreement.state
+                    self.status.round, self.status.param_hash = state.round, state.hash
+                    if await self.agreement.closed(state.round):  # behind: apply it without training
+                        await self._land(self._settle(state.round, None, None, None), metrics)
+                        continue
+                    base = state  # nothing settles meanwhile: train from the agreed state itself
+                else:
+                    assert flight.next_base is not None
+                    base = flight.next_base
+                r = base.round
                 await self._refresh_role()
                 self.status.phase = "training"
                 await self.publish_heartbeat()
-                work = await asyncio.to_thread(self.replica.train_round, state, self.stopping)
+                work = await asyncio.to_thread(self.replica.train_round, base, self.stopping)
                 if work is None and self.stopping.is_set():
                     break
                 if work is None:  # nothing for our role this round (a spare, or a pipeline stage whose group broke)
                     await self._sit_out(r)
                     continue
-                encoded = await asyncio.to_thread(self.encoder.encode, work.delta, r)
-                self.store.blobs.put(encoded.digest, encoded.data)
-                sub = Submission(self.peer_id, r, encoded.digest, len(encoded.data), state.hash, work.tokens, work.loss)
-                await self.dht.put(submit_key(self.run.run_id, r), sub, ttl_s=self.run.round_timeout_s * 4 + 60)
-                self.status.phase, self.status.loss = "exchanging", work.loss
-                self.status.tokens_per_s = work.tokens / max(work.compute_s, 1e-9)
-                self.status.steps += self.run.inner_steps
-                await self.publish_heartbeat()
-            manifest, applied = await self.agreement.settle_round(r, lambda: reload_state(self))
-            included = any(e.peer_id == self.peer_id for e in manifest.entries)
-            if encoded is not None and not included:
-                self.encoder.excluded()
-                self.log_event("excluded", f"round {r}: our payload missed the manifest")
-            if applied is None:
-                continue
-            self.rounds_done += 1
-            self._report(r, work, encoded, applied, included, time.perf_counter() - started, metrics)
-            if self.cfg.save_dir and self.agreement.state.round % max(1, self.cfg.save_every_rounds) == 0:
-                await self.agreement.save(self.cfg.save_dir)
+                if flight is not None:
+                    landed = await self._land(flight, metrics)
+                    flight = None
+                    if not landed or self.agreement.state.round != r or await self.agreement.closed(r):
+                        continue  # reloaded, or too late for round r: its work is dropped
+                flight = await self._submit(r, work)
+                if not self._overlap:
+                    await self._land(flight, metrics)
+                    flight = None
+        finally:
+            # Leaving with a round in flight: let it settle in the background (never cancel an apply
+            # mid-way; a save on exit waits for the state lock, so it never sees half a round).
+            self._leftover = flight
         self.status.phase = "leaving"
+
+    async def _submit(self, r: int, work: RoundWork) -> _InFlight:
+        """Encode and announce our payload of round r (on the agreed θ(r)) and start settling it."""
+        state = self.agreement.state
+        encoded = await asyncio.to_thread(self.encoder.encode, work.delta, r)
+        self.store.blobs.put(encoded.digest, encoded.data)
+        sub = Submission(self.peer_id, r, encoded.digest, len(encoded.data), state.hash, work.tokens, work.loss)
+        await self.dht.put(submit_key(self.run.run_id, r), sub, ttl_s=self.run.round_timeout_s * 4 + 60)
+        self.status.phase, self.status.loss = "exchanging", work.loss
+        self.status.tokens_per_s = work.tokens / max(work.compute_s, 1e-9)
+        self.status.steps += self.run.inner_steps
+        await self.publish_heartbeat()
+        # The next round's start, taken before the settle task can touch the state.
+        base = await asyncio.to_thread(next_base, state, work.delta) if self._overlap else None
+        return self._settle(r, work, encoded, base)
+
+    def _settle(self, r: int, work: RoundWork | None, encoded: Encoded | None, base: GlobalState | None) -> _InFlight:
+        task = asyncio.create_task(self.agreement.settle_round(r, lambda: reload_state(self)))
+        return _InFlight(r, work, encoded, task, base)
+
+    async def _land(self, flight: _InFlight, metrics: _MetricsFile) -> bool:
+        """Wait for the round's manifest to be applied and report it; False if we had to reload."""
+        manifest, applied = await flight.settle
+        included = any(e.peer_id == self.peer_id for e in manifest.entries)
+        if flight.encoded is not None and not included:
+            self.encoder.excluded()  # before the next round is encoded: e is restored to a
+            self.log_event("excluded", f"round {flight.round}: our payload missed the manifest")
+        if applied is None:
+            return False
+        self.rounds_done += 1
+        now = time.perf_counter()
+        self._report(flight.round, flight.work, flight.encoded, applied, included, now - self._landed_at, metrics)
+        self._landed_at = now
+        if self.cfg.save_dir and self.agreement.state.round % max(1, self.cfg.save_every_rounds) == 0:
+            await self.agreement.save(self.cfg.save_dir)
+        return True
 
     async def _sit_out(self, r: int) -> None:
         """Follow round r without contributing: say so (a "joining" peer is not waited for), then
@@ -263,6 +310,17 @@ class Peer(SwarmNode):
             await self.agreement.save(self.cfg.save_dir)
         await asyncio.to_thread(self.sinks.close)
         await super().stop(announce_leave=announce_leave)
+
+
+@dataclass
+class _InFlight:
+    """A round we submitted to (or follow) whose manifest is being awaited and applied."""
+
+    round: int
+    work: RoundWork | None
+    encoded: Encoded | None
+    settle: asyncio.Task[tuple[Manifest, int | None]]
+    next_base: GlobalState | None  # where the next round's inner steps start (overlap only)
 
 
 class _MetricsFile:

@@ -1,0 +1,162 @@
+"""SparseLoCo's eval loss against dense DiLoCo's at equal tokens, without the network.
+
+R replicas train in turn in this one process with the swarm's own pieces: `Replica` (H inner AdamW
+steps on its data shard), `PayloadEncoder` (codec and error feedback), the payload wire format
+(every payload is encoded and decoded), the per-slot mean and the mode's outer step, and with
+`--overlap` the one-step-delayed schedule of swarm/overlap.py. Only timing and transport are left
+out, so a sweep over H, density, chunk size, beta and alpha takes minutes, not hours, and every
+figure is deterministic. Payload bytes are the real encoded sizes.
+
+Each row is one setting (`name=value,...` of OuterConfig fields, or `H=` for inner steps); the
+table prints eval loss on the whole held-out split after the last round, bytes per round per
+replica, and both against the DiLoCo row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models import count_parameters, get_preset
+from swarm.codec import SlotMean
+from swarm.data.corpus import load_corpus
+from swarm.exchange import PayloadEncoder, PayloadStore
+from swarm.modes import mode_for
+from swarm.net.transfer import Traffic
+from swarm.overlap import next_base
+from swarm.replica import Replica, data_config, initial_state
+from swarm.run import OuterConfig, RunConfig
+from swarm.state import GlobalState
+
+HELP = "SparseLoCo vs DiLoCo eval loss at equal tokens, in-process (sweep H, density, chunk, beta, alpha, overlap)"
+DEFAULT_TEXT = Path(__file__).resolve().parents[3] / "shared/data/tinyshakespeare.txt"
+WHOLE_EVAL_SPLIT = 10**6
+DEFAULT_ROWS = ("diloco", "sparseloco", "sparseloco:overlap=0")
+
+
+@dataclass
+class SimResult:
+    eval_loss: float
+    payload_bytes: float  # median encoded payload per replica per round
+    hashes: list[list[str]]  # per round, the agreed state hash each replica computed
+    wall_s: float
+
+
+def simulate(run: RunConfig, replicas: int, *, corpus: object | None = None) -> SimResult:
+    """`run.max_rounds` rounds of `replicas` replicas; every replica applies every payload itself."""
+    started = time.perf_counter()
+    mode = mode_for(run)
+    cpu = torch.device("cpu")
+    corpus = corpus or load_corpus(data_config(run))
+    workers = [Replica(run, shard=i, device=cpu, corpus=corpus) for i in range(replicas)]  # type: ignore[arg-type]
+    encoders = [PayloadEncoder(run, f"sim-{i}") for i in range(replicas)]
+    shapes = {n: tuple(p.shape) for n, p in sorted(workers[0].model.named_parameters())}
+    store = PayloadStore(run, shapes, Traffic())
+    states = [initial_state(run) for _ in range(replicas)]  # each replica's own copy of θ(r)
+    bases: list[GlobalState] = list(states)
+    sizes, hashes = [], []
+    for r in range(run.max_rounds):
+        works = [w.train_round(b) for w, b in zip(workers, bases)]
+        payloads = []
+        for i, (enc, work) in enumerate(zip(encoders, works)):
+            assert work is not None
+            payloads.append((f"sim-{i}", enc.encode(work.delta, r).data))
+            sizes.append(len(payloads[-1][1]))
+        if run.outer.overlap:  # next round starts from θ(r) − Δ_r, before θ(r+1) is known
+            bases = [next_base(s, w.delta) for s, w in zip(states, works) if w is not None]
+        for state in states:  # every replica decodes and applies the same payloads in the same order
+            acc = SlotMean(shapes)
+            for sender, data in payloads:
+                acc.add(store.decode(data, sender=sender, round_no=r))
+            mode.outer_step(state, acc.mean())
+        hashes.append([s.hash for s in states])
+        if not run.outer.overlap:
+            bases = list(states)
+    evaluator = Replica(run, shard=0, device=cpu, corpus=corpus)  # type: ignore[arg-type]
+    loss = evaluator.evaluate(states[0])
+    return SimResult(loss, statistics.median(sizes), hashes, time.perf_counter() - started)
+
+
+def parse_row(spec: str, base: RunConfig) -> RunConfig:
+    """'mode[:field=value,...]' -> a RunConfig: OuterConfig fields, or H (inner steps)."""
+    mode, _, rest = spec.partition(":")
+    outer = dataclasses.asdict(OuterConfig.for_mode(mode))
+    inner_steps = base.inner_steps
+    fields = {f.name: f.type for f in dataclasses.fields(OuterConfig)}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key == "H":
+            inner_steps = int(value)
+        elif key in fields:
+            current = outer[key]
+            outer[key] = bool(int(value)) if isinstance(current, bool) else type(current)(value)
+        else:
+            raise ValueError(f"{spec}: unknown setting {key!r} (OuterConfig fields or H)")
+    rounds = base.max_rounds * base.inner_steps // inner_steps  # equal tokens whatever H
+    return dataclasses.replace(
+        base, mode=mode, outer=OuterConfig(**outer), inner_steps=inner_steps, warmup_steps=inner_steps, max_rounds=rounds
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    default_data = str(DEFAULT_TEXT) if DEFAULT_TEXT.is_file() else "stdlib"
+    parser.add_argument("--data", default=default_data, help="corpus (default %(default)s)")
+    parser.add_argument("--preset", default="nano")
+    parser.add_argument("--replicas", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=30, help="at the default H; other H keep the tokens equal")
+    parser.add_argument("--inner-steps", type=int, default=30, help="H (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (keep it small on a shared machine)")
+    parser.add_argument("rows", nargs="*", default=list(DEFAULT_ROWS), help="mode[:field=value,...] (default %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    base = RunConfig(
+        run_id="quality",
+        preset=args.preset,
+        data_source=args.data,
+        inner_steps=args.inner_steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        inner_lr=args.lr,
+        warmup_steps=args.inner_steps,
+        max_rounds=args.rounds,
+        num_shards=args.replicas,
+        eval_batches=WHOLE_EVAL_SPLIT,
+    )
+    params = count_parameters(get_preset(args.preset))
+    tokens = args.replicas * args.batch_size * args.seq_len * args.inner_steps * args.rounds
+    print(f"{args.preset} ({params:,} params), {args.replicas} replicas, {tokens:,} tokens per row", flush=True)
+    corpus = load_corpus(data_config(base))
+    results = {}
+    for spec in args.rows:
+        cfg = parse_row(spec, base)
+        results[spec] = simulate(cfg, args.replicas, corpus=corpus)
+        res = results[spec]
+        print(f"  {spec:<48} eval {res.eval_loss:.4f}  {res.payload_bytes:>10,.0f} B/round  ({res.wall_s:.0f}s)", flush=True)
+    _print_table(results, params)
+    return 0
+
+
+def _print_table(results: dict[str, SimResult], params: int) -> None:
+    ref = next((r for spec, r in results.items() if spec.startswith("diloco")), None)
+    print(
+        f"\n{'setting':<48} {'eval loss':>9} {'vs DiLoCo':>9} {'bytes/round':>12} {'B/param':>8} {'fewer B':>8} {'identical':>9}"
+    )
+    for spec, res in results.items():
+        vs = f"{res.eval_loss / ref.eval_loss:.3f}" if ref else "-"
+        fewer = f"{ref.payload_bytes / res.payload_bytes:.0f}x" if ref else "-"
+        same = all(len(set(h)) == 1 for h in res.hashes)
+        print(
+            f"{spec:<48} {res.eval_loss:>9.4f} {vs:>9} {res.payload_bytes:>12,.0f} "
+            f"{res.payload_bytes / params:>8.4f} {fewer:>8} {same!s:>9}"
+        )

@@ -167,12 +167,12 @@ class Coordinator(SwarmNode):
 
     async def _round_loop(self) -> None:
         rounds = 0
+        self._eval_task: asyncio.Task[None] | None = None
         while self.cfg.max_rounds is None or rounds < self.cfg.max_rounds:
             state = self.agreement.state
             r = state.round
             self.status.round, self.status.param_hash, self.status.phase = r, state.hash, "coordinating"
-            if self.evaluator is not None:
-                self.status.loss = await asyncio.to_thread(self.evaluator.evaluate, state)
+            await self._start_eval(state)
             await self.publish_heartbeat()
             manifest, applied = await self.agreement.settle_round(r, lambda: reload_state(self))
             if applied is None:
@@ -191,11 +191,28 @@ class Coordinator(SwarmNode):
                 f"{self.status.loss:.4f}" if self.status.loss is not None else "-",
                 self.agreement.state.hash[:10],
             )
+        if self._eval_task is not None:
+            await self._eval_task
         if self.evaluator is not None:  # the weights the last round produced
             final = self.agreement.state
             loss = await asyncio.to_thread(self.evaluator.evaluate, final)
             self._write_row({"round": final.round, "eval_loss": loss, "hash": final.hash, "final": True})
             logger.info("final eval loss after round %d: %.4f", final.round - 1, loss)
+
+    async def _start_eval(self, state: GlobalState) -> None:
+        """Eval loss of θ(r) in the background, on a copy taken under the state lock: evaluating
+        never delays closing a round. One at a time: while the last one runs, a round goes
+        unevaluated, and the loss reported with a round (`status.loss`) is the latest one measured."""
+        if self.evaluator is None or (self._eval_task is not None and not self._eval_task.done()):
+            return
+        evaluator = self.evaluator
+        async with self.agreement.lock:
+            snapshot = await asyncio.to_thread(state.copy)
+
+        async def evaluate() -> None:
+            self.status.loss = await asyncio.to_thread(evaluator.evaluate, snapshot)
+
+        self._eval_task = asyncio.create_task(evaluate())
 
     def _record(self, manifest: Manifest, applied: int) -> None:
         """One row per round in <state_dir>/rounds.jsonl (benchmarks and the status page read it)."""

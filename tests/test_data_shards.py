@@ -204,3 +204,16 @@ def test_cli_manifest_fetch_and_coordinator_data_flag(tmp_path, capsys):
     (folder / "part-1.jsonl").unlink()  # and the URL points nowhere: that shard fails, clearly
     assert main(["fetch", str(manifest), "--cache-dir", str(tmp_path / "cache2")]) == 1
     assert "part-1.jsonl" in capsys.readouterr().err
+
+
+def test_parquet_shards_with_the_extra(tmp_path, http_dir):
+    pa = pytest.importorskip("pyarrow")  # the 'parquet' extra; in the test extra, so CI runs this
+    import pyarrow.parquet as pq
+
+    root, url = http_dir
+    texts = [f"row {i}: " + "parquet text " * 30 for i in range(100)]
+    pq.write_table(pa.table({"text": texts, "n": list(range(100))}), root / "part-0.parquet")
+    shard = _shard(root / "part-0.parquet", [f"{url}/part-0.parquet"])
+    run = RunConfig(data_source="shards", corpus=[shard], num_shards=2, eval_fraction=0.1)
+    corpus = asyncio.run(RunData(run, ShardFetcher(None, cache_dir=tmp_path / "cache")).corpus(1))
+    assert corpus.num_documents == 100 and corpus.num_bytes == sum(len(t.encode()) for t in texts)

@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "swarm": "launch.benchmarks.swarm",
     "spes": "launch.benchmarks.spes",
     "quality": "launch.benchmarks.quality",
+    "scale": "launch.benchmarks.scale",
 }
 
 

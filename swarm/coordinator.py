@@ -225,6 +225,9 @@ class Coordinator(SwarmNode):
                 "payload_bytes": sum(e.size for e in manifest.entries),
                 "coverage": self.agreement.coverage,
                 "leader": manifest.leader,
+                "closed_at": manifest.closed_at,
+                "bytes_sent": self.traffic.sent,  # cumulative: the leader's fetches and what it served
+                "bytes_received": self.traffic.received,
                 "base_hash": manifest.base_hash,
                 "hash": self.agreement.state.hash,
                 "time": time.time(),

@@ -231,7 +231,7 @@ class Peer(SwarmNode):
 
     def _settle(self, r: int, work: RoundWork | None, encoded: Encoded | None, base: GlobalState | None) -> _InFlight:
         task = asyncio.create_task(self.agreement.settle_round(r, lambda: reload_state(self)))
-        return _InFlight(r, work, encoded, task, base)
+        return _InFlight(r, work, encoded, task, base, time.time() if encoded is not None else None)
 
     async def _land(self, flight: _InFlight, metrics: _MetricsFile) -> bool:
         """Wait for the round's manifest to be applied and report it; False if we had to reload."""
@@ -244,7 +244,7 @@ class Peer(SwarmNode):
             return False
         self.rounds_done += 1
         now = time.perf_counter()
-        self._report(flight.round, flight.work, flight.encoded, applied, included, now - self._landed_at, metrics)
+        self._report(flight, applied, included, now - self._landed_at, metrics)
         self._landed_at = now
         if self.cfg.save_dir and self.agreement.state.round % max(1, self.cfg.save_every_rounds) == 0:
             await self.agreement.save(self.cfg.save_dir)
@@ -261,16 +261,8 @@ class Peer(SwarmNode):
         state = self.agreement.state
         self.status.round, self.status.param_hash = state.round, state.hash
 
-    def _report(
-        self,
-        r: int,
-        work: RoundWork | None,
-        encoded: Encoded | None,
-        applied: int,
-        included: bool,
-        round_s: float,
-        metrics: _MetricsFile,
-    ) -> None:
+    def _report(self, flight: _InFlight, applied: int, included: bool, round_s: float, metrics: _MetricsFile) -> None:
+        r, work, encoded = flight.round, flight.work, flight.encoded
         state = self.agreement.state
         self.status.round, self.status.param_hash, self.status.phase = state.round, state.hash, "idle"
         dense_bytes = 4 * state.numel()
@@ -284,6 +276,7 @@ class Peer(SwarmNode):
             "tokens_per_s": work.tokens / round_s if work else 0.0,
             "compute_s": work.compute_s if work else 0.0,
             "round_s": round_s,
+            "submitted_at": flight.submitted_at,  # with the row's "time" (applied): round-close latency
             "payload_bytes": len(encoded.data) if encoded else 0,
             "compression": dense_bytes / len(encoded.data) if encoded else None,
             "bytes_sent": self.traffic.sent,
@@ -321,6 +314,7 @@ class _InFlight:
     encoded: Encoded | None
     settle: asyncio.Task[tuple[Manifest, int | None]]
     next_base: GlobalState | None  # where the next round's inner steps start (overlap only)
+    submitted_at: float | None = None  # wall clock when our submission went out
 
 
 class _MetricsFile:

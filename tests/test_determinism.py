@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from launch.cluster import LocalCluster, nano_run, wait_for
+from swarm.net.schema import to_plain
 from swarm.run import OuterConfig
 from swarm.state import GlobalState
 
@@ -93,3 +95,22 @@ def test_outer_step_bits_across_kernels_and_threads() -> None:
     }
     assert len({json.dumps(r, sort_keys=True) for r in runs.values()}) == 1, runs
     assert runs["native x1"]["sparseloco"] == reference_sparseloco_hash()
+
+
+def rounds_with_both(cluster: LocalCluster) -> list[int]:
+    return [r for r, rows in cluster.metrics_by_round().items() if len(rows) == 2 and all(row["applied"] == 2 for row in rows)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability().startswith("AVX"), reason="needs an x86 vector unit")
+def test_swarm_agrees_across_threads_and_kernels(tmp_path: Path) -> None:
+    """Two peers, one on one thread with this CPU's vector kernels, one on two threads with the
+    portable kernels, α = 0.7, overlapped rounds: after every round all hold the same state hash."""
+    run = nano_run(round_timeout_s=120.0, min_peers=2, outer=to_plain(OuterConfig(outer_lr=0.7)))
+    with LocalCluster(tmp_path, run) as cluster:
+        cluster.add_peer("native-1", threads=1)
+        cluster.add_peer("portable-2", threads=2, prefix=("env", "ATEN_CPU_CAPABILITY=default"))
+        wait_for(lambda: len(rounds_with_both(cluster)) >= 2, 300, "2 rounds with both payloads applied", cluster)
+        by_round = cluster.metrics_by_round()
+    for r, rows in by_round.items():  # after the first joint round the rounds trained from delayed bases
+        assert len({row["hash"] for row in rows}) == 1, f"replicas differ after round {r}: {rows}"

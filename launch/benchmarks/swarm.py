@@ -40,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="per replica (default %(default)s)")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3, help="inner (and solo) peak lr")
+    parser.add_argument(
+        "--overlap",
+        choices=("on", "off", "both"),
+        default="both",
+        help="one-step-delayed outer updates (train round r+1 while round r settles): with, without, or both (default %(default)s)",
+    )
     parser.add_argument("--workdir", default=None)
 
 
@@ -52,11 +58,19 @@ def run(args: argparse.Namespace) -> int:
         f"{tokens:,} tokens each; logs in {workdir}",
         flush=True,
     )
-    results = {
-        mode: run_swarm(workdir / mode, bench_run(args, mode), args.replicas, args.rounds) for mode in ("sparseloco", "diloco")
-    }
+    settings = {"on": [True], "off": [False], "both": [False, True]}[args.overlap]
+    runs: dict[tuple[str, bool], dict] = {}
+    for mode in ("sparseloco", "diloco"):
+        for overlap in settings:
+            run_ = bench_run(args, mode)
+            run_["outer"]["overlap"] = overlap
+            name = f"{mode}-{'overlap' if overlap else 'in-step'}"
+            runs[mode, overlap] = run_swarm(workdir / name, run_, args.replicas, args.rounds)
+    results = {mode: runs[mode, settings[-1]] for mode in ("sparseloco", "diloco")}
     solo = run_solo_baseline(args, args.preset)
     _print_table(args, params, results, solo)
+    if len(settings) == 2:
+        _print_overlap(runs)
     codec = codec_throughput(num_params=10_000_000, repeats=5, num_threads=1)
     print(
         f"\ncodec (10M params, 1 thread): encode {codec['encode_mb_s']:.0f} MB/s, decode {codec['decode_mb_s']:.0f} MB/s, "
@@ -171,6 +185,16 @@ def _print_table(args: argparse.Namespace, params: int, results: dict, solo: dic
             f"eval loss SparseLoCo / DiLoCo: {sparse['eval_loss'] / dense['eval_loss']:.3f}, "
             f"SparseLoCo / solo: {sparse['eval_loss'] / solo['eval_loss']:.3f}"
         )
+
+
+def _print_overlap(runs: dict[tuple[str, bool], dict]) -> None:
+    """Compute fraction and loss with and without one-step-delayed outer updates."""
+    print(f"\n{'':<34} {'SparseLoCo':>12} {'DiLoCo fp32':>12}")
+    for overlap, label in ((False, "in step"), (True, "overlapped")):
+        sparse, dense = runs["sparseloco", overlap], runs["diloco", overlap]
+        print(f"{'time in inner steps, ' + label:<34} {sparse['compute_fraction']:>11.1%} {dense['compute_fraction']:>11.1%}")
+        print(f"{'eval loss, ' + label:<34} {_f(sparse['eval_loss']):>12} {_f(dense['eval_loss']):>12}")
+        print(f"{'wall time (s), ' + label:<34} {sparse['wall_s']:>12.0f} {dense['wall_s']:>12.0f}")
 
 
 def _f(x: float | None) -> str:

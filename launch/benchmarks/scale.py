@@ -1,0 +1,146 @@
+"""How closing a round grows with the swarm: local swarms of 4, 8, 16 peers on this machine.
+
+Each swarm trains a few short rounds (few inner steps, small batches: the model is the preset's,
+so payloads have their real size) with every peer required in every round (min_peers = peers)
+and rounds in step (no overlap), so a round's timeline is exact:
+
+  last submission ──(leader sees it in the DHT, fetches and checks R payloads, signs, publishes)──▶
+  manifest closed ──(every peer reads it, fetches R payloads, decodes, applies)──▶ all applied
+
+Printed per swarm size, medians over rounds 1.. (round 0 includes start-up): close latency (last
+submission to manifest), all-applied latency (last submission to the last peer holding θ(r+1)),
+and the leader's bytes per round in and out. All peers share this machine's cores and loopback,
+so the absolute numbers are those of one small box; the growth with R is the point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from launch.cluster import LocalCluster
+from models import count_parameters, get_preset
+from swarm.net.schema import to_plain
+from swarm.run import OuterConfig
+
+HELP = "round-close latency and the leader's bytes against peers (4, 8, 16), short rounds"
+DEFAULT_TEXT = Path(__file__).resolve().parents[3] / "shared/data/tinyshakespeare.txt"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    default_data = str(DEFAULT_TEXT) if DEFAULT_TEXT.is_file() else "stdlib"
+    parser.add_argument("--data", default=default_data)
+    parser.add_argument("--preset", default="nano")
+    parser.add_argument("--mode", default="sparseloco", choices=("sparseloco", "diloco"))
+    parser.add_argument("--peers", default="4,8,16", help="swarm sizes, comma-separated (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--inner-steps", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--workdir", default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="swarm-scale-"))
+    params = count_parameters(get_preset(args.preset))
+    sizes = [int(x) for x in args.peers.split(",")]
+    print(
+        f"{args.mode}, {args.preset} ({params:,} params), H={args.inner_steps}, {args.rounds} rounds per size; logs in {workdir}"
+    )
+    rows = []
+    for peers in sizes:
+        rows.append(measure(args, peers, workdir / f"peers-{peers}"))
+        r = rows[-1]
+        print(f"  {peers} peers: close {r['close_s']:.2f}s, all applied {r['applied_s']:.2f}s ({r['wall_s']:.0f}s)", flush=True)
+    print(
+        f"\n{'peers':>5} {'close (s)':>10} {'all applied (s)':>16} {'leader in/round':>16} {'leader out/round':>17} "
+        f"{'payloads/round':>15} {'per peer in':>12}"
+    )
+    for peers, r in zip(sizes, rows):
+        print(
+            f"{peers:>5} {r['close_s']:>10.2f} {r['applied_s']:>16.2f} {_human(r['leader_in']):>16} {_human(r['leader_out']):>17} "
+            f"{_human(r['payloads']):>15} {_human(r['peer_in']):>12}"
+        )
+    if len(rows) >= 2:
+        first, last = rows[0], rows[-1]
+        growth = sizes[-1] / sizes[0]
+        print(
+            f"\n{sizes[0]} -> {sizes[-1]} peers ({growth:.0f}x): close latency x{last['close_s'] / max(first['close_s'], 1e-9):.1f}, "
+            f"leader bytes in x{last['leader_in'] / max(first['leader_in'], 1):.1f}"
+        )
+    return 0
+
+
+def measure(args: argparse.Namespace, peers: int, workdir: Path) -> dict:
+    outer = to_plain(OuterConfig.for_mode(args.mode))
+    outer["overlap"] = False  # a round's timeline stays exact: submission, manifest, applied
+    run_ = {
+        "preset": args.preset,
+        "mode": args.mode,
+        "data_source": args.data,
+        "inner_steps": args.inner_steps,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "warmup_steps": args.inner_steps,
+        "max_rounds": args.rounds,
+        "min_peers": peers,
+        "round_timeout_s": 120.0,
+        "heartbeat_interval_s": 2.0,
+        "heartbeat_ttl_s": 30.0,
+        "num_shards": peers,
+        "eval_batches": 1,
+        "outer": outer,
+    }
+    started = time.perf_counter()
+    with LocalCluster(workdir, run_, coordinator_args=("--stop-after", str(args.rounds))) as cluster:
+        for i in range(peers):
+            cluster.add_peer(f"p{i}", threads=1, max_rounds=args.rounds)
+        rounds_file = workdir / "coordinator" / "rounds.jsonl"
+        deadline = time.monotonic() + 600 + 60 * peers
+        while time.monotonic() < deadline:
+            if cluster.failed():
+                raise RuntimeError(f"a swarm process failed; logs in {workdir}")
+            if cluster.rounds_completed(peers) >= args.rounds:
+                break
+            time.sleep(1.0)
+        else:
+            raise TimeoutError(f"{peers} peers did not finish {args.rounds} rounds; logs in {workdir}")
+        by_round = cluster.metrics_by_round()
+    leader = {row["round"]: row for row in map(json.loads, rounds_file.read_text().splitlines()) if "closed_at" in row}
+    close, applied, leader_in, leader_out, payloads, peer_in = [], [], [], [], [], []
+    for r in range(1, args.rounds):
+        rows = by_round.get(r, [])
+        if len(rows) < peers or r not in leader or r - 1 not in leader:
+            continue
+        last_submit = max(row["submitted_at"] for row in rows)
+        close.append(leader[r]["closed_at"] - last_submit)
+        applied.append(max(row["time"] for row in rows) - last_submit)
+        leader_in.append(leader[r]["bytes_received"] - leader[r - 1]["bytes_received"])
+        leader_out.append(leader[r]["bytes_sent"] - leader[r - 1]["bytes_sent"])
+        payloads.append(leader[r]["payload_bytes"])
+        before = {row["peer"]: row["bytes_received"] for row in by_round.get(r - 1, [])}
+        peer_in.append(statistics.median(row["bytes_received"] - before.get(row["peer"], 0) for row in rows))
+    if not close:
+        raise RuntimeError(f"no complete round to measure; logs in {workdir}")
+    med = statistics.median
+    return {
+        "close_s": med(close),
+        "applied_s": med(applied),
+        "leader_in": med(leader_in),
+        "leader_out": med(leader_out),
+        "payloads": med(payloads),
+        "peer_in": med(peer_in),
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"

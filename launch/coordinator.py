@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
 from launch.common import add_metrics_args, add_network_args, dht_options, run_node, sink_config
 from swarm.coordinator import Coordinator, CoordinatorConfig
 from swarm.data.shards import SHARDS_SOURCE, read_manifest
+from swarm.data.tokenizer import TOKENIZER_FILE, load_tokenizer, vocab_overrides
 from swarm.modes import available_modes
 from swarm.net.schema import from_plain, to_plain
 from swarm.run import OuterConfig, RunConfig
@@ -30,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--data",
         help="corpus: 'stdlib', a text file, a directory, a glob, a .jsonl file, or a shard manifest .json (swarm-data manifest)",
     )
+    run.add_argument("--tokenizer", help="a BPE tokenizer.json (swarm-tokenizer train): served to peers, sets the vocab")
     run.add_argument("--inner-steps", type=int, help="H: inner AdamW steps per round (default 30)")
     run.add_argument("--batch-size", type=int, help="sequences per inner step per peer")
     run.add_argument("--seq-len", type=int, help="tokens per sequence")
@@ -75,6 +78,10 @@ def build_run(args: argparse.Namespace) -> RunConfig:
     if str(base.get("data_source", "")).endswith(".json"):  # a shard manifest: the corpus by content
         base["corpus"] = to_plain(read_manifest(base["data_source"]))
         base["data_source"] = SHARDS_SOURCE
+    if args.tokenizer:  # the run names the file by hash and takes its vocabulary
+        tok = load_tokenizer(args.tokenizer)
+        base["tokenizer_sha256"], base["tokenizer_bytes"] = tok.sha256, Path(args.tokenizer).stat().st_size
+        base["model_overrides"] = vocab_overrides(tok, base.get("model_overrides", {}))
     if args.mode_option:
         base["mode_options"] = {**base.get("mode_options", {}), **dict(_option(o) for o in args.mode_option)}
     if "outer" not in base or args.mode is not None:  # the outer optimiser follows the mode
@@ -105,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         sinks = sink_config(args)
     except ValueError as e:
         raise SystemExit(f"swarm-coordinator: {e}") from None
+    if args.tokenizer:  # kept with the run: a restart serves it again, swarm-export finds it
+        Path(args.state_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(args.tokenizer, Path(args.state_dir) / TOKENIZER_FILE)
     cfg = CoordinatorConfig(
         state_dir=args.state_dir,
         dht=dht_options(args, args.initial_peers),

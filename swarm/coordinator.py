@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from swarm.data.fetch import RunData, ShardFetcher
+from swarm.data.tokenizer import TOKENIZER_FILE, obtain_run_tokenizer
 from swarm.exchange import PayloadStore
 from swarm.log import get_logger
 from swarm.metrics import MetricSinks, SinkConfig
@@ -88,6 +89,8 @@ class Coordinator(SwarmNode):
     async def main(self, on_ready: Callable[[Coordinator], None] | None = None) -> None:
         await self.start_network()
         self.run.coordinator = self.peer_id
+        kept = Path(self.cfg.state_dir) / TOKENIZER_FILE  # swarm-coordinator --tokenizer put it there
+        await obtain_run_tokenizer(self.run, self.files, local=kept if kept.is_file() else None)  # checked, served
         fetcher = ShardFetcher(self.files, coordinator=self.peer_id)
         self.data = RunData(self.run, fetcher)
         corpus = await self.data.stamp()  # the run description names the corpus it trains on

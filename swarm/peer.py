@@ -20,6 +20,7 @@ import torch
 from swarm import __version__
 from swarm.data.corpus import Corpus
 from swarm.data.fetch import RunData, ShardFetcher
+from swarm.data.tokenizer import obtain_run_tokenizer
 from swarm.exchange import Encoded, PayloadEncoder, PayloadStore
 from swarm.log import get_logger
 from swarm.metrics import MetricSinks, SinkConfig
@@ -54,6 +55,7 @@ class PeerConfig:
     save_dir: str | None = None  # keep a copy of the agreed state here (every save_every_rounds, and on exit)
     save_every_rounds: int = 10
     memory_gb: float | None = None  # announced instead of the measured memory (join-swarm --memory-gb)
+    tokenizer: str | None = None  # a local copy of the run's tokenizer.json (else fetched from the swarm)
     sinks: SinkConfig = field(default_factory=SinkConfig)  # TensorBoard / W&B copies of the per-round JSONL
 
     def __post_init__(self) -> None:
@@ -101,6 +103,7 @@ class Peer(SwarmNode):
     async def _corpus(self) -> Corpus:
         """What this role reads: its corpus shard fetched and verified (then served to others), or
         the run's data source checked against the identity the coordinator signed."""
+        await obtain_run_tokenizer(self.run, self.files, local=self.cfg.tokenizer)  # before any corpus is tokenised
         fetcher = ShardFetcher(self.files, coordinator=self.run.coordinator)
         self.spawn(fetcher.serve_available(self.run.corpus))
         return await RunData(self.run, fetcher).corpus(self.role.data_shard)

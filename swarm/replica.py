@@ -19,6 +19,7 @@ from models.moe import freeze_experts
 from swarm.data.corpus import Corpus, DataConfig, load_corpus
 from swarm.data.sampler import BatchStream, eval_batches
 from swarm.data.shards import stream_slot
+from swarm.data.tokenizer import run_tokenizer_source
 from swarm.modes import mode_for
 from swarm.run import RunConfig
 from swarm.state import GlobalState
@@ -43,7 +44,11 @@ def model_config(run: RunConfig) -> ModelConfig:
 
 def data_config(run: RunConfig) -> DataConfig:
     return DataConfig(
-        source=run.data_source, text_field=run.text_field, eval_fraction=run.eval_fraction, max_bytes=run.data_max_bytes
+        source=run.data_source,
+        text_field=run.text_field,
+        eval_fraction=run.eval_fraction,
+        max_bytes=run.data_max_bytes,
+        tokenizer=run_tokenizer_source(run),  # put in the cache by obtain_run_tokenizer when the node joined
     )
 
 

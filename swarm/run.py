@@ -66,6 +66,7 @@ class RunConfig:
     # sha256 of the run's tokenizer.json ("" = the byte tokenizer); peers fetch the file from the swarm
     # and refuse to train with any other. The model's vocab_size (in model_overrides) comes from it.
     tokenizer_sha256: str = ""
+    tokenizer_bytes: int = 0  # its size (what a fetch asks the swarm for)
     model_overrides: dict[str, int | float | bool] = field(default_factory=dict)
     data_source: str = "stdlib"
     text_field: str = "text"
@@ -114,6 +115,10 @@ class RunConfig:
             raise ValueError("max_rounds must be >= 0")
         if self.tokenizer_sha256 and not re.fullmatch(r"[0-9a-f]{64}", self.tokenizer_sha256):
             raise ValueError(f"tokenizer_sha256 must be 64 lowercase hex digits or empty, got {self.tokenizer_sha256!r:.80}")
+        if not (0 < self.tokenizer_bytes <= 64 * 2**20 if self.tokenizer_sha256 else self.tokenizer_bytes == 0):
+            raise ValueError(
+                f"tokenizer_bytes must be in (0, 64 MiB] with a tokenizer_sha256, else 0; got {self.tokenizer_bytes}"
+            )
         if (self.data_source == SHARDS_SOURCE) != bool(self.corpus):
             raise ValueError(f"data_source {SHARDS_SOURCE!r} goes with a non-empty corpus shard list, and only with it")
         if len(self.corpus) > self.num_shards:

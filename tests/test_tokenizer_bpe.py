@@ -119,9 +119,9 @@ def test_model_vocab_comes_from_the_tokenizer(tmp_path: Path, bpe: BPETokenizer)
 def test_run_description_validates_the_hash() -> None:
     from swarm.run import RunConfig
 
-    assert RunConfig(tokenizer_sha256="0" * 64).tokenizer_sha256 == "0" * 64
+    assert RunConfig(tokenizer_sha256="0" * 64, tokenizer_bytes=10).tokenizer_sha256 == "0" * 64
     with pytest.raises(ValueError, match="tokenizer_sha256 must be 64 lowercase hex"):
-        RunConfig(tokenizer_sha256="../../etc/passwd")
+        RunConfig(tokenizer_sha256="../../etc/passwd", tokenizer_bytes=10)
 
 
 def test_cli_train_and_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

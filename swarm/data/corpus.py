@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from swarm.data.tokenizer import TOKEN_DTYPE, ByteTokenizer, Tokenizer
+from swarm.data.tokenizer import TOKEN_DTYPE, Tokenizer, load_tokenizer
 
 STDLIB_SOURCE = "stdlib"
 # The full stdlib is ~30 MB of .py; 8 MiB loads in well under a second and is ample for the
@@ -44,6 +44,7 @@ class DataConfig:
     # .jsonl, .jsonl.gz, .parquet), a directory (recursive *.txt, *.md, *.py) or a glob.
     source: str = STDLIB_SOURCE
     text_field: str = "text"  # JSONL/parquet field that holds a document's text
+    tokenizer: str = ""  # a BPE tokenizer.json (already checked against the run's hash); "" = bytes
     eval_fraction: float = 0.01  # tail of the token stream kept for evaluation, never trained on
     # Cap on document bytes read (documents are taken in order, the last one cut to fit).
     # None = the source's default: STDLIB_DEFAULT_MAX_BYTES for "stdlib", unlimited otherwise.
@@ -89,7 +90,7 @@ _STDLIB_CACHE: dict[tuple[str, int | None, float, str], Corpus] = {}
 def load_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> Corpus:
     """Read, tokenise (bytes unless a BPE `tokenizer` is given) and split the corpus described by
     `cfg` (stdlib results cached in memory)."""
-    tok = tokenizer if tokenizer is not None else ByteTokenizer()
+    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer or None)
     if cfg.source != STDLIB_SOURCE:
         return _build_corpus(_iter_documents(cfg), cfg, tok)
     key = (stdlib_root(), cfg.effective_max_bytes(), cfg.eval_fraction, tok.sha256)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from swarm import __version__
 from swarm.data.corpus import STDLIB_SOURCE, Corpus, CorpusError, DataConfig, load_corpus
 from swarm.data.shards import CorpusShard, source_kind, stream_slot
+from swarm.data.tokenizer import run_tokenizer_source
 from swarm.log import get_logger
 from swarm.net.files import PIECE_BYTES, FileFetchError, FileService, file_sha256
 
@@ -203,6 +204,7 @@ def data_config(run: RunConfig, source: str | None = None) -> DataConfig:
         text_field=run.text_field,
         eval_fraction=run.eval_fraction,
         max_bytes=run.data_max_bytes,
+        tokenizer=run_tokenizer_source(run),  # put in the cache by obtain_run_tokenizer when the node joined
     )
 
 

@@ -12,13 +12,19 @@ JSON in the library's own loader; nothing is unpickled.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from swarm.net.files import FileService
+    from swarm.run import RunConfig
 
 BYTE_VOCAB = 256
 BOS_ID = 256  # start of a prompt for generation
@@ -262,3 +268,81 @@ def vocab_overrides(tok: Tokenizer, overrides: dict[str, Any]) -> dict[str, Any]
     if overrides.get("vocab_size", tok.vocab_size) < tok.vocab_size:
         raise TokenizerError(f"vocab_size {overrides['vocab_size']} is smaller than the tokenizer's {tok.vocab_size} ids")
     return {**overrides, "vocab_size": overrides.get("vocab_size", tok.vocab_size)}
+
+
+# ----- a run's tokenizer on a peer -------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """Where fetched files live, one folder per sha256 (the same rule as swarm/data/fetch.py)."""
+    return Path(os.environ.get("SWARM_CACHE_DIR") or Path.home() / ".cache" / "swarm" / "shards")
+
+
+def run_tokenizer_path(sha256: str, cache_dir: str | Path | None = None) -> Path:
+    """Where a peer keeps the tokenizer file of hash `sha256`."""
+    return Path(cache_dir or default_cache_dir()) / sha256 / TOKENIZER_FILE
+
+
+def run_tokenizer_source(run: RunConfig, cache_dir: str | Path | None = None) -> str:
+    """DataConfig.tokenizer for `run`: its cached tokenizer file, or "" for bytes."""
+    return str(run_tokenizer_path(run.tokenizer_sha256, cache_dir)) if run.tokenizer_sha256 else ""
+
+
+def install_tokenizer(path: str | Path, sha256: str, cache_dir: str | Path | None = None) -> Path:
+    """Copy a verified tokenizer file into the cache (atomically), where corpora load it from."""
+    dest = run_tokenizer_path(sha256, cache_dir)
+    data = Path(path).read_bytes()
+    if sha256_bytes(data) != sha256:
+        raise TokenizerError(f"{path}: changed on disk, it no longer hashes to {sha256}")
+    if not (dest.is_file() and sha256_bytes(dest.read_bytes()) == sha256):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f"{dest.name}.{os.getpid()}.part")
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+    return dest
+
+
+async def obtain_run_tokenizer(
+    run: RunConfig,
+    files: FileService | None,
+    *,
+    local: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+) -> Tokenizer:
+    """The tokenizer `run` names, checked against its hash, cached and served to other nodes.
+
+    `local`: a tokenizer.json this node already has (e.g. the coordinator's); a different file is
+    refused with both hashes. Otherwise the cache, otherwise the swarm (the coordinator first, then
+    any node that advertises the file); every copy is verified against the signed hash.
+    """
+    sha = run.tokenizer_sha256
+    if local is not None and (sha or Path(local).is_file()):
+        tok = await asyncio.to_thread(load_tokenizer, local, expected_sha256=sha)
+        if sha:
+            await asyncio.to_thread(install_tokenizer, local, sha, cache_dir)
+    elif not sha:
+        return ByteTokenizer()
+    else:
+        dest = run_tokenizer_path(sha, cache_dir)
+        if files is None:
+            if not dest.is_file():
+                raise TokenizerError(f"the run's tokenizer {sha} is not cached at {dest} and this process is not a swarm node")
+        else:
+            from swarm.net.files import FileFetchError
+
+            try:
+                await files.fetch(sha, dest, run.tokenizer_bytes, holders=[run.coordinator] if run.coordinator else [])
+            except FileFetchError as exc:
+                raise TokenizerError(f"could not get the run's tokenizer {sha} from the swarm: {exc}") from exc
+        tok = await asyncio.to_thread(load_tokenizer, dest, expected_sha256=sha)
+    if files is not None and sha and not files.serves(sha):
+        await files.serve(run_tokenizer_path(sha, cache_dir), sha256=sha)
+    if tok.vocab_size > _model_vocab(run):
+        raise TokenizerError(f"the run's model has {_model_vocab(run)} token ids, its tokenizer {tok.vocab_size}")
+    return tok
+
+
+def _model_vocab(run: RunConfig) -> int:
+    from models import get_preset
+
+    return get_preset(run.preset, **run.model_overrides).vocab_size

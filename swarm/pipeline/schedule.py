@@ -36,6 +36,11 @@ class StageContext:
     timeout_s: float
     device: torch.device
 
+    def deadline_s(self, step: int, micro: int) -> float:
+        """The first message of a round may wait twice as long: stages start a round when each has
+        applied the last one, which takes longer on a slow or busy peer."""
+        return 2 * self.timeout_s if step == 0 and micro == 0 else self.timeout_s
+
     @property
     def width(self) -> int:
         return self.subspace.k if self.subspace is not None else self.stage.cfg.d_model
@@ -70,7 +75,7 @@ def stage_step(ctx: StageContext, round_no: int, step: int, inputs: torch.Tensor
             saved.append((out, received))
     for m, (out, received) in enumerate(saved):
         msg_id = MessageId(round_no, step, m, "bwd")
-        msg = ctx.link.receive(msg_id, ctx.timeout_s)
+        msg = ctx.link.receive(msg_id, ctx.deadline_s(step, m))
         grad = check(msg, expect=msg_id, shape=tuple(out.shape), dtype=ctx.wire_dtype)  # type: ignore[arg-type]
         out.backward(grad.to(ctx.device))
         share = micro_in[m].shape[0] / batch
@@ -83,7 +88,7 @@ def stage_step(ctx: StageContext, round_no: int, step: int, inputs: torch.Tensor
 
 
 def _receive(ctx: StageContext, msg_id: MessageId, tokens: torch.Tensor) -> torch.Tensor:
-    msg = ctx.link.receive(msg_id, ctx.timeout_s)
+    msg = ctx.link.receive(msg_id, ctx.deadline_s(msg_id.step, msg_id.micro))
     shape = (tokens.shape[0], tokens.shape[1], ctx.width)
     return check(msg, expect=msg_id, shape=shape, dtype=ctx.wire_dtype).to(ctx.device)
 

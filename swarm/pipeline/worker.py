@@ -98,7 +98,7 @@ class StageTrainer:
         for h in range(self.run.inner_steps):
             if stop is not None and stop.is_set():
                 return None
-            inputs, targets = next(self.stream)
+            inputs, targets = self._batch(state.round * self.run.inner_steps + h)
             try:
                 losses.append(stage_step(ctx, state.round, h, inputs, targets))
             except (LinkError, concurrent.futures.TimeoutError) as e:
@@ -112,6 +112,18 @@ class StageTrainer:
         compute_s = time.perf_counter() - start
         delta = state.pseudo_gradient(self.model, self.trained_names())
         return RoundWork(delta, sum(losses) / len(losses), tokens, compute_s)
+
+    def _batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch number `index` of the group's shard. Every stage of the group must read the same batch
+        whatever rounds it gave up or joined late in, so the stream position follows the round and
+        step rather than the batches this stage has read."""
+        consumed = index * self.run.batch_size
+        per_epoch = self.stream.windows_per_shard
+        epoch, cursor = divmod(consumed, per_epoch)
+        if epoch != self.stream.epoch:
+            self.stream.epoch, self.stream._order = epoch, None
+        self.stream.cursor = cursor
+        return next(self.stream)
 
     def _optimizer_step(self) -> None:
         params = [p for p in self.stage.parameters() if p.grad is not None]
@@ -197,7 +209,12 @@ class PipelineWorker:
         """This round's work; None when there is none (a spare, or the group lost a stage)."""
         if self.inner is None:
             return None
-        return self.inner.train_round(state, stop)
+        work = self.inner.train_round(state, stop)
+        if work is not None and self.subspace is not None and isinstance(self.inner, Replica):
+            # θ(t) is in span(U) and the outer step projects anyway: send only what survives it,
+            # so the top-k budget and the error buffer are spent on coordinates that count.
+            self.subspace.project_(work.delta, self.inner.model.cfg.n_layers)
+        return work
 
     def evaluate(self, state: GlobalState) -> float:
         if isinstance(self.inner, Replica):

@@ -14,11 +14,12 @@ libp2p with DCUtR; hivemind's p2pd has no switch for it, so there is no hole-pun
 A link's `rate` is applied both ways (the host's egress and, on the hub side, its ingress); its
 `delay` and `loss` on the host's egress only, so two hosts with 50 ms links see about 100 ms of
 round-trip time, like two home lines 50 ms from an exchange point. Shaping is tc netem where the
-kernel has it; without sch_netem (some VM kernels) the rate is a token bucket (tc tbf), loss an
-nftables random drop, and delay cannot be emulated: `Testbed.delay_supported` says which, and a
-link with a delay then logs a warning once and runs without it.
+kernel has it. Without sch_netem (some VM kernels) the rate is a token bucket (tc tbf), loss an
+nftables random drop, and delay a user-space hold of each outgoing packet (launch/netdelay.py over
+an iptables NFQUEUE, one small process per delayed host, killed with the testbed).
 
-Needs root (CAP_NET_ADMIN), iproute2, and nftables for NAT'd hosts; `unavailable()` says why not.
+Needs root (CAP_NET_ADMIN), iproute2, nftables for NAT'd hosts and, without netem, iptables for
+delays; `unavailable()` says why not.
 Processes run inside a host with `host.prefix + [command...]` (`ip netns exec NAME`), which
 LocalCluster takes as a command prefix. Usage:
 
@@ -34,13 +35,14 @@ import atexit
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import weakref
-from dataclasses import dataclass
-
-from swarm.log import get_logger
-
-logger = get_logger(__name__)
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
 PUBLIC_NET = "10.77"  # 10.77.0.0/16: the "internet" between hosts and routers
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)$")
@@ -131,6 +133,47 @@ class Host:
         return int(sent), int(received)
 
 
+@dataclass
+class Placement:
+    """Where a LocalCluster's processes run: keyword arguments for LocalCluster (`coordinator`) and
+    for each add_peer call (`peers`), and the testbed hosts behind them (empty on loopback)."""
+
+    coordinator: dict = field(default_factory=dict)
+    peers: list[dict] = field(default_factory=list)
+    hosts: dict[str, Host] = field(default_factory=dict)
+    note: str = "loopback, unlimited"
+
+    def peer(self, i: int) -> dict:
+        return self.peers[i] if i < len(self.peers) else {}
+
+
+@contextmanager
+def placement(link: str | None, num_peers: int, *, nat_peers: int = 0, tag: str = "bench") -> Iterator[Placement]:
+    """Every process on loopback (link None), or each in its own testbed host with this link
+    ('RATE:DELAY[:LOSS]'), the coordinator included; the last `nat_peers` peers behind NAT."""
+    if link is None and not nat_peers:
+        yield Placement()
+        return
+    shaped = Link.parse(link) if link else None
+    why = nat_unavailable() if nat_peers else unavailable()
+    if why:
+        raise TestbedError(f"a shaped or NAT'd swarm needs network namespaces: {why}")
+    with Testbed(tag) as bed:
+        coord = bed.add_public("coord", shaped)
+        place = Placement(coordinator={"coordinator_host": coord.ip, "coordinator_prefix": coord.prefix}, hosts={"coord": coord})
+        for i in range(num_peers):
+            nat = i >= num_peers - nat_peers
+            host = (bed.add_nat if nat else bed.add_public)(f"{'n' if nat else 'p'}{i}", shaped)
+            place.hosts[host.name] = host
+            place.peers.append({"host": host.ip, "prefix": host.prefix})
+        place.note = f"every process behind its own {link} link" if link else "unshaped namespaces"
+        if shaped and shaped.delay_s and not bed.netem:
+            place.note += " (no sch_netem here: rate by tbf, delay by launch/netdelay.py)"
+        if nat_peers:
+            place.note += f", {nat_peers} of {num_peers} peers behind NAT"
+        yield place
+
+
 def unavailable() -> str | None:
     """Why namespaces cannot be used here (None if they can): not root, no `ip`/`tc`, or refused."""
     if os.geteuid() != 0:
@@ -159,6 +202,14 @@ def cleanup(tag: str) -> int:
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     names = [line.split()[0] for line in listed.splitlines() if line.split() and line.split()[0].startswith(f"sw{tag}-")]
     for name in names:
+        # processes a crashed run left inside (packet delayers, peers): the namespace would outlive
+        # its name while they hold it
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
     return len(names)
 
@@ -177,7 +228,7 @@ class Testbed:
         self._next_home = 1
         self._started = False
         self._netem: bool | None = None
-        self._warned = False
+        self._delayers: list[subprocess.Popen] = []
 
     def __enter__(self) -> Testbed:
         self.start()
@@ -195,6 +246,10 @@ class Testbed:
         self._in(self.hub, "ip", "link", "set", "br0", "up")
 
     def close(self) -> None:
+        for proc in self._delayers:
+            proc.kill()
+            proc.wait()
+        self._delayers.clear()
         if self._started:
             cleanup(self.tag)
             self._started = False
@@ -281,20 +336,19 @@ class Testbed:
             self._shape(self.hub, hub_end, link, egress=False)
 
     @property
-    def delay_supported(self) -> bool:
-        """Whether links can have a delay here (the kernel has sch_netem)."""
+    def netem(self) -> bool:
+        """Whether the kernel has sch_netem (else: tbf, nftables loss and user-space delay)."""
         if self._netem is None:
             self._netem = _probe_netem(self.hub)
         return self._netem
 
     def _shape(self, ns: str, dev: str, link: Link, *, egress: bool) -> None:
-        if self.delay_supported:
+        if self.netem:
             self._in(ns, "tc", "qdisc", "replace", "dev", dev, "root", *link.netem(egress=egress))
             return
         self._in(ns, "tc", "qdisc", "replace", "dev", dev, "root", *link.tbf())
-        if egress and link.delay_s > 0 and not self._warned:
-            self._warned = True
-            logger.warning("this kernel has no sch_netem: links get their rate and loss but no delay")
+        if egress and link.delay_s > 0:
+            self._delay(ns, dev, link.delay_s)
         if egress and link.loss_pct:
             if shutil.which("nft") is None:
                 raise TestbedError("packet loss without sch_netem needs nftables (`nft`)")
@@ -305,6 +359,20 @@ class Testbed:
                 "}\n"
             )
             _run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input_text=rules)
+
+    def _delay(self, ns: str, dev: str, delay_s: float) -> None:
+        """Hold the packets leaving `dev` for delay_s in a launch/netdelay.py process (no netem)."""
+        iptables = shutil.which("iptables-legacy") or shutil.which("iptables")
+        if iptables is None:
+            raise TestbedError("link delays without sch_netem need iptables (bash launch/setup.sh installs it)")
+        rule = ["-t", "mangle", "-A", "POSTROUTING", "-o", dev, "-j", "NFQUEUE", "--queue-num", "0", "--queue-bypass"]
+        self._in(ns, iptables, *rule)
+        cmd = ["ip", "netns", "exec", ns, sys.executable, str(Path(__file__).with_name("netdelay.py")), "0", str(delay_s * 1000)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        self._delayers.append(proc)
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise TestbedError(f"the packet delayer in {ns} did not start")
 
     def _in(self, ns: str, *cmd: str) -> None:
         _run(["ip", "netns", "exec", ns, *cmd])

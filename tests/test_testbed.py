@@ -100,6 +100,29 @@ def test_shaped_link_measures_its_rate() -> None:
         assert slow is not None and slow.rate_bits_s == 20e6
 
 
+RTT = """
+import socket, statistics, sys, time
+times = []
+for _ in range(7):
+    t = time.monotonic(); socket.create_connection((sys.argv[1], 5202), timeout=10).close(); times.append(time.monotonic() - t)
+print(statistics.median(times))
+"""
+
+
+def test_delay_holds_outgoing_packets() -> None:
+    """A TCP handshake from a host with a 60 ms link to an unshaped one takes 60 ms (its SYN waits)."""
+    with Testbed("tdelay") as bed:
+        bed.add_public("a", Link.parse("1gbit:60ms"))
+        far = bed.add_public("b")
+        server = _start(far.prefix, LISTEN)
+        try:
+            out = bed.hosts["a"].run(sys.executable, "-c", RTT, far.ip).stdout
+        finally:
+            server.kill()
+            server.wait()
+        assert 0.055 <= float(out) <= 0.3, f"handshake took {float(out) * 1000:.0f} ms on a 60 ms link"
+
+
 def test_nat_lets_connections_out_and_none_in() -> None:
     if nat_unavailable():
         pytest.skip(f"no NAT here: {nat_unavailable()}")

@@ -68,6 +68,22 @@ install_chromium() {
   fi
 }
 
+install_netns_tools() {
+  # The shaped-link / NAT testbed (launch/testbed.py) needs ip and tc (iproute2), nft (nftables) for
+  # NAT routers and iptables for link delays on kernels without sch_netem. Only as root: tests skip
+  # where namespaces cannot be made.
+  [ "$(id -u)" -eq 0 ] || return 0
+  command -v apt-get >/dev/null 2>&1 || return 0
+  local missing=()
+  command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1 || missing+=(iproute2)
+  command -v nft >/dev/null 2>&1 || missing+=(nftables)
+  command -v iptables-legacy >/dev/null 2>&1 || missing+=(iptables)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "installing ${missing[*]} for the network testbed"
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
 case "$action" in
   install)
     make_venv; install_torch; install_project "[test]"
@@ -77,7 +93,7 @@ case "$action" in
     exec "$VENV/bin/swarm-demo" "$@"
     ;;
   test)
-    make_venv; install_torch; install_project "[test]"; install_chromium
+    make_venv; install_torch; install_project "[test]"; install_chromium; install_netns_tools
     # Lint, format and types first (seconds); any finding fails the run before the tests start.
     log "ruff check, ruff format --check, mypy"
     "$VENV/bin/ruff" check .

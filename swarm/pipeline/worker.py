@@ -166,6 +166,8 @@ class PipelineWorker:
         if role.kind == "replica":
             if not isinstance(self.inner, Replica):
                 self.inner = Replica(self.run, shard=role.data_shard, device=self.device, corpus=self.corpus)
+                if self.subspace is not None and self.options.project_full_each_step:
+                    keep_in_subspace(self.inner, self.subspace)
         elif role.kind == "stage" and self.link is not None:
             self.inner = StageTrainer(
                 self.run, self.options, role, device=self.device, corpus=self.corpus, link=self.link, subspace=self.subspace
@@ -220,3 +222,9 @@ class PipelineWorker:
         if isinstance(self.inner, Replica):
             return self.inner.evaluate(state)
         raise RuntimeError("only a full replica evaluates")
+
+
+def keep_in_subspace(replica: Replica, subspace: Subspace) -> None:
+    """Project a full replica's residual writers onto span(U) after each of its optimizer steps."""
+    model, layers = replica.model, replica.model.cfg.n_layers
+    replica.optimizer.register_step_post_hook(lambda *_: subspace.project_model_(model, layers))

@@ -1,0 +1,221 @@
+"""Pipelined replicas with compressed activations against full replicas, in one process.
+
+R replicas train the same model on the same data for the same total tokens under SparseLoCo (the
+run's real codec, per-slot mean and the pipeline mode's outer step, projection included):
+(a) R full replicas; (b) R-1 full + one 2-stage pipelined replica, uncompressed (h crosses the link
+in bf16); (c) as (b) with activations compressed to k = d/ratio (selective: only the pipelined
+replica compresses); (d) every replica a compressed 2-stage pipeline. The link is simulated in the
+autograd graph exactly as the stage link carries it: c = U^T (h - T_fixed[x]) rounded to bf16
+forward, dL/dc rounded to bf16 backward. Printed: activation bytes per token per boundary (forward;
+backward is the same), their ratio to fp32 dense activations, the time those bytes take per step
+on a simulated link, eval loss of the final weights on the held-out split, its gap to (b), and
+wall time (replicas run one after another on this machine's cores, links cost nothing here).
+Differences from a real swarm: a pipelined replica clips its gradient over the whole model (stages
+clip per stage) and sends one payload for both stages (the per-slot mean is the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import split_stages
+from models.subspace import Subspace
+from swarm.codec import SlotMean
+from swarm.data.corpus import load_corpus
+from swarm.data.sampler import eval_batches
+from swarm.exchange import PayloadEncoder, PayloadStore
+from swarm.modes import mode_for
+from swarm.net.transfer import Traffic
+from swarm.pipeline.worker import keep_in_subspace
+from swarm.replica import Replica, data_config, initial_state, optim_config
+from swarm.run import OuterConfig, RunConfig
+from swarm.train.step import Trainer, evaluate
+
+HELP = "pipelined replicas, uncompressed and compressed (selective vs all), against full replicas"
+DEFAULT_TEXT = Path(__file__).resolve().parents[3] / "shared/data/tinyshakespeare.txt"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    default_data = str(DEFAULT_TEXT) if DEFAULT_TEXT.is_file() else "stdlib"
+    parser.add_argument("--data", default=default_data, help="corpus (default %(default)s)")
+    parser.add_argument("--preset", default="tiny", help="model (default %(default)s, d = 384)")
+    parser.add_argument("--replicas", type=int, default=2, help="R, in every configuration (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=6, help="run size: outer rounds (default %(default)s)")
+    parser.add_argument("--inner-steps", type=int, default=10, help="run size: H (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="per replica (default %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3, help="inner peak lr")
+    parser.add_argument("--ratios", default="8,32,96", help="compression ratios d/k (default %(default)s)")
+    parser.add_argument("--link-mbps", type=float, default=80.0, help="simulated link for the time column (default %(default)s)")
+    parser.add_argument("--eval-batches", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--full-projection",
+        choices=["step", "outer"],
+        default="step",
+        help="compressed runs: full replicas project after every inner step, or only the outer step projects",
+    )
+
+
+class _Link(torch.autograd.Function):
+    """The stage link in one graph: what stage 1 rebuilds from the bf16 message, and the bf16
+    gradient stage 0 gets back."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, fixed: torch.Tensor | None, u: torch.Tensor | None) -> torch.Tensor:
+        ctx.u = u
+        if u is None or fixed is None:
+            return h.to(torch.bfloat16).float()
+        c = ((h - fixed) @ u).to(torch.bfloat16).float()  # (B, T, k) on the wire
+        return c @ u.T + fixed
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        u = ctx.u
+        if u is None:
+            return grad.to(torch.bfloat16).float(), None, None
+        grad_c = (grad @ u).to(torch.bfloat16).float()  # (B, T, k) on the wire
+        return grad_c @ u.T, None, None
+
+
+class _Pipelined(nn.Module):
+    """A model cut in two stages joined by the simulated link; forward returns what Trainer reads."""
+
+    def __init__(self, model: nn.Module, subspace: Subspace | None) -> None:
+        super().__init__()
+        self.first, self.second = split_stages(model, [model.cfg.n_layers // 2])  # type: ignore[arg-type]
+        self.subspace = subspace
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> SimpleNamespace:
+        h = self.first(tokens)  # (B, T, C)
+        sub = self.subspace
+        h = _Link.apply(h, sub.T_fixed[tokens] if sub else None, sub.U if sub else None)
+        logits = self.second(h)  # (B, T, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return SimpleNamespace(loss=loss, lm_loss=loss)
+
+
+@dataclass
+class Result:
+    name: str
+    ratio: int
+    pipelined: int
+    eval_loss: float
+    wall_s: float
+    act_bytes: float  # per token per boundary, forward
+
+
+def simulate(args: argparse.Namespace, name: str, ratio: int, pipelined: int) -> Result:
+    run = RunConfig(
+        run_id="bench-pipeline",
+        mode="pipeline",
+        mode_options={"ratio": ratio, "project_full_each_step": args.full_projection == "step"},
+        preset=args.preset,
+        data_source=args.data,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        inner_steps=args.inner_steps,
+        inner_lr=args.lr,
+        warmup_steps=args.inner_steps,
+        max_rounds=args.rounds,
+        num_shards=max(8, args.replicas),
+        outer=OuterConfig.for_mode("pipeline"),
+    )
+    mode: Any = mode_for(run)
+    start = time.perf_counter()
+    corpus = load_corpus(data_config(run))
+    state = initial_state(run)
+    sub = mode.subspace
+    if sub is not None:
+        from swarm.modes.pipeline import project_state
+
+        project_state(sub, state.params, mode.cfg.n_layers)
+    replicas = [Replica(run, shard=i, device=torch.device("cpu"), corpus=corpus) for i in range(args.replicas)]
+    if sub is not None and mode.options.project_full_each_step:
+        for rep in replicas[: args.replicas - pipelined]:
+            keep_in_subspace(rep, sub)
+    for rep in replicas[args.replicas - pipelined :]:
+        rep.trainer = Trainer(_Pipelined(rep.model, sub), rep.optimizer, optim_config(run), device=torch.device("cpu"))
+        if sub is not None:  # a stage keeps its writers in span(U) after every step
+            keep_in_subspace(rep, sub)
+    shapes = {n: tuple(t.shape) for n, t in state.params.items()}
+    store = PayloadStore(run, shapes, Traffic())
+    encoders = [PayloadEncoder(run, f"replica-{i}") for i in range(args.replicas)]
+    for r in range(args.rounds):
+        acc = SlotMean(shapes)
+        for i, rep in enumerate(replicas):
+            work = rep.train_round(state)
+            assert work is not None
+            if sub is not None:
+                sub.project_(work.delta, mode.cfg.n_layers)
+            encoded = encoders[i].encode(work.delta, r)
+            acc.add(store.decode(encoded.data, sender=f"replica-{i}", round_no=r))
+        mode.outer_step(state, acc.mean())
+        print(f"  {name}: round {r} done, last replica loss {work.loss:.4f}", flush=True)
+    batches = eval_batches(corpus.eval_tokens, batch_size=args.batch_size, seq_len=args.seq_len, max_batches=args.eval_batches)
+    state.load_into(replicas[0].model)
+    loss = evaluate(replicas[0].model, batches, device=torch.device("cpu"))
+    width = sub.k if sub is not None else mode.cfg.d_model
+    return Result(name, ratio, pipelined, loss, time.perf_counter() - start, act_bytes=2.0 * width if pipelined else 0.0)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ratios = [int(x) for x in args.ratios.split(",") if x]
+    tokens = args.replicas * args.batch_size * args.seq_len * args.inner_steps * args.rounds
+    print(
+        f"{args.preset}, {args.replicas} replicas x H={args.inner_steps} x {args.rounds} rounds = {tokens:,} tokens per "
+        f"configuration; ratios {ratios}; full replicas project at every {args.full_projection} step; data {args.data}",
+        flush=True,
+    )
+    configs = [("(a) full replicas", 1, 0), ("(b) 1 pipelined, uncompressed", 1, 1)]
+    configs += [(f"(c) selective, ratio {q}", q, 1) for q in ratios]
+    configs += [(f"(d) all compressed, ratio {q}", q, args.replicas) for q in ratios]
+    results = [simulate(args, name, q, p) for name, q, p in configs]
+    _print(args, results, ratios)
+    return 0
+
+
+def _print(args: argparse.Namespace, results: list[Result], ratios: list[int]) -> None:
+    d = mode_d(args.preset)
+    dense = 4.0 * d  # fp32 activations, bytes per token
+    step_tokens = args.batch_size * args.seq_len
+    base = next(r for r in results if r.name.startswith("(b)"))
+    print()
+    head = f"{'configuration':<34} {'act B/token':>11} {'fp32/act':>9} {'link s/step':>11} {'eval loss':>10} {'gap to (b)':>10} {'wall s':>8}"
+    print(head)
+    for r in results:
+        fewer = f"{dense / r.act_bytes:.0f}x" if r.act_bytes else "-"
+        link = f"{2 * r.act_bytes * step_tokens * 8 / (args.link_mbps * 1e6):.3f}" if r.act_bytes else "-"
+        gap = (r.eval_loss - base.eval_loss) / base.eval_loss
+        act = f"{r.act_bytes:.0f}" if r.act_bytes else "-"
+        print(f"{r.name:<34} {act:>11} {fewer:>9} {link:>11} {r.eval_loss:>10.4f} {gap:>+10.2%} {r.wall_s:>8.0f}")
+    print()
+    print(f"link column: forward + backward bytes of one {args.batch_size}x{args.seq_len} batch at {args.link_mbps:g} Mb/s")
+    for q in ratios:
+        c = next(r for r in results if r.name == f"(c) selective, ratio {q}")
+        dd = next(r for r in results if r.name == f"(d) all compressed, ratio {q}")
+        gap = (c.eval_loss - base.eval_loss) / base.eval_loss
+        fewer = dense / c.act_bytes
+        target = "<= 5% at >= 100x" if fewer >= 100 else "<= 2% at >= 25x" if fewer >= 25 else "(no target)"
+        print(
+            f"ratio {q}: {fewer:.0f}x fewer bytes than fp32, gap {gap:+.2%} (target {target}); "
+            f"selective {c.eval_loss:.4f} vs all-compressed {dd.eval_loss:.4f} "
+            f"({'selective <= all' if c.eval_loss <= dd.eval_loss else 'selective WORSE'})"
+        )
+
+
+def mode_d(preset: str) -> int:
+    from models import get_preset
+
+    return get_preset(preset).d_model

@@ -6,9 +6,12 @@ Screenshots land in test-artifacts/ (gitignored). Skipped only when Chromium or 
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +20,7 @@ from typing import NamedTuple
 import pytest
 
 from launch.cluster import NANO_RUN, REPO, LocalCluster, get_json, wait_for
+from swarm.status.server import ServerConfig, StatusServer
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 try:
@@ -113,6 +117,10 @@ def test_a_row_per_live_peer_and_the_round_advances(swarm: Swarm, browser: Simpl
     assert page.locator("#events li").count() > 0
     own = swarm.url.rstrip("/")
     assert all(u.startswith(own) or u.startswith("data:") for u in browser.requests), "the page loaded something from elsewhere"
+    # Every redraw came over the push stream: the round advanced on the page without a single poll.
+    assert own + "/api/stream" in browser.requests
+    assert not any(u.startswith(own + "/api/all") for u in browser.requests), "the page polled instead of using the stream"
+    assert (page.text_content("#conn-text") or "").startswith("live ·")
     assert not browser.problems, browser.problems
 
 
@@ -161,3 +169,41 @@ def test_killed_peer_is_marked_stale_within_its_heartbeat_timeout(swarm: Swarm, 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "status-page.png"), full_page=True)
     print(f"killed peer marked stale {elapsed:.1f}s after SIGKILL (heartbeat TTL {TTL}s)")
+
+
+@contextmanager
+def server_in_thread(snapshot: dict, **cfg: object) -> Iterator[str]:
+    """A status server on its own event loop in a thread, serving a fixed snapshot; yields its URL."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = StatusServer(lambda: snapshot, ServerConfig(port=0, **cfg))  # type: ignore[arg-type]
+    try:
+        asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
+        yield server.url
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        loop.close()
+
+
+def test_page_polls_while_the_stream_is_refused(swarm: Swarm, browser: SimpleNamespace) -> None:
+    snapshot = get_json(swarm.url + "api/all")
+    before = len(browser.requests), len(browser.problems)
+    with server_in_thread(snapshot, max_streams=0) as url:  # every /api/stream answered 503
+        page = browser.page.context.new_page()
+        try:
+            page.goto(url)
+            wait_for(lambda: page.text_content("#round") == str(snapshot["summary"]["round"]), 60, what="the round, polled")
+            polls = "performance.getEntriesByType('resource').filter((e) => e.name.endsWith('/api/all')).length"
+            wait_for(lambda: page.evaluate(polls) >= 3, 60, what="repeated polls")
+            assert url + "api/stream" in browser.requests[before[0] :]
+            assert "polling" in (page.text_content("#conn-text") or "")
+            assert page.locator("#peers tbody tr").count() == len(snapshot["peers"])
+        finally:
+            page.close()
+    # The refused stream is expected here; keep it out of what the other tests check.
+    unexpected = [p for p in browser.problems[before[1] :] if "event-stream" not in p and "503" not in p]
+    del browser.requests[before[0] :], browser.problems[before[1] :]
+    assert not unexpected, unexpected

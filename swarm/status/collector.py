@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -103,6 +103,7 @@ class StatusCollector:
         self.polls = 0
         self.last_poll_at: float | None = None
         self.ready = asyncio.Event()  # set after the first complete poll
+        self.on_poll: list[Callable[[], None]] = []  # called after every complete poll (the server's live push)
         self._next_round: int | None = None
         self._misses: dict[int, int] = {}
         self.roster: Roster | None = None
@@ -143,6 +144,8 @@ class StatusCollector:
         self.polls += 1
         self.last_poll_at = now
         self.ready.set()
+        for listener in self.on_poll:
+            listener()
 
     async def _read_rounds(self, hint: int, now: float) -> None:
         """Read the manifests of rounds not yet recorded, from the oldest missing one to a little past `hint`.

@@ -27,6 +27,7 @@ class StatusService:
         self.node = node
         self.collector = StatusCollector(node, collector)
         self.server = StatusServer(self.collector.snapshot, ServerConfig(host=host, port=port))
+        self.collector.on_poll.append(self.server.notify)  # each poll is pushed to the open pages
         self._task: asyncio.Task | None = None
 
     async def start(self, *, wait_first_poll: bool = False) -> None:

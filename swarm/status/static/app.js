@@ -1,4 +1,5 @@
-// Swarm status page: polls /api/all and redraws. No third-party code, nothing loaded from elsewhere.
+// Swarm status page: redraws on every snapshot the server pushes over /api/stream (server-sent
+// events), and polls /api/all while that stream is down. No third-party code, nothing loaded from elsewhere.
 // Everything peers wrote (names, roles, devices, event texts) reaches the DOM through textContent
 // only, never as markup, so a peer named "<script>..." is shown as exactly that text.
 "use strict";
@@ -273,7 +274,10 @@ function renderEvents(events) {
   document.getElementById("events").replaceChildren(...items);
 }
 
-// ----- polling ---------------------------------------------------------------------------------
+// ----- live updates: pushed over server-sent events, polled while the stream is down ----------------
+
+const STREAM_RETRY_MS = 10000;  // after the stream was refused or stalled, poll this long before retrying
+const STREAM_STALL_MS = 40000;  // the server pushes every DHT read (~1 s) and pings every 15 s: silence is a dead stream
 
 function setConnection(ok, text) {
   const dot = document.getElementById("conn-dot");
@@ -281,23 +285,81 @@ function setConnection(ok, text) {
   document.getElementById("conn-text").textContent = text;
 }
 
-async function poll() {
+function render(data, how) {
+  renderSummary(data.summary);
+  renderPeers(data.peers);
+  renderOwnership(data.roles, data.peers);
+  renderPlots(data.history, data.summary, data.generated_at);
+  renderEvents(data.events);
+  const lag = data.summary.observer.last_poll_at ? data.generated_at - data.summary.observer.last_poll_at : null;
+  setConnection(true, `${how} · DHT read ${isNum(lag) ? lag.toFixed(1) : "–"} s ago · ${fmtClock(data.generated_at)}`);
+}
+
+const live = { source: null, pollTimer: null, stallTimer: null, retryTimer: null };
+
+async function pollOnce() {
   try {
     const response = await fetch("/api/all", { cache: "no-store" });
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
-    const data = await response.json();
-    renderSummary(data.summary);
-    renderPeers(data.peers);
-    renderOwnership(data.roles, data.peers);
-    renderPlots(data.history, data.summary, data.generated_at);
-    renderEvents(data.events);
-    const lag = data.summary.observer.last_poll_at ? data.generated_at - data.summary.observer.last_poll_at : null;
-    setConnection(true, `live · DHT read ${isNum(lag) ? lag.toFixed(1) : "–"} s ago · ${fmtClock(data.generated_at)}`);
+    render(await response.json(), "polling (live stream down)");
   } catch (err) {
     setConnection(false, `cannot reach the status server (${err.message}); retrying`);
-  } finally {
-    setTimeout(poll, POLL_MS);
   }
 }
 
-document.addEventListener("DOMContentLoaded", poll);
+function startPolling() {
+  if (live.pollTimer !== null) return;
+  const tick = async () => {
+    await pollOnce();
+    if (live.pollTimer !== null) live.pollTimer = setTimeout(tick, POLL_MS);
+  };
+  live.pollTimer = setTimeout(tick, 0);
+}
+
+function stopPolling() {
+  clearTimeout(live.pollTimer);
+  live.pollTimer = null;
+}
+
+function watchStall() {
+  clearTimeout(live.stallTimer);
+  live.stallTimer = setTimeout(() => dropStream("no update for a while"), STREAM_STALL_MS);
+}
+
+// Poll until a fresh stream is tried again.
+function dropStream(why) {
+  if (live.source) live.source.close();
+  live.source = null;
+  clearTimeout(live.stallTimer);
+  setConnection(false, `live stream lost (${why}); polling`);
+  startPolling();
+  clearTimeout(live.retryTimer);
+  live.retryTimer = setTimeout(openStream, STREAM_RETRY_MS);
+}
+
+function openStream() {
+  if (typeof EventSource === "undefined") {
+    startPolling();
+    return;
+  }
+  const source = new EventSource("/api/stream");
+  live.source = source;
+  source.addEventListener("open", () => {
+    stopPolling();
+    watchStall();
+  });
+  source.addEventListener("ping", watchStall);
+  source.addEventListener("snapshot", (event) => {
+    stopPolling();
+    watchStall();
+    render(JSON.parse(event.data), "live");
+  });
+  source.addEventListener("error", () => {
+    if (live.source !== source) return;
+    // CONNECTING: the browser reconnects by itself; CLOSED: refused (e.g. 503), start over later.
+    if (source.readyState === EventSource.CLOSED) dropStream("refused");
+    else startPolling();
+  });
+}
+
+document.addEventListener("DOMContentLoaded", openStream);

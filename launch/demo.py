@@ -7,6 +7,7 @@ replica holds the same weights) from the peers' metrics files, then stops everyt
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -21,7 +22,14 @@ from swarm.run import OuterConfig
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="swarm-demo", description="Run a local swarm: coordinator + N peers on this machine.")
-    p.add_argument("--peers", type=int, default=3, help="number of volunteer peers (default %(default)s)")
+    p.add_argument("--peers", type=int, default=None, help="full peers (default 3; 2 in mode pipeline)")
+    p.add_argument(
+        "--weak-peers",
+        type=int,
+        default=None,
+        help="peers that announce too little memory for a replica (join-swarm --memory-gb): pipeline stages (default 2 in mode pipeline, else 0)",
+    )
+    p.add_argument("--mode-option", action="append", default=[], metavar="KEY=VALUE", help="a mode option, e.g. ratio=32")
     p.add_argument("--rounds", type=int, default=30, help="rounds to run before stopping (default %(default)s)")
     p.add_argument("--preset", default=None, help="model preset (default nano; moe-nano in mode spes)")
     p.add_argument("--mode", choices=available_modes(), default="sparseloco", help="training mode (default %(default)s)")
@@ -36,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    pipelined = args.mode == "pipeline"  # the demo of issue 9: 2 full replicas + one 2-stage group
+    args.peers = args.peers if args.peers is not None else 2 if pipelined else 3
+    args.weak_peers = args.weak_peers if args.weak_peers is not None else 2 if pipelined else 0
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="swarm-demo-"))
     run = {
         "preset": args.preset or ("moe-nano" if args.mode == "spes" else "nano"),
@@ -48,11 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         "round_timeout_s": 60.0,
         "heartbeat_interval_s": 2.0,
         "heartbeat_ttl_s": 8.0,
-        "num_shards": max(1, args.peers),
+        "num_shards": max(1, args.peers + args.weak_peers),
+        "mode_options": {**({"ratio": 32} if pipelined else {}), **dict(_option(o) for o in args.mode_option)},
         "max_rounds": args.rounds,
     }
     run["outer"] = to_plain(OuterConfig.for_mode(args.mode))
-    threads = max(1, (os.cpu_count() or 2) // (args.peers + 1))
+    threads = max(1, (os.cpu_count() or 2) // (args.peers + args.weak_peers + 1))
     with LocalCluster(workdir, run, status_port=args.status_port) as cluster:
         print(f"logs and metrics in {workdir}", flush=True)
         print(f"coordinator at {cluster.address}", flush=True)
@@ -60,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"status page: {cluster.status_url}", flush=True)
         for i in range(args.peers):
             cluster.add_peer(f"peer-{i}", threads=threads, max_rounds=args.rounds)
+        for i in range(args.weak_peers):
+            cluster.add_peer(f"weak-{i}", threads=threads, max_rounds=args.rounds, extra=["--memory-gb", "0.001"])
         return _follow(cluster, args.rounds)
 
 
@@ -79,6 +93,14 @@ def _follow(cluster: LocalCluster, rounds: int) -> int:
             shown += 1
         time.sleep(0.5)
     return 0 if shown >= rounds else 1
+
+
+def _option(text: str) -> tuple[str, int | float | bool | str]:
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def _row(r: int, rows: list[dict]) -> str:

@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hivemind.utils import get_dht_time
@@ -43,6 +43,7 @@ class NodeStatus:
     param_hash: str = ""
     steps: int = 0
     is_coordinator: bool = False
+    links: dict[str, float] = field(default_factory=dict)  # peer id -> activation bytes/s (pipeline stages)
 
 
 class SwarmNode:
@@ -143,6 +144,7 @@ class SwarmNode:
             is_coordinator=s.is_coordinator,
             steps=s.steps,
             addrs=self.dht.visible_maddrs()[:4],
+            links=dict(s.links),
         )
         await self.dht.put(run_key(self.run.run_id, "heartbeat"), beat, self.run.heartbeat_ttl_s)
 

@@ -196,7 +196,9 @@ class Peer(SwarmNode):
                 await self._refresh_role()
                 self.status.phase = "training"
                 await self.publish_heartbeat()
+                links_before, started_at = self._link_bytes(), time.perf_counter()
                 work = await asyncio.to_thread(self.replica.train_round, base, self.stopping)
+                self._note_link_rates(links_before, time.perf_counter() - started_at)
                 if work is None and self.stopping.is_set():
                     break
                 if work is None:  # nothing for our role this round (a spare, or a pipeline stage whose group broke)
@@ -252,6 +254,15 @@ class Peer(SwarmNode):
         if self.cfg.save_dir and self.agreement.state.round % max(1, self.cfg.save_every_rounds) == 0:
             await self.agreement.save(self.cfg.save_dir)
         return True
+
+    def _link_bytes(self) -> dict[str, int]:
+        """Bytes moved per neighbour by a worker that links to other peers (pipeline stages)."""
+        counter = getattr(self.replica, "link_bytes", None)
+        return counter() if callable(counter) else {}
+
+    def _note_link_rates(self, before: dict[str, int], elapsed_s: float) -> None:
+        after = self._link_bytes()
+        self.status.links = {p: (n - before.get(p, 0)) / max(elapsed_s, 1e-9) for p, n in after.items()}
 
     async def _sit_out(self, r: int) -> None:
         """Follow round r without contributing: say so (a "joining" peer is not waited for), then

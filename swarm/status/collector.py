@@ -228,6 +228,8 @@ class StatusCollector:
                     "experts": experts,
                     "stage": role.stage,
                     "replica_group": role.replica_group,
+                    "group_peers": list(role.group_peers),  # a pipeline group, in stage order
+                    "layer_cuts": list(role.layer_cuts),
                 }
             )
         has_experts = any(r["experts"] for r in rows)

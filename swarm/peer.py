@@ -83,6 +83,8 @@ class Peer(SwarmNode):
         self.run = await fetch_run_description(self.dht, self.cfg.coordinator, timeout_s=60)
         logger.info("joined run %s (%s, preset %s) as %s", self.run.run_id, self.run.mode, self.run.preset, self.peer_id)
         self.mode = mode_for(self.run)
+        # The run's tokenizer before anything else: a peer with another one is refused right here.
+        await obtain_run_tokenizer(self.run, self.files, local=self.cfg.tokenizer)
         self.start_heartbeats()
         self.role = await self._get_role()
         self.status.role = self.mode.describe_role(self.role)
@@ -103,7 +105,6 @@ class Peer(SwarmNode):
     async def _corpus(self) -> Corpus:
         """What this role reads: its corpus shard fetched and verified (then served to others), or
         the run's data source checked against the identity the coordinator signed."""
-        await obtain_run_tokenizer(self.run, self.files, local=self.cfg.tokenizer)  # before any corpus is tokenised
         fetcher = ShardFetcher(self.files, coordinator=self.run.coordinator)
         self.spawn(fetcher.serve_available(self.run.corpus))
         return await RunData(self.run, fetcher).corpus(self.role.data_shard)

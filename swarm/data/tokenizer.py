@@ -22,9 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from swarm.log import get_logger
+
 if TYPE_CHECKING:
     from swarm.net.files import FileService
     from swarm.run import RunConfig
+
+logger = get_logger(__name__)
 
 BYTE_VOCAB = 256
 BOS_ID = 256  # start of a prompt for generation
@@ -337,6 +341,8 @@ async def obtain_run_tokenizer(
         tok = await asyncio.to_thread(load_tokenizer, dest, expected_sha256=sha)
     if files is not None and sha and not files.serves(sha):
         await files.serve(run_tokenizer_path(sha, cache_dir), sha256=sha)
+    if sha:
+        logger.info("tokenizer %s: %s, %d ids, sha256 checked, served to the swarm", sha[:12], tok.kind, tok.vocab_size)
     if tok.vocab_size > _model_vocab(run):
         raise TokenizerError(f"the run's model has {_model_vocab(run)} token ids, its tokenizer {tok.vocab_size}")
     return tok

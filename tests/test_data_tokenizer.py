@@ -40,3 +40,11 @@ def test_decode_accepts_lists_tensors_and_replaces_bad_utf8() -> None:
 def test_decode_rejects_out_of_range() -> None:
     with pytest.raises(ValueError, match="out of range"):
         ByteTokenizer().decode([300])
+
+
+def test_byte_tokenizer_is_the_run_default_with_no_file() -> None:
+    from swarm.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None)
+    assert isinstance(tok, ByteTokenizer) and tok.kind == "byte" and tok.sha256 == ""
+    assert isinstance(load_tokenizer("byte"), ByteTokenizer) and isinstance(load_tokenizer(""), ByteTokenizer)

@@ -89,7 +89,7 @@ def test_fetch_verifies_and_survives_hostile_holders(tmp_path):
             hostile.how, hostile.calls = "slow", 0
             start = time.monotonic()
             got = await fetcher.fetch(digest, tmp_path / "c" / "three", len(data), holders=[bad.peer_id])
-            assert got.read_bytes() == data and hostile.calls == 1 and time.monotonic() - start < 15
+            assert got.read_bytes() == data and 1 <= hostile.calls <= 3 and time.monotonic() - start < 15
 
             # Content only the hostile node claims: every way of failing ends in a clear error, no file.
             other = os.urandom(1000)

@@ -4,16 +4,17 @@ A file is named by the sha256 of its bytes (hex) and its size, which is how the 
 names corpus shards and the tokenizer. Use:
 
     files = node.files                     # SwarmNode makes one in start_network(): FileService(node)
-    digest = await files.serve(path)       # hash a local file, serve it, advertise it (renewed hourly)
+    digest = await files.serve(path)       # hash a local file, serve it, advertise it in the DHT
     await files.fetch(digest, dest, size)  # download, verify, move to dest, then serve it too
 
 Holders advertise themselves under run_key(run, 'files/<sha256>') with a signed `FileHolder`
 record. A fetch asks for pieces of at most PIECE_BYTES ({"kind": "file", "sha256", "offset",
-"length"} over /swarm/transfer/1), writes them to `<dest>.<pid>.part` while hashing, so memory stays
-bounded by one piece whatever the file size. Every holder may be hostile: one that does not have the
-file, answers a wrong length, fails or is slower than `piece_timeout_s` on a piece is dropped and the
-next holder continues from the same offset; if the finished file does not hash to the name, every
-holder that contributed to it is dropped and the download starts again from the remaining ones.
+"length"} over /swarm/transfer/1, PIECES_IN_FLIGHT at a time) and writes them in order to
+`<dest>.<pid>.part` while hashing, so memory stays bounded by a few pieces whatever the file size.
+Every holder may be hostile: one that does not have the file, answers a wrong length, fails or is
+slower than `piece_timeout_s` on a piece is dropped and the next holder continues from the same
+offset; if the finished file does not hash to the name, every holder that contributed to it is
+dropped and the download starts again from the remaining ones.
 Only a file whose sha256 matches is ever moved to `dest`.
 """
 
@@ -43,6 +44,7 @@ PIECE_BYTES = 1 << 20  # one request's body; the most a fetch or a served read h
 ADVERTISE_TTL_S = 3600.0
 READVERTISE_S = 1200.0
 MAX_SERVING_READS = 4  # concurrent disk reads for other peers
+PIECES_IN_FLIGHT = 4  # requests a fetch keeps open: hides the round trip on long links
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 Progress = Callable[[int], None]  # called with the bytes of the current attempt written so far
@@ -245,43 +247,66 @@ class FileService:
         failures: list[str],
         progress: Progress | None,
     ) -> tuple[set[str], str | None]:
-        """One pass over the file from offset 0; returns who contributed and the bytes' sha256
-        (None if every candidate failed before the end)."""
-        p2p = self.node.server.p2p
+        """One pass over the file from offset 0, up to PIECES_IN_FLIGHT requests at a time to the
+        current holder, written in order; returns who contributed and the bytes' sha256 (None if
+        every candidate failed before the end)."""
         digest = hashlib.sha256()
         contributors: set[str] = set()
         queue = list(candidates)
-        offset = 0
-        with open(_part(dest), "wb") as out:
-            while offset < size:
-                if not queue:
-                    return contributors, None
-                peer = queue[0]
-                length = min(PIECE_BYTES, size - offset)
-                request = {"kind": "file", "sha256": sha256, "offset": offset, "length": length}
-                problem = None
-                try:
-                    piece = await fetch_bytes(
-                        p2p, peer, request, max_bytes=length, timeout_s=self.piece_timeout_s, traffic=self.node.traffic
-                    )
-                    if piece is None:
-                        problem = "does not have it"
-                    elif len(piece) != length:
-                        problem = f"sent {len(piece)} bytes for a {length}-byte piece"
-                except TransferError as e:
-                    problem = str(e)
-                if problem is not None or piece is None:
-                    failures.append(f"{peer[-8:]}: {problem}")
-                    logger.info("file %s: holder %s dropped at offset %d: %s", sha256[:12], peer[-8:], offset, problem)
-                    dropped.add(peer)
-                    queue.pop(0)
-                    continue
-                await asyncio.to_thread(_write, out, digest, piece)
-                contributors.add(peer)
-                offset += length
-                if progress is not None:
-                    progress(offset)
+        offsets = list(range(0, size, PIECE_BYTES))
+        pending: dict[int, asyncio.Task[tuple[bytes | None, str | None]]] = {}
+        requested = written = 0  # pieces asked for, pieces written (both in file order)
+        try:
+            with open(_part(dest), "wb") as out:
+                while written < len(offsets):
+                    if not queue:
+                        return contributors, None
+                    peer = queue[0]
+                    while requested < len(offsets) and len(pending) < PIECES_IN_FLIGHT:
+                        pending[requested] = asyncio.create_task(self._piece(peer, sha256, offsets[requested], size))
+                        requested += 1
+                    piece, problem = await pending.pop(written)
+                    if problem is not None or piece is None:
+                        failures.append(f"{peer[-8:]}: {problem}")
+                        logger.info(
+                            "file %s: holder %s dropped at offset %d: %s", sha256[:12], peer[-8:], offsets[written], problem
+                        )
+                        dropped.add(peer)
+                        queue.pop(0)
+                        await _cancel(pending)  # the next holder asks again from this piece on
+                        requested = written
+                        continue
+                    await asyncio.to_thread(_write, out, digest, piece)
+                    contributors.add(peer)
+                    written += 1
+                    if progress is not None:
+                        progress(offsets[written - 1] + len(piece))
+        finally:
+            await _cancel(pending)
         return contributors, digest.hexdigest()
+
+    async def _piece(self, peer: str, sha256: str, offset: int, size: int) -> tuple[bytes | None, str | None]:
+        """One piece from one holder: (bytes, None) or (None, what went wrong)."""
+        length = min(PIECE_BYTES, size - offset)
+        request = {"kind": "file", "sha256": sha256, "offset": offset, "length": length}
+        try:
+            piece = await fetch_bytes(
+                self.node.server.p2p, peer, request, max_bytes=length, timeout_s=self.piece_timeout_s, traffic=self.node.traffic
+            )
+        except TransferError as e:
+            return None, str(e)
+        if piece is None:
+            return None, "does not have it"
+        if len(piece) != length:
+            return None, f"sent {len(piece)} bytes for a {length}-byte piece"
+        return piece, None
+
+
+async def _cancel(pending: dict[int, asyncio.Task[tuple[bytes | None, str | None]]]) -> None:
+    for task in pending.values():
+        task.cancel()
+    await asyncio.gather(*pending.values(), return_exceptions=True)
+    pending.clear()
 
 
 def _part(dest: Path) -> Path:

@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, str] = {
     "codec": "launch.benchmarks.codec",
     "swarm": "launch.benchmarks.swarm",
     "spes": "launch.benchmarks.spes",
+    "spsa": "launch.benchmarks.spsa",
     "pipeline": "launch.benchmarks.pipeline",
     "quality": "launch.benchmarks.quality",
     "scale": "launch.benchmarks.scale",

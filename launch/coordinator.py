@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--seed", type=int)
     p.add_argument("--stop-after", type=int, default=None, help="exit after coordinating this many rounds")
     p.add_argument("--no-eval", action="store_true", help="skip the per-round eval loss")
+    p.add_argument("--init-from", default=None, help="start θ(0) from this checkpoint (solo or a saved swarm state): fine-tuning")
     p.add_argument(
         "--save-every", type=int, default=10, help="rounds between saves of the agreed state to STATE_DIR/state (0: on exit only)"
     )
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         status_host=args.status_host,
         status_port=args.status_port,
         save_every_rounds=args.save_every,
+        init_from=args.init_from,
         sinks=sinks,
     )
     coordinator = Coordinator(cfg, run)

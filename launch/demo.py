@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--status-port", type=int, default=0, help="status page port on 127.0.0.1 (default: any free port)")
     p.add_argument("--workdir", default=None, help="where logs and metrics go (default: a temp dir)")
+    p.add_argument("--init-from", default=None, help="fine-tune this checkpoint (swarm-train's, or a saved swarm state)")
     return p.parse_args(argv)
 
 
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     run["outer"] = to_plain(OuterConfig.for_mode(args.mode))
     threads = max(1, (os.cpu_count() or 2) // (args.peers + args.weak_peers + 1))
-    with LocalCluster(workdir, run, status_port=args.status_port) as cluster:
+    coordinator_args = ["--init-from", args.init_from] if args.init_from else []
+    with LocalCluster(workdir, run, status_port=args.status_port, coordinator_args=coordinator_args) as cluster:
         print(f"logs and metrics in {workdir}", flush=True)
         print(f"coordinator at {cluster.address}", flush=True)
         if cluster.status_url:

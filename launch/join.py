@@ -22,6 +22,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--save-dir", default=None, help="keep a copy of the run's agreed state here (safetensors + JSON)")
     p.add_argument("--save-every", type=int, default=10, help="rounds between copies with --save-dir (default %(default)s)")
+    p.add_argument(
+        "--start-from",
+        default=None,
+        help="start from this saved state (or the run's --init-from checkpoint) and replay the rounds since",
+    )
     p.add_argument("--tokenizer", default=None, help="a local copy of the run's tokenizer.json (default: fetched from the swarm)")
     p.add_argument("--memory-gb", type=float, default=None, help="announce this memory, not the measured (e.g. to be a stage)")
     add_network_args(p)
@@ -53,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         save_dir=args.save_dir,
         save_every_rounds=args.save_every,
+        start_from=args.start_from,
         tokenizer=args.tokenizer,
         memory_gb=args.memory_gb,
         sinks=sinks,

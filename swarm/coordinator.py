@@ -31,6 +31,7 @@ from swarm.replica import Replica, initial_state
 from swarm.roles import RoleKeeper
 from swarm.rounds import RoundAgreement
 from swarm.run import RunConfig
+from swarm.spsa.log import inline_entries
 from swarm.state import GlobalState, load_state
 from swarm.statesync import catch_up, reload_state, serve_state
 
@@ -51,6 +52,7 @@ class CoordinatorConfig:
     status_host: str = "127.0.0.1"
     status_port: int | None = None  # None: no status page
     save_every_rounds: int = 10  # write the agreed state to <state_dir>/state this often (and on exit)
+    init_from: str | None = None  # θ(0) from this checkpoint (solo or saved swarm state) instead of the seed
     sinks: SinkConfig = field(default_factory=SinkConfig)  # TensorBoard / W&B copies of rounds.jsonl
 
     def __post_init__(self) -> None:
@@ -88,6 +90,12 @@ class Coordinator(SwarmNode):
 
     async def main(self, on_ready: Callable[[Coordinator], None] | None = None) -> None:
         await self.start_network()
+        if self.cfg.init_from:  # before publishing: the run names the checkpoint's hash
+            self._initial = await asyncio.to_thread(initial_state, self.run, self.cfg.init_from)
+            if self.run.init_hash and self.run.init_hash != self._initial.hash:
+                raise ValueError(f"{self.cfg.init_from} is not the checkpoint this run started from")
+            self.run.init_hash = self._initial.hash
+            logger.info("θ(0) from %s (%s)", self.cfg.init_from, self._initial.hash[:10])
         self.run.coordinator = self.peer_id
         kept = Path(self.cfg.state_dir) / TOKENIZER_FILE  # swarm-coordinator --tokenizer put it there
         await obtain_run_tokenizer(self.run, self.files, local=kept if kept.is_file() else None)  # checked, served
@@ -104,7 +112,8 @@ class Coordinator(SwarmNode):
         self.spawn(self._role_loop())
         self.spawn(fetcher.serve_available(self.run.corpus))
         # θ(0) once: its shapes type-check payloads now, and it is the state of a brand-new run.
-        self._initial = await asyncio.to_thread(initial_state, self.run)
+        if not self.cfg.init_from:
+            self._initial = await asyncio.to_thread(initial_state, self.run)
         shapes = {n: tuple(t.shape) for n, t in self._initial.params.items()}
         self.store = PayloadStore(self.run, shapes, self.traffic)
         self.server.register("payload", self.store.serve)
@@ -227,6 +236,9 @@ class Coordinator(SwarmNode):
                 "rejected": len(manifest.rejected),
                 "payload_bytes": sum(e.size for e in manifest.entries),
                 "coverage": self.agreement.coverage,
+                "apply_s": self.agreement.apply_s,
+                **self.mode.round_metrics([(e.peer_id, e.inline) for e in manifest.entries]),
+                **({"inline": inline_entries(manifest.entries)} if self.mode.inline_payload else {}),
                 "leader": manifest.leader,
                 "closed_at": manifest.closed_at,
                 "bytes_sent": self.traffic.sent,  # cumulative: the leader's fetches and what it served

@@ -30,7 +30,7 @@ from swarm.net.records import Capacity, Manifest, Role, Submission, role_key, ru
 from swarm.net.schema import to_plain
 from swarm.node import SwarmNode, fetch_run_description
 from swarm.overlap import next_base
-from swarm.replica import RoundWork, initial_state, measure_tokens_per_s
+from swarm.replica import RoundWork, initial_state, measure_tokens_per_s, start_state
 from swarm.rounds import RoundAgreement
 from swarm.state import GlobalState
 from swarm.statesync import catch_up, reload_state, serve_state
@@ -54,6 +54,7 @@ class PeerConfig:
     threads: int | None = None  # torch intra-op threads
     save_dir: str | None = None  # keep a copy of the agreed state here (every save_every_rounds, and on exit)
     save_every_rounds: int = 10
+    start_from: str | None = None  # a saved state or the run's initial checkpoint: replay from it instead of downloading
     memory_gb: float | None = None  # announced instead of the measured memory (join-swarm --memory-gb)
     tokenizer: str | None = None  # a local copy of the run's tokenizer.json (else fetched from the swarm)
     sinks: SinkConfig = field(default_factory=SinkConfig)  # TensorBoard / W&B copies of the per-round JSONL
@@ -150,9 +151,15 @@ class Peer(SwarmNode):
         self.status.role = self.mode.describe_role(role)
 
     async def _obtain_state(self) -> GlobalState:
-        """The newest agreed state from the swarm; θ(0) only if nobody holds any state."""
+        """The newest agreed state from the swarm; θ(0) only if nobody holds any state (and the run
+        does not start from a checkpoint). With `start_from`, a state on disk instead: the round loop
+        then applies the manifests since (a replay, cheap on the wire in modes with inline payloads)."""
         self.status.phase = "joining"
-        state = await catch_up(self, patience_s=6.0)
+        if self.cfg.start_from:
+            saved = await asyncio.to_thread(start_state, self.run, self.cfg.start_from)
+            self.log_event("start", f"{self.status.name} starts from round {saved.round} ({saved.hash[:10]}) on disk")
+            return saved
+        state = await catch_up(self, patience_s=float("inf") if self.run.init_hash else 6.0)
         if state is None:
             logger.info("no peer holds any state: starting from the run's initial weights")
             state = await asyncio.to_thread(initial_state, self.run)

@@ -8,11 +8,14 @@ that are not trained (other peers' experts) have no gradient and no optimizer st
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from models import ModelConfig, build_model, get_preset
 from models.moe import freeze_experts
@@ -22,7 +25,8 @@ from swarm.data.shards import stream_slot
 from swarm.data.tokenizer import run_tokenizer_source
 from swarm.modes import mode_for
 from swarm.run import RunConfig
-from swarm.state import GlobalState
+from swarm.state import STATE_FORMAT, GlobalState, load_state
+from swarm.train.checkpoint import CheckpointError, load_checkpoint
 from swarm.train.optim import OptimConfig, build_optimizer
 from swarm.train.step import Trainer, evaluate
 
@@ -62,9 +66,52 @@ def optim_config(run: RunConfig) -> OptimConfig:
     )
 
 
-def initial_state(run: RunConfig) -> GlobalState:
-    """θ(0): the model initialised from the run seed, identical on every machine."""
-    return GlobalState.from_model(build_model(model_config(run), seed=run.seed))
+def initial_state(run: RunConfig, init_from: str | Path | None = None) -> GlobalState:
+    """θ(0): the model initialised from the run seed, identical on every machine, or the weights of a
+    checkpoint (`init_from`: a solo checkpoint or a swarm's saved state, both safetensors)."""
+    model = build_model(model_config(run), seed=run.seed)
+    if init_from is not None:
+        load_weights(model, init_from)
+    return GlobalState.from_model(model)
+
+
+def load_weights(model: torch.nn.Module, directory: str | Path) -> None:
+    """The parameters of a solo checkpoint or a saved swarm state, into `model` (names and shapes
+    checked; CheckpointError when they do not fit or the directory is neither)."""
+    directory = Path(directory)
+    if not (directory / "meta.json").is_file():
+        raise CheckpointError(f"no checkpoint or saved state at {str(directory)!r}")
+    meta = json.loads((directory / "meta.json").read_text())
+    if meta.get("format") != STATE_FORMAT:
+        load_checkpoint(directory, model=model)  # a solo checkpoint (checks its format version)
+        return
+    tensors = load_file(str(directory / "model.safetensors"))
+    params = dict(model.named_parameters())
+    if set(tensors) != set(params):
+        raise CheckpointError(f"{directory}: its tensors do not match the model's ({len(set(tensors) ^ set(params))} differ)")
+    with torch.no_grad():
+        for name, param in params.items():
+            if tensors[name].shape != param.shape:
+                shapes = f"{tuple(tensors[name].shape)}, the model {tuple(param.shape)}"
+                raise CheckpointError(f"{directory}: {name} has shape {shapes}")
+            param.copy_(tensors[name])
+
+
+def start_state(run: RunConfig, directory: str | Path) -> GlobalState:
+    """A state to start from instead of downloading one: this run's saved state (any round), or a
+    checkpoint taken as round 0, which must be the run's own initial weights."""
+    directory = Path(directory)
+    meta_path = directory / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("format") == STATE_FORMAT and meta.get("run_id") == run.run_id:
+        saved = load_state(directory, run_id=run.run_id)
+        if saved is not None:
+            return saved
+    state = initial_state(run, directory)
+    expected = run.init_hash or initial_state(run).hash
+    if state.hash != expected:
+        raise ValueError(f"{directory}: not this run's initial weights (hash {state.hash[:12]}, the run's {expected[:12]})")
+    return state
 
 
 def measure_tokens_per_s(run: RunConfig, device: torch.device, steps: int = 2) -> float:

@@ -92,6 +92,7 @@ class RunConfig:
     num_shards: int = 1024  # data streams are disjoint for up to this many peers
     eval_batches: int = 8
     coordinator: str = ""  # peer id of the coordinator (filled in when published)
+    init_hash: str = ""  # state hash of θ(0) when it came from a checkpoint (--init-from): never the seed's weights then
     created_at: float = 0.0
 
     def __post_init__(self) -> None:

@@ -38,7 +38,7 @@ class SpsaOptions:
     eps: float = 1e-3  # ε of θ ± εz (MeZO's value)
     lr: float = 2e-5  # of θ ← θ − lr·(1/N)Σ ĝ z; z has unit variance per coordinate, so |z|² = #params
     scalar_scale: float = 8.0  # |ĝ| of the top byte level; the levels reach 2^-15.75 of it
-    clip_multiple: float = 4.0  # each round's |ĝ| are clipped to this multiple of their median
+    clip_multiple: float = 5.0  # each round's |ĝ| are clipped to this multiple of their median (3.4σ of a Gaussian)
     weight_decay: float = 0.0  # decoupled, on matrices (not norms or embeddings), applied with the update
 
     def __post_init__(self) -> None:

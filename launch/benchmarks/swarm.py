@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="both",
         help="one-step-delayed outer updates (train round r+1 while round r settles): with, without, or both (default %(default)s)",
     )
+    parser.add_argument(
+        "--modes", default="sparseloco,diloco", help="swarms to run; one mode prints only its overlap table (default %(default)s)"
+    )
     parser.add_argument("--workdir", default=None)
 
 
@@ -60,17 +63,19 @@ def run(args: argparse.Namespace) -> int:
     )
     settings = {"on": [True], "off": [False], "both": [False, True]}[args.overlap]
     runs: dict[tuple[str, bool], dict] = {}
-    for mode in ("sparseloco", "diloco"):
+    modes = args.modes.split(",")
+    for mode in modes:
         for overlap in settings:
             run_ = bench_run(args, mode)
             run_["outer"]["overlap"] = overlap
             name = f"{mode}-{'overlap' if overlap else 'in-step'}"
             runs[mode, overlap] = run_swarm(workdir / name, run_, args.replicas, args.rounds)
-    results = {mode: runs[mode, settings[-1]] for mode in ("sparseloco", "diloco")}
-    solo = run_solo_baseline(args, args.preset)
-    _print_table(args, params, results, solo)
+    if set(modes) >= {"sparseloco", "diloco"}:
+        results = {mode: runs[mode, settings[-1]] for mode in ("sparseloco", "diloco")}
+        solo = run_solo_baseline(args, args.preset)
+        _print_table(args, params, results, solo)
     if len(settings) == 2:
-        _print_overlap(runs)
+        _print_overlap(runs, modes)
     codec = codec_throughput(num_params=10_000_000, repeats=5, num_threads=1)
     print(
         f"\ncodec (10M params, 1 thread): encode {codec['encode_mb_s']:.0f} MB/s, decode {codec['decode_mb_s']:.0f} MB/s, "
@@ -187,14 +192,14 @@ def _print_table(args: argparse.Namespace, params: int, results: dict, solo: dic
         )
 
 
-def _print_overlap(runs: dict[tuple[str, bool], dict]) -> None:
+def _print_overlap(runs: dict[tuple[str, bool], dict], modes: list[str]) -> None:
     """Compute fraction and loss with and without one-step-delayed outer updates."""
-    print(f"\n{'':<34} {'SparseLoCo':>12} {'DiLoCo fp32':>12}")
+    print(f"\n{'':<34}" + "".join(f" {m:>12}" for m in modes))
     for overlap, label in ((False, "in step"), (True, "overlapped")):
-        sparse, dense = runs["sparseloco", overlap], runs["diloco", overlap]
-        print(f"{'time in inner steps, ' + label:<34} {sparse['compute_fraction']:>11.1%} {dense['compute_fraction']:>11.1%}")
-        print(f"{'eval loss, ' + label:<34} {_f(sparse['eval_loss']):>12} {_f(dense['eval_loss']):>12}")
-        print(f"{'wall time (s), ' + label:<34} {sparse['wall_s']:>12.0f} {dense['wall_s']:>12.0f}")
+        rows = [runs[m, overlap] for m in modes]
+        print(f"{'time in inner steps, ' + label:<34}" + "".join(f" {r['compute_fraction']:>11.1%}" for r in rows))
+        print(f"{'eval loss, ' + label:<34}" + "".join(f" {_f(r['eval_loss']):>12}" for r in rows))
+        print(f"{'wall time (s), ' + label:<34}" + "".join(f" {r['wall_s']:>12.0f}" for r in rows))
 
 
 def _f(x: float | None) -> str:

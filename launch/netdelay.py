@@ -22,7 +22,8 @@ import time
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_QUEUE = 3
 NFQNL_MSG_PACKET, NFQNL_MSG_VERDICT, NFQNL_MSG_CONFIG = 0, 1, 2
-NFQA_CFG_CMD, NFQA_CFG_PARAMS = 1, 2
+NFQA_CFG_CMD, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN = 1, 2, 3
+QUEUE_PACKETS = 65536  # packets held at once (the kernel's default, 1024, drops at 100 ms x 100 Mbit/s)
 NFQA_PACKET_HDR, NFQA_VERDICT_HDR = 1, 2
 NFQNL_CFG_CMD_BIND = 1
 NFQNL_COPY_META = 1
@@ -67,21 +68,22 @@ def _packet_ids(data: bytes) -> list[int]:
 
 def run(queue: int, delay_s: float) -> None:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    sock.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE (root): above rmem_max
     sock.bind((0, 0))
     bind = _attr(NFQA_CFG_CMD, struct.pack("!BxH", NFQNL_CFG_CMD_BIND, socket.AF_INET))
     sock.send(_message(NFQNL_MSG_CONFIG, queue, bind, socket.AF_INET))
     sock.send(_message(NFQNL_MSG_CONFIG, queue, _attr(NFQA_CFG_PARAMS, struct.pack("!IB", 0xFFFF, NFQNL_COPY_META))))
+    sock.send(_message(NFQNL_MSG_CONFIG, queue, _attr(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", QUEUE_PACKETS))))
     print("ready", flush=True)
     held: collections.deque[tuple[float, int]] = collections.deque()
     while True:
-        timeout = max(0.0, held[0][0] - time.monotonic()) if held else None
-        sock.settimeout(timeout)
+        # wait for packets until the oldest held one is due (at least 0.1 ms: 0 would not block)
+        sock.settimeout(max(1e-4, held[0][0] - time.monotonic()) if held else None)
         try:
             data = sock.recv(1 << 16)
             due = time.monotonic() + delay_s
             held.extend((due, pid) for pid in _packet_ids(data))
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):
             pass
         except OSError as e:  # ENOBUFS: the kernel dropped queue messages; those packets are lost, like a full line
             if e.errno != 105:

@@ -244,6 +244,8 @@ class Testbed:
         self._netns(self.hub)
         self._in(self.hub, "ip", "link", "add", "br0", "type", "bridge")
         self._in(self.hub, "ip", "link", "set", "br0", "up")
+        if not self.netem:  # bridged packets pass iptables, where launch/netdelay.py delays them
+            self._in(self.hub, "sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=1")
 
     def close(self) -> None:
         for proc in self._delayers:
@@ -288,6 +290,7 @@ class Testbed:
         if link is not None:
             self._shape(home, "eth0", link, egress=True)
             self._shape(router, "lan0", link, egress=False)
+            self._delay(router, ["-i", "lan0"], link)
         rules = (
             "table ip nat {\n"
             '  chain outbound { type nat hook postrouting priority 100; oifname "wan0" masquerade; }\n'
@@ -334,6 +337,7 @@ class Testbed:
         if link is not None:
             self._shape(ns, dev, link, egress=True)
             self._shape(self.hub, hub_end, link, egress=False)
+            self._delay(self.hub, ["-m", "physdev", "--physdev-in", hub_end], link)
 
     @property
     def netem(self) -> bool:
@@ -347,8 +351,6 @@ class Testbed:
             self._in(ns, "tc", "qdisc", "replace", "dev", dev, "root", *link.netem(egress=egress))
             return
         self._in(ns, "tc", "qdisc", "replace", "dev", dev, "root", *link.tbf())
-        if egress and link.delay_s > 0:
-            self._delay(ns, dev, link.delay_s)
         if egress and link.loss_pct:
             if shutil.which("nft") is None:
                 raise TestbedError("packet loss without sch_netem needs nftables (`nft`)")
@@ -360,14 +362,21 @@ class Testbed:
             )
             _run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input_text=rules)
 
-    def _delay(self, ns: str, dev: str, delay_s: float) -> None:
-        """Hold the packets leaving `dev` for delay_s in a launch/netdelay.py process (no netem)."""
+    def _delay(self, ns: str, match: list[str], link: Link | None) -> None:
+        """Without netem: hold a host's outgoing packets for its link's delay where they are forwarded
+        (`match` picks them in namespace `ns`, the hub or the host's router). Not in the host's own
+        namespace: there the held packets would still count against TCP's small-queue budget, and a
+        socket would send a few packets per delay instead of filling the line."""
+        if link is None or link.delay_s <= 0 or self.netem:
+            return
         iptables = shutil.which("iptables-legacy") or shutil.which("iptables")
         if iptables is None:
             raise TestbedError("link delays without sch_netem need iptables (bash launch/setup.sh installs it)")
-        rule = ["-t", "mangle", "-A", "POSTROUTING", "-o", dev, "-j", "NFQUEUE", "--queue-num", "0", "--queue-bypass"]
+        queue = str(len(self._delayers))
+        rule = ["-t", "mangle", "-A", "FORWARD", *match, "-j", "NFQUEUE", "--queue-num", queue, "--queue-bypass"]
         self._in(ns, iptables, *rule)
-        cmd = ["ip", "netns", "exec", ns, sys.executable, str(Path(__file__).with_name("netdelay.py")), "0", str(delay_s * 1000)]
+        netdelay = str(Path(__file__).with_name("netdelay.py"))
+        cmd = ["ip", "netns", "exec", ns, sys.executable, netdelay, queue, str(link.delay_s * 1000)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         self._delayers.append(proc)
         assert proc.stdout is not None

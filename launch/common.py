@@ -32,6 +32,13 @@ def add_network_args(parser: argparse.ArgumentParser, *, default_host: str = "0.
         action="store_true",
         help="behind NAT without port forwarding: make outgoing connections only (reached through relays)",
     )
+    net.add_argument(
+        "--reachability",
+        choices=("auto", "public", "private"),
+        default="auto",
+        help="auto (default): ask the swarm to dial back and become a relayed client if it cannot; "
+        "public: skip the check; private: the same as --client-mode",
+    )
 
 
 def add_metrics_args(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +71,7 @@ def dht_options(args: argparse.Namespace, initial_peers: list[str]) -> DHTOption
         announce_maddrs=tuple(args.announce),
         use_auto_relay=bool(args.client_mode),
         client_mode=bool(args.client_mode),
+        reachability="private" if args.client_mode else getattr(args, "reachability", "auto"),
     )
 
 

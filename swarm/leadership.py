@@ -72,13 +72,16 @@ def canonical_manifest(
 def should_lead(
     me: str, round_no: int, beats: list[Heartbeat], agreed: str | None, coordinator: str, peers_may_lead: bool
 ) -> bool:
-    """Whether `me` (holding the agreed state of round r, free to lead) closes the round now."""
+    """Whether `me` (holding the agreed state of round r, free to lead) closes the round now. A peer
+    that others cannot dial (behind NAT: `reachable` false) never leads: followers could not fetch from it."""
     if me == coordinator:
         return True
     if not peers_may_lead:
         return False
     holders = [
-        b for b in beats if b.peer_id != coordinator and b.round == round_no and b.param_hash == agreed and b.phase in FREE_PHASES
+        b
+        for b in beats
+        if b.peer_id != coordinator and b.round == round_no and b.param_hash == agreed and b.phase in FREE_PHASES and b.reachable
     ]
     return bool(holders) and min(holders, key=lambda b: leader_rank(round_no, b.peer_id, coordinator)).peer_id == me
 

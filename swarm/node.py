@@ -18,6 +18,7 @@ from hivemind.utils import get_dht_time
 
 from swarm import __version__
 from swarm.log import get_logger
+from swarm.net import reachability
 from swarm.net.dht import DHTOptions, Signed, SwarmDHT
 from swarm.net.files import FileService
 from swarm.net.records import RUNS_KEY, Event, EventLog, Heartbeat, Phase, Roster, run_key
@@ -27,6 +28,7 @@ from swarm.run import RunConfig
 logger = get_logger(__name__)
 MAX_EVENTS = 50
 MEMBERS_REFRESH_S = 2.0
+MAX_DIRECT_PEERS = 16  # behind NAT: reachable members we keep a connection open to
 
 
 @dataclass
@@ -115,6 +117,7 @@ class SwarmNode:
         self._server = TransferServer(p2p, self.traffic)
         self._files = FileService(self)  # content-addressed files by sha256 (corpus shards, tokenizer)
         await self._server.start()
+        await reachability.serve(p2p)  # answer joiners asking whether they can be dialled
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
         task = asyncio.create_task(coro)
@@ -124,6 +127,8 @@ class SwarmNode:
     def start_heartbeats(self) -> None:
         self.spawn(self._heartbeat_loop())
         self.spawn(self._event_loop())
+        if not self.dht.reachable:
+            self.spawn(self._stay_connected_loop())
 
     async def publish_heartbeat(self) -> None:
         s = self.status
@@ -144,6 +149,7 @@ class SwarmNode:
             is_coordinator=s.is_coordinator,
             steps=s.steps,
             addrs=self.dht.visible_maddrs()[:4],
+            reachable=self.dht.reachable,
             links=dict(s.links),
         )
         await self.dht.put(run_key(self.run.run_id, "heartbeat"), beat, self.run.heartbeat_ttl_s)
@@ -152,6 +158,17 @@ class SwarmNode:
         while True:
             await self.publish_heartbeat()
             await asyncio.sleep(self.run.heartbeat_interval_s)
+
+    async def _stay_connected_loop(self) -> None:
+        """Behind NAT: hold a connection to every reachable member (the coordinator first), so that
+        whoever leads a round can open a stream to us over it (swarm/net/reachability.py)."""
+        while True:
+            beats = [b for b in await self.member_peers() if b.reachable and b.addrs and b.peer_id != self.peer_id]
+            beats.sort(key=lambda b: b.peer_id != self.run.coordinator)
+            peers = {b.peer_id: b.addrs for b in beats[:MAX_DIRECT_PEERS]}
+            connected = await reachability.keep_connected(self.server.p2p, peers)
+            logger.debug("behind NAT: connected to %d of %d reachable members", connected, len(peers))
+            await asyncio.sleep(max(2.0, self.run.heartbeat_interval_s))
 
     def log_event(self, kind: str, text: str) -> None:
         """Record an event for the status page (and the log)."""

@@ -159,6 +159,7 @@ class RoundAgreement:
                 param_hash=self.state.hash,
                 version="",
                 time=0,
+                reachable=self.node.dht.reachable,
             )
         )
         return beats, agreed_hash(round_no, beats, self.run.coordinator)

@@ -113,6 +113,8 @@ def pick_donors(beats: list[Heartbeat], exclude: str) -> tuple[int, str, list[st
     votes = Counter((b.round, b.param_hash) for b in holders)
     (round_no, state_hash), _ = max(votes.items(), key=lambda kv: (kv[1], kv[0][0]))
     donors = [b.peer_id for b in holders if (b.round, b.param_hash) == (round_no, state_hash)]
+    reachable = {b.peer_id for b in holders if b.reachable}  # a NAT'd donor only if nobody else has it
+    donors = [d for d in donors if d in reachable] or donors
     return round_no, state_hash, donors
 
 

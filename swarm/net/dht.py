@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from dataclasses import dataclass, replace
+from typing import Generic, Literal, TypeVar
 
 import hivemind
 from hivemind.utils import get_dht_time
 
 from swarm.log import get_logger
+from swarm.net import reachability
 from swarm.net.identity import Identity, peer_id_from_owner_marker
 from swarm.net.schema import SchemaError, decode_record, encode_record
 from swarm.net.validator import SwarmRecordValidator
@@ -40,14 +42,29 @@ class DHTOptions:
     use_relay: bool = True
     use_auto_relay: bool = False
     client_mode: bool = False  # a node behind NAT that cannot accept connections
+    # "auto": a joiner asks a peer it joined through to dial it back, and runs as a client behind
+    # relays if nobody can (swarm/net/reachability.py); "public": skip the probe; "private": client.
+    reachability: Literal["auto", "public", "private"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.reachability not in ("auto", "public", "private"):
+            raise ValueError(f"reachability must be auto, public or private, got {self.reachability!r}")
+        if self.reachability == "private" and not self.client_mode:
+            self.client_mode = self.use_auto_relay = True
+
+    @property
+    def should_probe(self) -> bool:
+        """A joiner that was told nothing about its reachability and announces no address of its own."""
+        return self.reachability == "auto" and not self.client_mode and not self.announce_maddrs and bool(self.initial_peers)
 
 
 class SwarmDHT:
     """One hivemind DHT node (its own process) plus typed helpers that sign and validate records."""
 
-    def __init__(self, identity: Identity, dht: hivemind.DHT):
+    def __init__(self, identity: Identity, dht: hivemind.DHT, *, reachable: bool = True):
         self.identity = identity
         self.dht = dht
+        self.reachable = reachable  # whether other peers can dial us (False: client mode, relays)
         self.peer_id = str(identity.peer_id)
         self._marker = identity.owner_marker
         self._maddrs: list[str] | None = None
@@ -65,15 +82,35 @@ class SwarmDHT:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
         try:
             dht = cls._start_dht(identity, identity_path, options)
+            if options.should_probe and cls._probe(dht, options) is False:
+                logger.warning(
+                    "other peers cannot connect to this node (behind NAT or a firewall?): "
+                    "restarting as a client reached through relays; nothing for you to do"
+                )
+                cls._stop(dht)
+                options = replace(options, client_mode=True, use_auto_relay=True)
+                dht = cls._start_dht(identity, identity_path, options, check_identity=False)  # ours a second ago
         finally:
             if in_main:
                 signal.signal(signal.SIGINT, previous)
         if str(dht.peer_id) != str(identity.peer_id):
             raise RuntimeError("the DHT's peer id does not match the identity key")
-        return cls(identity, dht)
+        return cls(identity, dht, reachable=not options.client_mode)
 
     @staticmethod
-    def _start_dht(identity: Identity, identity_path: str, options: DHTOptions) -> hivemind.DHT:
+    def _probe(dht: hivemind.DHT, options: DHTOptions) -> bool | None:
+        """Ask the peers we joined through to dial us back (None: none could answer)."""
+        probers = tuple(dict.fromkeys(a.rsplit("/p2p/", 1)[1].strip("/") for a in options.initial_peers if "/p2p/" in a))
+        try:
+            verdict = dht.run_coroutine(functools.partial(reachability.probe_in_dht_process, probers=probers))
+        except Exception as e:
+            logger.warning("could not check whether others can reach us: %s", e)
+            return None
+        logger.info("reachability probe: %s", {True: "reachable", False: "not reachable", None: "no answer"}[verdict])
+        return verdict
+
+    @staticmethod
+    def _start_dht(identity: Identity, identity_path: str, options: DHTOptions, *, check_identity: bool = True) -> hivemind.DHT:
         return hivemind.DHT(
             initial_peers=list(options.initial_peers) or None,
             start=True,
@@ -85,6 +122,7 @@ class SwarmDHT:
             client_mode=options.client_mode,
             record_validators=[identity.validator(), SwarmRecordValidator()],
             startup_timeout=60,
+            check_if_identity_free=check_identity,
         )
 
     def visible_maddrs(self) -> list[str]:
@@ -135,12 +173,16 @@ class SwarmDHT:
         return None
 
     def shutdown(self) -> None:
+        self._stop(self.dht)
+
+    @staticmethod
+    def _stop(dht: hivemind.DHT) -> None:
         try:
-            self.dht.shutdown()
-            self.dht.join(10)
+            dht.shutdown()
+            dht.join(10)
         except Exception as e:
             logger.debug("DHT shutdown: %s", e)
-        if self.dht.is_alive():  # never leave a DHT process (and its p2pd) behind
+        if dht.is_alive():  # never leave a DHT process (and its p2pd) behind
             logger.warning("DHT process did not exit; killing it")
-            os.kill(self.dht.pid, signal.SIGKILL)
-            self.dht.join(5)
+            os.kill(dht.pid, signal.SIGKILL)
+            dht.join(5)

@@ -112,6 +112,7 @@ class Heartbeat:
     is_coordinator: bool = False
     steps: int = 0
     addrs: list[str] = field(default_factory=list)
+    reachable: bool = True  # others can dial it (False: behind NAT; never leads or donates state)
     links: dict[str, float] = field(default_factory=dict)  # activation bytes/s to + from each link neighbour, last round
 
 

@@ -165,6 +165,7 @@ def peer_json(entry: PeerEntry, state: PeerState, now: float) -> dict:
         "last_heartbeat": b.time,
         "first_seen": entry.first_seen,
         "addrs": [clean_text(a, 200) for a in b.addrs[:4]],  # where `join-swarm`/`swarm-status` can reach it
+        "reachable": b.reachable,  # False: behind NAT, dials out and is reached over its own connections or relays
         "links": {short_id(p): clean_number(v) for p, v in sorted(b.links.items())[:8]},  # activation bytes/s per neighbour
     }
 

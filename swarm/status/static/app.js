@@ -115,6 +115,7 @@ function renderPeers(peers) {
     tr.className = `state-${p.state === "live" || p.state === "stale" ? p.state : "departed"}`;
     tr.append(
       peerCell(p), el("td", "role", p.role), el("td", "device", p.device), stateCell(p),
+      el("td", "reach", p.reachable === false ? "behind NAT (relayed)" : "public"),
       el("td", "num round", p.round), el("td", "num", isNum(p.tokens_per_s) ? Math.round(p.tokens_per_s) : "–"),
       el("td", "num", fmtLoss(p.loss)), el("td", "num", fmtBytes(p.bytes_sent)),
       el("td", "num", fmtBytes(p.bytes_received)), el("td", "num age", `${p.heartbeat_age_s.toFixed(1)} s`),

@@ -2,8 +2,9 @@
 
 The coordinator (rounds.jsonl), every peer (peer-<id>.jsonl) and the solo trainer (metrics.jsonl)
 hand each row they append to `MetricSinks.log` as well, so the dashboards carry exactly the
-figures of the files: every finite number in the row, under its JSONL key, at the row's round
-(or step). Strings (hashes, leaders, roles) and booleans stay in the JSONL only.
+figures of the files: every finite number in the row, under its JSONL key (`key/inner` inside a
+nested object), at the row's round (or step). Strings (hashes, leaders, roles) and booleans stay
+in the JSONL only.
 
 Both backends are optional dependencies (`pip install 'swarm[metrics]'`): asking for one that
 is not installed is a `MetricsUnavailable` error when the config is built, before a run starts.
@@ -81,14 +82,17 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-def figures(row: Mapping[str, object], step_key: str) -> dict[str, float]:
-    """The finite numbers of a JSONL row, less its step key and wall clock."""
+def figures(row: Mapping[str, object], step_key: str, prefix: str = "") -> dict[str, float]:
+    """The finite numbers of a JSONL row, less its step key and wall clock; a nested object's
+    numbers are named `key/inner` (the coordinator's `coverage` per slot group)."""
     out: dict[str, float] = {}
     for key, value in row.items():
-        if key == step_key or key in NOT_FIGURES or isinstance(value, bool) or not isinstance(value, (int, float)):
+        if prefix == "" and (key == step_key or key in NOT_FIGURES):
             continue
-        if math.isfinite(value):
-            out[key] = float(value)
+        if isinstance(value, Mapping):
+            out.update(figures(value, step_key, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[f"{prefix}{key}"] = float(value)
     return out
 
 

@@ -27,12 +27,12 @@ from swarm.train.solo import TrainConfig, run_solo
 
 # Rows as the coordinator writes them to rounds.jsonl (the final row carries a flag and no round figures).
 COORDINATOR_ROWS: list[dict[str, Any]] = [
-    {"round": r, "eval_loss": 5.0 - r, "applied": 2, "rejected": 0, "payload_bytes": 1000 + r, "coverage": 1.0}
+    {"round": r, "eval_loss": 5.0 - r, "applied": 2, "rejected": 0, "payload_bytes": 1000 + r, "coverage": {"all": 2}}
     | {"leader": "QmLeader", "base_hash": "ab", "hash": "cd", "time": 1.7e9 + r}
     for r in range(3)
 ]
 SMALL = dict(d_model=32, n_heads=2, n_layers=2, d_ff=64, max_seq_len=64)
-ROUND_TAGS = {"eval_loss", "applied", "rejected", "payload_bytes", "coverage"}
+ROUND_TAGS = {"eval_loss", "applied", "rejected", "payload_bytes", "coverage/all"}
 
 
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -45,8 +45,8 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def test_figures_are_the_finite_numbers_of_a_row() -> None:
     row = {"round": 3, "loss": 2.5, "tokens": 640, "included": True, "role": "replica", "hash": "x"}
-    row |= {"compression": None, "eval_loss": math.nan, "time": 1.7e9}
-    assert figures(row, "round") == {"loss": 2.5, "tokens": 640.0}
+    row |= {"compression": None, "eval_loss": math.nan, "time": 1.7e9, "coverage": {"experts/0": 3, "note": "x"}}
+    assert figures(row, "round") == {"loss": 2.5, "tokens": 640.0, "coverage/experts/0": 3.0}
 
 
 def test_nothing_configured_is_a_no_op() -> None:
@@ -87,8 +87,12 @@ def test_solo_trainer_sends_its_jsonl_rows_to_tensorboard(tmp_path: Path) -> Non
 
 def test_a_backend_that_is_not_installed_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("tensorboard", "wandb") else real(name, *a))
-    with pytest.raises(MetricsUnavailable, match=r"--tensorboard needs the 'tensorboard' package.*pip install 'swarm\[metrics\]'"):
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("tensorboard", "wandb") else real(name, *a)
+    )
+    with pytest.raises(
+        MetricsUnavailable, match=r"--tensorboard needs the 'tensorboard' package.*pip install 'swarm\[metrics\]'"
+    ):
         SinkConfig(tensorboard_dir="tb")
     with pytest.raises(MetricsUnavailable, match="--wandb needs the 'wandb' package"):
         SinkConfig(wandb_project="p")

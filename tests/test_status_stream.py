@@ -128,3 +128,17 @@ def test_stop_ends_open_streams_promptly() -> None:
             assert server.streams == 0
 
     asyncio.run(go())
+
+
+def test_head_on_the_stream_answers_headers_and_closes() -> None:
+    async def test(server: StatusServer, source: Source, session: aiohttp.ClientSession) -> None:
+        assert server.port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"HEAD /api/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        data = await asyncio.wait_for(reader.read(), 10)  # the server closes: no stream behind a HEAD
+        writer.close()
+        head = data.decode("latin-1").lower()
+        assert head.startswith("http/1.1 200") and "content-type: text/event-stream" in head and head.endswith("\r\n\r\n")
+        assert source.calls == 0 and server.streams == 0
+
+    serve(test)

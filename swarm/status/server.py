@@ -168,14 +168,14 @@ class StatusServer:
             return _error(exc.status, "no such page" if exc.status == 404 else exc.reason)
 
     async def _static(self, request: web.Request) -> web.Response:
-        body, ctype = self.files[request.path]
+        body, ctype = self.files[_route(request)]
         return web.Response(body=body, headers={"Content-Type": ctype})
 
     async def _api(self, request: web.Request) -> web.Response:
         snap = self._snapshot()
         if snap is None:
             return _error(500, "snapshot failed")
-        path = request.path
+        path = _route(request)
         if path == "/api":
             routes = ["/api/all", *API_SECTIONS, STREAM_ROUTE]
             return _json(200, {"routes": routes, "api_version": snap.get("api_version")})
@@ -239,8 +239,13 @@ class StatusServer:
 async def _secure(request: web.Request, response: web.StreamResponse) -> None:
     """Every answer, errors included, carries the security headers and closes its connection."""
     response.headers.update(SECURITY_HEADERS)
-    if response.content_type != "text/event-stream":
+    if response.content_type != "text/event-stream" or request.method == "HEAD":
         response.force_close()  # one request per connection, as before: nothing lingers between polls
+
+
+def _route(request: web.Request) -> str:
+    """The route that matched (not the raw path, whatever encoding the client chose)."""
+    return request.match_info.route.resource.canonical  # type: ignore[union-attr]
 
 
 def _read_static(name: str) -> bytes:

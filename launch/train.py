@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if result.final_eval_loss is not None:
         loss = result.final_eval_loss
-        print(f"eval loss {loss:.4f} nats/byte ({loss / math.log(2):.3f} bits/byte) after {result.steps} steps")
+        unit = "token" if cfg.tokenizer else "byte"  # a byte-level run's tokens are bytes
+        print(f"eval loss {loss:.4f} nats/{unit} ({loss / math.log(2):.3f} bits/{unit}) after {result.steps} steps")
     print(
         f"train loss {result.final_train_loss:.4f} | {result.tokens_per_s_median:,.0f} tokens/s (median) | {result.elapsed_s:.1f} s"
     )

@@ -332,7 +332,7 @@ def run_solo(
 
 def _log_eval(stats: StepStats, eval_loss: float, total: int, tokens_per_s: float, elapsed_s: float) -> None:
     logger.info(
-        "step %d/%d | train %.4f | eval %.4f nats/byte (%.3f bits) | lr %.2e | %.0f tok/s | %.1f s",
+        "step %d/%d | train %.4f | eval %.4f nats/token (%.3f bits) | lr %.2e | %.0f tok/s | %.1f s",
         stats.step,
         total,
         stats.lm_loss,

@@ -18,6 +18,8 @@ import torch
 from models import build_model
 from swarm.data.corpus import Corpus, load_corpus
 from swarm.data.sampler import BatchStream, eval_batches
+from swarm.data.shards import stream_slot
+from swarm.modes import mode_for
 from swarm.replica import Replica, RoundWork, data_config, model_config
 from swarm.run import RunConfig
 from swarm.spsa.perturb import two_point
@@ -49,15 +51,17 @@ class SpsaWorker(Replica):
         self.samples, self.eps, self.scalar_scale = samples, eps, scalar_scale
         self.corpus = corpus or load_corpus(data_config(run))
         self.model = build_model(model_config(run), seed=run.seed).to(device)
+        mode_for(run).prepare_model(self.model)
         self.model.requires_grad_(False)
         self.model.eval()  # dropout off: L+ and L− must see the same function
+        _, sub_shard, sub_shards = stream_slot(len(run.corpus), run.num_shards, shard)  # as Replica reads its shard
         self.stream = BatchStream(
             self.corpus.train_tokens,
             batch_size=run.batch_size,
             seq_len=run.seq_len,
             seed=run.seed,
-            shard=shard % run.num_shards,
-            num_shards=run.num_shards,
+            shard=sub_shard,
+            num_shards=sub_shards,
         )
         self.last_scalars: list[float] = []  # the raw estimates of the last round (before the byte codec)
 

@@ -185,6 +185,7 @@ class RoundRow:
     train_loss: float | None  # mean over the accepted submissions that reported one
     tokens: int
     tokens_estimated: bool  # submissions had expired: tokens = payloads x H x batch x seq_len
+    extra: dict[str, float | int] = field(default_factory=dict)  # the mode's own per-round figures (SPSA: scalars)
 
     def to_json(self) -> dict:
         row = dict(self.__dict__)
@@ -194,7 +195,14 @@ class RoundRow:
         return row
 
 
-def round_row(manifest: Manifest, subs: dict[str, Submission], *, parameters: int, tokens_per_payload: int) -> RoundRow:
+def round_row(
+    manifest: Manifest,
+    subs: dict[str, Submission],
+    *,
+    parameters: int,
+    tokens_per_payload: int,
+    extra: dict[str, float | int] | None = None,
+) -> RoundRow:
     accepted = [subs.get(e.peer_id) for e in manifest.entries]
     known = [s for s in accepted if s is not None]
     losses = [s.loss for s in known if s.loss is not None and math.isfinite(s.loss)]
@@ -212,6 +220,7 @@ def round_row(manifest: Manifest, subs: dict[str, Submission], *, parameters: in
         train_loss=sum(losses) / len(losses) if losses else None,
         tokens=tokens,
         tokens_estimated=estimated,
+        extra=extra or {},
     )
 
 

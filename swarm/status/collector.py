@@ -22,6 +22,7 @@ from swarm import __version__
 from swarm.evidence import proof_ok
 from swarm.leadership import canonical_manifest
 from swarm.log import get_logger
+from swarm.modes import mode_for
 from swarm.net.dht import Signed
 from swarm.net.records import EventLog, Heartbeat, Manifest, Roster, Submission, manifest_key, run_key, submit_key
 from swarm.run import RunConfig
@@ -96,6 +97,7 @@ class StatusCollector:
         )
         self.parameters = count_parameters(get_preset(self.run.preset, **self.run.model_overrides))
         self.tokens_per_payload = self.run.inner_steps * self.run.batch_size * self.run.seq_len
+        self.mode = mode_for(self.run)  # its per-round figures go into each round's row
         self.book = PeerBook(book_cfg)
         self.history = RoundHistory(book_cfg.max_rounds)
         self.events = EventMerger(book_cfg.max_events)
@@ -164,7 +166,9 @@ class StatusCollector:
                 self._misses[r] = self._misses.get(r, 0) + int(r < hint)  # rounds in progress are no miss
                 continue
             manifest, subs = item
-            self.history.add(round_row(manifest, subs, parameters=self.parameters, tokens_per_payload=self.tokens_per_payload))
+            extra = self.mode.round_metrics([(e.peer_id, e.inline) for e in manifest.entries])
+            row = round_row(manifest, subs, parameters=self.parameters, tokens_per_payload=self.tokens_per_payload, extra=extra)
+            self.history.add(row)
             self.events.add_rejections(manifest, now)
         while self._next_round <= last:
             r = self._next_round

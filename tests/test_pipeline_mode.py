@@ -7,6 +7,7 @@ import torch
 
 from models import build_model, split_stages
 from swarm.modes import mode_for
+from swarm.modes.pipeline import PipelineMode
 from swarm.net.records import Capacity, Role
 from swarm.pipeline.groups import balance_layers, incomplete_groups, plan_roles
 from swarm.replica import initial_state, model_config
@@ -20,7 +21,9 @@ def _caps(weak: list[str], full: list[str], speeds: dict[str, float] | None = No
     return caps
 
 
-def _plan(live, current, caps, stages=2, n_layers=4):
+def _plan(
+    live: list[str], current: dict[str, Role], caps: dict[str, Capacity], stages: int = 2, n_layers: int = 4
+) -> dict[str, Role]:
     shards = {p: i for i, p in enumerate(sorted(caps))}
     return plan_roles(live, current, shards, caps, stages=stages, n_layers=n_layers, weak_below_gb=1.0, now=1.0)
 
@@ -63,7 +66,7 @@ def test_incomplete_groups_sit_out_together():
     assert list(missing) == ["w1"] and "incomplete" in missing["w1"]
 
 
-def _run(**options) -> RunConfig:
+def _run(**options: int | float | bool | str) -> RunConfig:
     outer = OuterConfig.for_mode("pipeline")
     return RunConfig(mode="pipeline", mode_options=options, preset="nano", round_timeout_s=60, outer=outer)
 
@@ -107,6 +110,7 @@ def test_outer_step_keeps_the_global_weights_in_the_subspace():
     mode.prepare_model(model)
     state.load_into(model)
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    assert isinstance(mode, PipelineMode) and mode.subspace is not None
     sub = mode.subspace
     first, second = split_stages(model, [2])
     with torch.no_grad():

@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-from models import build_model, get_preset, split_stages
+from models import LanguageModel, ModelConfig, build_model, get_preset, split_stages
 from models.subspace import Subspace, SubspaceConfig, _orthonormal_columns, constrained_names
 
 
-def _setup(ratio: int = 4, seed: int = 3):
+def _setup(ratio: int = 4, seed: int = 3) -> tuple[ModelConfig, LanguageModel, Subspace]:
     cfg = get_preset("nano")
     model = build_model(cfg, seed=seed).double()
     sub = Subspace(SubspaceConfig(cfg.d_model, cfg.vocab_size, ratio, seed=seed))
@@ -20,6 +20,14 @@ def _setup(ratio: int = 4, seed: int = 3):
     sub.U, sub.T_fixed = _orthonormal_columns(sub.U.double()), sub.T_fixed.double()
     sub.attach(model)
     return cfg, model, sub
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        out[name] = p.grad.clone()
+    return out
 
 
 def test_u_is_orthonormal_and_t_fixed_has_the_configured_scale():
@@ -73,7 +81,7 @@ def test_gradients_through_the_compressed_link_equal_the_composed_model():
     targets = torch.randint(0, cfg.vocab_size, (2, 12))
     model.zero_grad()
     torch.nn.functional.cross_entropy(model(tokens).logits.flatten(0, 1), targets.flatten()).backward()  # all float64
-    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    reference = _grads(model)
     model.zero_grad()
     first, second = split_stages(model, [2])
     c = sub.compress(first(tokens), tokens)  # stage 0 sends c
@@ -87,13 +95,14 @@ def test_gradients_through_the_compressed_link_equal_the_composed_model():
     # (W^T U U^T = W^T for a constrained writer), so only the residual path to the writers differs,
     # by a part orthogonal to span(U) that the projection after each step removes anyway.
     constrained = set(constrained_names(cfg.n_layers))
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    raw = _grads(model)
+    grads = {n: t.clone() for n, t in raw.items()}
     sub.project_(grads, cfg.n_layers)
     sub.project_(reference, cfg.n_layers)
-    for name, p in model.named_parameters():
+    for name in raw:
         assert torch.allclose(grads[name], reference[name], atol=1e-12), name
         if name not in constrained:
-            assert torch.equal(grads[name], p.grad), name
+            assert torch.equal(grads[name], raw[name]), name
 
 
 def test_u_and_t_fixed_are_identical_across_processes():

@@ -92,7 +92,8 @@ class _Pipelined(nn.Module):
 
     def __init__(self, model: nn.Module, subspace: Subspace | None) -> None:
         super().__init__()
-        self.first, self.second = split_stages(model, [model.cfg.n_layers // 2])  # type: ignore[arg-type]
+        cfg: Any = model.cfg
+        self.first, self.second = split_stages(model, [cfg.n_layers // 2])  # type: ignore[arg-type]
         self.subspace = subspace
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> SimpleNamespace:
@@ -152,15 +153,18 @@ def simulate(args: argparse.Namespace, name: str, ratio: int, pipelined: int) ->
     encoders = [PayloadEncoder(run, f"replica-{i}") for i in range(args.replicas)]
     for r in range(args.rounds):
         acc = SlotMean(shapes)
+        loss = 0.0
         for i, rep in enumerate(replicas):
             work = rep.train_round(state)
-            assert work is not None
+            if work is None:
+                raise RuntimeError("a replica stopped mid-round")
+            loss = work.loss
             if sub is not None:
                 sub.project_(work.delta, mode.cfg.n_layers)
             encoded = encoders[i].encode(work.delta, r)
             acc.add(store.decode(encoded.data, sender=f"replica-{i}", round_no=r))
         mode.outer_step(state, acc.mean())
-        print(f"  {name}: round {r} done, last replica loss {work.loss:.4f}", flush=True)
+        print(f"  {name}: round {r} done, last replica loss {loss:.4f}", flush=True)
     batches = eval_batches(corpus.eval_tokens, batch_size=args.batch_size, seq_len=args.seq_len, max_batches=args.eval_batches)
     state.load_into(replicas[0].model)
     loss = evaluate(replicas[0].model, batches, device=torch.device("cpu"))
@@ -206,10 +210,10 @@ def _print(args: argparse.Namespace, results: list[Result], ratios: list[int]) -
         c = next(r for r in results if r.name == f"(c) selective, ratio {q}")
         dd = next(r for r in results if r.name == f"(d) all compressed, ratio {q}")
         gap = (c.eval_loss - base.eval_loss) / base.eval_loss
-        fewer = dense / c.act_bytes
-        target = "<= 5% at >= 100x" if fewer >= 100 else "<= 2% at >= 25x" if fewer >= 25 else "(no target)"
+        ratio = dense / c.act_bytes
+        target = "<= 5% at >= 100x" if ratio >= 100 else "<= 2% at >= 25x" if ratio >= 25 else "(no target)"
         print(
-            f"ratio {q}: {fewer:.0f}x fewer bytes than fp32, gap {gap:+.2%} (target {target}); "
+            f"ratio {q}: {ratio:.0f}x fewer bytes than fp32, gap {gap:+.2%} (target {target}); "
             f"selective {c.eval_loss:.4f} vs all-compressed {dd.eval_loss:.4f} "
             f"({'selective <= all' if c.eval_loss <= dd.eval_loss else 'selective WORSE'})"
         )

@@ -69,8 +69,8 @@ def plan_roles(
     spares = [p for p in weak if p not in grouped]
     for gid in sorted(groups):
         members = groups[gid]
-        for i, peer in enumerate(members):
-            if peer is None and spares:
+        for i, member in enumerate(members):
+            if member is None and spares:
                 members[i] = spares.pop(0)
         if any(p is None for p in members):  # cannot be filled: dissolve
             spares = sorted(spares + [p for p in members if p], key=weak.index)

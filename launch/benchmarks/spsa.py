@@ -122,7 +122,7 @@ def run_swarm(args: argparse.Namespace, run: dict, checkpoint: Path, workdir: Pa
     applied = [r for r in rows if "inline" in r]
     return {
         "eval_loss": next(r["eval_loss"] for r in rows if r.get("final")),
-        "start_loss": applied[0]["eval_loss"],
+        "start_loss": next(r["eval_loss"] for r in applied if r["eval_loss"] is not None),  # θ(0)'s, or the first measured
         "wall_s": time.perf_counter() - started,
         "wall_per_peer_s": statistics.median(per_peer.values()),
         "replay_s": statistics.median(row["apply_s"] for row in peer_rows),

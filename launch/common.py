@@ -43,7 +43,7 @@ def add_network_args(parser: argparse.ArgumentParser, *, default_host: str = "0.
 
 def add_metrics_args(parser: argparse.ArgumentParser) -> None:
     """--tensorboard / --wandb / --wandb-offline: the same three flags on every process that trains."""
-    group = parser.add_argument_group("metrics (optional: pip install 'swarm[metrics]')")
+    group = parser.add_argument_group("metrics (optional: pip install -e '.[metrics]')")
     group.add_argument(
         "--tensorboard", metavar="DIR", help="also write the per-round figures as TensorBoard event files under DIR"
     )

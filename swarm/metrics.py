@@ -6,7 +6,7 @@ figures of the files: every finite number in the row, under its JSONL key (`key/
 nested object), at the row's round (or step). Strings (hashes, leaders, roles) and booleans stay
 in the JSONL only.
 
-Both backends are optional dependencies (`pip install 'swarm[metrics]'`): asking for one that
+Both backends are optional dependencies (the `metrics` extra): asking for one that
 is not installed is a `MetricsUnavailable` error when the config is built, before a run starts.
 W&B logs offline (to be uploaded later with `wandb sync`) when asked to, when WANDB_MODE says
 so, or when its server cannot be reached or no API key is configured, so a volunteer without
@@ -33,7 +33,7 @@ logger = get_logger(__name__)
 
 WANDB_DEFAULT_URL = "https://api.wandb.ai"
 NOT_FIGURES = ("time",)  # wall clock of the row: the backends stamp their own
-INSTALL_HINT = "pip install 'swarm[metrics]'"
+INSTALL_HINT = "pip install -e '.[metrics]' in the swarm checkout"
 
 
 class MetricsUnavailable(ValueError):
@@ -74,7 +74,9 @@ class SinkConfig:
 
 def _require(package: str, flag: str) -> None:
     if importlib.util.find_spec(package) is None:
-        raise MetricsUnavailable(f"{flag} needs the {package!r} package, which is not installed: {INSTALL_HINT}")
+        raise MetricsUnavailable(
+            f"{flag} needs the {package!r} package, which is not installed: pip install {package} (or {INSTALL_HINT})"
+        )
 
 
 class Sink(Protocol):

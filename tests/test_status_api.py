@@ -1,7 +1,12 @@
-"""The status JSON API against a live local swarm: coordinator + 2 peers + `swarm-status`, then the coordinator killed."""
+"""The status JSON API against a live local swarm: coordinator + 2 peers + `swarm-status`, then the coordinator killed.
+
+The same swarm also writes TensorBoard event files (coordinator and alice), checked against their JSONL rows.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 import re
 import urllib.error
@@ -19,6 +24,7 @@ from models import count_parameters, get_preset
 pytestmark = pytest.mark.slow
 PARAMS = count_parameters(get_preset("nano"))
 TTL = NANO_RUN["heartbeat_ttl_s"]
+TENSORBOARD = importlib.util.find_spec("tensorboard") is not None  # in the test extra
 
 
 class Swarm(NamedTuple):
@@ -30,8 +36,9 @@ class Swarm(NamedTuple):
 @contextmanager
 def training_swarm(workdir: Path) -> Iterator[Swarm]:
     """Coordinator, alice and bob, and a status server, once its summary shows them training."""
-    with LocalCluster(workdir, NANO_RUN) as cluster:
-        cluster.add_peer("alice", device="cpu")
+    tb = ["--tensorboard", str(workdir / "tb")] if TENSORBOARD else []
+    with LocalCluster(workdir, NANO_RUN, coordinator_args=tb) as cluster:
+        cluster.add_peer("alice", device="cpu", extra=tb)
         cluster.add_peer("bob", device="cpu")
         url = cluster.start_status()
         wait_for(lambda: training(url), 120, "two training peers and two closed rounds", cluster)
@@ -112,6 +119,45 @@ def test_all_is_the_sections_together_and_round_advances(swarm: Swarm) -> None:
     assert set(everything) >= {"api_version", "generated_at", "summary", "peers", "history", "events"}
     start = everything["summary"]["round"]
     wait_for(lambda: api(swarm.url, "/api/summary")["round"] >= start + 2, 60, "the round to advance", swarm.cluster)
+
+
+def tensorboard_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def jsonl(path: Path) -> list[dict]:
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # the line being written right now
+            break
+    return rows
+
+
+@pytest.mark.skipif(not TENSORBOARD, reason="tensorboard is not installed (it is in the test extra)")
+def test_tensorboard_carries_the_jsonl_rows(swarm: Swarm) -> None:
+    workdir = swarm.cluster.workdir
+    (alice_tb,) = (workdir / "tb").glob("peer-*")
+    # Event files first: every row they hold was written to the JSONL just before.
+    coordinator, alice = tensorboard_scalars(workdir / "tb" / "coordinator"), tensorboard_scalars(alice_tb)
+    rows = {r["round"]: r for r in jsonl(workdir / "coordinator" / "rounds.jsonl") if not r.get("final")}
+    assert {"eval_loss", "applied", "rejected", "payload_bytes"} <= set(coordinator)
+    common = set(coordinator["payload_bytes"]) & set(rows)
+    assert len(common) >= 2 and set(coordinator["payload_bytes"]) <= set(rows)
+    for r in common:
+        # TensorBoard keeps float32 scalars
+        assert coordinator["payload_bytes"][r] == pytest.approx(rows[r]["payload_bytes"], rel=1e-6)
+        assert coordinator["applied"][r] == rows[r]["applied"]
+    peer_rows = {r["round"]: r for r in jsonl(workdir / "metrics" / f"{alice_tb.name}.jsonl")}
+    assert {"loss", "tokens_per_s", "bytes_sent", "bytes_received", "round_s"} <= set(alice)
+    assert set(alice["bytes_sent"]) <= set(peer_rows) and alice["bytes_sent"]
+    for r, sent in alice["bytes_sent"].items():
+        assert sent == pytest.approx(peer_rows[r]["bytes_sent"], rel=1e-6)
 
 
 def test_live_api_is_read_only(swarm: Swarm) -> None:

@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--full-projection",
         choices=["step", "outer"],
-        default="step",
+        default="outer",
         help="compressed runs: full replicas project after every inner step, or only the outer step projects",
     )
 

@@ -17,10 +17,10 @@ class PipelineOptions:
     micro_batches: int = 4  # in flight per inner step (GPipe); the batch is cut into this many
     link_timeout_s: float = 30.0  # deadline of every receive; must stay below the round timeout
     weak_below_gb: float = 0.0  # announced memory under which a peer is a stage; 0 = what a replica needs
-    # Full replicas keep the residual writers in span(U) after every inner step too (they train the
-    # same constrained model the stages train; they still send no activations). False: they train
-    # unconstrained and only the outer step projects. `swarm-bench pipeline --full-projection` measures both.
-    project_full_each_step: bool = True
+    # True: full replicas keep the residual writers in span(U) after every inner step too (they train
+    # the constrained model the stages train). False: they train unconstrained and only the outer step
+    # projects; measured slightly lower eval loss (`swarm-bench pipeline --full-projection`, docs).
+    project_full_each_step: bool = False
 
     def __post_init__(self) -> None:
         if self.stages < 2:

@@ -20,6 +20,7 @@ from models import build_model, split_stages
 from models.subspace import Subspace
 from swarm.data.corpus import Corpus, load_corpus
 from swarm.data.sampler import BatchStream
+from swarm.data.shards import stream_slot
 from swarm.log import get_logger
 from swarm.net.records import Role
 from swarm.pipeline.link import LinkError, StageLink
@@ -64,13 +65,14 @@ class StageTrainer:
         peers = role.group_peers
         self.prev = peers[role.stage - 1] if role.stage > 0 else None
         self.next = peers[role.stage + 1] if role.stage + 1 < len(peers) else None
+        _, sub_shard, sub_shards = stream_slot(len(run.corpus), run.num_shards, role.data_shard)  # as a Replica reads it
         self.stream = BatchStream(
             corpus.train_tokens,
             batch_size=run.batch_size,
             seq_len=run.seq_len,
             seed=run.seed,
-            shard=role.data_shard % run.num_shards,
-            num_shards=run.num_shards,
+            shard=sub_shard,
+            num_shards=sub_shards,
         )
 
     def trained_names(self) -> list[str]:

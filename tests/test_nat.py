@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,7 +52,7 @@ def _status(host: Host, url: str) -> dict:
     return json.loads(host.run(sys.executable, "-c", fetch, url.rstrip("/") + "/api/all").stdout)
 
 
-def test_nat_peers_join_contribute_and_survive_their_relay(tmp_path) -> None:
+def test_nat_peers_join_contribute_and_survive_their_relay(tmp_path: Path) -> None:
     run = nano_run(round_timeout_s=15.0)
     with Testbed("nat") as bed:
         coord = bed.add_public("coord", LINK)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from launch.cluster import LocalCluster
+from launch.testbed import placement
 from models import count_parameters, get_preset
 from swarm.codec.bench import codec_throughput
 from swarm.data import DataConfig
@@ -49,6 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--modes", default="sparseloco,diloco", help="swarms to run; one mode prints only its overlap table (default %(default)s)"
     )
+    parser.add_argument(
+        "--link",
+        metavar="RATE:DELAY[:LOSS]",
+        help="run each process in its own network namespace behind this shaped link, e.g. 20mbit:50ms (launch/testbed.py; root)",
+    )
     parser.add_argument("--workdir", default=None)
 
 
@@ -69,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             run_ = bench_run(args, mode)
             run_["outer"]["overlap"] = overlap
             name = f"{mode}-{'overlap' if overlap else 'in-step'}"
-            runs[mode, overlap] = run_swarm(workdir / name, run_, args.replicas, args.rounds)
+            runs[mode, overlap] = run_swarm(workdir / name, run_, args.replicas, args.rounds, link=args.link)
     if set(modes) >= {"sparseloco", "diloco"}:
         results = {mode: runs[mode, settings[-1]] for mode in ("sparseloco", "diloco")}
         solo = run_solo_baseline(args, args.preset)
@@ -106,13 +112,18 @@ def bench_run(args: argparse.Namespace, mode: str) -> dict:
     return run
 
 
-def run_swarm(workdir: Path, run: dict, peers: int, rounds: int) -> dict:
-    """A local swarm of `peers` one-thread peers for `rounds` rounds; its figures (see the table)."""
+def run_swarm(workdir: Path, run: dict, peers: int, rounds: int, *, link: str | None = None) -> dict:
+    """A local swarm of `peers` one-thread peers for `rounds` rounds; its figures (see the table).
+    With `link`, every process runs in its own namespace behind that shaped link (launch/testbed.py)."""
     mode = run["mode"]
     started = time.perf_counter()
-    with LocalCluster(workdir, run, coordinator_args=("--stop-after", str(rounds))) as cluster:
+    with (
+        placement(link, peers) as place,
+        LocalCluster(workdir, run, coordinator_args=("--stop-after", str(rounds)), **place.coordinator) as cluster,
+    ):
+        print(f"{mode}: {place.note}", flush=True)
         for i in range(peers):
-            cluster.add_peer(f"{mode}-{i}", threads=1, max_rounds=rounds)
+            cluster.add_peer(f"{mode}-{i}", threads=1, max_rounds=rounds, **place.peer(i))
         rounds_file = workdir / "coordinator" / "rounds.jsonl"
         deadline = time.monotonic() + 300 + 120 * rounds
         while time.monotonic() < deadline:

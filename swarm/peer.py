@@ -239,8 +239,12 @@ class Peer(SwarmNode):
         self.status.steps += self.run.inner_steps
         await self.publish_heartbeat()
         # The next round's start, taken before the settle task can touch the state.
-        base = await asyncio.to_thread(next_base, state, work.delta) if self._overlap else None
+        base = await asyncio.to_thread(self._next_base, state, encoded, r) if self._overlap else None
         return self._settle(r, work, encoded, base)
+
+    def _next_base(self, state: GlobalState, encoded: Encoded, r: int) -> GlobalState:
+        """Where round r+1 starts: θ(r) advanced by our own payload as if it were the mean (overlap.py)."""
+        return next_base(state, self.store.decode(encoded.data, sender=self.peer_id, round_no=r), self.mode)
 
     def _settle(self, r: int, work: RoundWork | None, encoded: Encoded | None, base: GlobalState | None) -> _InFlight:
         task = asyncio.create_task(self.agreement.settle_round(r, lambda: reload_state(self)))

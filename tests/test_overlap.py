@@ -17,6 +17,7 @@ from launch.cluster import NANO_RUN
 from swarm.codec import SparseLoCoCompressor
 from swarm.data.corpus import load_corpus
 from swarm.exchange import PayloadEncoder, codec_config
+from swarm.modes import mode_for
 from swarm.overlap import next_base
 from swarm.replica import data_config
 from swarm.run import OuterConfig, RunConfig
@@ -32,16 +33,19 @@ def tiny_run(mode: str = "sparseloco", **outer: object) -> RunConfig:
     return RunConfig(**fields, outer=OuterConfig(**outer))  # type: ignore[arg-type]
 
 
-def test_next_base_is_theta_minus_delta_in_new_tensors() -> None:
+def test_next_base_is_the_outer_step_with_our_payload_on_a_copy() -> None:
+    run = tiny_run(outer_lr=0.7)
+    mode = mode_for(run)
     theta = GlobalState(round=4, params={"a": torch.arange(4.0), "b": torch.ones(3)})
-    delta = {"a": torch.full((4,), 0.5)}  # a contribution that covers "a" only (an SPES peer, say)
-    base = next_base(theta, delta)
+    own = {"a": torch.full((4,), 0.5)}  # a contribution that covers "a" only (an SPES peer, say)
+    base = next_base(theta, own, mode)
     assert base.round == 5
-    assert torch.equal(base.params["a"], torch.arange(4.0) - 0.5)
+    assert torch.equal(base.params["a"], torch.arange(4.0) - 0.5 * 0.7)
     assert torch.equal(base.params["b"], torch.ones(3))
+    assert theta.round == 4 and torch.equal(theta.params["a"], torch.arange(4.0))
     theta.params["a"].sub_(100.0)  # the agreed state advancing in place must not move the base
     theta.params["b"].sub_(100.0)
-    assert torch.equal(base.params["a"], torch.arange(4.0) - 0.5)
+    assert torch.equal(base.params["a"], torch.arange(4.0) - 0.5 * 0.7)
     assert torch.equal(base.params["b"], torch.ones(3))
 
 

@@ -48,8 +48,10 @@ class SimResult:
     wall_s: float
 
 
-def simulate(run: RunConfig, replicas: int, *, corpus: object | None = None) -> SimResult:
-    """`run.max_rounds` rounds of `replicas` replicas; every replica applies every payload itself."""
+def simulate(run: RunConfig, replicas: int, *, corpus: object | None = None, carry_own: bool = False) -> SimResult:
+    """`run.max_rounds` rounds of `replicas` replicas; every replica applies every payload itself.
+    `carry_own`: with overlap, start round r+1 from θ(r) − Δ_r (the whole local progress) instead of
+    the swarm's choice, θ(r) advanced by the replica's own payload (kept to show why, see overlap.py)."""
     started = time.perf_counter()
     mode = mode_for(run)
     cpu = torch.device("cpu")
@@ -68,8 +70,11 @@ def simulate(run: RunConfig, replicas: int, *, corpus: object | None = None) -> 
             assert work is not None
             payloads.append((f"sim-{i}", enc.encode(work.delta, r).data))
             sizes.append(len(payloads[-1][1]))
-        if run.outer.overlap:  # next round starts from θ(r) − Δ_r, before θ(r+1) is known
-            bases = [next_base(s, w.delta) for s, w in zip(states, works) if w is not None]
+        if run.outer.overlap and carry_own:
+            bases = [own_progress_base(s, w.delta) for s, w in zip(states, works) if w is not None]
+        elif run.outer.overlap:  # the next round starts before θ(r+1) is known (swarm/overlap.py)
+            own = [store.decode(data, sender=sender, round_no=r) for sender, data in payloads]
+            bases = [next_base(s, o, mode) for s, o in zip(states, own)]
         for state in states:  # every replica decodes and applies the same payloads in the same order
             acc = SlotMean(shapes)
             for sender, data in payloads:
@@ -83,25 +88,36 @@ def simulate(run: RunConfig, replicas: int, *, corpus: object | None = None) -> 
     return SimResult(loss, statistics.median(sizes), hashes, time.perf_counter() - started)
 
 
-def parse_row(spec: str, base: RunConfig) -> RunConfig:
-    """'mode[:field=value,...]' -> a RunConfig: OuterConfig fields, or H (inner steps)."""
+def own_progress_base(state: GlobalState, delta: dict[str, torch.Tensor]) -> GlobalState:
+    """θ(r) − Δ_r: the rejected overlap start (the replica's whole unsynced progress)."""
+    params = {name: (t - delta[name]) if name in delta else t.clone() for name, t in state.params.items()}
+    return GlobalState(round=state.round + 1, params=params, momentum={n: m.clone() for n, m in state.momentum.items()})
+
+
+def parse_row(spec: str, base: RunConfig) -> tuple[RunConfig, bool]:
+    """'mode[:field=value,...]' -> (RunConfig, carry_own): OuterConfig fields, H (inner steps), or
+    base=own (overlap from the whole local progress, for comparison)."""
     mode, _, rest = spec.partition(":")
     outer = dataclasses.asdict(OuterConfig.for_mode(mode))
     inner_steps = base.inner_steps
     fields = {f.name: f.type for f in dataclasses.fields(OuterConfig)}
+    carry_own = False
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
         if key == "H":
             inner_steps = int(value)
+        elif key == "base" and value in ("own", "predicted"):
+            carry_own = value == "own"
         elif key in fields:
             current = outer[key]
             outer[key] = bool(int(value)) if isinstance(current, bool) else type(current)(value)
         else:
             raise ValueError(f"{spec}: unknown setting {key!r} (OuterConfig fields or H)")
     rounds = base.max_rounds * base.inner_steps // inner_steps  # equal tokens whatever H
-    return dataclasses.replace(
+    run_ = dataclasses.replace(
         base, mode=mode, outer=OuterConfig(**outer), inner_steps=inner_steps, warmup_steps=inner_steps, max_rounds=rounds
     )
+    return run_, carry_own
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -139,8 +155,8 @@ def run(args: argparse.Namespace) -> int:
     corpus = load_corpus(data_config(base))
     results = {}
     for spec in args.rows:
-        cfg = parse_row(spec, base)
-        results[spec] = simulate(cfg, args.replicas, corpus=corpus)
+        cfg, carry_own = parse_row(spec, base)
+        results[spec] = simulate(cfg, args.replicas, corpus=corpus, carry_own=carry_own)
         res = results[spec]
         print(f"  {spec:<48} eval {res.eval_loss:.4f}  {res.payload_bytes:>10,.0f} B/round  ({res.wall_s:.0f}s)", flush=True)
     _print_table(results, params)

@@ -129,9 +129,7 @@ class StatusServer:
         site = web.TCPSite(runner, self.cfg.host, self.cfg.port)
         await site.start()
         self._runner = runner
-        server = getattr(site, "_server", None)
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else self.cfg.port
+        self.port = runner.addresses[0][1]  # the bound port (cfg.port may be 0)
         logger.info("status page on %s", self.url)
 
     @property

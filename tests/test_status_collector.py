@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import TypeVar
 
+import pytest
 from hivemind.utils import get_dht_time
 
 from swarm.net.dht import Signed
@@ -20,6 +21,7 @@ from swarm.net.records import (
     submit_key,
 )
 from swarm.run import RunConfig
+from swarm.status import collector as collector_module
 from swarm.status.collector import CollectorConfig, StatusCollector
 
 T = TypeVar("T")
@@ -41,12 +43,25 @@ class FakeDHT:
         self.records: dict[str, list[Signed]] = {}
         self.gets = 0
 
-    def put(self, key: str, signer: str, record: object) -> None:
-        self.records.setdefault(key, []).append(Signed(signer, record, get_dht_time() + 60))
+    def put(self, key: str, signer: str, record: object, *, owner: str | None = None) -> None:
+        """Store as `signer`; `owner` stands for the key in the subkey (the signer's own by default)."""
+        marker = (owner or signer).encode()
+        self.records.setdefault(key, []).append(Signed(signer, record, get_dht_time() + 60, marker))
 
     async def get_all(self, key: str, cls: type[T]) -> list[Signed[T]]:
         self.gets += 1
         return [s for s in self.records.get(key, []) if isinstance(s.record, cls)]
+
+
+@pytest.fixture(autouse=True)
+def fake_signatures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake peers have names, not keys: a manifest's signature 'verifies' when the subkey's key is
+    its signer's and the signer is its leader (real signatures: tests/test_evidence.py)."""
+
+    def proof_ok(manifest: Manifest, owner: bytes, signer: str) -> bool:
+        return owner == signer.encode() and manifest.leader == signer
+
+    monkeypatch.setattr(collector_module, "proof_ok", proof_ok)
 
 
 class FakeNode:
@@ -144,4 +159,13 @@ def test_records_signed_by_someone_else_are_ignored():
     poll(collector)
     texts = [e["text"] for e in collector.snapshot()["events"]]
     assert texts == ["a joined"]
+    assert [r["round"] for r in collector.snapshot()["history"]["rounds"]] == [0]
+
+
+def test_a_manifest_whose_signature_does_not_verify_is_not_shown():
+    node = swarm_at(1)
+    unsigned = Manifest(1, "COORD", "h", [], [], get_dht_time())
+    node.dht.put(manifest_key(RUN.run_id, 1), "COORD", unsigned, owner="SOMEONE-ELSES-KEY")
+    collector = StatusCollector(node)
+    poll(collector)
     assert [r["round"] for r in collector.snapshot()["history"]["rounds"]] == [0]

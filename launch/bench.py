@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, str] = {
     "solo": "launch.benchmarks.solo",
     "codec": "launch.benchmarks.codec",
     "swarm": "launch.benchmarks.swarm",
+    "nat": "launch.benchmarks.nat",
     "spes": "launch.benchmarks.spes",
     "spsa": "launch.benchmarks.spsa",
     "pipeline": "launch.benchmarks.pipeline",

@@ -30,6 +30,7 @@ logger = get_logger(__name__)
 PROTOCOL = "/swarm/stage/1"
 TAKEN, REFUSED = 0, 1
 MAX_PENDING = 256  # messages held for the schedule; beyond that the oldest are dropped
+REFUSED_RETRY_S = 0.5
 _LEN = struct.Struct("!I")
 
 
@@ -135,10 +136,16 @@ class StageLink:
             finally:
                 writer.close()
 
-        try:
-            status = await asyncio.wait_for(go(), timeout=timeout_s)
-        except Exception as e:
-            raise LinkError(f"sending to stage peer {peer[-8:]} failed: {type(e).__name__}: {e}") from None
-        if status != TAKEN:
-            raise LinkError(f"stage peer {peer[-8:]} refused our message")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                status = await asyncio.wait_for(go(), timeout=max(0.1, deadline - time.monotonic()))
+            except Exception as e:
+                raise LinkError(f"sending to stage peer {peer[-8:]} failed: {type(e).__name__}: {e}") from None
+            if status == TAKEN:
+                break
+            # Refused: the neighbour may not have taken up its new role yet; try again until the deadline.
+            if time.monotonic() + REFUSED_RETRY_S > deadline:
+                raise LinkError(f"stage peer {peer[-8:]} refused our message")
+            await asyncio.sleep(REFUSED_RETRY_S)
         self.traffic.sent[peer] += len(data)

@@ -65,6 +65,7 @@ class StageTrainer:
         peers = role.group_peers
         self.prev = peers[role.stage - 1] if role.stage > 0 else None
         self.next = peers[role.stage + 1] if role.stage + 1 < len(peers) else None
+        link.set_neighbours(self.prev, self.next)  # now: a neighbour may start the round before us
         _, sub_shard, sub_shards = stream_slot(len(run.corpus), run.num_shards, role.data_shard)  # as a Replica reads it
         self.stream = BatchStream(
             corpus.train_tokens,

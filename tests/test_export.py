@@ -129,7 +129,13 @@ def _swarm_state_dir(tmp_path: Path, tokenizer_sha256: str = "", vocab: int | No
     overrides: dict[str, int | float | bool] = dict(SMALL)
     if vocab is not None:
         overrides["vocab_size"] = vocab
-    run = RunConfig(run_id="run-export", preset="moe-nano", model_overrides=overrides, tokenizer_sha256=tokenizer_sha256)
+    run = RunConfig(
+        run_id="run-export",
+        preset="moe-nano",
+        model_overrides=overrides,
+        tokenizer_sha256=tokenizer_sha256,
+        tokenizer_bytes=1000 if tokenizer_sha256 else 0,
+    )
     state = initial_state(run)
     state.round = 7
     state_dir = tmp_path / "coordinator"

@@ -183,7 +183,7 @@ def record_overhead(samples: int) -> int:
 def print_table(args: argparse.Namespace, run: dict, swarm: dict, solo: dict, backprop: dict) -> None:
     k, peers = args.samples, args.peers
     forwards = 2 * peers * k * args.rounds
-    print(f"\neval loss of the checkpoint on the new corpus: {swarm['start_loss']:.4f}")
+    print(f"\nfirst eval loss the swarm's coordinator measured (round 0 or 1): {swarm['start_loss']:.4f}")
     print(f"{'run':<34} {'fwd passes':>10} {'eval loss':>9} {'wall s':>8} {'wall/peer s':>11}")
     print(
         f"{'(a) SPSA swarm, ' + str(peers) + ' peers':<34} {forwards:>10} {swarm['eval_loss']:>9.4f} {swarm['wall_s']:>8.1f} {swarm['wall_per_peer_s']:>11.1f}"

@@ -22,7 +22,7 @@ class OuterConfig:
     """How pseudo-gradients are compressed, averaged and applied each round."""
 
     codec: Codec = "sparseloco"
-    outer_lr: float = 1.0  # alpha; SparseLoCo uses 1.0, dense DiLoCo 0.7
+    outer_lr: float = 1.0  # alpha; the modes recommend theirs (SparseLoCo 2.0, dense DiLoCo 0.7)
     momentum: float = 0.0  # SparseLoCo needs none: the decayed error buffer plays that part
     nesterov: bool = False
     topk_per_chunk: int = 64  # 64 of 4096 = 1.56% density, the paper's setting

@@ -4,11 +4,25 @@ plays that part). Every behaviour is the base interface's; this file pins the se
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from swarm.modes.base import TrainingMode
+
+if TYPE_CHECKING:
+    from swarm.run import OuterConfig
 
 
 class SparseLoCoMode(TrainingMode):
     name = "sparseloco"
+
+    @classmethod
+    def default_outer(cls, dense_dtype: str = "fp32") -> OuterConfig:
+        """The published codec settings with outer lr α = 2: a coordinate that one replica of R
+        selects moves by 1/R of its value, and at α = 1 a small swarm's short run fell behind dense
+        DiLoCo; at α = 2 it ended ahead (docs/performance.md, `swarm-bench quality`)."""
+        from swarm.run import OuterConfig
+
+        return OuterConfig(outer_lr=2.0)
 
     def check_run(self) -> None:
         outer = self.run.outer

@@ -37,6 +37,7 @@ def test_identity_file_keeps_peer_id(tmp_path):
     first = Identity.load_or_create(path)
     assert Identity.load_or_create(path).peer_id == first.peer_id
     assert peer_id_from_owner_marker(first.owner_marker) == first.peer_id
+    assert peer_id_from_owner_marker(first.owner_marker + b"#Heartbeat") == first.peer_id
     assert peer_id_from_owner_marker(b"[owner:not a key]") is None
     assert peer_id_from_owner_marker(b"plain subkey") is None
 
@@ -67,7 +68,7 @@ def test_forged_subkey_is_refused_by_the_dht(nodes):
         key = role_key("r1", joiner.peer_id)
         forged = encode_record(Role(peer_id=joiner.peer_id, kind="replica", data_shard=7))
         # Writing under the coordinator's owner marker without its private key: no valid signature.
-        ok = impostor.dht.store(key, forged, get_dht_time() + 60, subkey=coordinator.identity.owner_marker)
+        ok = impostor.dht.store(key, forged, get_dht_time() + 60, subkey=coordinator.identity.owner_marker + b"#Role")
         assert not ok
         assert await joiner.get_from(key, Role, coordinator.peer_id) is None
         # A role signed by someone else is readable but is not the coordinator's.
@@ -124,14 +125,20 @@ def test_schema_violations_are_rejected(nodes):
         decode_record(Manifest, msgpack.packb({"v": 1, "body": unsorted}))
 
     async def go():
-        # A record that fails its schema is dropped (and logged) by the reader.
-        coordinator.dht.store(
+        # A record that fails its schema is refused when stored, and would be dropped by a reader.
+        ok = coordinator.dht.store(
             "swarm/t/heartbeat",
             msgpack.packb({"v": 1, "body": {"junk": 1}}),
             get_dht_time() + 60,
-            subkey=coordinator.identity.owner_marker,
+            subkey=coordinator.identity.owner_marker + b"#Heartbeat",
         )
+        assert not ok
         assert await joiner.get_all("swarm/t/heartbeat", Heartbeat) == []
+        # A valid record of another type under a key is not read as the expected type.
+        assert await coordinator.put("swarm/t/heartbeat", Role(peer_id="x", kind="replica", data_shard=0), 60)
+        assert await joiner.get_all("swarm/t/heartbeat", Heartbeat) == []
+        with pytest.raises(TypeError):
+            await coordinator.put("swarm/t/heartbeat", ManifestEntry("a", "d", 1), 60)  # not a DHT record type
 
     asyncio.run(go())
     assert ManifestEntry("a", "d", 1).peer_id == "a"

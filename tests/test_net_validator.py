@@ -12,10 +12,15 @@ from swarm.net.schema import encode_record
 from swarm.net.validator import SwarmRecordValidator
 from swarm.run import RunConfig
 
-OWNER = MSGPackSerializer.dumps(b"[owner:ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ]")
+MARKER = b"[owner:ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ]"
 
 
-def record(key: str, value: bytes, subkey: bytes | None = OWNER) -> DHTRecord:
+def tag(name: str) -> bytes:
+    return MSGPackSerializer.dumps(MARKER + b"#" + name.encode())
+
+
+def record(key: str, value: bytes, subkey: bytes | None = None) -> DHTRecord:
+    subkey = tag("Heartbeat") if subkey is None else subkey
     return DHTRecord(DHTID.generate(source=key).to_bytes(), subkey, MSGPackSerializer.dumps(value), 0.0)
 
 
@@ -26,16 +31,36 @@ def beat() -> Heartbeat:
 def test_signed_records_of_ours_pass():
     v = SwarmRecordValidator()
     assert v.validate(record("swarm/r/heartbeat", encode_record(beat())))
-    assert v.validate(record(RUNS_KEY, encode_record(RunConfig(run_id="r"))))
+    assert v.validate(record(RUNS_KEY, encode_record(RunConfig(run_id="r")), tag("RunConfig")))
 
 
 def test_unsigned_garbage_oversized_and_bad_run_descriptions_are_refused():
     v = SwarmRecordValidator()
     good = encode_record(beat())
     assert not v.validate(record("swarm/r/heartbeat", good, subkey=MSGPackSerializer.dumps(b"plain")))
-    assert not v.validate(record("swarm/r/heartbeat", good, subkey=None))
+    assert not v.validate(DHTRecord(DHTID.generate(source="k").to_bytes(), None, MSGPackSerializer.dumps(good), 0.0))
     assert not v.validate(record("swarm/r/heartbeat", b"\xc1 not msgpack"))
     assert not v.validate(record("swarm/r/heartbeat", msgpack.packb({"v": 99, "body": {}})))
     assert not v.validate(record("swarm/r/heartbeat", msgpack.packb({"v": 1, "body": b"x" * 300_000})))
     bad_run = msgpack.packb({"v": 1, "body": {"run_id": "r", "mode": "no-such-mode"}})
-    assert not v.validate(record(RUNS_KEY, bad_run))
+    assert not v.validate(record(RUNS_KEY, bad_run, tag("RunConfig")))
+
+
+def test_every_record_must_carry_a_known_type_and_match_its_schema():
+    import pytest
+
+    from swarm.net.records import Manifest
+    from swarm.net.validator import record_tag, record_types
+
+    v = SwarmRecordValidator()
+    good = encode_record(beat())
+    assert not v.validate(record("k", good, MSGPackSerializer.dumps(MARKER))), "untagged"
+    assert not v.validate(record("k", good, tag("NoSuchRecord"))), "unknown type"
+    assert not v.validate(record("k", good, tag("Manifest"))), "a heartbeat is not a manifest"
+    assert not v.validate(record("k", msgpack.packb({"v": 1, "body": {"junk": 1}}))), "schema-violating heartbeat"
+    assert not v.validate(record(RUNS_KEY, good)), "only run descriptions under the runs key"
+    manifest = Manifest(1, "p", "h", [], [], 0.0)
+    assert v.validate(record("k", encode_record(manifest), tag("Manifest")))
+    assert record_tag(manifest) == "Manifest" and record_types()["Manifest"] is Manifest
+    with pytest.raises(TypeError, match="record_types"):
+        record_tag(object())

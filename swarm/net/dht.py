@@ -14,9 +14,9 @@ from hivemind.utils import get_dht_time
 
 from swarm.log import get_logger
 from swarm.net import reachability
-from swarm.net.identity import Identity, peer_id_from_owner_marker
+from swarm.net.identity import Identity, peer_id_from_owner_marker, split_subkey, tagged_subkey
 from swarm.net.schema import SchemaError, decode_record, encode_record
-from swarm.net.validator import SwarmRecordValidator
+from swarm.net.validator import SwarmRecordValidator, record_tag
 
 logger = get_logger(__name__)
 T = TypeVar("T")
@@ -134,7 +134,8 @@ class SwarmDHT:
     async def put(self, key: str, record: object, ttl_s: float) -> bool:
         """Store a record under our own signed subkey; True if at least one node accepted it."""
         value = encode_record(record)
-        future = self.dht.store(key, value, get_dht_time() + ttl_s, subkey=self._marker, return_future=True)
+        subkey = tagged_subkey(self._marker, record_tag(record))
+        future = self.dht.store(key, value, get_dht_time() + ttl_s, subkey=subkey, return_future=True)
         try:
             return bool(await future)
         except Exception as e:  # a DHT hiccup must not kill the caller's loop
@@ -155,6 +156,12 @@ class SwarmDHT:
             signer = peer_id_from_owner_marker(subkey) if isinstance(subkey, (bytes, str)) else None
             if signer is None or not hasattr(item, "value"):
                 logger.warning("ignoring unsigned record under %s", key)
+                continue
+            tag = split_subkey(subkey)[1]
+            if tag != cls.__name__:
+                logger.warning(
+                    "ignoring a %s record under %s from %s (expected %s)", tag or "untagged", key, str(signer)[-8:], cls.__name__
+                )
                 continue
             try:
                 record = decode_record(cls, item.value)

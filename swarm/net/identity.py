@@ -25,6 +25,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 _OWNER_PREFIX = b"[owner:"
 _OWNER_SUFFIX = b"]"
+_TAG_SEPARATOR = b"#"
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,27 @@ def peer_id_from_public_key(public_key: rsa.RSAPublicKey) -> PeerID:
     return PeerID(multihash.encode(hashlib.sha256(wrapped).digest(), multihash.coerce_code("sha2-256")))
 
 
-def public_key_from_owner_marker(subkey: bytes | str) -> rsa.RSAPublicKey | None:
-    """The RSA key in an '[owner:ssh-rsa ...]' subkey; None if the subkey holds no valid marker."""
+def split_subkey(subkey: bytes | str) -> tuple[bytes, str]:
+    """A DHT subkey '[owner:ssh-rsa ...]#Tag' as (owner marker, record type tag); the tag may be absent."""
     if isinstance(subkey, str):
         subkey = subkey.encode()
+    marker, sep, tag = subkey.rpartition(_OWNER_SUFFIX + _TAG_SEPARATOR)
+    if not sep:
+        return subkey, ""
+    try:
+        return marker + _OWNER_SUFFIX, tag.decode("ascii")
+    except UnicodeDecodeError:
+        return subkey, ""
+
+
+def tagged_subkey(marker: bytes, tag: str) -> bytes:
+    """The subkey a writer stores a record of type `tag` under: its owner marker, then the tag."""
+    return marker + _TAG_SEPARATOR + tag.encode("ascii")
+
+
+def public_key_from_owner_marker(subkey: bytes | str) -> rsa.RSAPublicKey | None:
+    """The RSA key in an '[owner:ssh-rsa ...]' subkey (optionally tagged); None if it holds no valid marker."""
+    subkey, _ = split_subkey(subkey)
     if not (subkey.startswith(_OWNER_PREFIX) and subkey.endswith(_OWNER_SUFFIX)):
         return None
     try:

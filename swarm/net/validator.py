@@ -1,16 +1,19 @@
 """A DHT record validator that refuses, at store time, values no honest swarm node writes.
 
-hivemind's RSASignatureValidator checks the signature of records under an `[owner:...]` subkey but
-lets unprotected records through; this one runs after it (on the stripped value) and refuses:
+Every record a swarm node stores carries its type in its subkey ('[owner:...]#Manifest', see
+`SwarmDHT.put`). hivemind's RSASignatureValidator checks the signature of records under an owner
+marker; this one runs after it (on the stripped value) and refuses:
   * any record whose subkey carries no owner marker (unsigned: anyone could overwrite it);
-  * values that are not one of our versioned msgpack records, or larger than MAX_RECORD_BYTES;
-  * run descriptions (RUNS_KEY) that fail their schema.
-Other records are checked against their own schema when read (swarm/net/dht.py); keys under a run
-are not known to the DHT process, which starts before the run description is fetched.
+  * any record without a known type tag (`record_types`), or whose value is not a valid record of
+    that type under its full schema (swarm/net/schema.py), or larger than MAX_RECORD_BYTES;
+  * anything under RUNS_KEY but a valid run description.
+DHT keys are hashed, so the validator cannot tell which record a key should hold; readers check
+that the tag is the type they expect (`SwarmDHT.get_all`).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 
 import msgpack
@@ -21,7 +24,37 @@ from hivemind.utils.serializer import MSGPackSerializer
 from swarm.net.records import RUNS_KEY
 from swarm.net.schema import MAX_RECORD_BYTES, SCHEMA_VERSION, SchemaError, decode_record
 
-_OWNER = re.compile(rb"\[owner:.+\]")
+_SUBKEY = re.compile(rb"\[owner:[^\]]+\]#([A-Za-z][A-Za-z0-9_]{0,63})")
+
+
+@functools.cache
+def record_types() -> dict[str, type]:
+    """Every record type swarm nodes store in the DHT, by tag. A new record type is added here."""
+    from swarm.net import records
+    from swarm.net.files import FileHolder
+    from swarm.run import RunConfig  # imported late: the modes it validates import torch
+
+    types: list[type] = [
+        RunConfig,
+        records.Capacity,
+        records.Role,
+        records.Roster,
+        records.Heartbeat,
+        records.Submission,
+        records.Manifest,
+        records.Evidence,
+        records.EventLog,
+        FileHolder,
+    ]
+    return {t.__name__: t for t in types}
+
+
+def record_tag(record: object) -> str:
+    """The tag a record is stored under; a type not in `record_types` is a programming error."""
+    tag = type(record).__name__
+    if record_types().get(tag) is not type(record):
+        raise TypeError(f"{tag} is not a DHT record type: add it to swarm.net.validator.record_types")
+    return tag
 
 
 def _envelope_ok(data: object) -> bool:
@@ -39,21 +72,23 @@ class SwarmRecordValidator(RecordValidatorBase):
         self._runs_key = DHTID.generate(source=RUNS_KEY).to_bytes()
 
     def validate(self, record: DHTRecord) -> bool:
-        if record.subkey is None or not _OWNER.search(record.subkey):
+        if record.subkey is None:
             return False
         try:
+            subkey = MSGPackSerializer.loads(record.subkey)
             value = MSGPackSerializer.loads(record.value)
         except Exception:
             return False
-        if not _envelope_ok(value):
+        match = _SUBKEY.fullmatch(subkey) if isinstance(subkey, bytes) else None
+        if match is None or not _envelope_ok(value):
             return False
-        if record.key == self._runs_key:
-            from swarm.run import RunConfig  # imported late: the modes it validates import torch
-
-            try:
-                decode_record(RunConfig, value)
-            except SchemaError:
-                return False
+        cls = record_types().get(match.group(1).decode())
+        if cls is None or (record.key == self._runs_key and cls.__name__ != "RunConfig"):
+            return False
+        try:
+            decode_record(cls, value)
+        except SchemaError:
+            return False
         return True
 
     @property

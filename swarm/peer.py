@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from swarm import __version__
+from swarm.codec import payload_digest
 from swarm.data.corpus import Corpus
 from swarm.data.fetch import RunData, ShardFetcher
 from swarm.data.tokenizer import obtain_run_tokenizer
@@ -170,7 +171,8 @@ class Peer(SwarmNode):
     async def _round_loop(self) -> None:
         """Train, submit, settle, round after round. With `outer.overlap` the manifest of round r is
         awaited only after round r+1's inner steps (swarm/overlap.py); otherwise right away."""
-        self._overlap = self.run.outer.overlap
+        # Inline modes (SPSA) replay each round's update from the agreed state: they keep in step.
+        self._overlap = self.run.outer.overlap and not self.mode.inline_payload
         self._leftover: _InFlight | None = None
         self.sinks = await asyncio.to_thread(
             MetricSinks.open,
@@ -230,9 +232,14 @@ class Peer(SwarmNode):
     async def _submit(self, r: int, work: RoundWork) -> _InFlight:
         """Encode and announce our payload of round r (on the agreed θ(r)) and start settling it."""
         state = self.agreement.state
-        encoded = await asyncio.to_thread(self.encoder.encode, work.delta, r)
+        if work.inline is not None:  # a mode whose payload rides in the submission record
+            encoded = Encoded(work.inline, payload_digest(work.inline))
+        else:
+            encoded = await asyncio.to_thread(self.encoder.encode, work.delta, r)
         self.store.blobs.put(encoded.digest, encoded.data)
-        sub = Submission(self.peer_id, r, encoded.digest, len(encoded.data), state.hash, work.tokens, work.loss)
+        sub = Submission(
+            self.peer_id, r, encoded.digest, len(encoded.data), state.hash, work.tokens, work.loss, inline=work.inline or b""
+        )
         await self.dht.put(submit_key(self.run.run_id, r), sub, ttl_s=self.run.round_timeout_s * 4 + 60)
         self.status.phase, self.status.loss = "exchanging", work.loss
         self.status.tokens_per_s = work.tokens / max(work.compute_s, 1e-9)
@@ -301,6 +308,7 @@ class Peer(SwarmNode):
             "tokens": work.tokens if work else 0,
             "tokens_per_s": work.tokens / round_s if work else 0.0,
             "compute_s": work.compute_s if work else 0.0,
+            "apply_s": self.agreement.apply_s,
             "round_s": round_s,
             "submitted_at": flight.submitted_at,  # with the row's "time" (applied): round-close latency
             "payload_bytes": len(encoded.data) if encoded else 0,
@@ -312,7 +320,7 @@ class Peer(SwarmNode):
         }
         metrics.write(row)
         logger.info(
-            "round %d | loss %s | %.0f tok/s | sent %s recv %s | payload %s (%sx) | %d applied | %s",
+            "round %d | loss %s | %.0f tok/s | sent %s recv %s | payload %s (%sx) | %d applied in %.2fs | %s",
             r,
             f"{work.loss:.4f}" if work else "-",
             row["tokens_per_s"],
@@ -321,6 +329,7 @@ class Peer(SwarmNode):
             _human(len(encoded.data) if encoded else 0),
             f"{dense_bytes / len(encoded.data):.0f}" if encoded else "-",
             applied,
+            self.agreement.apply_s,
             state.hash[:10],
         )
 

@@ -48,12 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="one-step-delayed outer updates (train round r+1 while round r settles): with, without, or both (default %(default)s)",
     )
     parser.add_argument(
-        "--modes", default="sparseloco,diloco", help="swarms to run; one mode prints only its overlap table (default %(default)s)"
-    )
-    parser.add_argument(
         "--link",
         metavar="RATE:DELAY[:LOSS]",
         help="run each process in its own network namespace behind this shaped link, e.g. 20mbit:50ms (launch/testbed.py; root)",
+    )
+    parser.add_argument(
+        "--modes", default="sparseloco,diloco", help="swarms to run; one mode prints only its overlap table (default %(default)s)"
     )
     parser.add_argument("--workdir", default=None)
 

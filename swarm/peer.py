@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from swarm import __version__
-from swarm.codec import payload_digest
+from swarm.codec import PayloadError, payload_digest
 from swarm.data.corpus import Corpus
 from swarm.data.fetch import RunData, ShardFetcher
 from swarm.data.tokenizer import obtain_run_tokenizer
@@ -220,7 +220,7 @@ class Peer(SwarmNode):
                     if not landed or self.agreement.state.round != r or await self.agreement.closed(r):
                         continue  # reloaded, or too late for round r: its work is dropped
                 flight = await self._submit(r, work)
-                if not self._overlap:
+                if flight.next_base is None:  # in step: this round settles before the next one trains
                     await self._land(flight, metrics)
                     flight = None
         finally:
@@ -249,9 +249,15 @@ class Peer(SwarmNode):
         base = await asyncio.to_thread(self._next_base, state, encoded, r) if self._overlap else None
         return self._settle(r, work, encoded, base)
 
-    def _next_base(self, state: GlobalState, encoded: Encoded, r: int) -> GlobalState:
-        """Where round r+1 starts: θ(r) advanced by our own payload as if it were the mean (overlap.py)."""
-        return next_base(state, self.store.decode(encoded.data, sender=self.peer_id, round_no=r), self.mode)
+    def _next_base(self, state: GlobalState, encoded: Encoded, r: int) -> GlobalState | None:
+        """Where round r+1 starts: θ(r) advanced by our own payload as if it were the mean (overlap.py).
+        None (this round in step) if our own payload does not decode: it cannot be the mean of anything."""
+        try:
+            tensors = self.store.decode(encoded.data, sender=self.peer_id, round_no=r)
+        except PayloadError as e:
+            logger.error("round %d: our own payload does not decode (%s); not overlapping this round", r, e)
+            return None
+        return next_base(state, tensors, self.mode)
 
     def _settle(self, r: int, work: RoundWork | None, encoded: Encoded | None, base: GlobalState | None) -> _InFlight:
         task = asyncio.create_task(self.agreement.settle_round(r, lambda: reload_state(self)))

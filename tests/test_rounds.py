@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from swarm.evidence import EquivocationWitness
 from swarm.leadership import agreed_hash, canonical_manifest, leader_rank, should_lead
 from swarm.net.dht import Signed
 from swarm.net.records import Heartbeat, Manifest, Phase
-from swarm.evidence import EquivocationWitness
 
 
 def beat(pid: str, round_no: int, h: str, *, coordinator: bool = False, phase: Phase = "training") -> Heartbeat:

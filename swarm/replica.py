@@ -56,6 +56,19 @@ def data_config(run: RunConfig) -> DataConfig:
     )
 
 
+def shard_stream(run: RunConfig, corpus: Corpus, shard: int) -> BatchStream:
+    """The training batches of data shard `shard` (of a sharded corpus: its part of one file)."""
+    _, sub_shard, sub_shards = stream_slot(len(run.corpus), run.num_shards, shard)
+    return BatchStream(
+        corpus.train_tokens,
+        batch_size=run.batch_size,
+        seq_len=run.seq_len,
+        seed=run.seed,
+        shard=sub_shard,
+        num_shards=sub_shards,
+    )
+
+
 def optim_config(run: RunConfig) -> OptimConfig:
     return OptimConfig(
         lr=run.inner_lr,
@@ -151,15 +164,7 @@ class Replica:
             freeze_experts(self.model, experts)
         self.optimizer = build_optimizer(self.model, optim_config(run))
         self.trainer = Trainer(self.model, self.optimizer, optim_config(run), device=device)
-        _, sub_shard, sub_shards = stream_slot(len(run.corpus), run.num_shards, shard)  # a sharded corpus: one file's part
-        self.stream = BatchStream(
-            self.corpus.train_tokens,
-            batch_size=run.batch_size,
-            seq_len=run.seq_len,
-            seed=run.seed,
-            shard=sub_shard,
-            num_shards=sub_shards,
-        )
+        self.stream = shard_stream(run, self.corpus, shard)
 
     def train_experts(self, experts: list[tuple[int, int]]) -> None:
         """Train these experts from now on; AdamW moments of parameters still trained are kept."""

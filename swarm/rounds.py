@@ -123,8 +123,9 @@ class RoundAgreement:
                 started = time.monotonic()
             beats, agreed = await self._view(round_no)
             may_lead = self._peers_may_lead(round_no, beats, agreed, started)
-            quorum = peer_quorum(len(self._expected(round_no, beats)))
-            manifest = await self.find_manifest(round_no, agreed, peers_may_lead=may_lead, quorum=quorum)
+            manifest = await self.find_manifest(
+                round_no, agreed, peers_may_lead=may_lead, quorum=self._lookup_quorum(round_no, beats)
+            )
             if manifest is not None:
                 return manifest
             if await self._should_lead(round_no, beats, agreed, may_lead):
@@ -135,10 +136,24 @@ class RoundAgreement:
 
     def _peers_may_lead(self, round_no: int, beats: list[Heartbeat], agreed: str | None, started: float | None) -> bool:
         """Peers lead while the coordinator is away, or once it has let a view timeout pass since the
-        round's first submission without closing it."""
+        round's first submission without closing it. The coordinator itself takes a peer's manifest
+        only once most peers report having applied it (it fell behind and they went on without it):
+        publishing its own then would split the swarm."""
+        if self.node.peer_id == self.run.coordinator:
+            trainers = [b for b in beats if b.peer_id != self.run.coordinator and b.phase != "joining"]
+            return 2 * sum(b.round > round_no for b in trainers) > len(trainers)
         if not coordinator_holds(round_no, beats, self.run.coordinator, agreed):
             return True
         return started is not None and time.monotonic() - started > self.run.leader_timeout_s
+
+    def _lookup_quorum(self, round_no: int, beats: list[Heartbeat]) -> int:
+        """Contributions a peer-led manifest must list to be taken: a majority of the round's live
+        trainers (for the coordinator, which looks only when it fell behind, those already past the
+        round count too)."""
+        if self.node.peer_id != self.run.coordinator:
+            return peer_quorum(len(self._expected(round_no, beats)))
+        around = [b for b in beats if b.peer_id != self.run.coordinator and b.phase != "joining" and abs(b.round - round_no) <= 1]
+        return peer_quorum(sum(not self.validator.banned(b.peer_id) for b in around))
 
     async def _view(self, round_no: int) -> tuple[list[Heartbeat], str | None]:
         """Live admitted peers (ourselves included, as we are now) and the agreed state of round r."""
@@ -186,7 +201,9 @@ class RoundAgreement:
             may_lead = self._peers_may_lead(round_no, beats, agreed, started)
             expected = self._expected(round_no, beats)
             quorum = peer_quorum(len(expected)) if self.node.peer_id != self.run.coordinator else 0
-            other = await self.find_manifest(round_no, agreed, peers_may_lead=may_lead, quorum=quorum)
+            other = await self.find_manifest(
+                round_no, agreed, peers_may_lead=may_lead, quorum=self._lookup_quorum(round_no, beats)
+            )
             if other is not None:
                 return other
             subs = await self._submissions(round_no)

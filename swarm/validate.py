@@ -94,12 +94,12 @@ class Validator:
             data = await asyncio.wait_for(self.store.get(self.node.server.p2p, sub.digest, [sub.peer_id]), deadline)
         except asyncio.TimeoutError:  # served too slowly: it costs the round at most the deadline
             return Verdict(f"{NOT_DELIVERED} within {deadline:.0f} s")
+        except TransferError as e:  # the sender is gone or unreachable: absent, not at fault
+            return Verdict(f"{NOT_DELIVERED}: {e}")
         try:
             tensors = await asyncio.to_thread(self.store.decode, data, sender=sub.peer_id, round_no=round_no)
         except PayloadError as e:
             return Verdict(f"malformed payload: {e.reason}", fault=True)
-        except TransferError as e:
-            return Verdict(f"{NOT_DELIVERED}: {e}")
         except Exception as e:  # the codec must not crash the leader on hostile bytes, whatever it raises
             logger.exception("unexpected error validating the payload of %s", sub.peer_id[-8:])
             return Verdict(f"malformed payload: {type(e).__name__}", fault=True)

@@ -80,3 +80,34 @@ def test_a_peer_that_delivers_nothing_twice_is_no_longer_waited_for():
     assert validator.waited_for("worker") and not validator.banned("idler"), "an absence is no strike"
     validator.record(Manifest(9, "P", "h", [], [Rejection("idler", "late", False)], 0.0))
     assert validator.waited_for("idler"), "delivering again (even a rejected payload) restores the wait"
+
+
+def test_a_sender_nobody_can_dial_is_absent_not_a_crash():
+    """A peer that died after submitting: the leader's fetch fails to dial it. The round goes on
+    without it (not delivered, no strike); the error must not escape and stop the leader."""
+    import asyncio
+
+    from swarm.net.records import Submission
+    from swarm.net.transfer import TransferError
+    from swarm.validate import NOT_DELIVERED
+
+    class _Store:
+        async def get(self, p2p, digest, holders):
+            raise TransferError("all dials failed")
+
+    class _Server:
+        p2p = None
+
+    class _Mode:
+        inline_payload = False
+
+    class _LiveRun(_Run):
+        round_timeout_s = 5.0
+
+    node = _Node()
+    node.run = _LiveRun()
+    node.server = _Server()  # type: ignore[attr-defined]
+    validator = Validator(node, _Store(), _Mode())  # type: ignore[arg-type]
+    sub = Submission("gone", 3, "d" * 64, 10, "h", 100, 1.0)
+    verdict = asyncio.run(validator.check(3, "h", sub))
+    assert verdict.reason and verdict.reason.startswith(NOT_DELIVERED) and not verdict.fault

@@ -19,14 +19,12 @@ import torch
 from models import build_model, split_stages
 from models.subspace import Subspace
 from swarm.data.corpus import Corpus, load_corpus
-from swarm.data.sampler import BatchStream
-from swarm.data.shards import stream_slot
 from swarm.log import get_logger
 from swarm.net.records import Role
 from swarm.pipeline.link import LinkError, StageLink
 from swarm.pipeline.options import PipelineOptions
 from swarm.pipeline.schedule import StageContext, stage_step
-from swarm.replica import Replica, RoundWork, data_config, model_config, optim_config
+from swarm.replica import Replica, RoundWork, data_config, model_config, optim_config, shard_stream
 from swarm.run import RunConfig
 from swarm.state import GlobalState
 from swarm.train.optim import build_optimizer, lr_at
@@ -66,15 +64,7 @@ class StageTrainer:
         self.prev = peers[role.stage - 1] if role.stage > 0 else None
         self.next = peers[role.stage + 1] if role.stage + 1 < len(peers) else None
         link.set_neighbours(self.prev, self.next)  # now: a neighbour may start the round before us
-        _, sub_shard, sub_shards = stream_slot(len(run.corpus), run.num_shards, role.data_shard)  # as a Replica reads it
-        self.stream = BatchStream(
-            corpus.train_tokens,
-            batch_size=run.batch_size,
-            seq_len=run.seq_len,
-            seed=run.seed,
-            shard=sub_shard,
-            num_shards=sub_shards,
-        )
+        self.stream = shard_stream(run, corpus, role.data_shard)  # as a Replica reads it
 
     def trained_names(self) -> list[str]:
         return sorted(n for n, _ in self.stage.named_parameters())

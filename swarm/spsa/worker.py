@@ -17,10 +17,9 @@ import torch
 
 from models import build_model
 from swarm.data.corpus import Corpus, load_corpus
-from swarm.data.sampler import BatchStream, eval_batches
-from swarm.data.shards import stream_slot
+from swarm.data.sampler import eval_batches
 from swarm.modes import mode_for
-from swarm.replica import Replica, RoundWork, data_config, model_config
+from swarm.replica import Replica, RoundWork, data_config, model_config, shard_stream
 from swarm.run import RunConfig
 from swarm.spsa.perturb import two_point
 from swarm.spsa.scalar import encode_scalars
@@ -54,15 +53,7 @@ class SpsaWorker(Replica):
         mode_for(run).prepare_model(self.model)
         self.model.requires_grad_(False)
         self.model.eval()  # dropout off: L+ and L− must see the same function
-        _, sub_shard, sub_shards = stream_slot(len(run.corpus), run.num_shards, shard)  # as Replica reads its shard
-        self.stream = BatchStream(
-            self.corpus.train_tokens,
-            batch_size=run.batch_size,
-            seq_len=run.seq_len,
-            seed=run.seed,
-            shard=sub_shard,
-            num_shards=sub_shards,
-        )
+        self.stream = shard_stream(run, self.corpus, shard)  # as a Replica reads its shard
         self.last_scalars: list[float] = []  # the raw estimates of the last round (before the byte codec)
 
     def trained_names(self) -> list[str]:

@@ -207,3 +207,26 @@ def test_page_polls_while_the_stream_is_refused(swarm: Swarm, browser: SimpleNam
     unexpected = [p for p in browser.problems[before[1] :] if "event-stream" not in p and "503" not in p]
     del browser.requests[before[0] :], browser.problems[before[1] :]
     assert not unexpected, unexpected
+
+
+def test_recent_rounds_show_the_modes_own_figures(swarm: Swarm, browser: SimpleNamespace) -> None:
+    """A mode's per-round figures (SPSA: scalars and their bytes) appear as extra columns, by name."""
+    snapshot = wait_for(lambda: (s := get_json(swarm.url + "api/all"))["history"]["rounds"] and s, 60, what="a closed round")
+    for r in snapshot["history"]["rounds"]:
+        r["extra"] = {"scalars": 24, "scalar_bytes": 24}
+    before = len(browser.requests), len(browser.problems)
+    with server_in_thread(snapshot) as url:
+        page = browser.page.context.new_page()
+        try:
+            page.goto(url)
+            wait_for(lambda: page.locator("#rounds tbody tr").count() > 0, 60, what="the rounds table")
+            assert page.locator("#rounds thead th").all_text_contents()[-2:] == ["scalar bytes", "scalars"]
+            first = page.locator("#rounds tbody tr").first
+            assert first.get_attribute("data-round") == str(snapshot["history"]["rounds"][-1]["round"])
+            assert first.locator('td[data-key="scalars"]').text_content() == "24"
+            assert first.locator('td[data-key="scalar_bytes"]').text_content() == "24 B"
+        finally:
+            page.close()
+    problems = browser.problems[before[1] :]
+    del browser.requests[before[0] :], browser.problems[before[1] :]
+    assert not problems, problems

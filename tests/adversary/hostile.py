@@ -13,6 +13,9 @@ It joins like anyone (it is admitted and gets a role), then misbehaves in one wa
   equivocate       publishes two different signed manifests for every round, a few seconds apart
   idle             says it is training every round but never submits (a free delay)
   slow-serve       submits every round but serves its payload only after an hour
+  malformed        each round sends a differently broken payload (truncated, unknown version, NaN or
+                   absurd quantisation table, out-of-range indices, wrong shape), cycling
+  diverge          after the first round it applies, silently perturbs its copy of the global weights
 Each attack is a small patch of the honest peer's code; everything else is join-swarm.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import struct
 import sys
 
 import torch
@@ -44,7 +48,10 @@ ATTACKS = [
     "equivocate",
     "idle",
     "slow-serve",
+    "malformed",
+    "diverge",
 ]
+MALFORMED = ["truncated", "version", "nan-table", "huge-table", "bad-index", "wrong-shape"]
 say = lambda text: print(f"hostile: {text}", file=sys.stderr, flush=True)  # noqa: E731
 
 
@@ -184,6 +191,58 @@ def copy_others() -> None:
     exchange.PayloadEncoder.encode = encode
 
 
+def malformed() -> None:
+    """Patch the encoder: every round's payload is broken in the next of MALFORMED's ways."""
+    original = exchange.PayloadEncoder.encode
+
+    def encode(self, delta, round_no):
+        fault = MALFORMED[round_no % len(MALFORMED)]
+        good = original(self, delta, round_no)
+        if fault == "truncated":
+            data = good.data[: len(good.data) // 2]
+        elif fault == "version":
+            data = good.data[:3] + bytes([99]) + good.data[4:]
+        else:
+            meta = PayloadMeta.for_sparseloco(self.compressor.config, run_id=self.run.run_id, round=round_no, sender=self.sender)
+            fresh = SparseLoCoCompressor(self.compressor.config)
+            tensors = {n: fresh.compress(n, d) for n, d in delta.items()}
+            name = sorted(tensors)[0]
+            t = tensors[name]
+            if fault == "nan-table":
+                sections = (struct.pack("<4f", *([float("nan")] * 4)), *t.sections[1:])
+            elif fault == "huge-table":
+                sections = (struct.pack("<4f", *([1e30] * 4)), *t.sections[1:])
+            elif fault == "bad-index":
+                sections = (*t.sections[:-1], b"\xff" * len(t.sections[-1]))
+            else:  # wrong-shape: a tensor of another shape under a real name
+                wrong = fresh.compress("x", torch.randn(3, 5))
+                sections, t = wrong.sections, wrong
+            tensors[name] = type(t)(t.codec, t.shape, sections, t.params)
+            data = encode_payload(meta, tensors)
+        say(f"round {round_no}: sending a {fault} payload")
+        return exchange.Encoded(data, payload_digest(data))
+
+    exchange.PayloadEncoder.encode = encode
+
+
+def diverge() -> None:
+    """Patch apply: once, after the first round we apply (whenever we joined), nudge our weights."""
+    original = rounds.RoundAgreement.apply
+    perturbed: list[int] = []
+
+    async def apply(self, manifest):
+        applied = await original(self, manifest)
+        if not perturbed:
+            perturbed.append(manifest.round)
+            with torch.no_grad():
+                next(iter(self.state.params.values())).add_(1e-3)
+            self.state.invalidate_hash()
+            say("perturbed our global weights")
+        return applied
+
+    rounds.RoundAgreement.apply = apply
+
+
 if __name__ == "__main__":
     attack, args = sys.argv[1], sys.argv[2:]
     if attack in ("sign-flip", "noise", "zero"):
@@ -200,6 +259,10 @@ if __name__ == "__main__":
         idle()
     elif attack == "slow-serve":
         slow_serve()
+    elif attack == "malformed":
+        malformed()
+    elif attack == "diverge":
+        diverge()
     else:
         raise SystemExit(f"unknown attack {attack!r}; one of {', '.join(ATTACKS)}")
     sys.exit(join.main(args))

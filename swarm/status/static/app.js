@@ -159,6 +159,40 @@ function renderOwnership(roles, peers) {
   setText("ownership-note", orphans ? `${orphans} expert(s) without an owner` : "every expert owned, in every layer");
 }
 
+// ----- recent rounds (the mode's own per-round figures, e.g. SPSA's scalars, as extra columns) --------
+
+const ROUNDS_SHOWN = 12;
+
+function fmtExtra(key, value) {
+  if (!isNum(value)) return "–";
+  return key.endsWith("bytes") ? fmtBytes(value) : Number.isInteger(value) ? String(value) : value.toPrecision(4);
+}
+
+function renderRounds(history) {
+  const rounds = (history.rounds || []).slice(-ROUNDS_SHOWN).reverse();
+  const extras = [...new Set(rounds.flatMap((r) => Object.keys(r.extra || {})))].sort();
+  const head = el("tr");
+  for (const label of ["round", "leader", "payloads", "rejected", "bytes", "eval loss"]) head.append(el("th", "", label));
+  for (const key of extras) head.append(el("th", "", key.replaceAll("_", " ")));
+  const rows = rounds.map((r) => {
+    const tr = el("tr");
+    tr.dataset.round = r.round;
+    tr.append(
+      el("td", "num", r.round), el("td", "mono", r.leader_short), el("td", "num", r.payloads),
+      el("td", "num", r.rejected), el("td", "num", fmtBytes(r.payload_bytes)), el("td", "num", fmtLoss(r.eval_loss)),
+    );
+    for (const key of extras) {
+      const td = el("td", "num", fmtExtra(key, (r.extra || {})[key]));
+      td.dataset.key = key;
+      tr.append(td);
+    }
+    return tr;
+  });
+  document.querySelector("#rounds thead").replaceChildren(head);
+  document.querySelector("#rounds tbody").replaceChildren(...rows);
+  setText("rounds-note", rounds.length ? `last ${rounds.length} closed` : "none closed yet");
+}
+
 // ----- plots -----------------------------------------------------------------------------------
 
 function niceTicks(lo, hi, count) {
@@ -291,6 +325,7 @@ function render(data, how) {
   renderPeers(data.peers);
   renderOwnership(data.roles, data.peers);
   renderPlots(data.history, data.summary, data.generated_at);
+  renderRounds(data.history);
   renderEvents(data.events);
   const lag = data.summary.observer.last_poll_at ? data.generated_at - data.summary.observer.last_poll_at : null;
   setConnection(true, `${how} · DHT read ${isNum(lag) ? lag.toFixed(1) : "–"} s ago · ${fmtClock(data.generated_at)}`);

@@ -314,7 +314,9 @@ class Peer(SwarmNode):
             "tokens": work.tokens if work else 0,
             "tokens_per_s": work.tokens / round_s if work else 0.0,
             "compute_s": work.compute_s if work else 0.0,
+            "compute_cpu_s": work.compute_cpu_s if work else 0.0,
             "apply_s": self.agreement.apply_s,
+            "apply_cpu_s": self.agreement.apply_cpu_s,
             "round_s": round_s,
             "submitted_at": flight.submitted_at,  # with the row's "time" (applied): round-close latency
             "payload_bytes": len(encoded.data) if encoded else 0,

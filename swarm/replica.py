@@ -40,6 +40,7 @@ class RoundWork:
     tokens: int
     compute_s: float  # wall time of the inner steps alone
     inline: bytes | None = None  # a mode whose payload travels inside the submission record (SPSA)
+    compute_cpu_s: float = 0.0  # CPU time of the computing thread: its wall time on a core of its own
 
 
 def model_config(run: RunConfig) -> ModelConfig:
@@ -195,7 +196,7 @@ class Replica:
         state.load_into(self.model)
         # The schedule follows the run's round, so a late joiner uses the swarm's current lr.
         self.trainer.step = state.round * self.run.inner_steps
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         losses, tokens = [], 0
         for _ in range(self.run.inner_steps):
             if stop is not None and stop.is_set():
@@ -204,9 +205,9 @@ class Replica:
             stats = self.trainer.train_step(inputs, targets)
             losses.append(stats.lm_loss)
             tokens += stats.tokens
-        compute_s = time.perf_counter() - start
+        compute_s, compute_cpu_s = time.perf_counter() - start, time.thread_time() - cpu_start
         delta = state.pseudo_gradient(self.model, self.trained_names())
-        return RoundWork(delta, sum(losses) / len(losses), tokens, compute_s)
+        return RoundWork(delta, sum(losses) / len(losses), tokens, compute_s, compute_cpu_s=compute_cpu_s)
 
     def evaluate(self, state: GlobalState) -> float:
         """Eval loss (nats/byte) of the global weights on the held-out split."""

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
@@ -42,8 +43,17 @@ from swarm.run import RunConfig
 from swarm.state import GlobalState, save_state
 from swarm.validate import NOT_DELIVERED, Validator
 
+T = TypeVar("T")
 logger = get_logger(__name__)
 MANIFEST_TTL_S = 6 * 3600
+
+
+def _cpu_timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
+    """fn(*args) and the CPU seconds this thread spent in it (torch runs its ops in the calling
+    thread when it has one thread: that is the work's time on a core of its own)."""
+    start = time.thread_time()
+    result = fn(*args)
+    return result, time.thread_time() - start
 
 
 class Diverged(RuntimeError):
@@ -67,6 +77,7 @@ class RoundAgreement:
     ignored: set[tuple[int, str]] = field(default_factory=set)  # (round, leader) of bad manifests
     coverage: dict[str, int] = field(default_factory=dict)  # slot group -> contributions, last round applied
     apply_s: float = 0.0  # seconds the last round took to decode and apply (SPSA: its replay cost)
+    apply_cpu_s: float = 0.0  # CPU time of that work: what it takes on a core of its own
 
     def __post_init__(self) -> None:
         self.validator = Validator(self.node, self.store, self.mode)
@@ -289,8 +300,9 @@ class RoundAgreement:
         blobs = await asyncio.gather(*(self._fetch(manifest, e) for e in manifest.entries))
         async with self.lock:
             started = time.perf_counter()
+            self.apply_cpu_s = 0.0
             if blobs:
-                await asyncio.to_thread(self._apply_blobs, manifest, list(blobs))
+                _, self.apply_cpu_s = await asyncio.to_thread(_cpu_timed, self._apply_blobs, manifest, list(blobs))
             else:
                 self.state.advance_without_update()
                 self.coverage = {}
@@ -308,8 +320,11 @@ class RoundAgreement:
             contributions.append((e.peer_id, e.inline))
         async with self.lock:
             started = time.perf_counter()
+            self.apply_cpu_s = 0.0
             if contributions:
-                await asyncio.to_thread(self.mode.apply_inline, self.state, manifest.round, contributions)
+                _, self.apply_cpu_s = await asyncio.to_thread(
+                    _cpu_timed, self.mode.apply_inline, self.state, manifest.round, contributions
+                )
             else:
                 self.state.advance_without_update()
             self.apply_s = time.perf_counter() - started

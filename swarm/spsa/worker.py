@@ -72,7 +72,7 @@ class SpsaWorker(Replica):
     @torch.no_grad()
     def train_round(self, state: GlobalState, stop: threading.Event | None = None) -> RoundWork | None:
         """K estimates on θ(t); their bytes are the round's payload (None if stopped midway)."""
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         scalars, losses, tokens = [], [], 0
         for k in range(self.samples):
             if stop is not None and stop.is_set():
@@ -85,7 +85,8 @@ class SpsaWorker(Replica):
             tokens += 2 * targets.numel()
         self.last_scalars = scalars
         inline = encode_scalars(scalars, self.scalar_scale)
-        return RoundWork({}, sum(losses) / len(losses), tokens, time.perf_counter() - start, inline=inline)
+        compute_s, compute_cpu_s = time.perf_counter() - start, time.thread_time() - cpu_start
+        return RoundWork({}, sum(losses) / len(losses), tokens, compute_s, inline=inline, compute_cpu_s=compute_cpu_s)
 
     def evaluate(self, state: GlobalState) -> float:
         state.load_into(self.model)

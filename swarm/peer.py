@@ -206,7 +206,7 @@ class Peer(SwarmNode):
                 await self._refresh_role()
                 self.status.phase = "training"
                 await self.publish_heartbeat()
-                links_before, started_at = self._link_bytes(), time.perf_counter()
+                links_before, started_at, trained_from = self._link_bytes(), time.perf_counter(), time.time()
                 work = await asyncio.to_thread(self.replica.train_round, base, self.stopping)
                 self._note_link_rates(links_before, time.perf_counter() - started_at)
                 if work is None and self.stopping.is_set():
@@ -220,6 +220,7 @@ class Peer(SwarmNode):
                     if not landed or self.agreement.state.round != r or await self.agreement.closed(r):
                         continue  # reloaded, or too late for round r: its work is dropped
                 flight = await self._submit(r, work)
+                flight.trained_from = trained_from
                 if flight.next_base is None:  # in step: this round settles before the next one trains
                     await self._land(flight, metrics)
                     flight = None
@@ -319,6 +320,7 @@ class Peer(SwarmNode):
             "apply_cpu_s": self.agreement.apply_cpu_s,
             "round_s": round_s,
             "submitted_at": flight.submitted_at,  # with the row's "time" (applied): round-close latency
+            "trained_from": flight.trained_from,  # wall clock when this round's inner steps began
             "payload_bytes": len(encoded.data) if encoded else 0,
             "compression": dense_bytes / len(encoded.data) if encoded else None,
             "bytes_sent": self.traffic.sent,
@@ -358,6 +360,7 @@ class _InFlight:
     settle: asyncio.Task[tuple[Manifest, int | None]]
     next_base: GlobalState | None  # where the next round's inner steps start (overlap only)
     submitted_at: float | None = None  # wall clock when our submission went out
+    trained_from: float | None = None  # wall clock when our inner steps of this round began
 
 
 class _MetricsFile:

@@ -157,10 +157,20 @@ def run_swarm(workdir: Path, run: dict, peers: int, rounds: int, *, link: str | 
 
 
 def _compute_fractions(rows: list[dict]) -> list[float]:
+    """Per peer: time in inner steps / wall, from the start of its first trained round in `rows` to
+    the start of its last one (each round's inner steps plus whatever the peer did or waited for
+    before the next began), so that in step and overlapped schedules are measured alike."""
     per_peer: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
-        per_peer.setdefault(row["peer"], []).append((row["compute_s"], row["round_s"]))
-    return [sum(c for c, _ in v) / sum(w for _, w in v) for v in per_peer.values() if sum(w for _, w in v) > 0]
+        if row.get("trained_from"):
+            per_peer.setdefault(row["peer"], []).append((row["trained_from"], row["compute_s"]))
+    fractions = []
+    for trained in per_peer.values():
+        trained.sort()
+        span = trained[-1][0] - trained[0][0]
+        if len(trained) >= 2 and span > 0:
+            fractions.append(sum(c for _, c in trained[:-1]) / span)
+    return fractions
 
 
 def run_solo_baseline(args: argparse.Namespace, preset: str) -> dict:

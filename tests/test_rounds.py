@@ -112,3 +112,21 @@ def test_a_peer_led_manifest_needs_a_quorum_of_contributions_the_coordinators_do
     assert canonical_manifest(alone, 3, coordinator="c", agreed="good", quorum=2) is None, "a leader alone decides nothing"
     assert leader_of(canonical_manifest([*alone, listing("p2", 2)], 3, coordinator="c", agreed="good", quorum=2)) == "p2"
     assert leader_of(canonical_manifest([listing("c", 0)], 3, coordinator="c", agreed="good", quorum=2)) == "c"
+
+
+def test_a_coordinator_that_fell_behind_takes_the_round_its_peers_already_applied():
+    """Peers lead while the coordinator does not hold the round's state. When it catches up, it must
+    take their manifest if most of them applied it (publishing its own would fork the swarm), and
+    otherwise lead as usual: a peer's manifest the others did not apply decides nothing."""
+    from types import SimpleNamespace
+
+    from swarm.rounds import RoundAgreement
+
+    node = SimpleNamespace(peer_id="c", run=SimpleNamespace(coordinator="c"))
+    agreement = RoundAgreement(node, None, None, None)  # type: ignore[arg-type]
+    me = beat("c", 5, "h")
+    moved_on = [me, beat("a", 6, "n"), beat("b", 6, "n"), beat("d", 5, "h"), beat("j", 0, "", phase="joining")]
+    assert agreement._peers_may_lead(5, moved_on, "h", started=None)
+    assert agreement._lookup_quorum(5, moved_on) == 2  # a majority of the 3 trainers around round 5
+    waiting = [me, beat("a", 5, "h"), beat("b", 6, "n"), beat("d", 5, "h")]
+    assert not agreement._peers_may_lead(5, waiting, "h", started=None)

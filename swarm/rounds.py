@@ -32,8 +32,10 @@ from swarm.net.records import (
     Heartbeat,
     Manifest,
     ManifestEntry,
+    Role,
     Submission,
     manifest_key,
+    role_key,
     submit_key,
 )
 from swarm.net.schema import encode_record
@@ -83,6 +85,7 @@ class RoundAgreement:
         self.validator = Validator(self.node, self.store, self.mode)
         self.witness = EquivocationWitness()
         self._proofs_ok: dict[tuple[str, str], bool] = {}
+        self._admitted: set[str] = set()  # left the roster since, but the coordinator's role for them stands
 
     @property
     def run(self) -> RunConfig:
@@ -106,9 +109,24 @@ class RoundAgreement:
         await self.witness.publish(self.node)
         found = [m for m in found if (round_no, m.signer) not in self.ignored and m.signer not in self.witness.equivocators]
         members = await self.node.members()
+        for signer in {m.signer for m in found} - members:  # a leader that has left since (a node replaying old rounds)
+            if await self._was_admitted(signer):
+                members = members | {signer}
         return canonical_manifest(
             found, round_no, self.run.coordinator, agreed, members=members, peers_may_lead=peers_may_lead, quorum=quorum
         )
+
+    async def _was_admitted(self, peer_id: str) -> bool:
+        """Whether the coordinator admitted this peer (its signed role lives 24 h): a manifest it led
+        while a member stays valid for the nodes that catch up on that round after it left."""
+        if peer_id not in self._admitted:
+            item = await self.node.dht.get_from(role_key(self.run.run_id, peer_id), Role, self.run.coordinator)
+            if item is None or item.record.peer_id != peer_id:
+                return False
+            if len(self._admitted) > 4096:
+                self._admitted.clear()
+            self._admitted.add(peer_id)
+        return True
 
     def _signed_by_leader(self, signed: Signed[Manifest]) -> bool:
         """A manifest counts only with a valid proof by its signer (verified once per version)."""
@@ -148,14 +166,14 @@ class RoundAgreement:
     def _peers_may_lead(self, round_no: int, beats: list[Heartbeat], agreed: str | None, started: float | None) -> bool:
         """Peers lead while the coordinator is away, or once it has let a view timeout pass since the
         round's first submission without closing it. The coordinator itself takes a peer's manifest
-        only once most peers report having applied it (it fell behind and they went on without it):
-        publishing its own then would split the swarm."""
+        once its own view timeout has passed (followers may have taken it by then), or once most peers
+        report having applied it (it fell behind and they went on without it): publishing its own
+        then would split the swarm."""
+        timed_out = started is not None and time.monotonic() - started > self.run.leader_timeout_s
         if self.node.peer_id == self.run.coordinator:
             trainers = [b for b in beats if b.peer_id != self.run.coordinator and b.phase != "joining"]
-            return 2 * sum(b.round > round_no for b in trainers) > len(trainers)
-        if not coordinator_holds(round_no, beats, self.run.coordinator, agreed):
-            return True
-        return started is not None and time.monotonic() - started > self.run.leader_timeout_s
+            return timed_out or 2 * sum(b.round > round_no for b in trainers) > len(trainers)
+        return timed_out or not coordinator_holds(round_no, beats, self.run.coordinator, agreed)
 
     def _lookup_quorum(self, round_no: int, beats: list[Heartbeat]) -> int:
         """Contributions a peer-led manifest must list to be taken: a majority of the round's live
@@ -222,6 +240,7 @@ class RoundAgreement:
                 seen.setdefault(peer, polls)
             if subs and first_seen is None:
                 first_seen = time.monotonic()
+                started = first_seen if started is None else started  # the round is under way: the view timeout runs
             if not await self._should_lead(round_no, beats, agreed, may_lead):
                 return None  # a better-ranked leader has appeared
             everyone_in = expected <= set(subs) and len(subs) >= self.run.min_peers
@@ -230,6 +249,11 @@ class RoundAgreement:
                 break
             await asyncio.sleep(self.poll_s)
         entries, rejected = await self.validator.validate(round_no, self.state.hash, subs, seen)
+        beats, agreed = await self._view(round_no)  # validating took a while: did the round close meanwhile?
+        may_lead = self._peers_may_lead(round_no, beats, agreed, started)
+        other = await self.find_manifest(round_no, agreed, peers_may_lead=may_lead, quorum=self._lookup_quorum(round_no, beats))
+        if other is not None:
+            return other
         if len(entries) < quorum:  # followers would not take it; wait on (or for the next view)
             logger.info("round %d: %d valid contributions, below the quorum of %d", round_no, len(entries), quorum)
             await asyncio.sleep(self.poll_s * 8)

@@ -106,9 +106,12 @@ def test_history_has_consecutive_rounds_with_costs_and_losses(swarm: Swarm) -> N
 
 
 def test_events_show_joins_and_roles(swarm: Swarm) -> None:
-    events = api(swarm.url, "/api/events")
-    kinds = {(e["kind"], e["name"]) for e in events}
-    assert ("join", "alice") in kinds and ("join", "bob") in kinds
+    def joined() -> list | None:  # each peer's event log reaches the page on its next DHT read
+        events = api(swarm.url, "/api/events")
+        kinds = {(e["kind"], e["name"]) for e in events}
+        return events if ("join", "alice") in kinds and ("join", "bob") in kinds else None
+
+    events = wait_for(joined, 60, "both joins on the page", swarm.cluster)
     assert any(e["kind"] == "role" for e in events)
     times = [e["time"] for e in events]
     assert times == sorted(times, reverse=True)

@@ -150,11 +150,7 @@ class RoundAgreement:
         while True:
             if started is None and await self._submissions(round_no):
                 started = time.monotonic()
-            beats, agreed = await self._view(round_no)
-            may_lead = self._peers_may_lead(round_no, beats, agreed, started)
-            manifest = await self.find_manifest(
-                round_no, agreed, peers_may_lead=may_lead, quorum=self._lookup_quorum(round_no, beats)
-            )
+            beats, agreed, may_lead, manifest = await self._look(round_no, started)
             if manifest is not None:
                 return manifest
             if await self._should_lead(round_no, beats, agreed, may_lead):
@@ -162,6 +158,14 @@ class RoundAgreement:
                 if manifest is not None:
                     return manifest
             await asyncio.sleep(self.poll_s)
+
+    async def _look(self, round_no: int, started: float | None) -> tuple[list[Heartbeat], str | None, bool, Manifest | None]:
+        """The view of round r (live members, agreed state, whether peers may lead) and the manifest
+        to take, if one has been published."""
+        beats, agreed = await self._view(round_no)
+        may_lead = self._peers_may_lead(round_no, beats, agreed, started)
+        quorum = self._lookup_quorum(round_no, beats)
+        return beats, agreed, may_lead, await self.find_manifest(round_no, agreed, peers_may_lead=may_lead, quorum=quorum)
 
     def _peers_may_lead(self, round_no: int, beats: list[Heartbeat], agreed: str | None, started: float | None) -> bool:
         """Peers lead while the coordinator is away, or once it has let a view timeout pass since the
@@ -226,13 +230,9 @@ class RoundAgreement:
         polls = 0
         while True:
             polls += 1
-            beats, agreed = await self._view(round_no)
-            may_lead = self._peers_may_lead(round_no, beats, agreed, started)
+            beats, agreed, may_lead, other = await self._look(round_no, started)
             expected = self._expected(round_no, beats)
             quorum = peer_quorum(len(expected)) if self.node.peer_id != self.run.coordinator else 0
-            other = await self.find_manifest(
-                round_no, agreed, peers_may_lead=may_lead, quorum=self._lookup_quorum(round_no, beats)
-            )
             if other is not None:
                 return other
             subs = await self._submissions(round_no)
@@ -249,9 +249,7 @@ class RoundAgreement:
                 break
             await asyncio.sleep(self.poll_s)
         entries, rejected = await self.validator.validate(round_no, self.state.hash, subs, seen)
-        beats, agreed = await self._view(round_no)  # validating took a while: did the round close meanwhile?
-        may_lead = self._peers_may_lead(round_no, beats, agreed, started)
-        other = await self.find_manifest(round_no, agreed, peers_may_lead=may_lead, quorum=self._lookup_quorum(round_no, beats))
+        *_, other = await self._look(round_no, started)  # validating took a while: did the round close meanwhile?
         if other is not None:
             return other
         if len(entries) < quorum:  # followers would not take it; wait on (or for the next view)

@@ -9,6 +9,13 @@ stream after any constrained block is ``T_fixed[x] + (something in span(U))``, s
 exactly. The last block's output never crosses a link, so it is exempt. Gradients go back the same
 way: dL/dc = U^T dL/dh, also k numbers per token.
 
+With ``fold_embedding`` the learnable embedding is not held in span(U): its part outside span(U),
+``E (I - U U^T)``, is folded into the link's fixed table for the round (``begin_round``), so the link
+uses ``T_fixed + E_r (I - U U^T)`` in place of ``T_fixed``. A stage's own updates of E stay in span(U)
+(``project_model_`` keeps the round's off-span part), so the link is exact all round, while the
+off-span change that unconstrained full replicas (and top-k) make to E survives the outer step
+instead of being projected away: the model keeps a full-rank token embedding.
+
 Nothing here knows about networks; swarm/pipeline/ carries ``c`` and its gradient between peers.
 """
 
@@ -34,6 +41,7 @@ class SubspaceConfig:
     ratio: int
     seed: int = 0  # the run seed
     t_fixed_std: float = 0.02  # the scale of the learnable embedding at init, so neither part dominates
+    fold_embedding: bool = False  # E's part outside span(U) joins the link's fixed table instead of being projected
 
     def __post_init__(self) -> None:
         if self.ratio < 1 or self.d_model < 1 or self.vocab_size < 1:
@@ -48,8 +56,13 @@ class SubspaceConfig:
 
 def constrained_names(n_layers: int) -> list[str]:
     """Parameters that write into the residual stream before the last block (kept in span(U))."""
-    names = ["tok_emb.weight"]
-    for i in range(n_layers - 1):  # the last block's output is never sent: exempt
+    return ["tok_emb.weight", *writer_names(n_layers)]
+
+
+def writer_names(n_layers: int) -> list[str]:
+    """The blocks' residual writers before the last block (the last block's output is never sent)."""
+    names = []
+    for i in range(n_layers - 1):
         names += [f"blocks.{i}.attn.out.weight", f"blocks.{i}.ffn.w_down.weight"]
     return names
 
@@ -64,10 +77,38 @@ class Subspace:
         self.U = _orthonormal_columns(gauss).to(torch.float32)  # (d, k)
         t_fixed = torch.randn(cfg.vocab_size, cfg.d_model, generator=gen, dtype=torch.float64) * cfg.t_fixed_std
         self.T_fixed = t_fixed.to(torch.float32)  # (V, d)
+        self.drift: torch.Tensor | None = None  # E_r (I - U U^T) of the round (fold_embedding only)
+        self._folded: torch.Tensor | None = None  # T_fixed + drift
 
     @property
     def k(self) -> int:
         return self.cfg.k
+
+    @property
+    def table(self) -> torch.Tensor:
+        """What the link subtracts and adds back per token: T_fixed, plus the round's drift when folding."""
+        return self._folded if self._folded is not None else self.T_fixed
+
+    @property
+    def fold(self) -> bool:
+        return self.cfg.fold_embedding
+
+    def held_names(self, n_layers: int) -> list[str]:
+        """Parameters the agreed state keeps in span(U): every writer, and E unless it is folded."""
+        return writer_names(n_layers) if self.fold else constrained_names(n_layers)
+
+    @torch.no_grad()
+    def begin_round(self, tok_emb: torch.Tensor, device: torch.device | None = None) -> None:
+        """Fix the link's table for a round from the round's agreed embedding ``E_r`` (every stage
+        holds the same one). Without folding the table is ``T_fixed`` and this only moves it."""
+        device = device or tok_emb.device
+        self.U, self.T_fixed = self.U.to(device), self.T_fixed.to(device)
+        if not self.fold:
+            return
+        e = tok_emb.detach().to(device=device, dtype=torch.float64)
+        u = self.U.double()
+        self.drift = (e - (e @ u) @ u.T).to(self.T_fixed.dtype)
+        self._folded = self.T_fixed + self.drift
 
     def digest(self) -> str:
         """sha256 over the bytes of U and T_fixed: peers compare it to know they derived the same ones."""
@@ -78,24 +119,27 @@ class Subspace:
 
     def to(self, device: torch.device) -> Subspace:
         self.U, self.T_fixed = self.U.to(device), self.T_fixed.to(device)
+        if self.drift is not None and self._folded is not None:
+            self.drift, self._folded = self.drift.to(device), self._folded.to(device)
         return self
 
     # ----- the link ------------------------------------------------------------------------------
 
     def compress(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """``c = U^T (h - T_fixed[tokens])``: (B, T, d) -> (B, T, k), differentiable."""
-        return (h - self.T_fixed[tokens]) @ self.U
+        """``c = U^T (h - T[tokens])``: (B, T, d) -> (B, T, k), differentiable (T: the round's table)."""
+        return (h - self.table[tokens]) @ self.U
 
     def expand(self, c: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """``h = U c + T_fixed[tokens]``: (B, T, k) -> (B, T, d), differentiable."""
-        return c @ self.U.T + self.T_fixed[tokens]
+        """``h = U c + T[tokens]``: (B, T, k) -> (B, T, d), differentiable."""
+        return c @ self.U.T + self.table[tokens]
 
     # ----- keeping the model in span(U) ----------------------------------------------------------
 
     @torch.no_grad()
-    def project_(self, params: dict[str, torch.Tensor], n_layers: int) -> None:
-        """Project the constrained matrices present in ``params`` onto span(U), in place."""
-        for name in constrained_names(n_layers):
+    def project_(self, params: dict[str, torch.Tensor], n_layers: int, names: list[str] | None = None) -> None:
+        """Project the matrices of ``names`` (default: every constrained one) present in ``params``
+        onto span(U), in place: for gradients and updates, which have no off-span part to keep."""
+        for name in constrained_names(n_layers) if names is None else names:
             w = params.get(name)
             if w is None:
                 continue
@@ -105,8 +149,20 @@ class Subspace:
             else:
                 w.copy_(u @ (u.T @ w))  # output rows of a Linear (d, in): U U^T W
 
+    @torch.no_grad()
     def project_model_(self, model: nn.Module, n_layers: int) -> None:
-        self.project_(dict(model.named_parameters()), n_layers)
+        """Keep a training model's writers in span(U) (after an optimizer step). When folding, E
+        keeps the round's off-span part (``begin_round``) and only its change is projected."""
+        params: dict[str, torch.Tensor] = dict(model.named_parameters())
+        self.project_(params, n_layers, writer_names(n_layers))
+        e = params.get("tok_emb.weight")
+        if e is None:
+            return
+        if not self.fold:
+            self.project_(params, n_layers, ["tok_emb.weight"])
+        elif self.drift is not None:
+            u = self.U.to(device=e.device, dtype=e.dtype)
+            e.copy_((e @ u) @ u.T + self.drift.to(device=e.device, dtype=e.dtype))
 
     def attach(self, model: LanguageModel) -> None:
         """Add ``T_fixed[x]`` to the token embedding of ``model`` (and of every stage sharing it)."""

@@ -92,6 +92,7 @@ def test_stage_slots_cover_the_model_once():
         ({"stages": 5}, "cannot be split"),
         ({"wire_dtype": "int4"}, "wire_dtype"),
         ({"link_timeout_s": 90.0}, "round_timeout_s"),
+        ({"embedding_drift": "keep"}, "embedding_drift"),
         ({"nope": 1}, "no option"),
     ],
 )
@@ -100,8 +101,9 @@ def test_bad_options_are_refused(options, message):
         _run(**options)
 
 
-def test_outer_step_keeps_the_global_weights_in_the_subspace():
-    run = _run(ratio=8)
+@pytest.mark.parametrize("drift", ["fold", "project"])
+def test_outer_step_keeps_the_global_weights_in_the_subspace(drift):
+    run = _run(ratio=8, embedding_drift=drift)
     mode = mode_for(run)
     state = initial_state(run)
     mean = {n: torch.randn_like(t) * 1e-3 for n, t in state.params.items()}
@@ -112,6 +114,13 @@ def test_outer_step_keeps_the_global_weights_in_the_subspace():
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 16))
     assert isinstance(mode, PipelineMode) and mode.subspace is not None
     sub = mode.subspace
+    e = state.params["tok_emb.weight"]
+    off_span = e - (e @ sub.U) @ sub.U.T
+    if drift == "fold":  # the off-span change of E survives the outer step, and the link folds it in
+        assert off_span.abs().max() > 1e-4
+    else:
+        assert off_span.abs().max() < 1e-6
+    sub.begin_round(e)
     first, second = split_stages(model, [2])
     with torch.no_grad():
         composed = second(sub.expand(sub.compress(first(tokens), tokens), tokens))

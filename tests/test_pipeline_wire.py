@@ -8,7 +8,7 @@ import msgpack
 import pytest
 import torch
 
-from swarm.pipeline.wire import ActivationError, MessageId, check, encode, parse
+from swarm.pipeline.wire import ActivationError, MessageId, check, encode, parse, round_trip
 
 FWD = MessageId(round=3, step=1, micro=2, direction="fwd")
 SHAPE = (2, 5, 8)
@@ -22,6 +22,35 @@ def test_round_trip(dtype, atol):
     assert y.dtype == torch.float32 and y.shape == SHAPE
     assert torch.allclose(x, y, atol=atol * 4, rtol=atol)
     assert len(encode(FWD, x, dtype)) - len(encode(FWD, x[:1], dtype)) == SHAPE[1] * SHAPE[2] * {"fp32": 4}.get(dtype, 2)
+
+
+def test_int8_keeps_each_token_to_half_a_step_of_its_own_scale_in_w_plus_2_bytes():
+    x = torch.randn(*SHAPE)
+    x[0, 0] *= 1e-9  # gradients can be tiny: the bf16 scale keeps fp32's range
+    x[1, 4] = 0.0  # an all-zero token
+    y = check(parse(encode(FWD, x, "int8")), expect=FWD, shape=SHAPE, dtype="int8")
+    step = x.abs().amax(dim=-1, keepdim=True) / 127
+    assert (y - x).abs().le(step * 0.51 + 1e-30).all()
+    assert torch.equal(y[1, 4], torch.zeros(SHAPE[2])) and y[0, 0].abs().max() > 0
+    assert torch.equal(y, round_trip(x, "int8"))  # what the benchmark simulates is what the link carries
+    assert len(encode(FWD, x, "int8")) - len(encode(FWD, x[:1], "int8")) == SHAPE[1] * (SHAPE[2] + 2)
+
+
+def _int8_body(scales: torch.Tensor, values: torch.Tensor) -> bytes:
+    return scales.to(torch.bfloat16).view(torch.uint8).numpy().tobytes() + values.to(torch.int8).numpy().tobytes()
+
+
+@pytest.mark.parametrize(
+    "scale, value, reason",
+    [(-1.0, 1, "negative or non-finite scale"), (float("inf"), 1, "non-finite scale"), (1.0, -128, "-128")],
+)
+def test_malformed_int8_is_rejected(scale, value, reason):
+    header = dict(GOOD, dtype="int8", shape=[1, 2, 2])
+    msg = parse(_frame(header, _int8_body(torch.tensor([1.0, scale]), torch.tensor([1, 2, value, 3]))))
+    with pytest.raises(ActivationError, match=reason):
+        check(msg, expect=MessageId(0, 0, 0, "fwd"), shape=(1, 2, 2), dtype="int8")
+    with pytest.raises(ActivationError, match="body has"):  # int8 bodies are measured with their scales
+        parse(_frame(header, _int8_body(torch.ones(2), torch.ones(4))[:-1]))
 
 
 def test_backward_carries_the_loss():

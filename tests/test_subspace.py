@@ -12,10 +12,10 @@ from models import LanguageModel, ModelConfig, build_model, get_preset, split_st
 from models.subspace import Subspace, SubspaceConfig, _orthonormal_columns, constrained_names
 
 
-def _setup(ratio: int = 4, seed: int = 3) -> tuple[ModelConfig, LanguageModel, Subspace]:
+def _setup(ratio: int = 4, seed: int = 3, fold: bool = False) -> tuple[ModelConfig, LanguageModel, Subspace]:
     cfg = get_preset("nano")
     model = build_model(cfg, seed=seed).double()
-    sub = Subspace(SubspaceConfig(cfg.d_model, cfg.vocab_size, ratio, seed=seed))
+    sub = Subspace(SubspaceConfig(cfg.d_model, cfg.vocab_size, ratio, seed=seed, fold_embedding=fold))
     # float64 throughout (U re-orthonormalised in float64) so exactness is checked to 1e-10
     sub.U, sub.T_fixed = _orthonormal_columns(sub.U.double()), sub.T_fixed.double()
     sub.attach(model)
@@ -60,6 +60,27 @@ def test_projected_model_equals_stage_composed_compressed_forward():
     full = model(tokens).logits
     composed = second(sub.expand(sub.compress(first(tokens), tokens), tokens))
     assert torch.allclose(full, composed, atol=1e-10)
+
+
+def test_a_folded_embedding_keeps_its_off_span_part_and_the_link_stays_exact():
+    cfg, model, sub = _setup(fold=True)
+    e = model.tok_emb.weight
+    before = e.detach().clone()
+    sub.begin_round(e)
+    sub.project_model_(model, cfg.n_layers)  # the writers move into span(U); E keeps its off-span part
+    assert torch.allclose(e, before, atol=1e-12)
+    assert (before - (before @ sub.U) @ sub.U.T).abs().max() > 1e-3  # E is not in span(U) at all
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16))
+    first, second = split_stages(model, [2])
+    composed = second(sub.expand(sub.compress(first(tokens), tokens), tokens))
+    assert torch.allclose(model(tokens).logits, composed, atol=1e-10)
+    with torch.no_grad():  # a stage's optimizer step moves E anywhere; only its in-span change is kept
+        e.add_(torch.randn_like(e) * 0.1)
+    sub.project_model_(model, cfg.n_layers)
+    assert sub.drift is not None
+    assert torch.allclose(e - (e @ sub.U) @ sub.U.T, sub.drift, atol=1e-12)
+    composed = second(sub.expand(sub.compress(first(tokens), tokens), tokens))
+    assert torch.allclose(model(tokens).logits, composed, atol=1e-10)
 
 
 def test_projection_touches_exactly_the_writers_before_the_last_block():

@@ -5,8 +5,9 @@ run's real codec, per-slot mean and the pipeline mode's outer step, projection i
 (a) R full replicas; (b) R-1 full + one 2-stage pipelined replica, uncompressed (h crosses the link
 in bf16); (c) as (b) with activations compressed to k = d/ratio (selective: only the pipelined
 replica compresses); (d) every replica a compressed 2-stage pipeline. The link is simulated in the
-autograd graph exactly as the stage link carries it: c = U^T (h - T_fixed[x]) rounded to bf16
-forward, dL/dc rounded to bf16 backward. Printed: activation bytes per token per boundary (forward;
+autograd graph exactly as the stage link carries it: c = U^T (h - T[x]) rounded to bf16 forward,
+dL/dc rounded to bf16 backward (T: T_fixed, plus the embedding's off-span part of the round when
+it is folded). Compressed configurations run once per `--embedding-drift` way (fold, project). Printed: activation bytes per token per boundary (forward;
 backward is the same), their ratio to fp32 dense activations, the time those bytes take per step
 on a simulated link, eval loss of the final weights on the held-out split, its gap to (b), and
 wall time (replicas run one after another on this machine's cores, links cost nothing here).
@@ -35,6 +36,7 @@ from swarm.data.sampler import eval_batches
 from swarm.exchange import PayloadEncoder, PayloadStore
 from swarm.modes import mode_for
 from swarm.net.transfer import Traffic
+from swarm.pipeline.wire import bytes_per_token, round_trip
 from swarm.pipeline.worker import keep_in_subspace
 from swarm.replica import Replica, data_config, initial_state, optim_config
 from swarm.run import OuterConfig, RunConfig
@@ -59,6 +61,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-batches", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
+        "--wire-dtype",
+        default="bf16",
+        choices=["bf16", "fp16", "fp32", "int8"],
+        help="of compressed activations and their gradients ((b) always sends bf16; default %(default)s)",
+    )
+    parser.add_argument(
+        "--embedding-drift",
+        default="fold,project",
+        help="compressed runs: what happens to the embedding's part outside span(U), comma list (default %(default)s)",
+    )
+    parser.add_argument(
         "--full-projection",
         choices=["step", "outer"],
         default="outer",
@@ -71,35 +84,37 @@ class _Link(torch.autograd.Function):
     gradient stage 0 gets back."""
 
     @staticmethod
-    def forward(ctx: Any, h: torch.Tensor, fixed: torch.Tensor | None, u: torch.Tensor | None) -> torch.Tensor:
-        ctx.u = u
+    def forward(
+        ctx: Any, h: torch.Tensor, fixed: torch.Tensor | None, u: torch.Tensor | None, dtype: str
+    ) -> torch.Tensor:
+        ctx.u, ctx.dtype = u, dtype
         if u is None or fixed is None:
-            return h.to(torch.bfloat16).float()
-        c = ((h - fixed) @ u).to(torch.bfloat16).float()  # (B, T, k) on the wire
+            return round_trip(h, dtype)
+        c = round_trip((h - fixed) @ u, dtype)  # (B, T, k) on the wire
         return c @ u.T + fixed
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         u = ctx.u
         if u is None:
-            return grad.to(torch.bfloat16).float(), None, None
-        grad_c = (grad @ u).to(torch.bfloat16).float()  # (B, T, k) on the wire
-        return grad_c @ u.T, None, None
+            return round_trip(grad, ctx.dtype), None, None, None
+        grad_c = round_trip(grad @ u, ctx.dtype)  # (B, T, k) on the wire
+        return grad_c @ u.T, None, None, None
 
 
 class _Pipelined(nn.Module):
     """A model cut in two stages joined by the simulated link; forward returns what Trainer reads."""
 
-    def __init__(self, model: nn.Module, subspace: Subspace | None) -> None:
+    def __init__(self, model: nn.Module, subspace: Subspace | None, dtype: str) -> None:
         super().__init__()
         cfg: Any = model.cfg
         self.first, self.second = split_stages(model, [cfg.n_layers // 2])  # type: ignore[arg-type]
-        self.subspace = subspace
+        self.subspace, self.dtype = subspace, dtype
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> SimpleNamespace:
         h = self.first(tokens)  # (B, T, C)
         sub = self.subspace
-        h = _Link.apply(h, sub.T_fixed[tokens] if sub else None, sub.U if sub else None)
+        h = _Link.apply(h, sub.table[tokens] if sub else None, sub.U if sub else None, self.dtype)
         logits = self.second(h)  # (B, T, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         return SimpleNamespace(loss=loss, lm_loss=loss)
@@ -115,11 +130,11 @@ class Result:
     act_bytes: float  # per token per boundary, forward
 
 
-def simulate(args: argparse.Namespace, name: str, ratio: int, pipelined: int) -> Result:
+def simulate(args: argparse.Namespace, name: str, ratio: int, pipelined: int, drift: str = "fold") -> Result:
     run = RunConfig(
         run_id="bench-pipeline",
         mode="pipeline",
-        mode_options={"ratio": ratio, "project_full_each_step": args.full_projection == "step"},
+        mode_options={"ratio": ratio, "project_full_each_step": args.full_projection == "step", "embedding_drift": drift},
         preset=args.preset,
         data_source=args.data,
         batch_size=args.batch_size,
@@ -132,6 +147,7 @@ def simulate(args: argparse.Namespace, name: str, ratio: int, pipelined: int) ->
         outer=OuterConfig.for_mode("pipeline"),
     )
     mode: Any = mode_for(run)
+    dtype = args.wire_dtype if ratio > 1 else "bf16"
     start = time.perf_counter()
     corpus = load_corpus(data_config(run))
     state = initial_state(run)
@@ -145,7 +161,7 @@ def simulate(args: argparse.Namespace, name: str, ratio: int, pipelined: int) ->
         for rep in replicas[: args.replicas - pipelined]:
             keep_in_subspace(rep, sub)
     for rep in replicas[args.replicas - pipelined :]:
-        rep.trainer = Trainer(_Pipelined(rep.model, sub), rep.optimizer, optim_config(run), device=torch.device("cpu"))
+        rep.trainer = Trainer(_Pipelined(rep.model, sub, dtype), rep.optimizer, optim_config(run), device=torch.device("cpu"))
         if sub is not None:  # a stage keeps its writers in span(U) after every step
             keep_in_subspace(rep, sub)
     shapes = {n: tuple(t.shape) for n, t in state.params.items()}
@@ -154,13 +170,15 @@ def simulate(args: argparse.Namespace, name: str, ratio: int, pipelined: int) ->
     for r in range(args.rounds):
         acc = SlotMean(shapes)
         loss = 0.0
+        if sub is not None:
+            sub.begin_round(state.params["tok_emb.weight"])
         for i, rep in enumerate(replicas):
             work = rep.train_round(state)
             if work is None:
                 raise RuntimeError("a replica stopped mid-round")
             loss = work.loss
             if sub is not None:
-                sub.project_(work.delta, mode.cfg.n_layers)
+                sub.project_(work.delta, mode.cfg.n_layers, sub.held_names(mode.cfg.n_layers))
             encoded = encoders[i].encode(work.delta, r)
             acc.add(store.decode(encoded.data, sender=f"replica-{i}", round_no=r))
         mode.outer_step(state, acc.mean())
@@ -169,54 +187,61 @@ def simulate(args: argparse.Namespace, name: str, ratio: int, pipelined: int) ->
     state.load_into(replicas[0].model)
     loss = evaluate(replicas[0].model, batches, device=torch.device("cpu"))
     width = sub.k if sub is not None else mode.cfg.d_model
-    return Result(name, ratio, pipelined, loss, time.perf_counter() - start, act_bytes=2.0 * width if pipelined else 0.0)
+    act = float(bytes_per_token(width, dtype)) if pipelined else 0.0
+    return Result(name, ratio, pipelined, loss, time.perf_counter() - start, act_bytes=act)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ratios = [int(x) for x in args.ratios.split(",") if x]
+    drifts = [x for x in args.embedding_drift.split(",") if x]
+    if not drifts or any(d not in ("fold", "project") for d in drifts):
+        raise SystemExit(f"--embedding-drift takes fold and/or project, got {args.embedding_drift!r}")
     tokens = args.replicas * args.batch_size * args.seq_len * args.inner_steps * args.rounds
     print(
         f"{args.preset}, {args.replicas} replicas x H={args.inner_steps} x {args.rounds} rounds = {tokens:,} tokens per "
-        f"configuration; ratios {ratios}; full replicas project at every {args.full_projection} step; data {args.data}",
+        f"configuration; ratios {ratios}, compressed activations in {args.wire_dtype}; full replicas project at every "
+        f"{args.full_projection} step; data {args.data}",
         flush=True,
     )
-    configs = [("(a) full replicas", 1, 0), ("(b) 1 pipelined, uncompressed", 1, 1)]
-    configs += [(f"(c) selective, ratio {q}", q, 1) for q in ratios]
-    configs += [(f"(d) all compressed, ratio {q}", q, args.replicas) for q in ratios]
-    results = [simulate(args, name, q, p) for name, q, p in configs]
-    _print(args, results, ratios)
+    configs = [("(a) full replicas", 1, 0, "fold"), ("(b) 1 pipelined, uncompressed", 1, 1, "fold")]
+    for drift in drifts:
+        configs += [(f"(c) selective, ratio {q}, {drift}", q, 1, drift) for q in ratios]
+        configs += [(f"(d) all compressed, ratio {q}, {drift}", q, args.replicas, drift) for q in ratios]
+    results = [simulate(args, name, q, p, drift) for name, q, p, drift in configs]
+    _print(args, results, ratios, drifts)
     return 0
 
 
-def _print(args: argparse.Namespace, results: list[Result], ratios: list[int]) -> None:
+def _print(args: argparse.Namespace, results: list[Result], ratios: list[int], drifts: list[str]) -> None:
     d = mode_d(args.preset)
     dense = 4.0 * d  # fp32 activations, bytes per token
     step_tokens = args.batch_size * args.seq_len
     base = next(r for r in results if r.name.startswith("(b)"))
     print()
-    head = f"{'configuration':<34} {'act B/token':>11} {'fp32/act':>9} {'link s/step':>11} {'eval loss':>10} {'gap to (b)':>10} {'wall s':>8}"
+    head = f"{'configuration':<40} {'act B/token':>11} {'fp32/act':>9} {'link s/step':>11} {'eval loss':>10} {'gap to (b)':>10} {'wall s':>8}"
     print(head)
     for r in results:
         fewer = f"{dense / r.act_bytes:.0f}x" if r.act_bytes else "-"
         link = f"{2 * r.act_bytes * step_tokens * 8 / (args.link_mbps * 1e6):.3f}" if r.act_bytes else "-"
         gap = (r.eval_loss - base.eval_loss) / base.eval_loss
         act = f"{r.act_bytes:.0f}" if r.act_bytes else "-"
-        print(f"{r.name:<34} {act:>11} {fewer:>9} {link:>11} {r.eval_loss:>10.4f} {gap:>+10.2%} {r.wall_s:>8.0f}")
+        print(f"{r.name:<40} {act:>11} {fewer:>9} {link:>11} {r.eval_loss:>10.4f} {gap:>+10.2%} {r.wall_s:>8.0f}")
     print()
     print(f"link column: forward + backward bytes of one {args.batch_size}x{args.seq_len} batch at {args.link_mbps:g} Mb/s")
-    for q in ratios:
-        c = next(r for r in results if r.name == f"(c) selective, ratio {q}")
-        dd = next(r for r in results if r.name == f"(d) all compressed, ratio {q}")
-        gap = (c.eval_loss - base.eval_loss) / base.eval_loss
-        ratio = dense / c.act_bytes
-        target = "<= 5% at >= 100x" if ratio >= 100 else "<= 2% at >= 25x" if ratio >= 25 else "(no target)"
-        print(
-            f"ratio {q}: {ratio:.0f}x fewer bytes than fp32, gap {gap:+.2%} (target {target}); "
-            f"selective {c.eval_loss:.4f} vs all-compressed {dd.eval_loss:.4f} "
-            f"({'selective <= all' if c.eval_loss <= dd.eval_loss else 'selective WORSE'})"
-        )
+    for drift in drifts:
+        for q in ratios:
+            c = next(r for r in results if r.name == f"(c) selective, ratio {q}, {drift}")
+            dd = next(r for r in results if r.name == f"(d) all compressed, ratio {q}, {drift}")
+            gap = (c.eval_loss - base.eval_loss) / base.eval_loss
+            ratio = dense / c.act_bytes
+            target = "<= 5% at >= 100x" if ratio >= 100 else "<= 2% at >= 25x" if ratio >= 25 else "(no target)"
+            print(
+                f"{drift}, ratio {q}: {ratio:.0f}x fewer bytes than fp32, gap {gap:+.2%} (target {target}); "
+                f"selective {c.eval_loss:.4f} vs all-compressed {dd.eval_loss:.4f} "
+                f"({'selective <= all' if c.eval_loss <= dd.eval_loss else 'selective WORSE'})"
+            )
 
 
 def mode_d(preset: str) -> int:

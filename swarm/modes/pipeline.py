@@ -8,7 +8,8 @@ to k = d / ratio numbers per token (models/subspace.py). Each stage contributes 
 averaged with the same slots of every full replica and of the same stage of other groups; a group
 missing a stage contributes nothing that round (`incomplete_contributions`). With compression on,
 every node projects the residual writers back onto span(U) after each outer step, so the global
-weights always satisfy the constraint that makes the link exact.
+weights always satisfy the constraint that makes the link exact; the embedding's part outside
+span(U) is either projected too or folded into the link's fixed table (`embedding_drift`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from models import get_preset
-from models.subspace import constrained_names
 from swarm.modes.base import TrainingMode
 from swarm.net.records import Capacity, Role
 from swarm.pipeline.groups import incomplete_groups, plan_roles, stage_layers
@@ -143,10 +143,11 @@ class PipelineMode(TrainingMode):
 
 
 def project_state(subspace: Any, params: dict[str, torch.Tensor], n_layers: int) -> None:
-    """Project the global weights onto span(U) in float64 and round once to float32, so a BLAS
-    kernel's summation order (it differs between machines) almost never changes a bit."""
-    u = subspace.U.double()
-    for name in constrained_names(n_layers):
+    """Project the global weights the subspace holds (the writers, and E unless it is folded) onto
+    span(U) in float64 and round once to float32, so a BLAS kernel's summation order (it differs
+    between machines) almost never changes a bit."""
+    u = subspace.U.double().cpu()
+    for name in subspace.held_names(n_layers):
         w = params[name].double()
         projected = (w @ u) @ u.T if name == "tok_emb.weight" else u @ (u.T @ w)
         params[name].copy_(projected.to(torch.float32))

@@ -21,6 +21,10 @@ class PipelineOptions:
     # the constrained model the stages train). False: they train unconstrained and only the outer step
     # projects; measured slightly lower eval loss (`swarm-bench pipeline --full-projection`, docs).
     project_full_each_step: bool = False
+    # What happens to the learnable embedding's part outside span(U) (changed by unconstrained full
+    # replicas and by top-k): "fold" keeps it and adds it to the link's fixed table for each round,
+    # "project" removes it at every outer step (E stays in span(U) like the other writers).
+    embedding_drift: str = "fold"
 
     def __post_init__(self) -> None:
         if self.stages < 2:
@@ -31,6 +35,8 @@ class PipelineOptions:
             raise ValueError(f"wire_dtype must be one of {', '.join(DTYPES)}, got {self.wire_dtype!r}")
         if self.micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
+        if self.embedding_drift not in ("fold", "project"):
+            raise ValueError(f"embedding_drift must be 'fold' or 'project', got {self.embedding_drift!r}")
         if not self.link_timeout_s > 0 or self.weak_below_gb < 0:
             raise ValueError("link_timeout_s must be > 0 and weak_below_gb >= 0")
 
@@ -42,4 +48,5 @@ class PipelineOptions:
     def subspace(self, cfg: ModelConfig, seed: int) -> Subspace | None:
         if self.ratio == 1:
             return None
-        return Subspace(SubspaceConfig(cfg.d_model, cfg.vocab_size, self.ratio, seed=seed))
+        fold = self.embedding_drift == "fold"
+        return Subspace(SubspaceConfig(cfg.d_model, cfg.vocab_size, self.ratio, seed=seed, fold_embedding=fold))

@@ -6,7 +6,8 @@ Layout (docs/wire-format.md, "Activation messages"), big-endian:
     version u8       1
     hlen    u32      length of the header
     header  hlen     msgpack map {round, step, micro, dir, dtype, shape, loss}
-    body             shape[0]*shape[1]*shape[2] values of dtype, little-endian, C order
+    body             shape[0]*shape[1]*shape[2] values of dtype, little-endian, C order; for int8,
+                     first one bf16 scale per (row, token), then the int8 values
 
 `parse` checks the frame on arrival (sizes, known dtype, bounded shape, body length); `check` then
 holds it against what the receiver expects at that point of its schedule (message id, shape, dtype,
@@ -28,7 +29,10 @@ VERSION = 1
 MAX_HEADER_BYTES = 1024
 MAX_MESSAGE_BYTES = 256 << 20
 _PREFIX = struct.Struct("!4sBI")
-DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FLOAT_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# int8: each token's w values as round(x / s) in [-127, 127] with one bf16 scale s = max|x| / 127
+# per (row, token), so a token costs w + 2 bytes (bf16 keeps fp32's range: gradients are tiny).
+DTYPES: tuple[str, ...] = (*FLOAT_DTYPES, "int8")
 Direction = Literal["fwd", "bwd"]
 _HEADER_KEYS = {"round", "step", "micro", "dir", "dtype", "shape", "loss"}
 
@@ -56,21 +60,50 @@ class Message:
     loss: float | None = None  # backward only: the last stage's LM loss of this micro-batch
 
 
+def bytes_per_token(width: int, dtype: str) -> int:
+    """Body bytes one token's vector of ``width`` values takes on the wire."""
+    return width + 2 if dtype == "int8" else width * FLOAT_DTYPES[dtype].itemsize
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bf16 scales (..., 1), int8 values (..., w)) with x ≈ values * scales, one scale per vector."""
+    x = x.detach().float()
+    # bf16 keeps 8 mantissa bits: scale up by 2^-7 first so the rounded scale never falls below max|x|/127
+    scale = (x.abs().amax(dim=-1, keepdim=True) / 127 * (1 + 2**-7)).to(torch.bfloat16)
+    s = scale.float()
+    q = torch.where(s > 0, x / torch.where(s > 0, s, 1.0), 0.0).round().clamp(-127, 127).to(torch.int8)
+    return scale, q
+
+
+def round_trip(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
+    """What the receiver gets for ``tensor`` (float32): the wire's rounding without the framing."""
+    if dtype == "int8":
+        scale, q = quantize_int8(tensor)
+        return q.float() * scale.float()
+    return tensor.detach().to(FLOAT_DTYPES[dtype]).float()
+
+
 def encode(msg_id: MessageId, tensor: torch.Tensor, dtype: str, loss: float | None = None) -> bytes:
     """Frame a (b, T, width) tensor, cast to the wire dtype."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown wire dtype {dtype!r}; choices: {', '.join(DTYPES)}")
     if tensor.dim() != 3:
         raise ValueError(f"activations are (b, T, width), got {tuple(tensor.shape)}")
-    data = tensor.detach().to("cpu", DTYPES[dtype]).contiguous()
-    body = data.view(torch.uint8).numpy().tobytes() if dtype == "bf16" else data.numpy().tobytes()
+    if dtype == "int8":
+        scale, q = quantize_int8(tensor.to("cpu"))
+        body = scale.contiguous().view(torch.uint8).numpy().tobytes() + q.contiguous().numpy().tobytes()
+        shape = list(q.shape)
+    else:
+        data = tensor.detach().to("cpu", FLOAT_DTYPES[dtype]).contiguous()
+        body = data.view(torch.uint8).numpy().tobytes()
+        shape = list(data.shape)
     header = {
         "round": msg_id.round,
         "step": msg_id.step,
         "micro": msg_id.micro,
         "dir": msg_id.direction,
         "dtype": dtype,
-        "shape": list(data.shape),
+        "shape": shape,
         "loss": loss,
     }
     packed = msgpack.packb(header, use_bin_type=True)
@@ -96,7 +129,7 @@ def parse(data: bytes) -> Message:
         raise ActivationError(f"header is not valid msgpack ({type(e).__name__})") from None
     msg_id, dtype, shape, loss = _check_header(header)
     body = data[_PREFIX.size + hlen :]
-    expected = math.prod(shape) * DTYPES[dtype].itemsize
+    expected = shape[0] * shape[1] * bytes_per_token(shape[2], dtype)
     if len(body) != expected:
         raise ActivationError(f"body has {len(body)} bytes, shape {list(shape)} of {dtype} needs {expected}")
     return Message(msg_id, dtype, shape, bytes(body), loss)
@@ -135,7 +168,17 @@ def check(msg: Message, *, expect: MessageId, shape: tuple[int, int, int], dtype
     if msg.shape != tuple(shape):
         raise ActivationError(f"expected shape {list(shape)}, got {list(msg.shape)}")
     raw = torch.frombuffer(bytearray(msg.body), dtype=torch.uint8)
-    tensor = raw.view(DTYPES[dtype]).reshape(shape).to(torch.float32)
+    if dtype == "int8":
+        tokens = shape[0] * shape[1]
+        scale = raw[: 2 * tokens].view(torch.bfloat16).reshape(shape[0], shape[1], 1).float()
+        q = raw[2 * tokens :].view(torch.int8).reshape(shape)
+        if not torch.isfinite(scale).all() or (scale < 0).any():
+            raise ActivationError(f"{msg.id.direction} of micro-batch {msg.id.micro} has a negative or non-finite scale")
+        if (q == -128).any():
+            raise ActivationError(f"{msg.id.direction} of micro-batch {msg.id.micro} holds int8 -128 (values are in -127..127)")
+        tensor = q.float() * scale
+    else:
+        tensor = raw.view(FLOAT_DTYPES[dtype]).reshape(shape).to(torch.float32)
     if not torch.isfinite(tensor).all():
         raise ActivationError(f"{msg.id.direction} of micro-batch {msg.id.micro} holds non-finite values")
     return tensor

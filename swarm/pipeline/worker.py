@@ -72,6 +72,7 @@ class StageTrainer:
     def train_round(self, state: GlobalState, stop: threading.Event | None) -> RoundWork | None:
         state.load_into(self.model)
         if self.subspace is not None:  # exact from the first micro-batch (θ(0) is not projected)
+            self.subspace.begin_round(state.params["tok_emb.weight"], self.device)
             self.subspace.project_model_(self.stage, self.model.cfg.n_layers)
         self.link.set_neighbours(self.prev, self.next)
         self.link.begin_round(state.round)
@@ -204,11 +205,14 @@ class PipelineWorker:
         """This round's work; None when there is none (a spare, or the group lost a stage)."""
         if self.inner is None:
             return None
+        if self.subspace is not None and isinstance(self.inner, Replica):
+            self.subspace.begin_round(state.params["tok_emb.weight"], self.device)
         work = self.inner.train_round(state, stop)
         if work is not None and self.subspace is not None and isinstance(self.inner, Replica):
-            # θ(t) is in span(U) and the outer step projects anyway: send only what survives it,
+            # The outer step projects what the subspace holds anyway: send only what survives it,
             # so the top-k budget and the error buffer are spent on coordinates that count.
-            self.subspace.project_(work.delta, self.inner.model.cfg.n_layers)
+            layers = self.inner.model.cfg.n_layers
+            self.subspace.project_(work.delta, layers, self.subspace.held_names(layers))
         return work
 
     def evaluate(self, state: GlobalState) -> float:

@@ -12,8 +12,10 @@ import hashlib
 import json
 import threading
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -76,6 +78,7 @@ class Peer(SwarmNode):
         self.status.device = str(self.device)
         self.rounds_done = 0
         self.sinks = MetricSinks()  # opened when rounds start (the run is known then)
+        self._background: set[asyncio.Task[None]] = set()  # DHT writes not waited for (see _in_background)
 
     async def main(self) -> None:
         if self.cfg.threads:
@@ -141,9 +144,8 @@ class Peer(SwarmNode):
         item = await self.dht.get_from(role_key(self.run.run_id, self.peer_id), Role, self.run.coordinator)
         return item.record if item is not None and item.record.peer_id == self.peer_id else None
 
-    async def _refresh_role(self) -> None:
+    async def _refresh_role(self, role: Role | None) -> None:
         """Follow a role the coordinator changed (e.g. experts reassigned after an owner left)."""
-        role = await self._signed_role()
         if role is None or role == self.role:
             return
         await asyncio.to_thread(self.mode.update_worker, self.replica, role)
@@ -184,6 +186,7 @@ class Peer(SwarmNode):
         metrics = _MetricsFile(self.cfg.out_dir, self.peer_id, self.sinks)
         self._landed_at = time.perf_counter()
         flight: _InFlight | None = None
+        role_fetch: asyncio.Task[Role | None] | None = None  # our role, fetched while the last round trained
         try:
             while not self.stopping.is_set():
                 if self.cfg.max_rounds is not None and self.rounds_done + (flight is not None) >= self.cfg.max_rounds:
@@ -203,23 +206,38 @@ class Peer(SwarmNode):
                     assert flight.next_base is not None
                     base = flight.next_base
                 r = base.round
-                await self._refresh_role()
+                # Overlapped, the role was fetched while the last round trained; in step (pipeline
+                # groups, which must follow a replacement at once) it is fetched right now.
+                await self._refresh_role(await role_fetch if role_fetch is not None else await self._signed_role())
                 self.status.phase = "training"
-                await self.publish_heartbeat()
+                self._in_background(self.publish_heartbeat(), "heartbeat")
                 links_before, started_at, trained_from = self._link_bytes(), time.perf_counter(), time.time()
-                work = await asyncio.to_thread(self.replica.train_round, base, self.stopping)
+                fetch_during = asyncio.create_task(self._signed_role()) if self._overlap else None
+                role_fetch = None
+                try:
+                    work = await asyncio.to_thread(self.replica.train_round, base, self.stopping)
+                except BaseException:
+                    if fetch_during is not None:
+                        fetch_during.cancel()
+                    raise
+                role_fetch = fetch_during
                 self._note_link_rates(links_before, time.perf_counter() - started_at)
                 if work is None and self.stopping.is_set():
                     break
                 if work is None:  # nothing for our role this round (a spare, or a pipeline stage whose group broke)
                     await self._sit_out(r)
                     continue
+                late: asyncio.Task[bool] | None = None
                 if flight is not None:
                     landed = await self._land(flight, metrics)
                     flight = None
-                    if not landed or self.agreement.state.round != r or await self.agreement.closed(r):
+                    if not landed or self.agreement.state.round != r:
                         continue  # reloaded, or too late for round r: its work is dropped
-                flight = await self._submit(r, work)
+                    late = asyncio.create_task(self.agreement.closed(r))  # checked while we encode
+                submitted = await self._submit(r, work, late)
+                if submitted is None:
+                    continue  # round r closed while we trained: the work is dropped
+                flight = submitted
                 flight.trained_from = trained_from
                 if flight.next_base is None:  # in step: this round settles before the next one trains
                     await self._land(flight, metrics)
@@ -228,27 +246,55 @@ class Peer(SwarmNode):
             # Leaving with a round in flight: let it settle in the background (never cancel an apply
             # mid-way; a save on exit waits for the state lock, so it never sees half a round).
             self._leftover = flight
+            if role_fetch is not None:
+                role_fetch.cancel()
         self.status.phase = "leaving"
 
-    async def _submit(self, r: int, work: RoundWork) -> _InFlight:
-        """Encode and announce our payload of round r (on the agreed θ(r)) and start settling it."""
+    async def _submit(self, r: int, work: RoundWork, late: asyncio.Task[bool] | None = None) -> _InFlight | None:
+        """Encode and announce our payload of round r (on the agreed θ(r)) and start settling it.
+        `late`: whether round r has closed meanwhile (then nothing is sent and None returned).
+        Overlapped, only the encoding and the next round's start stand between two rounds' inner
+        steps: the DHT records go out in the background (the settle task does not need them)."""
         state = self.agreement.state
         if work.inline is not None:  # a mode whose payload rides in the submission record
             encoded = Encoded(work.inline, payload_digest(work.inline))
         else:
             encoded = await asyncio.to_thread(self.encoder.encode, work.delta, r)
+        if late is not None and await late:
+            if work.inline is None:
+                self.encoder.excluded()  # never sent: the whole Δ goes back into the error buffer
+            return None
         self.store.blobs.put(encoded.digest, encoded.data)
         sub = Submission(
             self.peer_id, r, encoded.digest, len(encoded.data), state.hash, work.tokens, work.loss, inline=work.inline or b""
         )
-        await self.dht.put(submit_key(self.run.run_id, r), sub, ttl_s=self.run.round_timeout_s * 4 + 60)
         self.status.phase, self.status.loss = "exchanging", work.loss
         self.status.tokens_per_s = work.tokens / max(work.compute_s, 1e-9)
         self.status.steps += self.run.inner_steps
-        await self.publish_heartbeat()
+        announce = self._announce(r, sub)
+        if self._overlap:
+            self._in_background(announce, f"round {r} submission")
+        else:
+            await announce
         # The next round's start, taken before the settle task can touch the state.
         base = await asyncio.to_thread(self._next_base, state, encoded, r) if self._overlap else None
         return self._settle(r, work, encoded, base)
+
+    async def _announce(self, r: int, sub: Submission) -> None:
+        await self.dht.put(submit_key(self.run.run_id, r), sub, ttl_s=self.run.round_timeout_s * 4 + 60)
+        await self.publish_heartbeat()
+
+    def _in_background(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        """Run a DHT write without waiting for it; a failure is logged (heartbeats repeat anyway)."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._background.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                logger.warning("%s: %s failed: %s", self.status.name, what, t.exception())
+
+        task.add_done_callback(done)
 
     def _next_base(self, state: GlobalState, encoded: Encoded, r: int) -> GlobalState | None:
         """Where round r+1 starts: θ(r) advanced by our own payload as if it were the mean (overlap.py).

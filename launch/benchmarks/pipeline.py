@@ -35,6 +35,7 @@ from swarm.data.corpus import load_corpus
 from swarm.data.sampler import eval_batches
 from swarm.exchange import PayloadEncoder, PayloadStore
 from swarm.modes import mode_for
+from swarm.modes.pipeline import project_state
 from swarm.net.transfer import Traffic
 from swarm.pipeline.wire import bytes_per_token, round_trip
 from swarm.pipeline.worker import keep_in_subspace
@@ -65,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="bf16",
         choices=["bf16", "fp16", "fp32", "int8"],
         help="of compressed activations and their gradients ((b) always sends bf16; default %(default)s)",
+    )
+    parser.add_argument(
+        "--constrain",
+        default="all",
+        choices=["all", "stages"],
+        help="compressed runs: the agreed weights stay in span(U) (all) or only the stages' copies (default %(default)s)",
     )
     parser.add_argument(
         "--embedding-drift",
@@ -134,7 +141,7 @@ def simulate(args: argparse.Namespace, name: str, ratio: int, pipelined: int, dr
     run = RunConfig(
         run_id="bench-pipeline",
         mode="pipeline",
-        mode_options={"ratio": ratio, "project_full_each_step": args.full_projection == "step", "embedding_drift": drift},
+        mode_options={"ratio": ratio, "project_full_each_step": args.full_projection == "step", "embedding_drift": drift, "constrain": args.constrain},
         preset=args.preset,
         data_source=args.data,
         batch_size=args.batch_size,
@@ -153,8 +160,6 @@ def simulate(args: argparse.Namespace, name: str, ratio: int, pipelined: int, dr
     state = initial_state(run)
     sub = mode.subspace
     if sub is not None:
-        from swarm.modes.pipeline import project_state
-
         project_state(sub, state.params, mode.cfg.n_layers)
     replicas = [Replica(run, shard=i, device=torch.device("cpu"), corpus=corpus) for i in range(args.replicas)]
     if sub is not None and mode.options.project_full_each_step:
@@ -172,12 +177,16 @@ def simulate(args: argparse.Namespace, name: str, ratio: int, pipelined: int, dr
         loss = 0.0
         if sub is not None:
             sub.begin_round(state.params["tok_emb.weight"])
+        staged = state
+        if sub is not None and mode.options.constrain == "stages":  # a stage's copy, projected on load
+            staged = state.copy()
+            project_state(sub, staged.params, mode.cfg.n_layers)
         for i, rep in enumerate(replicas):
-            work = rep.train_round(state)
+            work = rep.train_round(staged if i >= args.replicas - pipelined else state)
             if work is None:
                 raise RuntimeError("a replica stopped mid-round")
             loss = work.loss
-            if sub is not None:
+            if sub is not None and mode.options.constrain == "all":
                 sub.project_(work.delta, mode.cfg.n_layers, sub.held_names(mode.cfg.n_layers))
             encoded = encoders[i].encode(work.delta, r)
             acc.add(store.decode(encoded.data, sender=f"replica-{i}", round_no=r))

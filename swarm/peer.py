@@ -209,8 +209,12 @@ class Peer(SwarmNode):
                 # Overlapped, the role was fetched while the last round trained; in step (pipeline
                 # groups, which must follow a replacement at once) it is fetched right now.
                 await self._refresh_role(await role_fetch if role_fetch is not None else await self._signed_role())
+                steady = self._overlap and self.status.phase in ("training", "exchanging")
                 self.status.phase = "training"
-                self._in_background(self.publish_heartbeat(), "heartbeat")
+                if steady:
+                    self._in_background(self.publish_heartbeat(), "heartbeat")
+                else:  # a leader waits only for peers whose heartbeat says they train: say so before we do
+                    await self.publish_heartbeat()
                 links_before, started_at, trained_from = self._link_bytes(), time.perf_counter(), time.time()
                 fetch_during = asyncio.create_task(self._signed_role()) if self._overlap else None
                 role_fetch = None

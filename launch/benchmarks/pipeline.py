@@ -51,8 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     default_data = str(DEFAULT_TEXT) if DEFAULT_TEXT.is_file() else "stdlib"
     parser.add_argument("--data", default=default_data, help="corpus (default %(default)s)")
     parser.add_argument("--preset", default="tiny", help="model (default %(default)s, d = 384)")
-    parser.add_argument("--replicas", type=int, default=2, help="R, in every configuration (default %(default)s)")
-    parser.add_argument("--rounds", type=int, default=6, help="run size: outer rounds (default %(default)s)")
+    parser.add_argument(
+        "--replicas", type=int, default=3, help="R, in every configuration (default %(default)s: the demo's 2 full + 1 pipelined)"
+    )
+    parser.add_argument("--rounds", type=int, default=8, help="run size: outer rounds (default %(default)s)")
     parser.add_argument("--inner-steps", type=int, default=10, help="run size: H (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="per replica (default %(default)s)")
     parser.add_argument("--seq-len", type=int, default=128)
@@ -71,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--constrain",
         default="all",
         choices=["all", "stages"],
-        help="compressed runs: the agreed weights stay in span(U) (all) or only the stages' copies (default %(default)s)",
+        help="compressed runs: the agreed weights stay in span(U) as in the swarm (all), or, as an experiment the swarm "
+        "does not run, only the pipelined replica's copy is projected and the full replicas stay unconstrained (stages)",
     )
     parser.add_argument(
         "--embedding-drift",
@@ -91,9 +94,7 @@ class _Link(torch.autograd.Function):
     gradient stage 0 gets back."""
 
     @staticmethod
-    def forward(
-        ctx: Any, h: torch.Tensor, fixed: torch.Tensor | None, u: torch.Tensor | None, dtype: str
-    ) -> torch.Tensor:
+    def forward(ctx: Any, h: torch.Tensor, fixed: torch.Tensor | None, u: torch.Tensor | None, dtype: str) -> torch.Tensor:
         ctx.u, ctx.dtype = u, dtype
         if u is None or fixed is None:
             return round_trip(h, dtype)
@@ -141,7 +142,11 @@ def simulate(args: argparse.Namespace, name: str, ratio: int, pipelined: int, dr
     run = RunConfig(
         run_id="bench-pipeline",
         mode="pipeline",
-        mode_options={"ratio": ratio, "project_full_each_step": args.full_projection == "step", "embedding_drift": drift, "constrain": args.constrain},
+        mode_options={
+            "ratio": ratio,
+            "project_full_each_step": args.full_projection == "step",
+            "embedding_drift": drift,
+        },
         preset=args.preset,
         data_source=args.data,
         batch_size=args.batch_size,
@@ -178,7 +183,7 @@ def simulate(args: argparse.Namespace, name: str, ratio: int, pipelined: int, dr
         if sub is not None:
             sub.begin_round(state.params["tok_emb.weight"])
         staged = state
-        if sub is not None and mode.options.constrain == "stages":  # a stage's copy, projected on load
+        if sub is not None and args.constrain == "stages":  # a stage's copy, projected on load
             staged = state.copy()
             project_state(sub, staged.params, mode.cfg.n_layers)
         for i, rep in enumerate(replicas):
@@ -186,11 +191,14 @@ def simulate(args: argparse.Namespace, name: str, ratio: int, pipelined: int, dr
             if work is None:
                 raise RuntimeError("a replica stopped mid-round")
             loss = work.loss
-            if sub is not None and mode.options.constrain == "all":
+            if sub is not None and args.constrain == "all":
                 sub.project_(work.delta, mode.cfg.n_layers, sub.held_names(mode.cfg.n_layers))
             encoded = encoders[i].encode(work.delta, r)
             acc.add(store.decode(encoded.data, sender=f"replica-{i}", round_no=r))
-        mode.outer_step(state, acc.mean())
+        if args.constrain == "stages":  # the agreed weights stay unconstrained
+            state.apply_outer_step(acc.mean(), run.outer)
+        else:
+            mode.outer_step(state, acc.mean())
         print(f"  {name}: round {r} done, last replica loss {loss:.4f}", flush=True)
     batches = eval_batches(corpus.eval_tokens, batch_size=args.batch_size, seq_len=args.seq_len, max_batches=args.eval_batches)
     state.load_into(replicas[0].model)
@@ -204,6 +212,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ratios = [int(x) for x in args.ratios.split(",") if x]
+    if args.full_projection == "step" and args.constrain != "all":
+        raise SystemExit("--full-projection step needs --constrain all")
     drifts = [x for x in args.embedding_drift.split(",") if x]
     if not drifts or any(d not in ("fold", "project") for d in drifts):
         raise SystemExit(f"--embedding-drift takes fold and/or project, got {args.embedding_drift!r}")
@@ -211,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{args.preset}, {args.replicas} replicas x H={args.inner_steps} x {args.rounds} rounds = {tokens:,} tokens per "
         f"configuration; ratios {ratios}, compressed activations in {args.wire_dtype}; full replicas project at every "
-        f"{args.full_projection} step; data {args.data}",
+        f"{args.full_projection} step; subspace binds {args.constrain}; data {args.data}",
         flush=True,
     )
     configs = [("(a) full replicas", 1, 0, "fold"), ("(b) 1 pipelined, uncompressed", 1, 1, "fold")]

@@ -25,11 +25,6 @@ class PipelineOptions:
     # replicas and by top-k): "fold" keeps it and adds it to the link's fixed table for each round,
     # "project" removes it at every outer step (E stays in span(U) like the other writers).
     embedding_drift: str = "fold"
-    # Which weights the subspace binds. "all": the agreed weights are projected after every outer
-    # step, so every replica trains the constrained model. "stages": only a stage's own copy is
-    # projected when it loads θ(r) (its Δ is taken from that projected start); full replicas and
-    # the agreed weights stay unconstrained (selective compression in the strong sense).
-    constrain: str = "all"
 
     def __post_init__(self) -> None:
         if self.stages < 2:
@@ -40,8 +35,6 @@ class PipelineOptions:
             raise ValueError(f"wire_dtype must be one of {', '.join(DTYPES)}, got {self.wire_dtype!r}")
         if self.micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
-        if self.constrain not in ("all", "stages"):
-            raise ValueError(f"constrain must be 'all' or 'stages', got {self.constrain!r}")
         if self.embedding_drift not in ("fold", "project"):
             raise ValueError(f"embedding_drift must be 'fold' or 'project', got {self.embedding_drift!r}")
         if not self.link_timeout_s > 0 or self.weak_below_gb < 0:

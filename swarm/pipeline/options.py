@@ -19,7 +19,7 @@ class PipelineOptions:
     weak_below_gb: float = 0.0  # announced memory under which a peer is a stage; 0 = what a replica needs
     # True: full replicas keep the residual writers in span(U) after every inner step too (they train
     # the constrained model the stages train). False: they train unconstrained and only the outer step
-    # projects; measured slightly lower eval loss (`swarm-bench pipeline --full-projection`, docs).
+    # projects; measured no consistent difference (`swarm-bench pipeline --full-projection`, docs).
     project_full_each_step: bool = False
     # What happens to the learnable embedding's part outside span(U) (changed by unconstrained full
     # replicas and by top-k): "fold" keeps it and adds it to the link's fixed table for each round,

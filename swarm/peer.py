@@ -216,15 +216,8 @@ class Peer(SwarmNode):
                 else:  # a leader waits only for peers whose heartbeat says they train: say so before we do
                     await self.publish_heartbeat()
                 links_before, started_at, trained_from = self._link_bytes(), time.perf_counter(), time.time()
-                fetch_during = asyncio.create_task(self._signed_role()) if self._overlap else None
-                role_fetch = None
-                try:
-                    work = await asyncio.to_thread(self.replica.train_round, base, self.stopping)
-                except BaseException:
-                    if fetch_during is not None:
-                        fetch_during.cancel()
-                    raise
-                role_fetch = fetch_during
+                role_fetch = asyncio.create_task(self._signed_role()) if self._overlap else None  # cancelled on exit
+                work = await asyncio.to_thread(self.replica.train_round, base, self.stopping)
                 self._note_link_rates(links_before, time.perf_counter() - started_at)
                 if work is None and self.stopping.is_set():
                     break

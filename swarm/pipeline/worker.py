@@ -205,8 +205,8 @@ class PipelineWorker:
         """This round's work; None when there is none (a spare, or the group lost a stage)."""
         if self.inner is None:
             return None
-        if self.subspace is not None and isinstance(self.inner, Replica):
-            self.subspace.begin_round(state.params["tok_emb.weight"], self.device)
+        if self.subspace is not None and self.options.project_full_each_step and isinstance(self.inner, Replica):
+            self.subspace.begin_round(state.params["tok_emb.weight"], self.device)  # its step hook keeps E's drift
         work = self.inner.train_round(state, stop)
         if work is not None and self.subspace is not None and isinstance(self.inner, Replica):
             # The outer step projects what the subspace holds anyway: send only what survives it,

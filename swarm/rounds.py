@@ -140,9 +140,11 @@ class RoundAgreement:
         return self._proofs_ok[key]
 
     async def closed(self, round_no: int) -> bool:
-        """Whether round r already has a manifest on the agreed state (we are behind: don't train)."""
-        _, agreed = await self._view(round_no)
-        return await self.find_manifest(round_no, agreed) is not None
+        """Whether round r already has a manifest on the agreed state (we are behind: don't train),
+        by the rule that settles the round: a peer's manifest counts only when peers may lead and
+        with its quorum, so a hostile peer's early empty manifest does not make us drop our work."""
+        *_, manifest = await self._look(round_no, None)
+        return manifest is not None
 
     async def close_round(self, round_no: int) -> Manifest:
         """Wait for round r's manifest, leading the round ourselves when it is our turn."""

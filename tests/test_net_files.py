@@ -42,8 +42,12 @@ class Hostile:
             return bytes([piece[0] ^ 1]) + piece[1:]
         if self.how == "short":
             return piece[:-1]
+        if self.how == "breaks" or (self.how == "breaks once" and self.calls == 1):
+            raise ConnectionResetError("stream reset")  # the server closes the stream without an answer
         if self.how == "slow":
             await asyncio.sleep(5)
+            return piece
+        if self.how == "breaks once":
             return piece
         return None  # "absent": advertised but not held
 
@@ -96,7 +100,12 @@ def test_fetch_verifies_and_survives_hostile_holders(tmp_path):
             other_digest = hashlib.sha256(other).hexdigest()
             hostile.data = other
             await hostile.advertise(other_digest, len(other))
-            for how, words in [("corrupt", "hashed to"), ("short", "999 bytes"), ("absent", "does not have it")]:
+            # A stream that breaks off once: the same holder gets one more turn and delivers.
+            hostile.how, hostile.calls = "breaks once", 0
+            got = await fetcher.fetch(other_digest, tmp_path / "c" / "again", len(other))
+            assert got.read_bytes() == other and hostile.calls == 2
+            checks = [("corrupt", "hashed to"), ("short", "999 bytes"), ("absent", "does not have it"), ("breaks", "broke off")]
+            for how, words in checks:
                 hostile.how = how
                 with pytest.raises(FileFetchError, match=words):
                     await fetcher.fetch(other_digest, tmp_path / "c" / how, len(other))

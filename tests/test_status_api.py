@@ -146,9 +146,15 @@ def jsonl(path: Path) -> list[dict]:
 def test_tensorboard_carries_the_jsonl_rows(swarm: Swarm) -> None:
     workdir = swarm.cluster.workdir
     (alice_tb,) = (workdir / "tb").glob("peer-*")
-    # Event files first: every row they hold was written to the JSONL just before.
-    coordinator, alice = tensorboard_scalars(workdir / "tb" / "coordinator"), tensorboard_scalars(alice_tb)
-    rows = {r["round"]: r for r in jsonl(workdir / "coordinator" / "rounds.jsonl") if not r.get("final")}
+
+    def two_rounds_in_the_event_files() -> tuple | None:
+        # The coordinator writes a round's row once its evaluation is done, off the round's path.
+        # Event files first: every row they hold was written to the JSONL just before.
+        coordinator, alice = tensorboard_scalars(workdir / "tb" / "coordinator"), tensorboard_scalars(alice_tb)
+        rows = {r["round"]: r for r in jsonl(workdir / "coordinator" / "rounds.jsonl") if not r.get("final")}
+        return (coordinator, alice, rows) if len(coordinator.get("payload_bytes", {})) >= 2 else None
+
+    coordinator, alice, rows = wait_for(two_rounds_in_the_event_files, 90, "two rounds in TensorBoard", swarm.cluster)
     assert {"eval_loss", "applied", "rejected", "payload_bytes"} <= set(coordinator)
     common = set(coordinator["payload_bytes"]) & set(rows)
     assert len(common) >= 2 and set(coordinator["payload_bytes"]) <= set(rows)

@@ -13,7 +13,8 @@ record. A fetch asks for pieces of at most PIECE_BYTES ({"kind": "file", "sha256
 `<dest>.<pid>.part` while hashing, so memory stays bounded by a few pieces whatever the file size.
 Every holder may be hostile: one that does not have the file, answers a wrong length, fails or is
 slower than `piece_timeout_s` on a piece is dropped and the next holder continues from the same
-offset; if the finished file does not hash to the name, every holder that contributed to it is
+offset (a stream that broke off mid-piece gets its holder one more turn, after the others: links
+reset streams of honest peers too); if the finished file does not hash to the name, every holder that contributed to it is
 dropped and the download starts again from the remaining ones.
 Only a file whose sha256 matches is ever moved to `dest`.
 """
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from swarm.log import get_logger
 from swarm.net.records import run_key
-from swarm.net.transfer import TransferError
+from swarm.net.transfer import StreamBroken, TransferError
 from swarm.net.transfer import fetch as fetch_bytes
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ PIECES_IN_FLIGHT = 4  # requests a fetch keeps open: hides the round trip on lon
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 Progress = Callable[[int], None]  # called with the bytes of the current attempt written so far
+_Piece = tuple[bytes | None, str | None, bool]  # (bytes, what went wrong, whether the stream broke off)
 
 
 class FileFetchError(RuntimeError):
@@ -216,6 +218,7 @@ class FileService:
 
     async def _download(self, sha256: str, dest: Path, size: int, given: list[str], progress: Progress | None) -> None:
         dropped: set[str] = set()
+        broke: set[str] = set()  # holders whose stream already broke off once in this download
         failures: list[str] = []
         deadline = time.monotonic() + self.holder_wait_s
         while True:
@@ -227,7 +230,7 @@ class FileService:
                     raise FileFetchError(f"could not fetch file {sha256[:12]} ({size} bytes): {what}")
                 await asyncio.sleep(0.5)
                 continue
-            contributors, digest = await self._attempt(sha256, dest, size, candidates, dropped, failures, progress)
+            contributors, digest = await self._attempt(sha256, dest, size, candidates, dropped, broke, failures, progress)
             if digest == sha256:
                 await asyncio.to_thread(os.replace, _part(dest), dest)
                 return
@@ -244,6 +247,7 @@ class FileService:
         size: int,
         candidates: list[str],
         dropped: set[str],
+        broke: set[str],
         failures: list[str],
         progress: Progress | None,
     ) -> tuple[set[str], str | None]:
@@ -254,7 +258,7 @@ class FileService:
         contributors: set[str] = set()
         queue = list(candidates)
         offsets = list(range(0, size, PIECE_BYTES))
-        pending: dict[int, asyncio.Task[tuple[bytes | None, str | None]]] = {}
+        pending: dict[int, asyncio.Task[_Piece]] = {}
         requested = written = 0  # pieces asked for, pieces written (both in file order)
         try:
             with open(_part(dest), "wb") as out:
@@ -265,14 +269,20 @@ class FileService:
                     while requested < len(offsets) and len(pending) < PIECES_IN_FLIGHT:
                         pending[requested] = asyncio.create_task(self._piece(peer, sha256, offsets[requested], size))
                         requested += 1
-                    piece, problem = await pending.pop(written)
+                    piece, problem, broken = await pending.pop(written)
                     if problem is not None or piece is None:
-                        failures.append(f"{peer[-8:]}: {problem}")
-                        logger.info(
-                            "file %s: holder %s dropped at offset %d: %s", sha256[:12], peer[-8:], offsets[written], problem
-                        )
-                        dropped.add(peer)
                         queue.pop(0)
+                        if broken and peer not in broke:
+                            broke.add(peer)
+                            queue.append(peer)
+                            how = "gets one more turn"
+                        else:
+                            failures.append(f"{peer[-8:]}: {problem}")
+                            dropped.add(peer)
+                            how = "dropped"
+                        logger.info(
+                            "file %s: holder %s %s at offset %d: %s", sha256[:12], peer[-8:], how, offsets[written], problem
+                        )
                         await _cancel(pending)  # the next holder asks again from this piece on
                         requested = written
                         continue
@@ -285,8 +295,9 @@ class FileService:
             await _cancel(pending)
         return contributors, digest.hexdigest()
 
-    async def _piece(self, peer: str, sha256: str, offset: int, size: int) -> tuple[bytes | None, str | None]:
-        """One piece from one holder: (bytes, None) or (None, what went wrong)."""
+    async def _piece(self, peer: str, sha256: str, offset: int, size: int) -> _Piece:
+        """One piece from one holder: (bytes, None, False) or (None, what went wrong, whether the
+        stream broke off)."""
         length = min(PIECE_BYTES, size - offset)
         request = {"kind": "file", "sha256": sha256, "offset": offset, "length": length}
         try:
@@ -294,15 +305,15 @@ class FileService:
                 self.node.server.p2p, peer, request, max_bytes=length, timeout_s=self.piece_timeout_s, traffic=self.node.traffic
             )
         except TransferError as e:
-            return None, str(e)
+            return None, str(e), isinstance(e, StreamBroken)
         if piece is None:
-            return None, "does not have it"
+            return None, "does not have it", False
         if len(piece) != length:
-            return None, f"sent {len(piece)} bytes for a {length}-byte piece"
-        return piece, None
+            return None, f"sent {len(piece)} bytes for a {length}-byte piece", False
+        return piece, None, False
 
 
-async def _cancel(pending: dict[int, asyncio.Task[tuple[bytes | None, str | None]]]) -> None:
+async def _cancel(pending: dict[int, asyncio.Task[_Piece]]) -> None:
     for task in pending.values():
         task.cancel()
     await asyncio.gather(*pending.values(), return_exceptions=True)

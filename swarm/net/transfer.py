@@ -36,6 +36,10 @@ class TransferError(RuntimeError):
     """A fetch that failed: peer unreachable, timed out, refused, or answered too much."""
 
 
+class StreamBroken(TransferError):
+    """The stream ended or was reset mid-answer: on a real link this happens to honest peers too."""
+
+
 @dataclass
 class Traffic:
     """Bytes this process moved over transfer streams (payloads and state)."""
@@ -138,6 +142,8 @@ async def fetch(
         raise
     except asyncio.TimeoutError:
         raise TransferError(f"fetch from {peer_id[-8:]} timed out after {timeout_s:.0f}s") from None
+    except (asyncio.IncompleteReadError, ConnectionError) as e:
+        raise StreamBroken(f"fetch from {peer_id[-8:]} broke off: {type(e).__name__}: {e}") from None
     except Exception as e:
         raise TransferError(f"fetch from {peer_id[-8:]} failed: {type(e).__name__}: {e}") from None
 

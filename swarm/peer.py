@@ -23,6 +23,7 @@ from swarm import __version__
 from swarm.codec import PayloadError, payload_digest
 from swarm.data.corpus import Corpus
 from swarm.data.fetch import RunData, ShardFetcher
+from swarm.data.shards import stream_slot
 from swarm.data.tokenizer import obtain_run_tokenizer
 from swarm.exchange import Encoded, PayloadEncoder, PayloadStore
 from swarm.log import get_logger
@@ -93,7 +94,9 @@ class Peer(SwarmNode):
         self.start_heartbeats()
         self.role = await self._get_role()
         self.status.role = self.mode.describe_role(self.role)
-        self.replica = await asyncio.to_thread(self.mode.make_worker, self.role, self.device, await self._corpus())
+        self.replica = await asyncio.to_thread(
+            self.mode.make_worker, self.role, self.device, await self._corpus(self.role.data_shard)
+        )
         await self.mode.attach_worker(self.replica, self)
         shapes = {n: tuple(p.shape) for n, p in sorted(self.replica.model.named_parameters())}
         self.store = PayloadStore(self.run, shapes, self.traffic)
@@ -107,12 +110,12 @@ class Peer(SwarmNode):
 
     # ----- joining ---------------------------------------------------------------------------
 
-    async def _corpus(self) -> Corpus:
-        """What this role reads: its corpus shard fetched and verified (then served to others), or
-        the run's data source checked against the identity the coordinator signed."""
+    async def _corpus(self, data_shard: int) -> Corpus:
+        """What a role with this data shard reads: its corpus shard fetched and verified (then served
+        to others), or the run's data source checked against the identity the coordinator signed."""
         fetcher = ShardFetcher(self.files, coordinator=self.run.coordinator)
         self.spawn(fetcher.serve_available(self.run.corpus))
-        return await RunData(self.run, fetcher).corpus(self.role.data_shard)
+        return await RunData(self.run, fetcher).corpus(data_shard)
 
     async def _get_role(self) -> Role:
         capacity = Capacity(
@@ -148,6 +151,16 @@ class Peer(SwarmNode):
         """Follow a role the coordinator changed (e.g. experts reassigned after an owner left)."""
         if role is None or role == self.role:
             return
+        if role.data_shard != self.role.data_shard:
+            # E.g. a default shard taken while the coordinator was slow: two peers on one shard would
+            # send the same update from the same data, and the copy check would refuse both.
+            files, shards = len(self.run.corpus), self.run.num_shards
+            moved = (
+                files > 0
+                and stream_slot(files, shards, role.data_shard)[0] != stream_slot(files, shards, self.role.data_shard)[0]
+            )
+            corpus = await self._corpus(role.data_shard) if moved else None  # None: the same file
+            await asyncio.to_thread(self.replica.read_shard, role.data_shard, corpus)
         await asyncio.to_thread(self.mode.update_worker, self.replica, role)
         self.log_event("role", f"{self.status.name}: {self.mode.describe_role(self.role)} -> {self.mode.describe_role(role)}")
         self.role = role

@@ -167,6 +167,11 @@ class Replica:
         self.trainer = Trainer(self.model, self.optimizer, optim_config(run), device=device)
         self.stream = shard_stream(run, self.corpus, shard)
 
+    def read_shard(self, shard: int, corpus: Corpus | None = None) -> None:
+        """Train on data shard `shard` from now on (of `corpus` if given, else of the current one)."""
+        self.corpus = corpus or self.corpus
+        self.stream = shard_stream(self.run, self.corpus, shard)
+
     def train_experts(self, experts: list[tuple[int, int]]) -> None:
         """Train these experts from now on; AdamW moments of parameters still trained are kept."""
         freeze_experts(self.model, experts)

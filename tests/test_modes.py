@@ -71,3 +71,23 @@ def test_replica_modes_give_every_live_peer_a_full_replica():
     assert mode.assign_roles(["p1", "p2"], roles, {"p1": 0, "p2": 1}, now=9.0) == roles  # stable
     names = ["x", "y"]
     assert mode.contribution_names(roles["p1"], names) == names
+
+
+@pytest.mark.parametrize("mode_name", ["sparseloco", "spsa", "pipeline"])
+def test_a_worker_moved_to_another_shard_reads_that_shard(mode_name):
+    # A peer that took a default shard while the coordinator was slow must train on the one it is
+    # then given: two peers on one shard send the same update, and the copy check refuses both.
+    from swarm.replica import shard_stream
+
+    outer = OuterConfig.for_mode(mode_name)
+    data = dict(data_source="stdlib", data_max_bytes=200_000, batch_size=2, seq_len=16)
+    run = RunConfig(mode=mode_name, preset="nano", outer=outer, round_timeout_s=60, **data)  # type: ignore[arg-type]
+    mode = mode_for(run)
+    worker = mode.make_worker(mode.default_role("me", 0), torch.device("cpu"))
+    stream = worker.inner.stream if mode_name == "pipeline" else worker.stream
+    first_of_0 = next(shard_stream(run, worker.corpus, 0))[0]
+    assert torch.equal(next(stream)[0], first_of_0)
+    worker.read_shard(3)
+    stream = worker.inner.stream if mode_name == "pipeline" else worker.stream
+    assert torch.equal(next(stream)[0], next(shard_stream(run, worker.corpus, 3))[0])
+    assert not torch.equal(first_of_0, next(shard_stream(run, worker.corpus, 3))[0])

@@ -173,6 +173,12 @@ class PipelineWorker:
         self.link = link
         self._configure(self.role)
 
+    def read_shard(self, shard: int, corpus: Corpus | None = None) -> None:
+        """Read data shard `shard` from now on (a stage's trainer is rebuilt on it by `update`)."""
+        self.corpus = corpus or self.corpus
+        if isinstance(self.inner, Replica):
+            self.inner.read_shard(shard, self.corpus)
+
     def update(self, role: Role) -> None:
         if role != self.role:
             self._configure(role)

@@ -10,7 +10,8 @@ and rounds in step (no overlap), so a round's timeline is exact:
 Printed per swarm size, medians over rounds 1.. (round 0 includes start-up): close latency (last
 submission to manifest), all-applied latency (last submission to the last peer holding θ(r+1)),
 and the leader's bytes per round in and out. All peers share this machine's cores and loopback,
-so the absolute numbers are those of one small box; the growth with R is the point.
+so the absolute numbers are those of one small box; the growth with R is the point. With `--link`
+every process sits in its own network namespace behind that shaped link (launch/testbed.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 from launch.cluster import LocalCluster
+from launch.testbed import placement
 from models import count_parameters, get_preset
 from swarm.net.schema import to_plain
 from swarm.run import OuterConfig
@@ -41,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inner-steps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument(
+        "--link",
+        metavar="RATE:DELAY[:LOSS]",
+        help="run each process in its own network namespace behind this shaped link, e.g. 20mbit:50ms (root)",
+    )
     parser.add_argument("--workdir", default=None)
 
 
@@ -49,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     params = count_parameters(get_preset(args.preset))
     sizes = [int(x) for x in args.peers.split(",")]
     print(
-        f"{args.mode}, {args.preset} ({params:,} params), H={args.inner_steps}, {args.rounds} rounds per size; logs in {workdir}"
+        f"{args.mode}, {args.preset} ({params:,} params), H={args.inner_steps}, {args.rounds} rounds per size, "
+        f"{'links ' + args.link if args.link else 'loopback'}; logs in {workdir}"
     )
     rows = []
     for peers in sizes:
@@ -96,9 +104,12 @@ def measure(args: argparse.Namespace, peers: int, workdir: Path) -> dict:
         "outer": outer,
     }
     started = time.perf_counter()
-    with LocalCluster(workdir, run_, coordinator_args=("--stop-after", str(args.rounds))) as cluster:
+    with (
+        placement(args.link, peers, tag="scale") as place,
+        LocalCluster(workdir, run_, coordinator_args=("--stop-after", str(args.rounds)), **place.coordinator) as cluster,
+    ):
         for i in range(peers):
-            cluster.add_peer(f"p{i}", threads=1, max_rounds=args.rounds)
+            cluster.add_peer(f"p{i}", threads=1, max_rounds=args.rounds, **place.peer(i))
         rounds_file = workdir / "coordinator" / "rounds.jsonl"
         deadline = time.monotonic() + 600 + 60 * peers
         while time.monotonic() < deadline:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -83,7 +85,7 @@ def test_a_worker_moved_to_another_shard_reads_that_shard(mode_name):
     data = dict(data_source="stdlib", data_max_bytes=200_000, batch_size=2, seq_len=16)
     run = RunConfig(mode=mode_name, preset="nano", outer=outer, round_timeout_s=60, **data)  # type: ignore[arg-type]
     mode = mode_for(run)
-    worker = mode.make_worker(mode.default_role("me", 0), torch.device("cpu"))
+    worker: Any = mode.make_worker(mode.default_role("me", 0), torch.device("cpu"))
     stream = worker.inner.stream if mode_name == "pipeline" else worker.stream
     first_of_0 = next(shard_stream(run, worker.corpus, 0))[0]
     assert torch.equal(next(stream)[0], first_of_0)

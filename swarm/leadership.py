@@ -37,8 +37,14 @@ def agreed_hash(round_no: int, beats: list[Heartbeat], coordinator: str) -> str 
     return min(votes, key=lambda h: (-votes[h], h != coordinator_hash, h))
 
 
-def coordinator_holds(round_no: int, beats: list[Heartbeat], coordinator: str, agreed: str | None) -> bool:
-    return any(b.peer_id == coordinator and b.round == round_no and b.param_hash == agreed for b in beats)
+def coordinator_present(round_no: int, beats: list[Heartbeat], coordinator: str, agreed: str | None) -> bool:
+    """Whether a live coordinator will close round r: it holds the round's agreed state, or it is
+    one round behind (still applying round r − 1; it catches up within moments). Peers that led at
+    once when it was one round behind split the swarm: the coordinator, caught up, published its
+    own manifest of the round beside theirs (seen in a 2-peer swarm, where one peer is a quorum)."""
+    return any(
+        b.peer_id == coordinator and (b.round == round_no - 1 or (b.round == round_no and b.param_hash == agreed)) for b in beats
+    )
 
 
 def canonical_manifest(

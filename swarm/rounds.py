@@ -24,7 +24,7 @@ from hivemind.utils import get_dht_time
 from swarm.codec import slot_aggregator
 from swarm.evidence import EquivocationWitness, proof_ok, sign_manifest
 from swarm.exchange import PayloadStore
-from swarm.leadership import agreed_hash, canonical_manifest, coordinator_holds, peer_quorum, should_lead
+from swarm.leadership import agreed_hash, canonical_manifest, coordinator_present, peer_quorum, should_lead
 from swarm.log import get_logger
 from swarm.modes.base import TrainingMode
 from swarm.net.dht import Signed
@@ -170,8 +170,9 @@ class RoundAgreement:
         return beats, agreed, may_lead, await self.find_manifest(round_no, agreed, peers_may_lead=may_lead, quorum=quorum)
 
     def _peers_may_lead(self, round_no: int, beats: list[Heartbeat], agreed: str | None, started: float | None) -> bool:
-        """Peers lead while the coordinator is away, or once it has let a view timeout pass since the
-        round's first submission without closing it. The coordinator itself takes a peer's manifest
+        """Peers lead while the coordinator is away (no heartbeat at round r or r − 1: see
+        `coordinator_present`), or once it has let a view timeout pass since the round's first
+        submission without closing it. The coordinator itself takes a peer's manifest
         once its own view timeout has passed (followers may have taken it by then), or once most peers
         report having applied it (it fell behind and they went on without it): publishing its own
         then would split the swarm."""
@@ -179,7 +180,7 @@ class RoundAgreement:
         if self.node.peer_id == self.run.coordinator:
             trainers = [b for b in beats if b.peer_id != self.run.coordinator and b.phase != "joining"]
             return timed_out or 2 * sum(b.round > round_no for b in trainers) > len(trainers)
-        return timed_out or not coordinator_holds(round_no, beats, self.run.coordinator, agreed)
+        return timed_out or not coordinator_present(round_no, beats, self.run.coordinator, agreed)
 
     def _lookup_quorum(self, round_no: int, beats: list[Heartbeat]) -> int:
         """Contributions a peer-led manifest must list to be taken: a majority of the round's live

@@ -130,3 +130,23 @@ def test_a_coordinator_that_fell_behind_takes_the_round_its_peers_already_applie
     assert agreement._lookup_quorum(5, moved_on) == 2  # a majority of the 3 trainers around round 5
     waiting = [me, beat("a", 5, "h"), beat("b", 6, "n"), beat("d", 5, "h")]
     assert not agreement._peers_may_lead(5, waiting, "h", started=None)
+
+
+def test_peers_give_a_coordinator_one_round_behind_the_view_timeout_before_leading():
+    """A coordinator still applying round r − 1 is not away: peers that led at once split the swarm
+    when it caught up and published its own manifest (a 2-peer swarm, where one peer is a quorum).
+    Absent, further behind or on another state, it is away; present, the view timeout still ends the wait."""
+    import time
+    from types import SimpleNamespace
+
+    from swarm.rounds import RoundAgreement
+
+    node = SimpleNamespace(peer_id="a", run=SimpleNamespace(coordinator="c", leader_timeout_s=27.5))
+    agreement = RoundAgreement(node, None, None, None)  # type: ignore[arg-type]
+    peers = [beat("a", 5, "h"), beat("b", 5, "h")]
+    assert not agreement._peers_may_lead(5, [*peers, beat("c", 5, "h")], "h", started=None)
+    assert not agreement._peers_may_lead(5, [*peers, beat("c", 4, "g")], "h", started=None)  # catching up
+    assert agreement._peers_may_lead(5, peers, "h", started=None)  # away
+    assert agreement._peers_may_lead(5, [*peers, beat("c", 3, "f")], "h", started=None)  # fell behind
+    assert agreement._peers_may_lead(5, [*peers, beat("c", 5, "x")], "h", started=None)  # on another state
+    assert agreement._peers_may_lead(5, [*peers, beat("c", 4, "g")], "h", started=time.monotonic() - 30)

@@ -22,8 +22,7 @@ import torch
 from swarm import __version__
 from swarm.codec import PayloadError, payload_digest
 from swarm.data.corpus import Corpus
-from swarm.data.fetch import RunData, ShardFetcher
-from swarm.data.shards import stream_slot
+from swarm.data.fetch import RunData, ShardFetcher, shard_file
 from swarm.data.tokenizer import obtain_run_tokenizer
 from swarm.exchange import Encoded, PayloadEncoder, PayloadStore
 from swarm.log import get_logger
@@ -154,11 +153,7 @@ class Peer(SwarmNode):
         if role.data_shard != self.role.data_shard:
             # E.g. a default shard taken while the coordinator was slow: two peers on one shard would
             # send the same update from the same data, and the copy check would refuse both.
-            files, shards = len(self.run.corpus), self.run.num_shards
-            moved = (
-                files > 0
-                and stream_slot(files, shards, role.data_shard)[0] != stream_slot(files, shards, self.role.data_shard)[0]
-            )
+            moved = shard_file(self.run, role.data_shard) != shard_file(self.run, self.role.data_shard)
             corpus = await self._corpus(role.data_shard) if moved else None  # None: the same file
             await asyncio.to_thread(self.replica.read_shard, role.data_shard, corpus)
         await asyncio.to_thread(self.mode.update_worker, self.replica, role)

@@ -233,6 +233,11 @@ def check_identity(run: RunConfig, corpus: Corpus) -> None:
     )
 
 
+def shard_file(run: RunConfig, data_shard: int) -> int | None:
+    """Which of the run's corpus files a data shard reads (None: the run has one unsharded source)."""
+    return stream_slot(len(run.corpus), run.num_shards, data_shard)[0] if run.corpus else None
+
+
 class RunData:
     """The corpus of a run as one node reads it."""
 
@@ -242,8 +247,8 @@ class RunData:
 
     async def corpus(self, data_shard: int) -> Corpus:
         """The tokens a role with this data shard reads: its shard file, or the run's whole source."""
-        if self.run.corpus:
-            index, _, _ = stream_slot(len(self.run.corpus), self.run.num_shards, data_shard)
+        index = shard_file(self.run, data_shard)
+        if index is not None:
             path = await self.fetcher.get(self.run.corpus[index])
             return await asyncio.to_thread(load_corpus, data_config(self.run, str(path)))
         corpus = await asyncio.to_thread(load_corpus, data_config(self.run))

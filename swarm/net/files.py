@@ -14,8 +14,8 @@ record. A fetch asks for pieces of at most PIECE_BYTES ({"kind": "file", "sha256
 Every holder may be hostile: one that does not have the file, answers a wrong length, fails or is
 slower than `piece_timeout_s` on a piece is dropped and the next holder continues from the same
 offset (a stream that broke off mid-piece gets its holder one more turn, after the others: links
-reset streams of honest peers too); if the finished file does not hash to the name, every holder that contributed to it is
-dropped and the download starts again from the remaining ones.
+reset streams of honest peers too); if the finished file does not hash to the name, every holder
+that contributed to it is dropped and the download starts again from the remaining ones.
 Only a file whose sha256 matches is ever moved to `dest`.
 """
 

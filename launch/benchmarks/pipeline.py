@@ -83,9 +83,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--full-projection",
-        choices=["step", "outer"],
         default="outer",
-        help="compressed runs: full replicas project after every inner step, or only the outer step projects",
+        help="selective runs: full replicas project after every inner step (step), or only the outer step projects their "
+        "work (outer); comma list, one (c) row per way (default %(default)s)",
+    )
+    parser.add_argument(
+        "--seeds",
+        default="0",
+        help="run seeds (model init, data order, U and T_fixed), comma list: every configuration runs once per seed and "
+        "the table shows the median eval loss and the spread (default %(default)s)",
     )
 
 
@@ -136,17 +142,29 @@ class Result:
     eval_loss: float
     wall_s: float
     act_bytes: float  # per token per boundary, forward
+    seed: int = 0
 
 
-def simulate(args: argparse.Namespace, name: str, ratio: int, pipelined: int, drift: str = "fold") -> Result:
+@dataclass(frozen=True)
+class Config:
+    name: str
+    ratio: int
+    pipelined: int  # how many of the R replicas are 2-stage pipelines
+    drift: str = "fold"
+    full_projection: str = "outer"
+
+
+def simulate(args: argparse.Namespace, config: Config, seed: int = 0) -> Result:
+    name, ratio, pipelined, drift = config.name, config.ratio, config.pipelined, config.drift
     run = RunConfig(
         run_id="bench-pipeline",
         mode="pipeline",
         mode_options={
             "ratio": ratio,
-            "project_full_each_step": args.full_projection == "step",
+            "project_full_each_step": config.full_projection == "step",
             "embedding_drift": drift,
         },
+        seed=seed,
         preset=args.preset,
         data_source=args.data,
         batch_size=args.batch_size,
@@ -199,20 +217,26 @@ def simulate(args: argparse.Namespace, name: str, ratio: int, pipelined: int, dr
             state.apply_outer_step(acc.mean(), run.outer)
         else:
             mode.outer_step(state, acc.mean())
-        print(f"  {name}: round {r} done, last replica loss {loss:.4f}", flush=True)
+        print(f"  {name} (seed {seed}): round {r} done, last replica loss {loss:.4f}", flush=True)
     batches = eval_batches(corpus.eval_tokens, batch_size=args.batch_size, seq_len=args.seq_len, max_batches=args.eval_batches)
     state.load_into(replicas[0].model)
     loss = evaluate(replicas[0].model, batches, device=torch.device("cpu"))
     width = sub.k if sub is not None else mode.cfg.d_model
     act = float(bytes_per_token(width, dtype)) if pipelined else 0.0
-    return Result(name, ratio, pipelined, loss, time.perf_counter() - start, act_bytes=act)
+    return Result(name, ratio, pipelined, loss, time.perf_counter() - start, act_bytes=act, seed=seed)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ratios = [int(x) for x in args.ratios.split(",") if x]
-    if args.full_projection == "step" and args.constrain != "all":
+    seeds = [int(x) for x in args.seeds.split(",") if x]
+    projections = [x for x in args.full_projection.split(",") if x]
+    if not seeds:
+        raise SystemExit("--seeds needs at least one seed")
+    if not projections or any(p not in ("outer", "step") for p in projections):
+        raise SystemExit(f"--full-projection takes outer and/or step, got {args.full_projection!r}")
+    if "step" in projections and args.constrain != "all":
         raise SystemExit("--full-projection step needs --constrain all")
     drifts = [x for x in args.embedding_drift.split(",") if x]
     if not drifts or any(d not in ("fold", "project") for d in drifts):
@@ -220,47 +244,80 @@ def run(args: argparse.Namespace) -> int:
     tokens = args.replicas * args.batch_size * args.seq_len * args.inner_steps * args.rounds
     print(
         f"{args.preset}, {args.replicas} replicas x H={args.inner_steps} x {args.rounds} rounds = {tokens:,} tokens per "
-        f"configuration; ratios {ratios}, compressed activations in {args.wire_dtype}; full replicas project at every "
-        f"{args.full_projection} step; subspace binds {args.constrain}; data {args.data}",
+        f"configuration; ratios {ratios}, compressed activations in {args.wire_dtype}; full replicas of selective runs "
+        f"project at every {' / '.join(projections)} step; subspace binds {args.constrain}; seeds {seeds}; data {args.data}",
         flush=True,
     )
-    configs = [("(a) full replicas", 1, 0, "fold"), ("(b) 1 pipelined, uncompressed", 1, 1, "fold")]
+    configs = [Config("(a) full replicas", 1, 0), Config("(b) 1 pipelined, uncompressed", 1, 1)]
     for drift in drifts:
-        configs += [(f"(c) selective, ratio {q}, {drift}", q, 1, drift) for q in ratios]
-        configs += [(f"(d) all compressed, ratio {q}, {drift}", q, args.replicas, drift) for q in ratios]
-    results = [simulate(args, name, q, p, drift) for name, q, p, drift in configs]
-    _print(args, results, ratios, drifts)
+        for way in projections:
+            configs += [Config(selective_name(q, drift, way), q, 1, drift, way) for q in ratios]
+        configs += [Config(f"(d) all compressed, ratio {q}, {drift}", q, args.replicas, drift) for q in ratios]
+    results = {config: [simulate(args, config, seed) for seed in seeds] for config in configs}
+    _print(args, results, ratios, drifts, projections)
     return 0
 
 
-def _print(args: argparse.Namespace, results: list[Result], ratios: list[int], drifts: list[str]) -> None:
+def selective_name(ratio: int, drift: str, way: str) -> str:
+    return f"(c) selective, ratio {ratio}, {drift}" + (", full in span" if way == "step" else "")
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _print(
+    args: argparse.Namespace, results: dict[Config, list[Result]], ratios: list[int], drifts: list[str], projections: list[str]
+) -> None:
+    """One row per configuration: median over seeds (and the spread when there are several); then,
+    per ratio, selective against all compressed seed by seed (same seed: same init, data and U)."""
     d = mode_d(args.preset)
     dense = 4.0 * d  # fp32 activations, bytes per token
     step_tokens = args.batch_size * args.seq_len
-    base = next(r for r in results if r.name.startswith("(b)"))
+    several = len(next(iter(results.values()))) > 1
+    loss = {c.name: _median([r.eval_loss for r in rs]) for c, rs in results.items()}
+    by_name = {c.name: rs for c, rs in results.items()}
+    base = next(v for n, v in loss.items() if n.startswith("(b)"))
     print()
-    head = f"{'configuration':<40} {'act B/token':>11} {'fp32/act':>9} {'link s/step':>11} {'eval loss':>10} {'gap to (b)':>10} {'wall s':>8}"
+    spread = f" {'min-max':>15}" if several else ""
+    head = f"{'configuration':<48} {'act B/token':>11} {'fp32/act':>9} {'link s/step':>11} {'eval loss':>10}{spread} {'gap to (b)':>10} {'wall s':>8}"
     print(head)
-    for r in results:
-        fewer = f"{dense / r.act_bytes:.0f}x" if r.act_bytes else "-"
-        link = f"{2 * r.act_bytes * step_tokens * 8 / (args.link_mbps * 1e6):.3f}" if r.act_bytes else "-"
-        gap = (r.eval_loss - base.eval_loss) / base.eval_loss
-        act = f"{r.act_bytes:.0f}" if r.act_bytes else "-"
-        print(f"{r.name:<40} {act:>11} {fewer:>9} {link:>11} {r.eval_loss:>10.4f} {gap:>+10.2%} {r.wall_s:>8.0f}")
+    for config, rs in results.items():
+        act_bytes = rs[0].act_bytes
+        fewer = f"{dense / act_bytes:.0f}x" if act_bytes else "-"
+        link = f"{2 * act_bytes * step_tokens * 8 / (args.link_mbps * 1e6):.3f}" if act_bytes else "-"
+        gap = (loss[config.name] - base) / base
+        act = f"{act_bytes:.0f}" if act_bytes else "-"
+        lo, hi = min(r.eval_loss for r in rs), max(r.eval_loss for r in rs)
+        extra = f" {f'{lo:.4f}-{hi:.4f}':>15}" if several else ""
+        wall = _median([r.wall_s for r in rs])
+        print(f"{config.name:<48} {act:>11} {fewer:>9} {link:>11} {loss[config.name]:>10.4f}{extra} {gap:>+10.2%} {wall:>8.0f}")
     print()
     print(f"link column: forward + backward bytes of one {args.batch_size}x{args.seq_len} batch at {args.link_mbps:g} Mb/s")
+    if several:
+        print("eval loss: median over seeds; selective vs all compared seed by seed (the same seed gives both the same start)")
     for drift in drifts:
         for q in ratios:
-            c = next(r for r in results if r.name == f"(c) selective, ratio {q}, {drift}")
-            dd = next(r for r in results if r.name == f"(d) all compressed, ratio {q}, {drift}")
-            gap = (c.eval_loss - base.eval_loss) / base.eval_loss
-            ratio = dense / c.act_bytes
-            target = "<= 5% at >= 100x" if ratio >= 100 else "<= 2% at >= 25x" if ratio >= 25 else "(no target)"
-            print(
-                f"{drift}, ratio {q}: {ratio:.0f}x fewer bytes than fp32, gap {gap:+.2%} (target {target}); "
-                f"selective {c.eval_loss:.4f} vs all-compressed {dd.eval_loss:.4f} "
-                f"({'selective <= all' if c.eval_loss <= dd.eval_loss else 'selective WORSE'})"
-            )
+            all_name = f"(d) all compressed, ratio {q}, {drift}"
+            for way in projections:
+                name = selective_name(q, drift, way)
+                ratio = dense / by_name[name][0].act_bytes
+                gap = (loss[name] - base) / base
+                target = "<= 5% at >= 100x" if ratio >= 100 else "<= 2% at >= 25x" if ratio >= 25 else "(no target)"
+                diffs = [(c.eval_loss - a.eval_loss) / a.eval_loss for c, a in zip(by_name[name], by_name[all_name])]
+                wins = sum(x <= 0 for x in diffs)
+                verdict = "selective <= all" if loss[name] <= loss[all_name] else "selective WORSE"
+                per_seed = (
+                    f"; selective <= all in {wins} of {len(diffs)} seeds, median difference {_median(diffs):+.2%}"
+                    if several
+                    else ""
+                )
+                print(
+                    f"{name[4:]}: {ratio:.0f}x fewer bytes than fp32, gap {gap:+.2%} (target {target}); "
+                    f"selective {loss[name]:.4f} vs all-compressed {loss[all_name]:.4f} ({verdict}){per_seed}"
+                )
 
 
 def mode_d(preset: str) -> int:

@@ -150,6 +150,11 @@ class Subspace:
                 w.copy_(u @ (u.T @ w))  # output rows of a Linear (d, in): U U^T W
 
     @torch.no_grad()
+    def project_writers_(self, model: nn.Module, n_layers: int) -> None:
+        """Keep a training model's writers (W_o, W_2) in span(U), leaving its embedding free."""
+        self.project_(dict(model.named_parameters()), n_layers, writer_names(n_layers))
+
+    @torch.no_grad()
     def project_model_(self, model: nn.Module, n_layers: int) -> None:
         """Keep a training model's writers in span(U) (after an optimizer step). When folding, E
         keeps the round's off-span part (``begin_round``) and only its change is projected."""

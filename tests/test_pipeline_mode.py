@@ -93,6 +93,7 @@ def test_stage_slots_cover_the_model_once():
         ({"wire_dtype": "int4"}, "wire_dtype"),
         ({"link_timeout_s": 90.0}, "round_timeout_s"),
         ({"embedding_drift": "keep"}, "embedding_drift"),
+        ({"full_replicas": "sometimes"}, "full_replicas"),
         ({"nope": 1}, "no option"),
     ],
 )

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models import LanguageModel, ModelConfig, build_model, get_preset, split_stages
-from models.subspace import Subspace, SubspaceConfig, _orthonormal_columns, constrained_names
+from models.subspace import Subspace, SubspaceConfig, _orthonormal_columns, constrained_names, writer_names
 
 
 def _setup(ratio: int = 4, seed: int = 3, fold: bool = False) -> tuple[ModelConfig, LanguageModel, Subspace]:
@@ -93,6 +93,18 @@ def test_projection_touches_exactly_the_writers_before_the_last_block():
     again = {n: p.detach().clone() for n, p in model.named_parameters()}
     sub.project_model_(model, cfg.n_layers)  # idempotent
     assert all(torch.allclose(p, again[n], atol=1e-12) for n, p in model.named_parameters())
+
+
+def test_a_full_replica_holding_only_its_writers_keeps_its_embedding_free():
+    cfg, model, sub = _setup(fold=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sub.project_writers_(model, cfg.n_layers)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(writer_names(cfg.n_layers))  # E is not touched, in span(U) or out of it
+    u = sub.U
+    for name in writer_names(cfg.n_layers):
+        w = dict(model.named_parameters())[name]
+        assert torch.allclose(w, u @ (u.T @ w), atol=1e-12), name
 
 
 def test_gradients_through_the_compressed_link_equal_the_composed_model():

@@ -37,6 +37,7 @@ from swarm.exchange import PayloadEncoder, PayloadStore
 from swarm.modes import mode_for
 from swarm.modes.pipeline import project_state
 from swarm.net.transfer import Traffic
+from swarm.pipeline.options import FULL_REPLICAS
 from swarm.pipeline.wire import bytes_per_token, round_trip
 from swarm.pipeline.worker import keep_in_subspace
 from swarm.replica import Replica, data_config, initial_state, optim_config
@@ -82,10 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compressed runs: what happens to the embedding's part outside span(U), comma list (default %(default)s)",
     )
     parser.add_argument(
-        "--full-projection",
-        default="outer",
-        help="selective runs: full replicas project after every inner step (step), or only the outer step projects their "
-        "work (outer); comma list, one (c) row per way (default %(default)s)",
+        "--full-replicas",
+        default="free",
+        help="selective runs: what a full replica holds in span(U) while it trains: nothing, the outer step projects its "
+        "work (free); its writers after every inner step (writers); what a stage holds, writers and the embedding "
+        "(stage); comma list, one (c) row per way (default %(default)s)",
     )
     parser.add_argument(
         "--seeds",
@@ -151,7 +153,7 @@ class Config:
     ratio: int
     pipelined: int  # how many of the R replicas are 2-stage pipelines
     drift: str = "fold"
-    full_projection: str = "outer"
+    full_replicas: str = "free"
 
 
 def simulate(args: argparse.Namespace, config: Config, seed: int = 0) -> Result:
@@ -161,7 +163,7 @@ def simulate(args: argparse.Namespace, config: Config, seed: int = 0) -> Result:
         mode="pipeline",
         mode_options={
             "ratio": ratio,
-            "project_full_each_step": config.full_projection == "step",
+            "full_replicas": config.full_replicas,
             "embedding_drift": drift,
         },
         seed=seed,
@@ -185,9 +187,9 @@ def simulate(args: argparse.Namespace, config: Config, seed: int = 0) -> Result:
     if sub is not None:
         project_state(sub, state.params, mode.cfg.n_layers)
     replicas = [Replica(run, shard=i, device=torch.device("cpu"), corpus=corpus) for i in range(args.replicas)]
-    if sub is not None and mode.options.project_full_each_step:
+    if sub is not None and mode.options.full_replicas != "free":
         for rep in replicas[: args.replicas - pipelined]:
-            keep_in_subspace(rep, sub)
+            keep_in_subspace(rep, sub, writers_only=mode.options.full_replicas == "writers")
     for rep in replicas[args.replicas - pipelined :]:
         rep.trainer = Trainer(_Pipelined(rep.model, sub, dtype), rep.optimizer, optim_config(run), device=torch.device("cpu"))
         if sub is not None:  # a stage keeps its writers in span(U) after every step
@@ -231,13 +233,13 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     ratios = [int(x) for x in args.ratios.split(",") if x]
     seeds = [int(x) for x in args.seeds.split(",") if x]
-    projections = [x for x in args.full_projection.split(",") if x]
+    projections = [x for x in args.full_replicas.split(",") if x]
     if not seeds:
         raise SystemExit("--seeds needs at least one seed")
-    if not projections or any(p not in ("outer", "step") for p in projections):
-        raise SystemExit(f"--full-projection takes outer and/or step, got {args.full_projection!r}")
-    if "step" in projections and args.constrain != "all":
-        raise SystemExit("--full-projection step needs --constrain all")
+    if not projections or any(p not in FULL_REPLICAS for p in projections):
+        raise SystemExit(f"--full-replicas takes {', '.join(FULL_REPLICAS)}, got {args.full_replicas!r}")
+    if projections != ["free"] and args.constrain != "all":
+        raise SystemExit("--full-replicas writers or stage needs --constrain all")
     drifts = [x for x in args.embedding_drift.split(",") if x]
     if not drifts or any(d not in ("fold", "project") for d in drifts):
         raise SystemExit(f"--embedding-drift takes fold and/or project, got {args.embedding_drift!r}")
@@ -245,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{args.preset}, {args.replicas} replicas x H={args.inner_steps} x {args.rounds} rounds = {tokens:,} tokens per "
         f"configuration; ratios {ratios}, compressed activations in {args.wire_dtype}; full replicas of selective runs "
-        f"project at every {' / '.join(projections)} step; subspace binds {args.constrain}; seeds {seeds}; data {args.data}",
+        f"hold {' / '.join(projections)} in span(U); subspace binds {args.constrain}; seeds {seeds}; data {args.data}",
         flush=True,
     )
     configs = [Config("(a) full replicas", 1, 0), Config("(b) 1 pipelined, uncompressed", 1, 1)]
@@ -259,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def selective_name(ratio: int, drift: str, way: str) -> str:
-    return f"(c) selective, ratio {ratio}, {drift}" + (", full in span" if way == "step" else "")
+    return f"(c) selective, ratio {ratio}, {drift}" + ("" if way == "free" else f", full: {way}")
 
 
 def _median(values: list[float]) -> float:

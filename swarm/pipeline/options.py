@@ -8,6 +8,8 @@ from models import ModelConfig, count_parameters
 from models.subspace import Subspace, SubspaceConfig
 from swarm.pipeline.wire import DTYPES
 
+FULL_REPLICAS = ("free", "writers", "stage")
+
 
 @dataclass
 class PipelineOptions:
@@ -17,10 +19,12 @@ class PipelineOptions:
     micro_batches: int = 4  # in flight per inner step (GPipe); the batch is cut into this many
     link_timeout_s: float = 30.0  # deadline of every receive; must stay below the round timeout
     weak_below_gb: float = 0.0  # announced memory under which a peer is a stage; 0 = what a replica needs
-    # True: full replicas keep the residual writers in span(U) after every inner step too (they train
-    # the constrained model the stages train). False: they train unconstrained and only the outer step
-    # projects; measured no consistent difference (`swarm-bench pipeline --full-projection`, docs).
-    project_full_each_step: bool = False
+    # What a full replica holds in span(U) while it trains a round (compressed runs): "free" nothing
+    # (the outer step projects its work), "writers" the residual writers after every inner step, its
+    # embedding free in all d directions (the off-span change folds into the link's table), "stage"
+    # what a stage holds (writers, and E's off-span part fixed for the round). Measured in the docs
+    # (`swarm-bench pipeline --full-replicas free,writers,stage --seeds ...`).
+    full_replicas: str = "free"
     # What happens to the learnable embedding's part outside span(U) (changed by unconstrained full
     # replicas and by top-k): "fold" keeps it and adds it to the link's fixed table for each round,
     # "project" removes it at every outer step (E stays in span(U) like the other writers).
@@ -35,6 +39,8 @@ class PipelineOptions:
             raise ValueError(f"wire_dtype must be one of {', '.join(DTYPES)}, got {self.wire_dtype!r}")
         if self.micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
+        if self.full_replicas not in FULL_REPLICAS:
+            raise ValueError(f"full_replicas must be one of {', '.join(FULL_REPLICAS)}, got {self.full_replicas!r}")
         if self.embedding_drift not in ("fold", "project"):
             raise ValueError(f"embedding_drift must be 'fold' or 'project', got {self.embedding_drift!r}")
         if not self.link_timeout_s > 0 or self.weak_below_gb < 0:

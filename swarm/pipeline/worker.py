@@ -160,8 +160,8 @@ class PipelineWorker:
         if role.kind == "replica":
             if not isinstance(self.inner, Replica):
                 self.inner = Replica(self.run, shard=role.data_shard, device=self.device, corpus=self.corpus)
-                if self.subspace is not None and self.options.project_full_each_step:
-                    keep_in_subspace(self.inner, self.subspace)
+                if self.subspace is not None and self.options.full_replicas != "free":
+                    keep_in_subspace(self.inner, self.subspace, writers_only=self.options.full_replicas == "writers")
         elif role.kind == "stage" and self.link is not None:
             self.inner = StageTrainer(
                 self.run, self.options, role, device=self.device, corpus=self.corpus, link=self.link, subspace=self.subspace
@@ -211,7 +211,7 @@ class PipelineWorker:
         """This round's work; None when there is none (a spare, or the group lost a stage)."""
         if self.inner is None:
             return None
-        if self.subspace is not None and self.options.project_full_each_step and isinstance(self.inner, Replica):
+        if self.subspace is not None and self.options.full_replicas == "stage" and isinstance(self.inner, Replica):
             self.subspace.begin_round(state.params["tok_emb.weight"], self.device)  # its step hook keeps E's drift
         work = self.inner.train_round(state, stop)
         if work is not None and self.subspace is not None and isinstance(self.inner, Replica):
@@ -227,7 +227,9 @@ class PipelineWorker:
         raise RuntimeError("only a full replica evaluates")
 
 
-def keep_in_subspace(replica: Replica, subspace: Subspace) -> None:
-    """Project a full replica's residual writers onto span(U) after each of its optimizer steps."""
+def keep_in_subspace(replica: Replica, subspace: Subspace, writers_only: bool = False) -> None:
+    """Project a full replica's residual writers onto span(U) after each of its optimizer steps, and
+    its embedding as a stage would (unless `writers_only`: then E learns in all d directions)."""
     model, layers = replica.model, replica.model.cfg.n_layers
-    replica.optimizer.register_step_post_hook(lambda *_: subspace.project_model_(model, layers))
+    project = subspace.project_writers_ if writers_only else subspace.project_model_
+    replica.optimizer.register_step_post_hook(lambda *_: project(model, layers))

@@ -28,7 +28,7 @@ def test_pipeline_bench_runs_every_configuration_per_seed(tmp_path: Path, capsys
             "(a) full replicas",
             "(b) 1 pipelined, uncompressed",
             "(c) selective, ratio 8, fold ",
-            "(c) selective, ratio 8, fold, full: writers",
+            "(c) selective, ratio 8, fold, full: free",
             "(c) selective, ratio 8, fold, full: stage",
             "(d) all compressed, ratio 8, fold",
         )

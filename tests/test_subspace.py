@@ -144,7 +144,7 @@ def test_u_and_t_fixed_are_identical_across_processes():
         "from models.subspace import Subspace, SubspaceConfig\n"
         "print(Subspace(SubspaceConfig(384, 260, 32, seed=7)).digest())"
     )
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     here = Subspace(SubspaceConfig(384, 260, 32, seed=7)).digest()
     assert other.stdout.strip() == here
     assert Subspace(SubspaceConfig(384, 260, 32, seed=8)).digest() != here

@@ -84,10 +84,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--full-replicas",
-        default="free",
+        default=None,
         help="selective runs: what a full replica holds in span(U) while it trains: nothing, the outer step projects its "
         "work (free); its writers after every inner step (writers); what a stage holds, writers and the embedding "
-        "(stage); comma list, one (c) row per way (default %(default)s)",
+        "(stage); comma list, one (c) row per way (default: writers, as the swarm; free with --constrain stages)",
     )
     parser.add_argument(
         "--seeds",
@@ -153,7 +153,7 @@ class Config:
     ratio: int
     pipelined: int  # how many of the R replicas are 2-stage pipelines
     drift: str = "fold"
-    full_replicas: str = "free"
+    full_replicas: str = "writers"
 
 
 def simulate(args: argparse.Namespace, config: Config, seed: int = 0) -> Result:
@@ -233,11 +233,12 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     ratios = [int(x) for x in args.ratios.split(",") if x]
     seeds = [int(x) for x in args.seeds.split(",") if x]
-    projections = [x for x in args.full_replicas.split(",") if x]
+    ways = args.full_replicas or ("writers" if args.constrain == "all" else "free")
+    projections = [x for x in ways.split(",") if x]
     if not seeds:
         raise SystemExit("--seeds needs at least one seed")
     if not projections or any(p not in FULL_REPLICAS for p in projections):
-        raise SystemExit(f"--full-replicas takes {', '.join(FULL_REPLICAS)}, got {args.full_replicas!r}")
+        raise SystemExit(f"--full-replicas takes {', '.join(FULL_REPLICAS)}, got {ways!r}")
     if projections != ["free"] and args.constrain != "all":
         raise SystemExit("--full-replicas writers or stage needs --constrain all")
     drifts = [x for x in args.embedding_drift.split(",") if x]
@@ -261,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def selective_name(ratio: int, drift: str, way: str) -> str:
-    return f"(c) selective, ratio {ratio}, {drift}" + ("" if way == "free" else f", full: {way}")
+    return f"(c) selective, ratio {ratio}, {drift}" + ("" if way == "writers" else f", full: {way}")
 
 
 def _median(values: list[float]) -> float:

@@ -24,7 +24,7 @@ class PipelineOptions:
     # embedding free in all d directions (the off-span change folds into the link's table), "stage"
     # what a stage holds (writers, and E's off-span part fixed for the round). Measured in the docs
     # (`swarm-bench pipeline --full-replicas free,writers,stage --seeds ...`).
-    full_replicas: str = "free"
+    full_replicas: str = "writers"
     # What happens to the learnable embedding's part outside span(U) (changed by unconstrained full
     # replicas and by top-k): "fold" keeps it and adds it to the link's fixed table for each round,
     # "project" removes it at every outer step (E stays in span(U) like the other writers).

@@ -126,3 +126,51 @@ def test_outer_step_keeps_the_global_weights_in_the_subspace(drift):
     with torch.no_grad():
         composed = second(sub.expand(sub.compress(first(tokens), tokens), tokens))
         assert torch.allclose(model(tokens).logits, composed, atol=1e-4)
+
+
+@pytest.mark.parametrize("way", ["writers", "stage", "free"])
+def test_what_a_full_replica_holds_in_span_u_while_it_trains(way):
+    from models.subspace import writer_names
+
+    outer = OuterConfig.for_mode("pipeline")
+    run = RunConfig(
+        mode="pipeline",
+        mode_options={"ratio": 8, "full_replicas": way},
+        preset="nano",
+        round_timeout_s=60,
+        outer=outer,
+        data_source="stdlib",
+        data_max_bytes=200_000,
+        batch_size=2,
+        seq_len=16,
+        inner_steps=3,
+        warmup_steps=1,
+    )
+    mode = mode_for(run)
+    assert isinstance(mode, PipelineMode) and mode.subspace is not None
+    sub, layers = mode.subspace, mode.cfg.n_layers
+    state = initial_state(run)
+    mode.outer_step(state, {})  # θ(0) as the swarm holds it: writers in span(U)
+    worker = mode.make_worker(mode.default_role("me", 0), torch.device("cpu"))
+    work = worker.train_round(state)
+    assert work is not None
+    u = sub.U.double()
+    params = dict(worker.model.named_parameters())
+
+    def off_span_rows(w: torch.Tensor) -> float:  # the part of the output side outside span(U)
+        w = w.detach().double()
+        return float((w - u @ (u.T @ w)).abs().max())
+
+    writers_off = max(off_span_rows(params[n]) for n in writer_names(layers))
+    e_start, e_now = state.params["tok_emb.weight"].double(), params["tok_emb.weight"].detach().double()
+    e_moved_off = float(((e_now - e_start) - ((e_now - e_start) @ u) @ u.T).abs().max())
+    if way == "free":
+        assert writers_off > 1e-4 and e_moved_off > 1e-4  # it learns every direction; the outer step projects
+    else:
+        assert writers_off < 1e-5  # its writers stay in span(U) after every step
+        if way == "writers":
+            assert e_moved_off > 1e-4  # the embedding learns all d directions (its change folds)
+        else:
+            assert e_moved_off < 1e-5  # as a stage: E's off-span part fixed for the round
+    for name in writer_names(layers):  # what it sends survives the outer step: no off-span writer change
+        assert off_span_rows(work.delta[name]) < 1e-5, name

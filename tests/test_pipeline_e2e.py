@@ -83,7 +83,7 @@ def test_pipeline_group_trains_with_full_replicas_and_survives_a_dead_stage(tmp_
         assert roles[first].startswith("stage 0 of group 0") and roles[last].startswith("stage 1 of group 0")
         assert all(row["included"] for r in both for row in cluster.metrics_by_round()[r])
         losses = [rows_of(cluster, last)[r]["loss"] for r in both]  # the group's LM loss
-        full = {r: row["loss"] for r, row in rows_of(cluster, "f1").items()}
+        full = {r: row["loss"] for r, row in rows_of(cluster, "f1").items() if row["loss"] is not None}  # rounds it trained
         assert full[max(full)] < full[min(full)] and losses[-1] < losses[0] + 0.05, f"loss did not fall: {full} {losses}"
 
         cluster.kill(last)

@@ -144,7 +144,6 @@ class Result:
     eval_loss: float
     wall_s: float
     act_bytes: float  # per token per boundary, forward
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -225,7 +224,7 @@ def simulate(args: argparse.Namespace, config: Config, seed: int = 0) -> Result:
     loss = evaluate(replicas[0].model, batches, device=torch.device("cpu"))
     width = sub.k if sub is not None else mode.cfg.d_model
     act = float(bytes_per_token(width, dtype)) if pipelined else 0.0
-    return Result(name, ratio, pipelined, loss, time.perf_counter() - start, act_bytes=act, seed=seed)
+    return Result(name, ratio, pipelined, loss, time.perf_counter() - start, act_bytes=act)
 
 
 def run(args: argparse.Namespace) -> int:

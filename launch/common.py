@@ -10,7 +10,7 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from swarm.metrics import SinkConfig
+from swarm.train.sinks import SinkConfig
 
 if TYPE_CHECKING:  # swarm-train uses the metrics flags and must not pay for importing hivemind
     from swarm.net.dht import DHTOptions

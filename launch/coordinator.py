@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 from launch.common import add_metrics_args, add_network_args, dht_options, run_node, sink_config
-from swarm.coordinator import Coordinator, CoordinatorConfig
-from swarm.data.shards import SHARDS_SOURCE, read_manifest
+from swarm.data.shards import read_manifest
 from swarm.data.tokenizer import TOKENIZER_FILE, load_tokenizer, vocab_overrides
-from swarm.modes import available_modes
+from swarm.modes import available_modes, default_outer, mode_for
 from swarm.net.schema import from_plain, to_plain
-from swarm.run import OuterConfig, RunConfig
+from swarm.processes.coordinator import Coordinator, CoordinatorConfig
+from swarm.run import SHARDS_SOURCE, RunConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,10 +86,12 @@ def build_run(args: argparse.Namespace) -> RunConfig:
     if args.mode_option:
         base["mode_options"] = {**base.get("mode_options", {}), **dict(_option(o) for o in args.mode_option)}
     if "outer" not in base or args.mode is not None:  # the outer optimiser follows the mode
-        base["outer"] = to_plain(OuterConfig.for_mode(base.get("mode", "sparseloco"), args.dense_dtype))
+        base["outer"] = to_plain(default_outer(base.get("mode", "sparseloco"), args.dense_dtype))
     if args.trim is not None:
         base["outer"] = {**base["outer"], "trim": args.trim}
-    return from_plain(RunConfig, base)
+    run = from_plain(RunConfig, base)
+    mode_for(run)  # the mode's options: an unknown mode or option is refused here, before any network
+    return run
 
 
 def _option(text: str) -> tuple[str, int | float | bool | str]:

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from swarm.data.fetch import ShardError, ShardFetcher
-from swarm.data.shards import SHARD_SUFFIXES, make_manifest, read_manifest, write_manifest
+from swarm.data.shards import make_manifest, read_manifest, write_manifest
+from swarm.run import SHARD_SUFFIXES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 from launch.cluster import LocalCluster
-from swarm.modes import available_modes
+from swarm.modes import available_modes, default_outer
 from swarm.net.schema import to_plain
-from swarm.run import OuterConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode_options": {**({"ratio": 32} if pipelined else {}), **dict(_option(o) for o in args.mode_option)},
         "max_rounds": args.rounds,
     }
-    run["outer"] = to_plain(OuterConfig.for_mode(args.mode))
+    run["outer"] = to_plain(default_outer(args.mode))
     threads = max(1, (os.cpu_count() or 2) // (args.peers + args.weak_peers + 1))
     coordinator_args = ["--init-from", args.init_from] if args.init_from else []
     with LocalCluster(workdir, run, status_port=args.status_port, coordinator_args=coordinator_args) as cluster:

@@ -7,7 +7,7 @@ import os
 import tempfile
 
 from launch.common import add_metrics_args, add_network_args, dht_options, run_node, sink_config
-from swarm.peer import Peer, PeerConfig
+from swarm.processes.volunteer import Peer, PeerConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -16,7 +16,7 @@ uses ``T_fixed + E_r (I - U U^T)`` in place of ``T_fixed``. A stage's own update
 off-span change that unconstrained full replicas (and top-k) make to E survives the outer step
 instead of being projected away: the model keeps a full-rank token embedding.
 
-Nothing here knows about networks; swarm/pipeline/ carries ``c`` and its gradient between peers.
+Nothing here knows about networks; swarm/modes/pipeline/ carries ``c`` and its gradient between peers.
 """
 
 from __future__ import annotations

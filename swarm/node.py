@@ -21,11 +21,15 @@ from swarm.log import get_logger
 from swarm.net import reachability
 from swarm.net.dht import DHTOptions, Signed, SwarmDHT
 from swarm.net.files import FileService
+from swarm.net.records import RECORD_TYPES as NET_RECORDS
 from swarm.net.records import RUNS_KEY, Event, EventLog, Heartbeat, Phase, Roster, run_key
 from swarm.net.transfer import Traffic, TransferServer
+from swarm.net.validator import RecordTypes
 from swarm.run import RunConfig
 
 logger = get_logger(__name__)
+# What a swarm node stores and accepts in the DHT: the net layer's records and the run description.
+RECORD_TYPES = RecordTypes(NET_RECORDS, runs_type=RunConfig)
 MAX_EVENTS = 50
 MEMBERS_REFRESH_S = 2.0
 MAX_DIRECT_PEERS = 16  # behind NAT: reachable members we keep a connection open to
@@ -108,14 +112,15 @@ class SwarmNode:
 
     def start_dht(self) -> None:
         """Start the DHT process; from the main thread, before the event loop (see SwarmDHT.start)."""
-        self._dht = SwarmDHT.start(self.identity_path, self.dht_options)
+        self._dht = SwarmDHT.start(self.identity_path, self.dht_options, RECORD_TYPES)
 
     async def start_network(self) -> None:
         if self._dht is None:  # not started beforehand: keep the loop free while p2pd starts
-            self._dht = await asyncio.to_thread(SwarmDHT.start, self.identity_path, self.dht_options)
+            self._dht = await asyncio.to_thread(SwarmDHT.start, self.identity_path, self.dht_options, RECORD_TYPES)
         p2p = await self.dht.dht.replicate_p2p()
         self._server = TransferServer(p2p, self.traffic)
-        self._files = FileService(self)  # content-addressed files by sha256 (corpus shards, tokenizer)
+        self._files = FileService(dht=self.dht, server=self._server, run_id=lambda: self.run.run_id, spawn=self.spawn)
+        # ^ content-addressed files by sha256 (corpus shards, tokenizer)
         await self._server.start()
         await reachability.serve(p2p)  # answer joiners asking whether they can be dialled
 

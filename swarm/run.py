@@ -12,7 +12,51 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Literal
 
-from swarm.data.shards import SHARDS_SOURCE, CorpusShard
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+SHARDS_SOURCE = "shards"  # RunConfig.data_source of a run whose corpus is its shard list
+SWARM = "swarm"  # a source meaning: any node of the run that serves it
+SHARD_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".txt", ".md", ".py")
+
+SourceKind = Literal["swarm", "http", "local"]
+
+
+@dataclass
+class CorpusShard:
+    """One file of the corpus, named by its content."""
+
+    name: str  # a plain file name; its suffix says the format (SHARD_SUFFIXES)
+    sha256: str  # hex digest of the file's bytes: the shard's identity
+    size: int  # bytes
+    sources: list[str] = field(default_factory=lambda: [SWARM])  # tried in order
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name) or ".." in self.name:
+            raise ValueError(f"shard name {self.name!r:.80} must be a plain file name (letters, digits, '._-')")
+        if not self.name.lower().endswith(SHARD_SUFFIXES):
+            raise ValueError(f"shard {self.name!r}: unknown format, expected one of {', '.join(SHARD_SUFFIXES)}")
+        if not _SHA256.match(self.sha256):
+            raise ValueError(f"shard {self.name!r}: sha256 must be 64 lowercase hex digits")
+        if self.size <= 0:
+            raise ValueError(f"shard {self.name!r}: size must be positive, got {self.size}")
+        if not self.sources:
+            raise ValueError(f"shard {self.name!r} has no source")
+        for source in self.sources:
+            source_kind(source)
+
+
+def source_kind(source: str) -> SourceKind:
+    """'swarm', an http(s) URL, or a local path; any other URL scheme is refused."""
+    if source == SWARM:
+        return "swarm"
+    if source.startswith(("http://", "https://")):
+        return "http"
+    if not source or "://" in source:
+        raise ValueError(f"shard source {source!r:.100} is not 'swarm', an http(s) URL or a local path")
+    return "local"
+
 
 Codec = Literal["sparseloco", "dense-fp32", "dense-fp16"]
 
@@ -28,7 +72,7 @@ class OuterConfig:
     topk_per_chunk: int = 64  # 64 of 4096 = 1.56% density, the paper's setting
     chunk_size: int = 64  # matrices are cut into chunk_size x chunk_size blocks
     error_decay: float = 0.95  # beta of the error-feedback buffer
-    overlap: bool = True  # train round r+1 while round r's manifest settles (one-step-delayed update, swarm/overlap.py)
+    overlap: bool = True  # train round r+1 while round r's manifest settles (one-step-delayed update, swarm/round/overlap.py)
     trim: float = 0.0  # coordinate-wise trimmed mean: fraction of contributions dropped at each end (dense codecs)
 
     def __post_init__(self) -> None:
@@ -46,13 +90,6 @@ class OuterConfig:
             raise ValueError(
                 "a trimmed mean needs a dense codec: sparse contributions are zero almost everywhere, trimming would drop their signal"
             )
-
-    @classmethod
-    def for_mode(cls, mode: str, dense_dtype: str = "fp32") -> OuterConfig:
-        """The outer settings a mode recommends (`TrainingMode.default_outer`)."""
-        from swarm.modes import mode_class  # the modes import this module
-
-        return mode_class(mode).default_outer(dense_dtype)
 
 
 @dataclass
@@ -126,9 +163,6 @@ class RunConfig:
             raise ValueError(f"{len(self.corpus)} corpus shards but num_shards={self.num_shards}: raise num_shards")
         if not self.run_id or "/" in self.run_id or len(self.run_id) > 64:
             raise ValueError(f"bad run_id {self.run_id!r}: 1-64 characters, no '/'")
-        from swarm.modes import mode_for  # the modes import this module
-
-        mode_for(self)  # unknown mode, unknown option or a knob that means nothing there: ValueError
 
     @property
     def leader_timeout_s(self) -> float:

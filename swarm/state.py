@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from swarm.run import OuterConfig
-from swarm.train.checkpoint import _replace_dir as replace_dir
+from swarm.train.checkpoint import replace_dir
 
 
 class NonFiniteUpdateError(RuntimeError):

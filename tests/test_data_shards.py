@@ -17,9 +17,9 @@ import pytest
 
 from swarm.data.corpus import CorpusError, DataConfig, load_corpus
 from swarm.data.fetch import RunData, ShardError, ShardFetcher, check_identity
-from swarm.data.shards import CorpusShard, make_manifest, read_manifest, source_kind, stream_slot, write_manifest
+from swarm.data.shards import make_manifest, read_manifest, stream_slot, write_manifest
 from swarm.net.schema import decode_record, encode_record
-from swarm.run import RunConfig
+from swarm.run import CorpusShard, RunConfig, source_kind
 
 
 class _Quiet(SimpleHTTPRequestHandler):

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from launch.cluster import LocalCluster, nano_run, wait_for
-from swarm.data.shards import CorpusShard
 from swarm.net.schema import to_plain
+from swarm.run import CorpusShard
 
 pytestmark = pytest.mark.slow
 

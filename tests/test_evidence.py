@@ -6,11 +6,11 @@ import dataclasses
 
 import pytest
 
-from swarm.evidence import EquivocationWitness, check_equivocation, proof_ok, sign_manifest
 from swarm.net.dht import Signed
 from swarm.net.identity import Identity
 from swarm.net.records import Equivocation, Manifest, ManifestEntry
 from swarm.net.schema import encode_record
+from swarm.round.evidence import EquivocationWitness, check_equivocation, proof_ok, sign_manifest
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from swarm.codec import PayloadError
-from swarm.exchange import PayloadEncoder, PayloadStore
+from swarm.modes import default_outer
 from swarm.net.transfer import Traffic
-from swarm.run import OuterConfig, RunConfig
+from swarm.round.payloads import PayloadEncoder, PayloadStore
+from swarm.run import RunConfig
 
 SHAPES = {"a.weight": (64, 128), "b.bias": (100,)}
 
@@ -21,7 +22,7 @@ def delta(seed: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("mode,dtype", [("sparseloco", "fp32"), ("diloco", "fp32"), ("diloco", "fp16")])
 def test_round_trip_through_the_store(mode, dtype):
-    run = RunConfig(run_id="r", mode=mode, outer=OuterConfig.for_mode(mode, dtype))
+    run = RunConfig(run_id="r", mode=mode, outer=default_outer(mode, dtype))
     encoded = PayloadEncoder(run, "peerA").encode(delta(0), round_no=3)
     decoded = PayloadStore(run, SHAPES, Traffic()).decode(encoded.data, sender="peerA", round_no=3)
     assert set(decoded) == set(SHAPES)

@@ -121,8 +121,8 @@ def test_solo_checkpoint_with_bpe_exports_through_the_cli(tmp_path: Path, capsys
 
 
 def _swarm_state_dir(tmp_path: Path, tokenizer_sha256: str = "", vocab: int | None = None) -> Path:
+    from swarm.modes.replica import initial_state
     from swarm.net.schema import to_plain
-    from swarm.replica import initial_state
     from swarm.run import RunConfig
     from swarm.state import save_state
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-import swarm.metrics as metrics
+import swarm.train.sinks as metrics
 from launch.train import build_parser, config_from_args
-from swarm.metrics import MetricSinks, MetricsUnavailable, SinkConfig, figures, wandb_mode
 from swarm.train.metrics import read_metrics
+from swarm.train.sinks import MetricSinks, MetricsUnavailable, SinkConfig, figures, wandb_mode
 from swarm.train.solo import TrainConfig, run_solo
 
 # Rows as the coordinator writes them to rounds.jsonl (the final row carries a flag and no round figures).

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from swarm.codec import SlotMean
-from swarm.modes import available_modes, mode_for
+from swarm.modes import available_modes, default_outer, mode_for
 from swarm.run import OuterConfig, RunConfig
 
 SHAPES = {"a": (2, 3), "b": (4,), "c": (5,)}
@@ -79,9 +79,9 @@ def test_replica_modes_give_every_live_peer_a_full_replica():
 def test_a_worker_moved_to_another_shard_reads_that_shard(mode_name):
     # A peer that took a default shard while the coordinator was slow must train on the one it is
     # then given: two peers on one shard send the same update, and the copy check refuses both.
-    from swarm.replica import shard_stream
+    from swarm.modes.replica import shard_stream
 
-    outer = OuterConfig.for_mode(mode_name)
+    outer = default_outer(mode_name)
     data = dict(data_source="stdlib", data_max_bytes=200_000, batch_size=2, seq_len=16)
     run = RunConfig(mode=mode_name, preset="nano", outer=outer, round_timeout_s=60, **data)  # type: ignore[arg-type]
     mode = mode_for(run)

@@ -9,8 +9,8 @@ import torch
 
 from models.moe import is_expert_parameter
 from swarm.modes import mode_for
-from swarm.modes.experts import assign_experts, expert_neighbours, merge_alpha, merge_layer
-from swarm.replica import initial_state
+from swarm.modes.replica import Replica, initial_state
+from swarm.modes.spes.experts import assign_experts, expert_neighbours, merge_alpha, merge_layer
 from swarm.run import RunConfig
 
 RUN: dict[str, Any] = dict(mode="spes", preset="moe-nano", data_source="stdlib", data_max_bytes=200_000, batch_size=2, seq_len=32)
@@ -88,6 +88,7 @@ def test_spes_peer_trains_only_dense_and_owned_experts():
     mode = mode_for(run)
     role = mode.assign_roles(["me", "other"], {}, {"me": 0, "other": 1}, now=0.0)["me"]
     worker = mode.make_worker(role, torch.device("cpu"))
+    assert isinstance(worker, Replica)
     work = worker.train_round(initial_state(run))
     assert work is not None
     owned = {key for n in work.delta if (key := is_expert_parameter(n)) is not None}
@@ -109,6 +110,7 @@ def test_a_new_role_keeps_moments_of_parameters_still_trained():
     mode = mode_for(run)
     roles = mode.assign_roles(["me", "other"], {}, {"me": 0, "other": 1}, now=0.0)
     worker = mode.make_worker(roles["me"], torch.device("cpu"))
+    assert isinstance(worker, Replica)
     worker.train_round(initial_state(run))
     emb = dict(worker.model.named_parameters())["tok_emb.weight"]
     moment = worker.optimizer.state[emb]["exp_avg"].clone()

@@ -9,11 +9,11 @@ import msgpack
 import pytest
 from hivemind.p2p import P2P
 
-from swarm.leadership import should_lead
 from swarm.net import reachability
 from swarm.net.dht import DHTOptions
 from swarm.net.records import Heartbeat
-from swarm.statesync import pick_donors
+from swarm.processes.statesync import pick_donors
+from swarm.round.leadership import should_lead
 
 
 def beat(peer_id: str, *, reachable: bool = True, round_no: int = 3, phase: str = "idle", param_hash: str = "h") -> Heartbeat:

@@ -72,7 +72,17 @@ def test_fetch_verifies_and_survives_hostile_holders(tmp_path):
         async def go() -> None:
             for node in nodes:
                 await node.start_network()
-            holder, fetcher = honest.files, FileService(client, piece_timeout_s=1.5, holder_wait_s=2)
+            holder, fetcher = (
+                honest.files,
+                FileService(
+                    dht=client.dht,
+                    server=client.server,
+                    run_id=lambda: client.run.run_id,
+                    spawn=client.spawn,
+                    piece_timeout_s=1.5,
+                    holder_wait_s=2,
+                ),
+            )
             hostile = Hostile(bad, data)
             assert await holder.serve(src) == digest
 
@@ -124,11 +134,12 @@ def test_fetch_verifies_and_survives_hostile_holders(tmp_path):
 
 def test_serving_refuses_bad_requests_and_changed_files(tmp_path):
     registered: dict = {}
-    node = SimpleNamespace(
-        server=SimpleNamespace(register=lambda kind, fn: registered.__setitem__(kind, fn)),
+    service = FileService(
+        dht=SimpleNamespace(peer_id="p"),  # type: ignore[arg-type]
+        server=SimpleNamespace(register=lambda kind, fn: registered.__setitem__(kind, fn)),  # type: ignore[arg-type]
+        run_id=lambda: "r",
         spawn=lambda coro: coro.close(),  # no re-advertising loop in this test
     )
-    service = FileService(node)  # type: ignore[arg-type]
     path = tmp_path / "f.bin"
     path.write_bytes(b"x" * 100)
     digest = file_sha256(path)

@@ -14,7 +14,7 @@ from swarm.net.dht import DHTOptions, SwarmDHT
 from swarm.net.identity import Identity, peer_id_from_owner_marker
 from swarm.net.records import RUNS_KEY, Heartbeat, Manifest, ManifestEntry, Role, role_key
 from swarm.net.schema import SchemaError, decode_record, encode_record
-from swarm.node import fetch_run_description
+from swarm.node import RECORD_TYPES, fetch_run_description
 from swarm.run import RunConfig
 
 LOCAL = DHTOptions(host_maddrs=("/ip4/127.0.0.1/tcp/0",))
@@ -23,10 +23,10 @@ LOCAL = DHTOptions(host_maddrs=("/ip4/127.0.0.1/tcp/0",))
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory):
     d = tmp_path_factory.mktemp("ids")
-    coordinator = SwarmDHT.start(str(d / "c.key"), LOCAL)
+    coordinator = SwarmDHT.start(str(d / "c.key"), LOCAL, RECORD_TYPES)
     boot = tuple(coordinator.visible_maddrs())
-    impostor = SwarmDHT.start(str(d / "i.key"), DHTOptions(initial_peers=boot, host_maddrs=LOCAL.host_maddrs))
-    joiner = SwarmDHT.start(str(d / "j.key"), DHTOptions(initial_peers=boot, host_maddrs=LOCAL.host_maddrs))
+    impostor = SwarmDHT.start(str(d / "i.key"), DHTOptions(initial_peers=boot, host_maddrs=LOCAL.host_maddrs), RECORD_TYPES)
+    joiner = SwarmDHT.start(str(d / "j.key"), DHTOptions(initial_peers=boot, host_maddrs=LOCAL.host_maddrs), RECORD_TYPES)
     yield coordinator, impostor, joiner
     for node in (coordinator, impostor, joiner):
         node.shutdown()

@@ -9,13 +9,14 @@ import pytest
 
 from swarm.net.dht import DHTOptions, SwarmDHT
 from swarm.net.transfer import BlobCache, Traffic, TransferError, TransferServer, fetch
+from swarm.node import RECORD_TYPES
 
 
 def test_fetch_found_missing_oversized_and_unreachable(tmp_path):
     local = ("/ip4/127.0.0.1/tcp/0",)
-    server_node = SwarmDHT.start(str(tmp_path / "s.key"), DHTOptions(host_maddrs=local))
+    server_node = SwarmDHT.start(str(tmp_path / "s.key"), DHTOptions(host_maddrs=local), RECORD_TYPES)
     client_node = SwarmDHT.start(
-        str(tmp_path / "c.key"), DHTOptions(initial_peers=tuple(server_node.visible_maddrs()), host_maddrs=local)
+        str(tmp_path / "c.key"), DHTOptions(initial_peers=tuple(server_node.visible_maddrs()), host_maddrs=local), RECORD_TYPES
     )
     blob = os.urandom(3_000_000)  # above hivemind's 2 MiB unary limit: must stream
     cache = BlobCache()

@@ -1,4 +1,4 @@
-"""The maths of one-step-delayed outer updates (swarm/overlap.py), without the network.
+"""The maths of one-step-delayed outer updates (swarm/round/overlap.py), without the network.
 
 The in-process simulator of `swarm-bench quality` runs the swarm's own replica, encoder, wire
 format, per-slot mean and outer step; each simulated replica applies every round to its own copy
@@ -16,10 +16,10 @@ from launch.benchmarks.quality import simulate
 from launch.cluster import NANO_RUN
 from swarm.codec import SparseLoCoCompressor
 from swarm.data.corpus import load_corpus
-from swarm.exchange import PayloadEncoder, codec_config
 from swarm.modes import mode_for
-from swarm.overlap import next_base
-from swarm.replica import data_config
+from swarm.modes.replica import data_config
+from swarm.round.overlap import next_base
+from swarm.round.payloads import PayloadEncoder, codec_config
 from swarm.run import OuterConfig, RunConfig
 from swarm.state import GlobalState
 

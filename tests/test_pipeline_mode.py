@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from models import build_model, split_stages
-from swarm.modes import mode_for
-from swarm.modes.pipeline import PipelineMode
+from swarm.modes import default_outer, mode_for
+from swarm.modes.pipeline.groups import balance_layers, incomplete_groups, plan_roles
+from swarm.modes.pipeline.mode import PipelineMode
+from swarm.modes.replica import initial_state, model_config
 from swarm.net.records import Capacity, Role
-from swarm.pipeline.groups import balance_layers, incomplete_groups, plan_roles
-from swarm.replica import initial_state, model_config
-from swarm.run import OuterConfig, RunConfig
+from swarm.run import RunConfig
 
 
 def _caps(weak: list[str], full: list[str], speeds: dict[str, float] | None = None) -> dict[str, Capacity]:
@@ -67,7 +67,7 @@ def test_incomplete_groups_sit_out_together():
 
 
 def _run(**options: int | float | bool | str) -> RunConfig:
-    outer = OuterConfig.for_mode("pipeline")
+    outer = default_outer("pipeline")
     return RunConfig(mode="pipeline", mode_options=options, preset="nano", round_timeout_s=60, outer=outer)
 
 
@@ -132,7 +132,7 @@ def test_outer_step_keeps_the_global_weights_in_the_subspace(drift):
 def test_what_a_full_replica_holds_in_span_u_while_it_trains(way):
     from models.subspace import writer_names
 
-    outer = OuterConfig.for_mode("pipeline")
+    outer = default_outer("pipeline")
     run = RunConfig(
         mode="pipeline",
         mode_options={"ratio": 8, "full_replicas": way},

@@ -1,4 +1,4 @@
-"""Activation messages (swarm/pipeline/wire.py): round trip and strict rejection."""
+"""Activation messages (swarm/modes/pipeline/wire.py): round trip and strict rejection."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import msgpack
 import pytest
 import torch
 
-from swarm.pipeline.wire import ActivationError, MessageId, check, encode, parse, round_trip
+from swarm.modes.pipeline.wire import ActivationError, MessageId, check, encode, parse, round_trip
 
 FWD = MessageId(round=3, step=1, micro=2, direction="fwd")
 SHAPE = (2, 5, 8)

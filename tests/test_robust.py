@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from swarm.codec import SlotMean
-from swarm.robust import (
+from swarm.round.robust import (
     alignments,
     check_clipping,
     check_scales,

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from swarm.evidence import EquivocationWitness
-from swarm.leadership import agreed_hash, canonical_manifest, leader_rank, should_lead
 from swarm.net.dht import Signed
 from swarm.net.records import Heartbeat, Manifest, Phase
+from swarm.round.evidence import EquivocationWitness
+from swarm.round.leadership import agreed_hash, canonical_manifest, leader_rank, should_lead
 
 
 def beat(pid: str, round_no: int, h: str, *, coordinator: bool = False, phase: Phase = "training") -> Heartbeat:
@@ -100,8 +100,8 @@ def test_two_different_manifests_from_one_signer_are_equivocation():
 
 
 def test_a_peer_led_manifest_needs_a_quorum_of_contributions_the_coordinators_does_not():
-    from swarm.leadership import peer_quorum
     from swarm.net.records import ManifestEntry
+    from swarm.round.leadership import peer_quorum
 
     def listing(leader: str, n: int) -> Signed[Manifest]:
         entries = [ManifestEntry(f"p{i}", "d", 1) for i in range(n)]
@@ -120,7 +120,7 @@ def test_a_coordinator_that_fell_behind_takes_the_round_its_peers_already_applie
     otherwise lead as usual: a peer's manifest the others did not apply decides nothing."""
     from types import SimpleNamespace
 
-    from swarm.rounds import RoundAgreement
+    from swarm.round.agreement import RoundAgreement
 
     node = SimpleNamespace(peer_id="c", run=SimpleNamespace(coordinator="c"))
     agreement = RoundAgreement(node, None, None, None)  # type: ignore[arg-type]
@@ -139,7 +139,7 @@ def test_peers_give_a_coordinator_one_round_behind_the_view_timeout_before_leadi
     import time
     from types import SimpleNamespace
 
-    from swarm.rounds import RoundAgreement
+    from swarm.round.agreement import RoundAgreement
 
     node = SimpleNamespace(peer_id="a", run=SimpleNamespace(coordinator="c", leader_timeout_s=27.5))
     agreement = RoundAgreement(node, None, None, None)  # type: ignore[arg-type]

@@ -1,5 +1,5 @@
 """Shared-seed SPSA maths: seeds, the one-byte codec, exact perturb/restore, the two-point estimate,
-clipping and replay (swarm/spsa/)."""
+clipping and replay (swarm/modes/spsa/)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from swarm.spsa.perturb import load_perturbed, two_point
-from swarm.spsa.replay import RoundScalars, apply_scalars, clip_scalars
-from swarm.spsa.scalar import decode_scalar, decode_scalars, encode_scalar, encode_scalars
-from swarm.spsa.seeds import direction, direction_seed
+from swarm.modes.spsa.perturb import load_perturbed, two_point
+from swarm.modes.spsa.replay import RoundScalars, apply_scalars, clip_scalars
+from swarm.modes.spsa.scalar import decode_scalar, decode_scalars, encode_scalar, encode_scalars
+from swarm.modes.spsa.seeds import direction, direction_seed
 from swarm.state import NonFiniteUpdateError
 
 SCALE = 8.0
@@ -35,7 +35,7 @@ def test_seeds_are_collision_free_over_a_large_sweep():
 
 def test_seeds_and_directions_are_identical_across_processes():
     code = (
-        "from swarm.spsa.seeds import direction, direction_seed\n"
+        "from swarm.modes.spsa.seeds import direction, direction_seed\n"
         "s = direction_seed('run-x', 7, 'QmPeer', 3)\n"
         "print(s, direction(s, 'w', (5, 3)).numpy().tobytes().hex())\n"
     )

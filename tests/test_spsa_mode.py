@@ -14,16 +14,16 @@ from models import build_model
 from swarm.codec import payload_digest
 from swarm.data.corpus import load_corpus
 from swarm.modes import mode_for
-from swarm.modes.spsa import SpsaMode
+from swarm.modes.replica import data_config, initial_state, model_config, start_state
+from swarm.modes.spsa.log import ReplayError, inline_entries, read_rows, replay
+from swarm.modes.spsa.mode import SpsaMode
+from swarm.modes.spsa.replay import RoundScalars, apply_scalars
+from swarm.modes.spsa.scalar import decode_scalars
 from swarm.net.records import MAX_INLINE_BYTES, ManifestEntry, Role, Submission
-from swarm.replica import data_config, initial_state, model_config, start_state
+from swarm.round.admission import Validator
 from swarm.run import RunConfig
-from swarm.spsa.log import ReplayError, inline_entries, read_rows, replay
-from swarm.spsa.replay import RoundScalars, apply_scalars
-from swarm.spsa.scalar import decode_scalars
 from swarm.state import load_state, save_state
 from swarm.train.checkpoint import save_checkpoint
-from swarm.validate import Validator
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 PEERS = ["QmAlpha", "QmBravo", "QmCharlie"]

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from swarm.modes import default_outer
 from swarm.net.records import Heartbeat, Phase
-from swarm.run import OuterConfig
-from swarm.state import GlobalState, NonFiniteUpdateError, load_state, save_state
-from swarm.statesync import (
+from swarm.processes.statesync import (
     StateError,
     StateSnapshot,
     _split_work,
@@ -17,6 +16,8 @@ from swarm.statesync import (
     pick_donors,
     split_chunk,
 )
+from swarm.run import OuterConfig
+from swarm.state import GlobalState, NonFiniteUpdateError, load_state, save_state
 
 
 def make_state(seed: int = 0) -> GlobalState:
@@ -39,7 +40,7 @@ def test_diloco_outer_step_is_nesterov_sgd():
     state = make_state()
     ref = {n: torch.nn.Parameter(t.clone()) for n, t in state.params.items()}
     sgd = torch.optim.SGD(ref.values(), lr=0.7, momentum=0.9, nesterov=True)
-    outer = OuterConfig.for_mode("diloco")
+    outer = default_outer("diloco")
     for step in range(3):
         delta = {n: torch.randn(t.shape, generator=torch.Generator().manual_seed(step)) for n, t in state.params.items()}
         state.apply_outer_step(delta, outer)

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 import pytest
 
-from swarm.leadership import canonical_manifest
 from swarm.net.dht import Signed
 from swarm.net.records import Event, Heartbeat, Manifest, ManifestEntry, Phase, Rejection, Submission
+from swarm.round.leadership import canonical_manifest
 from swarm.status.book import (
     BookConfig,
     EventMerger,

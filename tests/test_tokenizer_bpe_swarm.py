@@ -43,7 +43,7 @@ def _tokenizer(tmp_path: Path, name: str, texts: list[str]) -> tuple[Path, BPETo
 
 
 def test_peer_fetches_the_run_tokenizer_and_refuses_another(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from swarm.replica import data_config, load_corpus
+    from swarm.modes.replica import data_config, load_corpus
 
     path, tok = _tokenizer(tmp_path, "tokenizer.json", TEXTS)
     other_path, other = _tokenizer(tmp_path, "other.json", [t.upper() for t in TEXTS])

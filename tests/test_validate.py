@@ -1,11 +1,11 @@
-"""The leader's checks on a round's set of contributions (swarm/validate.py), without a network."""
+"""The leader's checks on a round's set of contributions (swarm/round/admission.py), without a network."""
 
 from __future__ import annotations
 
 import torch
 
-from swarm.robust import summarise
-from swarm.validate import Validator, Verdict
+from swarm.round.admission import Validator, Verdict
+from swarm.round.robust import summarise
 
 
 def sparse(positions: list[int], sign: float = 1.0, seed: int = 0) -> Verdict:
@@ -54,7 +54,7 @@ class _Node:
 
 def test_strikes_come_from_the_coordinators_manifests_applied_by_everyone():
     from swarm.net.records import Manifest, Rejection
-    from swarm.validate import STRIKES_BEFORE_BAN
+    from swarm.round.admission import STRIKES_BEFORE_BAN
 
     validator = Validator(_Node(), None, None)  # type: ignore[arg-type]
     for r in range(STRIKES_BEFORE_BAN):
@@ -65,7 +65,7 @@ def test_strikes_come_from_the_coordinators_manifests_applied_by_everyone():
 
 def test_a_peer_that_delivers_nothing_twice_is_no_longer_waited_for():
     from swarm.net.records import Manifest, ManifestEntry, Rejection
-    from swarm.validate import ABSENT_ROUNDS, SHORT_FETCH_S
+    from swarm.round.admission import ABSENT_ROUNDS, SHORT_FETCH_S
 
     class _SlowRun(_Run):
         round_timeout_s = 60.0
@@ -89,7 +89,7 @@ def test_a_sender_nobody_can_dial_is_absent_not_a_crash():
 
     from swarm.net.records import Submission
     from swarm.net.transfer import TransferError
-    from swarm.validate import NOT_DELIVERED
+    from swarm.round.admission import NOT_DELIVERED
 
     class _Store:
         async def get(self, p2p, digest, holders):

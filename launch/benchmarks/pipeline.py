@@ -33,15 +33,15 @@ from models.subspace import Subspace
 from swarm.codec import SlotMean
 from swarm.data.corpus import load_corpus
 from swarm.data.sampler import eval_batches
-from swarm.exchange import PayloadEncoder, PayloadStore
-from swarm.modes import mode_for
-from swarm.modes.pipeline import project_state
+from swarm.modes import default_outer, mode_for
+from swarm.modes.pipeline.mode import project_state
+from swarm.modes.pipeline.options import FULL_REPLICAS
+from swarm.modes.pipeline.wire import bytes_per_token, round_trip
+from swarm.modes.pipeline.worker import keep_in_subspace
+from swarm.modes.replica import Replica, data_config, initial_state, optim_config
 from swarm.net.transfer import Traffic
-from swarm.pipeline.options import FULL_REPLICAS
-from swarm.pipeline.wire import bytes_per_token, round_trip
-from swarm.pipeline.worker import keep_in_subspace
-from swarm.replica import Replica, data_config, initial_state, optim_config
-from swarm.run import OuterConfig, RunConfig
+from swarm.round.payloads import PayloadEncoder, PayloadStore
+from swarm.run import RunConfig
 from swarm.train.step import Trainer, evaluate
 
 HELP = "pipelined replicas, uncompressed and compressed (selective vs all), against full replicas"
@@ -175,7 +175,7 @@ def simulate(args: argparse.Namespace, config: Config, seed: int = 0) -> Result:
         warmup_steps=args.inner_steps,
         max_rounds=args.rounds,
         num_shards=max(8, args.replicas),
-        outer=OuterConfig.for_mode("pipeline"),
+        outer=default_outer("pipeline"),
     )
     mode: Any = mode_for(run)
     dtype = args.wire_dtype if ratio > 1 else "bf16"
@@ -185,7 +185,10 @@ def simulate(args: argparse.Namespace, config: Config, seed: int = 0) -> Result:
     sub = mode.subspace
     if sub is not None:
         project_state(sub, state.params, mode.cfg.n_layers)
-    replicas = [Replica(run, shard=i, device=torch.device("cpu"), corpus=corpus) for i in range(args.replicas)]
+    replicas = [
+        Replica(run, shard=i, device=torch.device("cpu"), corpus=corpus, prepare_model=mode.prepare_model)
+        for i in range(args.replicas)
+    ]
     if sub is not None and mode.options.full_replicas != "free":
         for rep in replicas[: args.replicas - pipelined]:
             keep_in_subspace(rep, sub, writers_only=mode.options.full_replicas == "writers")

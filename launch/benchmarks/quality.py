@@ -3,7 +3,7 @@
 R replicas train in turn in this one process with the swarm's own pieces: `Replica` (H inner AdamW
 steps on its data shard), `PayloadEncoder` (codec and error feedback), the payload wire format
 (every payload is encoded and decoded), the per-slot mean and the mode's outer step, and with
-`--overlap` the one-step-delayed schedule of swarm/overlap.py. Only timing and transport are left
+`--overlap` the one-step-delayed schedule of swarm/round/overlap.py. Only timing and transport are left
 out, so a sweep over H, density, chunk size, beta and alpha takes minutes, not hours, and every
 figure is deterministic. Payload bytes are the real encoded sizes.
 
@@ -26,11 +26,11 @@ import torch
 from models import count_parameters, get_preset
 from swarm.codec import SlotMean
 from swarm.data.corpus import load_corpus
-from swarm.exchange import PayloadEncoder, PayloadStore
-from swarm.modes import mode_for
+from swarm.modes import default_outer, mode_for
+from swarm.modes.replica import Replica, data_config, initial_state
 from swarm.net.transfer import Traffic
-from swarm.overlap import next_base
-from swarm.replica import Replica, data_config, initial_state
+from swarm.round.overlap import next_base
+from swarm.round.payloads import PayloadEncoder, PayloadStore
 from swarm.run import OuterConfig, RunConfig
 from swarm.state import GlobalState
 
@@ -72,7 +72,7 @@ def simulate(run: RunConfig, replicas: int, *, corpus: object | None = None, car
             sizes.append(len(payloads[-1][1]))
         if run.outer.overlap and carry_own:
             bases = [own_progress_base(s, w.delta) for s, w in zip(states, works) if w is not None]
-        elif run.outer.overlap:  # the next round starts before θ(r+1) is known (swarm/overlap.py)
+        elif run.outer.overlap:  # the next round starts before θ(r+1) is known (swarm/round/overlap.py)
             own = [store.decode(data, sender=sender, round_no=r) for sender, data in payloads]
             bases = [next_base(s, o, mode) for s, o in zip(states, own)]
         for state in states:  # every replica decodes and applies the same payloads in the same order
@@ -98,7 +98,7 @@ def parse_row(spec: str, base: RunConfig) -> tuple[RunConfig, bool]:
     """'mode[:field=value,...]' -> (RunConfig, carry_own): OuterConfig fields, H (inner steps), or
     base=own (overlap from the whole local progress, for comparison)."""
     mode, _, rest = spec.partition(":")
-    outer = dataclasses.asdict(OuterConfig.for_mode(mode))
+    outer = dataclasses.asdict(default_outer(mode))
     inner_steps = base.inner_steps
     fields = {f.name: f.type for f in dataclasses.fields(OuterConfig)}
     carry_own = False

@@ -26,8 +26,8 @@ from pathlib import Path
 from launch.cluster import LocalCluster
 from launch.testbed import placement
 from models import count_parameters, get_preset
+from swarm.modes import default_outer
 from swarm.net.schema import to_plain
-from swarm.run import OuterConfig
 
 HELP = "round-close latency and the leader's bytes against peers (4, 8, 16), short rounds"
 DEFAULT_TEXT = Path(__file__).resolve().parents[3] / "shared/data/tinyshakespeare.txt"
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def measure(args: argparse.Namespace, peers: int, workdir: Path) -> dict:
-    outer = to_plain(OuterConfig.for_mode(args.mode))
+    outer = to_plain(default_outer(args.mode))
     outer["overlap"] = False  # a round's timeline stays exact: submission, manifest, applied
     run_ = {
         "preset": args.preset,

@@ -26,9 +26,9 @@ from models import build_model, get_preset
 from swarm.data.corpus import DataConfig, load_corpus
 from swarm.data.sampler import BatchStream, eval_batches
 from swarm.modes import mode_for
+from swarm.modes.replica import initial_state
 from swarm.net.records import Role, Submission
 from swarm.net.schema import encode_record
-from swarm.replica import initial_state
 from swarm.run import RunConfig
 from swarm.train.checkpoint import save_checkpoint
 from swarm.train.optim import OptimConfig, build_optimizer

@@ -21,8 +21,8 @@ from launch.testbed import placement
 from models import count_parameters, get_preset
 from swarm.codec.bench import codec_throughput
 from swarm.data import DataConfig
+from swarm.modes import default_outer
 from swarm.net.schema import to_plain
-from swarm.run import OuterConfig
 from swarm.train.optim import OptimConfig
 from swarm.train.solo import TrainConfig, run_solo
 
@@ -108,7 +108,7 @@ def bench_run(args: argparse.Namespace, mode: str) -> dict:
         "num_shards": args.replicas,
         "eval_batches": WHOLE_EVAL_SPLIT,
     }
-    run["outer"] = to_plain(OuterConfig.for_mode(mode))
+    run["outer"] = to_plain(default_outer(mode))
     return run
 
 

@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING
 
 from swarm import __version__
 from swarm.data.corpus import STDLIB_SOURCE, Corpus, CorpusError, DataConfig, load_corpus
-from swarm.data.shards import CorpusShard, source_kind, stream_slot
+from swarm.data.shards import stream_slot
 from swarm.data.tokenizer import run_tokenizer_source
 from swarm.log import get_logger
 from swarm.net.files import PIECE_BYTES, FileFetchError, FileService, file_sha256
+from swarm.run import CorpusShard, source_kind
 
 if TYPE_CHECKING:
     from swarm.run import RunConfig

@@ -1,4 +1,6 @@
-"""A corpus named by content: the shard list of the run description, and which shard a peer reads.
+"""A corpus named by content: manifests of shard files, and which shard a peer reads.
+
+(`CorpusShard`, one entry of the run description's shard list, lives with the run in swarm/run.py.)
 
 A big corpus is many files (JSONL, JSONL.gz, parquet or plain text). The run description lists
 each one as a `CorpusShard`: its file name (which says its format), the sha256 and size of its
@@ -15,54 +17,11 @@ downloads one file and peers never share a window within an epoch. Every file's 
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-SHARDS_SOURCE = "shards"  # RunConfig.data_source of a run whose corpus is its shard list
-SWARM = "swarm"  # a source meaning: any node of the run that serves it
-SHARD_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".txt", ".md", ".py")
+from swarm.run import SWARM, CorpusShard
+
 MANIFEST_VERSION = 1
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-
-SourceKind = Literal["swarm", "http", "local"]
-
-
-@dataclass
-class CorpusShard:
-    """One file of the corpus, named by its content."""
-
-    name: str  # a plain file name; its suffix says the format (SHARD_SUFFIXES)
-    sha256: str  # hex digest of the file's bytes: the shard's identity
-    size: int  # bytes
-    sources: list[str] = field(default_factory=lambda: [SWARM])  # tried in order
-
-    def __post_init__(self) -> None:
-        if not _NAME.match(self.name) or ".." in self.name:
-            raise ValueError(f"shard name {self.name!r:.80} must be a plain file name (letters, digits, '._-')")
-        if not self.name.lower().endswith(SHARD_SUFFIXES):
-            raise ValueError(f"shard {self.name!r}: unknown format, expected one of {', '.join(SHARD_SUFFIXES)}")
-        if not _SHA256.match(self.sha256):
-            raise ValueError(f"shard {self.name!r}: sha256 must be 64 lowercase hex digits")
-        if self.size <= 0:
-            raise ValueError(f"shard {self.name!r}: size must be positive, got {self.size}")
-        if not self.sources:
-            raise ValueError(f"shard {self.name!r} has no source")
-        for source in self.sources:
-            source_kind(source)
-
-
-def source_kind(source: str) -> SourceKind:
-    """'swarm', an http(s) URL, or a local path; any other URL scheme is refused."""
-    if source == SWARM:
-        return "swarm"
-    if source.startswith(("http://", "https://")):
-        return "http"
-    if not source or "://" in source:
-        raise ValueError(f"shard source {source!r:.100} is not 'swarm', an http(s) URL or a local path")
-    return "local"
 
 
 def stream_slot(num_files: int, num_shards: int, data_shard: int) -> tuple[int, int, int]:

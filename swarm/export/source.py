@@ -23,7 +23,7 @@ from models import LanguageModel, ModelConfig, get_preset
 from swarm.data.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError, load_tokenizer
 from swarm.export.hf import ExportError
 
-RUN_FILE = "run.json"  # what a coordinator keeps in its state dir (swarm/coordinator.py)
+RUN_FILE = "run.json"  # what a coordinator keeps in its state dir (swarm/processes/coordinator.py)
 STATE_SUBDIR = "state"
 
 

@@ -2,7 +2,8 @@
 
 A mode answers five questions, and the runtime asks nothing else:
   * roles: which roles a run has and how the coordinator assigns them (`assign_roles`);
-  * local work: what a peer in a role trains (`make_worker`, `update_worker`);
+  * local work: what a peer in a role trains (`make_worker`, `update_worker`): a `Worker`, the one
+    interface the peer calls on its local trainer (full replicas share `swarm/modes/replica.py`);
   * contribution: which tensors it sends each round (`contribution_names`; the codec is the run's);
   * validation: which tensors a leader accepts from a peer in a role (the same names, checked by
     the round code against the sender's coordinator-signed role);
@@ -11,16 +12,17 @@ A mode answers five questions, and the runtime asks nothing else:
 A mode whose contribution is a few bytes (SPSA) sets `inline_payload`: the bytes travel inside the
 signed submission record and the manifest, are checked by `check_inline` and applied by
 `apply_inline` instead of the payload transfer, the codec and the per-slot mean.
-The defaults describe a full data-parallel replica (SparseLoCo, DiLoCo); a mode overrides what
-differs. Slots: every parameter tensor is a slot, averaged over the contributions that cover it
+The defaults describe a full data-parallel replica (SparseLoCo, DiLoCo; `ReplicaMode` in replica.py
+adds its worker); a mode overrides what differs. Slots: every parameter tensor is a slot, averaged over the contributions that cover it
 (swarm/codec/aggregate.py); `slot_group` only names groups of slots for reports.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
@@ -29,9 +31,51 @@ from swarm.net.records import Capacity, Role
 if TYPE_CHECKING:
     from swarm.data.corpus import Corpus
     from swarm.node import SwarmNode
-    from swarm.replica import Replica
     from swarm.run import OuterConfig, RunConfig
     from swarm.state import GlobalState
+
+
+@dataclass
+class RoundWork:
+    """The outcome of one round of a worker's local work."""
+
+    delta: dict[str, torch.Tensor]  # Δ = θ(t) − θ_local, CPU fp32
+    loss: float  # mean LM loss over the inner steps
+    tokens: int
+    compute_s: float  # wall time of the inner steps alone
+    inline: bytes | None = None  # a mode whose payload travels inside the submission record (SPSA)
+    compute_cpu_s: float = 0.0  # CPU time of the computing thread: its wall time on a core of its own
+
+
+class Worker(Protocol):
+    """A peer's local trainer, whatever its mode: everything the peer calls on it. Its methods
+    block (they run in a worker thread, off the event loop)."""
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The local model (its parameter names and shapes are the slots the peer knows)."""
+        ...
+
+    def train_round(self, state: GlobalState, stop: threading.Event | None = None) -> RoundWork | None:
+        """Local work from θ(t) = `state`: the round's contribution, or None (stopped midway, or no
+        work this round)."""
+        ...
+
+    def read_shard(self, shard: int, corpus: Corpus | None = None) -> None:
+        """Read data shard `shard` from now on (of `corpus` if given, else of the current one)."""
+        ...
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held now for training: {"grad_bytes": ..., "optimizer_bytes": ...}."""
+        ...
+
+    def link_bytes(self) -> dict[str, int]:
+        """Activation bytes moved per neighbouring peer so far ({} for a worker with no links)."""
+        ...
+
+    def evaluate(self, state: GlobalState) -> float:
+        """Eval loss (nats per token) of the weights `state` on the held-out split."""
+        ...
 
 
 @dataclass
@@ -94,15 +138,14 @@ class TrainingMode:
 
     # ----- local work (peer) ---------------------------------------------------------------------
 
-    def make_worker(self, role: Role, device: torch.device, corpus: Corpus | None = None) -> Replica:
-        from swarm.replica import Replica
+    def make_worker(self, role: Role, device: torch.device, corpus: Corpus | None = None) -> Worker:
+        """The local trainer of a peer in `role` (blocking: builds a model; called in a thread)."""
+        raise NotImplementedError(f"mode {self.name!r} defines no worker")
 
-        return Replica(self.run, shard=role.data_shard, device=device, corpus=corpus)
-
-    def update_worker(self, worker: Replica, role: Role) -> None:
+    def update_worker(self, worker: Worker, role: Role) -> None:
         """The coordinator changed this peer's role: adapt the local trainer (default: nothing)."""
 
-    async def attach_worker(self, worker: Replica, node: SwarmNode) -> None:
+    async def attach_worker(self, worker: Worker, node: SwarmNode) -> None:
         """Give a new worker what it needs from its node's event loop, e.g. links to other peers
         over the node's libp2p host (default: nothing)."""
 

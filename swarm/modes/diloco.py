@@ -3,11 +3,11 @@ momentum (its buffer is part of the hashed global state). Same round path as Spa
 
 from __future__ import annotations
 
-from swarm.modes.base import TrainingMode
+from swarm.modes.replica import ReplicaMode
 from swarm.run import OuterConfig
 
 
-class DiLoCoMode(TrainingMode):
+class DiLoCoMode(ReplicaMode):
     name = "diloco"
 
     @classmethod

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from swarm.modes.base import TrainingMode
+from swarm.modes.replica import ReplicaMode
 
 if TYPE_CHECKING:
     from swarm.run import OuterConfig
 
 
-class SparseLoCoMode(TrainingMode):
+class SparseLoCoMode(ReplicaMode):
     name = "sparseloco"
 
     @classmethod

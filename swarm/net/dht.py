@@ -16,7 +16,7 @@ from swarm.log import get_logger
 from swarm.net import reachability
 from swarm.net.identity import Identity, peer_id_from_owner_marker, split_subkey, tagged_subkey
 from swarm.net.schema import SchemaError, decode_record, encode_record
-from swarm.net.validator import SwarmRecordValidator, record_tag
+from swarm.net.validator import RecordTypes, SwarmRecordValidator
 
 logger = get_logger(__name__)
 T = TypeVar("T")
@@ -61,17 +61,18 @@ class DHTOptions:
 class SwarmDHT:
     """One hivemind DHT node (its own process) plus typed helpers that sign and validate records."""
 
-    def __init__(self, identity: Identity, dht: hivemind.DHT, *, reachable: bool = True):
+    def __init__(self, identity: Identity, dht: hivemind.DHT, types: RecordTypes, *, reachable: bool = True):
         self.identity = identity
         self.dht = dht
         self.reachable = reachable  # whether other peers can dial us (False: client mode, relays)
         self.peer_id = str(identity.peer_id)
+        self.types = types
         self._marker = identity.owner_marker
         self._maddrs: list[str] | None = None
 
     @classmethod
-    def start(cls, identity_path: str, options: DHTOptions) -> SwarmDHT:
-        """Start the DHT process (and its p2pd daemon).
+    def start(cls, identity_path: str, options: DHTOptions, types: RecordTypes) -> SwarmDHT:
+        """Start the DHT process (and its p2pd daemon); `types` are the records it stores and accepts.
 
         Call it from the main thread before an event loop installs signal handlers: the DHT process
         is forked and inherits them. It is started with SIGINT ignored, so a terminal's Ctrl+C
@@ -81,7 +82,7 @@ class SwarmDHT:
         in_main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
         try:
-            dht = cls._start_dht(identity, identity_path, options)
+            dht = cls._start_dht(identity, identity_path, options, types)
             if options.should_probe and cls._probe(dht, options) is False:
                 logger.warning(
                     "other peers cannot connect to this node (behind NAT or a firewall?): "
@@ -89,13 +90,13 @@ class SwarmDHT:
                 )
                 cls._stop(dht)
                 options = replace(options, client_mode=True, use_auto_relay=True)
-                dht = cls._start_dht(identity, identity_path, options, check_identity=False)  # ours a second ago
+                dht = cls._start_dht(identity, identity_path, options, types, check_identity=False)  # ours a second ago
         finally:
             if in_main:
                 signal.signal(signal.SIGINT, previous)
         if str(dht.peer_id) != str(identity.peer_id):
             raise RuntimeError("the DHT's peer id does not match the identity key")
-        return cls(identity, dht, reachable=not options.client_mode)
+        return cls(identity, dht, types, reachable=not options.client_mode)
 
     @staticmethod
     def _probe(dht: hivemind.DHT, options: DHTOptions) -> bool | None:
@@ -110,7 +111,9 @@ class SwarmDHT:
         return verdict
 
     @staticmethod
-    def _start_dht(identity: Identity, identity_path: str, options: DHTOptions, *, check_identity: bool = True) -> hivemind.DHT:
+    def _start_dht(
+        identity: Identity, identity_path: str, options: DHTOptions, types: RecordTypes, *, check_identity: bool = True
+    ) -> hivemind.DHT:
         return hivemind.DHT(
             initial_peers=list(options.initial_peers) or None,
             start=True,
@@ -120,7 +123,7 @@ class SwarmDHT:
             use_relay=options.use_relay,
             use_auto_relay=options.use_auto_relay,
             client_mode=options.client_mode,
-            record_validators=[identity.validator(), SwarmRecordValidator()],
+            record_validators=[identity.validator(), SwarmRecordValidator(types)],
             startup_timeout=60,
             check_if_identity_free=check_identity,
         )
@@ -134,7 +137,7 @@ class SwarmDHT:
     async def put(self, key: str, record: object, ttl_s: float) -> bool:
         """Store a record under our own signed subkey; True if at least one node accepted it."""
         value = encode_record(record)
-        subkey = tagged_subkey(self._marker, record_tag(record))
+        subkey = tagged_subkey(self._marker, self.types.tag(record))
         future = self.dht.store(key, value, get_dht_time() + ttl_s, subkey=subkey, return_future=True)
         try:
             return bool(await future)

@@ -3,7 +3,7 @@
 A file is named by the sha256 of its bytes (hex) and its size, which is how the run description
 names corpus shards and the tokenizer. Use:
 
-    files = node.files                     # SwarmNode makes one in start_network(): FileService(node)
+    files = node.files   # SwarmNode makes one: FileService(dht=..., server=..., run_id=..., spawn=...)
     digest = await files.serve(path)       # hash a local file, serve it, advertise it in the DHT
     await files.fetch(digest, dest, size)  # download, verify, move to dest, then serve it too
 
@@ -26,18 +26,19 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from swarm.log import get_logger
-from swarm.net.records import run_key
+from swarm.net.records import FileHolder, run_key
 from swarm.net.transfer import StreamBroken, TransferError
 from swarm.net.transfer import fetch as fetch_bytes
 
 if TYPE_CHECKING:
-    from swarm.node import SwarmNode
+    from swarm.net.dht import SwarmDHT
+    from swarm.net.transfer import TransferServer
 
 logger = get_logger(__name__)
 
@@ -54,22 +55,6 @@ _Piece = tuple[bytes | None, str | None, bool]  # (bytes, what went wrong, wheth
 
 class FileFetchError(RuntimeError):
     """No holder delivered the file with the right hash; the message says what each one did."""
-
-
-@dataclass
-class FileHolder:
-    """'I serve the file with this sha256 and size': under run_key(run, 'files/<sha256>')."""
-
-    peer_id: str
-    sha256: str
-    size: int
-    time: float
-
-    def __post_init__(self) -> None:
-        if not _SHA256.match(self.sha256):
-            raise ValueError("sha256 must be 64 lowercase hex digits")
-        if self.size < 0:
-            raise ValueError("size must be >= 0")
 
 
 def files_key(run_id: str, sha256: str) -> str:
@@ -105,26 +90,40 @@ class _Served:
 class FileService:
     """Serves local files by sha256 to other nodes and fetches files by sha256 from them."""
 
-    def __init__(self, node: SwarmNode, *, piece_timeout_s: float = 30.0, holder_wait_s: float = 30.0):
-        """`node` must have started its network and know its run.
-
+    def __init__(
+        self,
+        *,
+        dht: SwarmDHT,
+        server: TransferServer,
+        run_id: Callable[[], str],
+        spawn: Callable[[Coroutine[Any, Any, Any]], object],
+        piece_timeout_s: float = 30.0,
+        holder_wait_s: float = 30.0,
+    ):
+        """dht: the started DHT (holder records, this node's peer id); server: the started transfer
+        server (serves pieces, carries fetches, counts traffic); run_id: the id of the run whose files these
+        are (asked when needed: a joiner learns its run after its network is up);
+        spawn: starts a background task that lives as long as the node.
         piece_timeout_s: a holder slower than this on one piece is dropped for the next one.
         holder_wait_s: how long a fetch waits for a first holder to appear in the DHT.
         """
-        self.node = node
+        self.dht = dht
+        self.server = server
+        self.run_id = run_id
+        self.spawn = spawn
         self.piece_timeout_s = piece_timeout_s
         self.holder_wait_s = holder_wait_s
         self._served: dict[str, _Served] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._reads = asyncio.Semaphore(MAX_SERVING_READS)
         self._started = False
-        node.server.register("file", self._provide)
+        server.register("file", self._provide)
 
     async def start(self) -> None:
         """Keep this node's holder records alive while it runs (serve() calls it; calling it again is harmless)."""
         if not self._started:
             self._started = True
-            self.node.spawn(self._readvertise_loop())
+            self.spawn(self._readvertise_loop())
 
     def serves(self, sha256: str) -> bool:
         return sha256 in self._served
@@ -143,8 +142,8 @@ class FileService:
 
     async def _advertise(self, sha256: str) -> None:
         entry = self._served[sha256]
-        record = FileHolder(peer_id=self.node.peer_id, sha256=sha256, size=entry.size, time=time.time())
-        if not await self.node.dht.put(files_key(self.node.run.run_id, sha256), record, ADVERTISE_TTL_S):
+        record = FileHolder(peer_id=self.dht.peer_id, sha256=sha256, size=entry.size, time=time.time())
+        if not await self.dht.put(files_key(self.run_id(), sha256), record, ADVERTISE_TTL_S):
             logger.warning("could not advertise file %s in the DHT", sha256[:12])
 
     async def _readvertise_loop(self) -> None:
@@ -181,9 +180,9 @@ class FileService:
 
     async def holders(self, sha256: str, size: int) -> list[str]:
         """Peers that advertise the file (signed by themselves, with the expected size), newest first."""
-        items = await self.node.dht.get_all(files_key(self.node.run.run_id, sha256), FileHolder)
+        items = await self.dht.get_all(files_key(self.run_id(), sha256), FileHolder)
         good = [i.record for i in items if i.signer == i.record.peer_id and i.record.sha256 == sha256 and i.record.size == size]
-        return [h.peer_id for h in sorted(good, key=lambda h: -h.time) if h.peer_id != self.node.peer_id]
+        return [h.peer_id for h in sorted(good, key=lambda h: -h.time) if h.peer_id != self.dht.peer_id]
 
     async def fetch(
         self,
@@ -223,7 +222,7 @@ class FileService:
         deadline = time.monotonic() + self.holder_wait_s
         while True:
             found = await self.holders(sha256, size)
-            candidates = [p for p in dict.fromkeys(given + found) if p not in dropped and p != self.node.peer_id]
+            candidates = [p for p in dict.fromkeys(given + found) if p not in dropped and p != self.dht.peer_id]
             if not candidates:
                 if failures or time.monotonic() > deadline:
                     what = "; ".join(failures) or f"nobody advertised it within {self.holder_wait_s:.0f}s"
@@ -302,7 +301,7 @@ class FileService:
         request = {"kind": "file", "sha256": sha256, "offset": offset, "length": length}
         try:
             piece = await fetch_bytes(
-                self.node.server.p2p, peer, request, max_bytes=length, timeout_s=self.piece_timeout_s, traffic=self.node.traffic
+                self.server.p2p, peer, request, max_bytes=length, timeout_s=self.piece_timeout_s, traffic=self.server.traffic
             )
         except TransferError as e:
             return None, str(e), isinstance(e, StreamBroken)

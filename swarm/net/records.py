@@ -8,9 +8,11 @@ dataclasses (schema.py), checked field by field when read.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 RUNS_KEY = "swarm/runs"  # subkey: coordinator's owner marker -> RunDescription
 # A mode whose whole contribution is a few bytes (SPSA) sends it inside its signed submission record
 # and the manifest repeats it, so no payload transfer happens; this bounds what a peer can put there.
@@ -169,7 +171,7 @@ class Manifest:
     closed_at: float
     eval_loss: float | None = None  # the leader's eval loss of the base weights, when it measured one
     missing: list[str] = field(default_factory=list)  # expected peers that delivered nothing in time
-    proof: bytes = b""  # the leader's signature of the manifest without this field (swarm/evidence.py)
+    proof: bytes = b""  # the leader's signature of the manifest without this field (swarm/round/evidence.py)
 
     def __post_init__(self) -> None:
         ids = [e.peer_id for e in self.entries]
@@ -210,3 +212,24 @@ class EventLog:
 
     peer_id: str
     events: list[Event]
+
+
+@dataclass
+class FileHolder:
+    """'I serve the file with this sha256 and size': under run_key(run, 'files/<sha256>')."""
+
+    peer_id: str
+    sha256: str
+    size: int
+    time: float
+
+    def __post_init__(self) -> None:
+        if not _SHA256_HEX.match(self.sha256):
+            raise ValueError("sha256 must be 64 lowercase hex digits")
+        if self.size < 0:
+            raise ValueError("size must be >= 0")
+
+
+# Every record type of this module that nodes store, in one place: the DHT validator is built from it
+# plus the run description type (swarm/node.py). A new record type is added here.
+RECORD_TYPES: tuple[type, ...] = (Capacity, Role, Roster, Heartbeat, Submission, Manifest, Evidence, EventLog, FileHolder)

@@ -4,7 +4,7 @@ Every record a swarm node stores carries its type in its subkey ('[owner:...]#Ma
 `SwarmDHT.put`). hivemind's RSASignatureValidator checks the signature of records under an owner
 marker; this one runs after it (on the stripped value) and refuses:
   * any record whose subkey carries no owner marker (unsigned: anyone could overwrite it);
-  * any record without a known type tag (`record_types`), or whose value is not a valid record of
+  * any record without a known type tag (the `RecordTypes` the node was given), or whose value is not a valid record of
     that type under its full schema (swarm/net/schema.py), or larger than MAX_RECORD_BYTES;
   * anything under RUNS_KEY but a valid run description.
 DHT keys are hashed, so the validator cannot tell which record a key should hold; readers check
@@ -13,8 +13,8 @@ that the tag is the type they expect (`SwarmDHT.get_all`).
 
 from __future__ import annotations
 
-import functools
 import re
+from collections.abc import Sequence
 
 import msgpack
 from hivemind.dht.routing import DHTID
@@ -27,34 +27,25 @@ from swarm.net.schema import MAX_RECORD_BYTES, SCHEMA_VERSION, SchemaError, deco
 _SUBKEY = re.compile(rb"\[owner:[^\]]+\]#([A-Za-z][A-Za-z0-9_]{0,63})")
 
 
-@functools.cache
-def record_types() -> dict[str, type]:
-    """Every record type swarm nodes store in the DHT, by tag. A new record type is added here."""
-    from swarm.net import records
-    from swarm.net.files import FileHolder
-    from swarm.run import RunConfig  # imported late: the modes it validates import torch
+class RecordTypes:
+    """The record types a swarm stores in the DHT, by tag. The application hands them in (this layer
+    knows none of them but its own records); `runs_type` is the only type allowed under RUNS_KEY."""
 
-    types: list[type] = [
-        RunConfig,
-        records.Capacity,
-        records.Role,
-        records.Roster,
-        records.Heartbeat,
-        records.Submission,
-        records.Manifest,
-        records.Evidence,
-        records.EventLog,
-        FileHolder,
-    ]
-    return {t.__name__: t for t in types}
+    def __init__(self, types: Sequence[type], *, runs_type: type):
+        self.by_tag = {t.__name__: t for t in (runs_type, *types)}
+        if len(self.by_tag) != len(types) + 1:
+            raise ValueError("two record types share a name")
+        self.runs_type = runs_type
 
+    def get(self, tag: str) -> type | None:
+        return self.by_tag.get(tag)
 
-def record_tag(record: object) -> str:
-    """The tag a record is stored under; a type not in `record_types` is a programming error."""
-    tag = type(record).__name__
-    if record_types().get(tag) is not type(record):
-        raise TypeError(f"{tag} is not a DHT record type: add it to swarm.net.validator.record_types")
-    return tag
+    def tag(self, record: object) -> str:
+        """The tag a record is stored under; a type not in the table is a programming error."""
+        tag = type(record).__name__
+        if self.by_tag.get(tag) is not type(record):
+            raise TypeError(f"{tag} is not a DHT record type: add it to the node's RecordTypes")
+        return tag
 
 
 def _envelope_ok(data: object) -> bool:
@@ -68,7 +59,8 @@ def _envelope_ok(data: object) -> bool:
 
 
 class SwarmRecordValidator(RecordValidatorBase):
-    def __init__(self) -> None:
+    def __init__(self, types: RecordTypes) -> None:
+        self.types = types
         self._runs_key = DHTID.generate(source=RUNS_KEY).to_bytes()
 
     def validate(self, record: DHTRecord) -> bool:
@@ -82,8 +74,8 @@ class SwarmRecordValidator(RecordValidatorBase):
         match = _SUBKEY.fullmatch(subkey) if isinstance(subkey, bytes) else None
         if match is None or not _envelope_ok(value):
             return False
-        cls = record_types().get(match.group(1).decode())
-        if cls is None or (record.key == self._runs_key and cls.__name__ != "RunConfig"):
+        cls = self.types.get(match.group(1).decode())
+        if cls is None or (record.key == self._runs_key and cls is not self.types.runs_type):
             return False
         try:
             decode_record(cls, value)

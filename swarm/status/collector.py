@@ -19,12 +19,12 @@ from hivemind.utils import get_dht_time
 
 from models import count_parameters, get_preset
 from swarm import __version__
-from swarm.evidence import proof_ok
-from swarm.leadership import canonical_manifest
 from swarm.log import get_logger
 from swarm.modes import mode_for
 from swarm.net.dht import Signed
 from swarm.net.records import EventLog, Heartbeat, Manifest, Roster, Submission, manifest_key, run_key, submit_key
+from swarm.round.evidence import proof_ok
+from swarm.round.leadership import canonical_manifest
 from swarm.run import RunConfig
 from swarm.status.book import (
     BookConfig,

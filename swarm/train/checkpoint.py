@@ -76,7 +76,7 @@ def save_checkpoint(
         optim_tensors, full_meta["optimizer"] = _optimizer_tensors(model, optimizer)
         save_file(optim_tensors, str(tmp / OPTIM_FILE))
     (tmp / META_FILE).write_text(json.dumps(full_meta, indent=1, sort_keys=True))
-    _replace_dir(tmp, directory)
+    replace_dir(tmp, directory)
     return directory
 
 
@@ -122,7 +122,8 @@ def _unb64(s: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
 
 
-def _replace_dir(tmp: Path, directory: Path) -> None:
+def replace_dir(tmp: Path, directory: Path) -> None:
+    """Put the finished directory `tmp` in the place of `directory` (a reader never sees half of one)."""
     old = directory.with_name(f"{directory.name}.old-{os.getpid()}")
     if directory.exists():
         directory.rename(old)

@@ -17,7 +17,6 @@ from models import LanguageModel, ModelConfig, build_model, generate, get_preset
 from swarm.data import BatchStream, Corpus, DataConfig, eval_batches, load_corpus
 from swarm.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, vocab_overrides
 from swarm.log import get_logger
-from swarm.metrics import MetricSinks, SinkConfig
 from swarm.train.checkpoint import (
     META_FILE,
     CheckpointError,
@@ -29,6 +28,7 @@ from swarm.train.checkpoint import (
 from swarm.train.metrics import MetricsWriter
 from swarm.train.optim import OptimConfig, build_optimizer
 from swarm.train.progress import progress_bar
+from swarm.train.sinks import MetricSinks, SinkConfig
 from swarm.train.step import StepStats, Trainer, check_device_name, evaluate, resolve_device
 
 logger = get_logger(__name__)

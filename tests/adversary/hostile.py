@@ -30,11 +30,14 @@ import torch
 from hivemind.utils import get_dht_time
 
 from launch import join
-from swarm import exchange, peer, replica, rounds
 from swarm.codec import PayloadMeta, SparseLoCoCompressor, encode_payload, payload_digest
-from swarm.evidence import sign_manifest
+from swarm.modes import replica
 from swarm.net.dht import SwarmDHT
 from swarm.net.records import Manifest, ManifestEntry, Submission, manifest_key, submit_key
+from swarm.processes import volunteer as peer
+from swarm.round import agreement as rounds
+from swarm.round import payloads as exchange
+from swarm.round.evidence import sign_manifest
 
 ATTACKS = [
     "sign-flip",

@@ -83,7 +83,7 @@ def test_free_delays_cost_the_swarm_at_most_two_rounds(tmp_path):
     """A peer that says it trains but never submits, and one that submits but never serves its
     payload: after two rounds the leader waits for neither (the first only by its round timeout,
     the second by a short fetch deadline), and honest training goes on."""
-    from swarm.validate import ABSENT_ROUNDS, SHORT_FETCH_S
+    from swarm.round.admission import ABSENT_ROUNDS, SHORT_FETCH_S
 
     with LocalCluster(tmp_path, nano_run(num_shards=4, round_timeout_s=25.0)) as cluster:
         for i in range(2):

@@ -24,19 +24,20 @@ from swarm.codec import PayloadError, payload_digest
 from swarm.data.corpus import Corpus
 from swarm.data.fetch import RunData, ShardFetcher, shard_file
 from swarm.data.tokenizer import obtain_run_tokenizer
-from swarm.exchange import Encoded, PayloadEncoder, PayloadStore
 from swarm.log import get_logger
-from swarm.metrics import MetricSinks, SinkConfig
 from swarm.modes import mode_for
+from swarm.modes.base import Worker
+from swarm.modes.replica import RoundWork, initial_state, measure_tokens_per_s, start_state
 from swarm.net.dht import DHTOptions
 from swarm.net.records import Capacity, Manifest, Role, Submission, role_key, run_key, submit_key
 from swarm.net.schema import to_plain
 from swarm.node import SwarmNode, fetch_run_description
-from swarm.overlap import next_base
-from swarm.replica import RoundWork, initial_state, measure_tokens_per_s, start_state
-from swarm.rounds import RoundAgreement
+from swarm.processes.statesync import catch_up, reload_state, serve_state
+from swarm.round.agreement import RoundAgreement
+from swarm.round.overlap import next_base
+from swarm.round.payloads import Encoded, PayloadEncoder, PayloadStore
 from swarm.state import GlobalState
-from swarm.statesync import catch_up, reload_state, serve_state
+from swarm.train.sinks import MetricSinks, SinkConfig
 from swarm.train.step import resolve_device
 
 logger = get_logger(__name__)
@@ -79,6 +80,14 @@ class Peer(SwarmNode):
         self.rounds_done = 0
         self.sinks = MetricSinks()  # opened when rounds start (the run is known then)
         self._background: set[asyncio.Task[None]] = set()  # DHT writes not waited for (see _in_background)
+        self._agreement: RoundAgreement | None = None  # exists once the state is known (main)
+
+    @property
+    def agreement(self) -> RoundAgreement:
+        """The round protocol over this node's state; from the moment the node holds a state."""
+        if self._agreement is None:
+            raise RuntimeError("the node holds no state yet")
+        return self._agreement
 
     async def main(self) -> None:
         if self.cfg.threads:
@@ -93,16 +102,16 @@ class Peer(SwarmNode):
         self.start_heartbeats()
         self.role = await self._get_role()
         self.status.role = self.mode.describe_role(self.role)
-        self.replica = await asyncio.to_thread(
+        self.worker: Worker = await asyncio.to_thread(
             self.mode.make_worker, self.role, self.device, await self._corpus(self.role.data_shard)
         )
-        await self.mode.attach_worker(self.replica, self)
-        shapes = {n: tuple(p.shape) for n, p in sorted(self.replica.model.named_parameters())}
+        await self.mode.attach_worker(self.worker, self)
+        shapes = {n: tuple(p.shape) for n, p in sorted(self.worker.model.named_parameters())}
         self.store = PayloadStore(self.run, shapes, self.traffic)
         self.encoder = PayloadEncoder(self.run, self.peer_id)
         self.server.register("payload", self.store.serve)
         state = await self._obtain_state()
-        self.agreement = RoundAgreement(self, self.store, state, self.mode)
+        self._agreement = RoundAgreement(self, self.store, state, self.mode)
         serve_state(self.server, self.agreement)
         self.log_event("join", f"{self.status.name} joined at round {state.round} on {self.device}")
         await self._round_loop()
@@ -155,8 +164,8 @@ class Peer(SwarmNode):
             # send the same update from the same data, and the copy check would refuse both.
             moved = shard_file(self.run, role.data_shard) != shard_file(self.run, self.role.data_shard)
             corpus = await self._corpus(role.data_shard) if moved else None  # None: the same file
-            await asyncio.to_thread(self.replica.read_shard, role.data_shard, corpus)
-        await asyncio.to_thread(self.mode.update_worker, self.replica, role)
+            await asyncio.to_thread(self.worker.read_shard, role.data_shard, corpus)
+        await asyncio.to_thread(self.mode.update_worker, self.worker, role)
         self.log_event("role", f"{self.status.name}: {self.mode.describe_role(self.role)} -> {self.mode.describe_role(role)}")
         self.role = role
         self.status.role = self.mode.describe_role(role)
@@ -180,7 +189,7 @@ class Peer(SwarmNode):
 
     async def _round_loop(self) -> None:
         """Train, submit, settle, round after round. With `outer.overlap` the manifest of round r is
-        awaited only after round r+1's inner steps (swarm/overlap.py); otherwise right away."""
+        awaited only after round r+1's inner steps (swarm/round/overlap.py); otherwise right away."""
         # Inline modes (SPSA) replay each round's update from the agreed state: they keep in step.
         self._overlap = self.run.outer.overlap and not self.mode.inline_payload
         self._leftover: _InFlight | None = None
@@ -225,7 +234,7 @@ class Peer(SwarmNode):
                     await self.publish_heartbeat()
                 links_before, started_at, trained_from = self._link_bytes(), time.perf_counter(), time.time()
                 role_fetch = asyncio.create_task(self._signed_role()) if self._overlap else None  # cancelled on exit
-                work = await asyncio.to_thread(self.replica.train_round, base, self.stopping)
+                work = await asyncio.to_thread(self.worker.train_round, base, self.stopping)
                 self._note_link_rates(links_before, time.perf_counter() - started_at)
                 if work is None and self.stopping.is_set():
                     break
@@ -334,8 +343,7 @@ class Peer(SwarmNode):
 
     def _link_bytes(self) -> dict[str, int]:
         """Bytes moved per neighbour by a worker that links to other peers (pipeline stages)."""
-        counter = getattr(self.replica, "link_bytes", None)
-        return counter() if callable(counter) else {}
+        return self.worker.link_bytes()
 
     def _note_link_rates(self, before: dict[str, int], elapsed_s: float) -> None:
         after = self._link_bytes()
@@ -377,7 +385,7 @@ class Peer(SwarmNode):
             "bytes_sent": self.traffic.sent,
             "bytes_received": self.traffic.received,
             "role": self.status.role,
-            **self.replica.memory_bytes(),
+            **self.worker.memory_bytes(),
         }
         metrics.write(row)
         logger.info(
@@ -395,8 +403,8 @@ class Peer(SwarmNode):
         )
 
     async def stop(self, *, announce_leave: bool = True) -> None:
-        if self.cfg.save_dir and hasattr(self, "agreement"):
-            await self.agreement.save(self.cfg.save_dir)
+        if self.cfg.save_dir and self._agreement is not None:
+            await self._agreement.save(self.cfg.save_dir)
         await asyncio.to_thread(self.sinks.close)
         await super().stop(announce_leave=announce_leave)
 

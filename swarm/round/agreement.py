@@ -22,9 +22,6 @@ from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
 from swarm.codec import slot_aggregator
-from swarm.evidence import EquivocationWitness, proof_ok, sign_manifest
-from swarm.exchange import PayloadStore
-from swarm.leadership import agreed_hash, canonical_manifest, coordinator_present, peer_quorum, should_lead
 from swarm.log import get_logger
 from swarm.modes.base import TrainingMode
 from swarm.net.dht import Signed
@@ -40,10 +37,13 @@ from swarm.net.records import (
 )
 from swarm.net.schema import encode_record
 from swarm.node import SwarmNode
-from swarm.robust import check_clipping, check_scales, clipped_norms
+from swarm.round.admission import NOT_DELIVERED, Validator
+from swarm.round.evidence import EquivocationWitness, proof_ok, sign_manifest
+from swarm.round.leadership import agreed_hash, canonical_manifest, coordinator_present, peer_quorum, should_lead
+from swarm.round.payloads import PayloadStore
+from swarm.round.robust import check_clipping, check_scales, clipped_norms
 from swarm.run import RunConfig
 from swarm.state import GlobalState, save_state
-from swarm.validate import NOT_DELIVERED, Validator
 
 T = TypeVar("T")
 logger = get_logger(__name__)

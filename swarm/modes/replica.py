@@ -1,8 +1,9 @@
 """A peer's local work for one round: H inner AdamW steps from θ(t), on the whole model or on the
 part its role trains (a full replica, or the dense parameters plus owned MoE experts in SPES).
 
-Runs in a worker thread (see peer.py) so the event loop keeps serving; everything here is plain
-single-device torch. The inner optimizer state persists across rounds, as in DiLoCo; parameters
+Runs in a worker thread (see swarm/processes/volunteer.py) so the event loop keeps serving; everything here is plain
+single-device torch. Every mode whose peers hold a whole replica shares this worker (`ReplicaMode`);
+the pipeline's full replicas and SPSA's worker build on it. The inner optimizer state persists across rounds, as in DiLoCo; parameters
 that are not trained (other peers' experts) have no gradient and no optimizer state.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,24 +24,13 @@ from swarm.data.corpus import Corpus, DataConfig, load_corpus
 from swarm.data.sampler import BatchStream, eval_batches
 from swarm.data.shards import stream_slot
 from swarm.data.tokenizer import run_tokenizer_source
-from swarm.modes import mode_for
+from swarm.modes.base import RoundWork, TrainingMode, Worker
+from swarm.net.records import Role
 from swarm.run import RunConfig
 from swarm.state import STATE_FORMAT, GlobalState, load_state
 from swarm.train.checkpoint import CheckpointError, load_checkpoint
 from swarm.train.optim import OptimConfig, build_optimizer
 from swarm.train.step import Trainer, evaluate
-
-
-@dataclass
-class RoundWork:
-    """The outcome of one round of inner steps."""
-
-    delta: dict[str, torch.Tensor]  # Δ = θ(t) − θ_local, CPU fp32
-    loss: float  # mean LM loss over the inner steps
-    tokens: int
-    compute_s: float  # wall time of the inner steps alone
-    inline: bytes | None = None  # a mode whose payload travels inside the submission record (SPSA)
-    compute_cpu_s: float = 0.0  # CPU time of the computing thread: its wall time on a core of its own
 
 
 def model_config(run: RunConfig) -> ModelConfig:
@@ -154,13 +144,17 @@ class Replica:
         device: torch.device,
         corpus: Corpus | None = None,
         experts: list[tuple[int, int]] | None = None,
+        prepare_model: Callable[[torch.nn.Module], None] | None = None,
     ) -> None:
-        """`experts`: the MoE (layer, expert) pairs to train; None trains every parameter."""
+        """`experts`: the MoE (layer, expert) pairs to train; None trains every parameter.
+        `prepare_model`: the run's mode's change to the model before weights load (its
+        `TrainingMode.prepare_model`, e.g. the pipeline's fixed embedding); None changes nothing."""
         self.run = run
         self.device = device
         self.corpus = corpus or load_corpus(data_config(run))
         self.model = build_model(model_config(run), seed=run.seed).to(device)
-        mode_for(run).prepare_model(self.model)  # e.g. the pipeline mode's fixed embedding
+        if prepare_model is not None:
+            prepare_model(self.model)
         if experts is not None:
             freeze_experts(self.model, experts)
         self.optimizer = build_optimizer(self.model, optim_config(run))
@@ -196,6 +190,9 @@ class Replica:
         )
         return {"grad_bytes": grads, "optimizer_bytes": optim}
 
+    def link_bytes(self) -> dict[str, int]:
+        return {}  # a full replica talks to no other peer while it trains
+
     def train_round(self, state: GlobalState, stop: threading.Event | None = None) -> RoundWork | None:
         """Load θ(t), run H inner steps, return the pseudo-gradient (None if stopped midway)."""
         state.load_into(self.model)
@@ -221,3 +218,11 @@ class Replica:
             self.corpus.eval_tokens, batch_size=self.run.batch_size, seq_len=self.run.seq_len, max_batches=self.run.eval_batches
         )
         return evaluate(self.model, batches, device=self.device)
+
+
+class ReplicaMode(TrainingMode):
+    """A mode whose peers train full replicas on their own data shards (the default roles): its
+    worker is a `Replica` of the whole model."""
+
+    def make_worker(self, role: Role, device: torch.device, corpus: Corpus | None = None) -> Worker:
+        return Replica(self.run, shard=role.data_shard, device=device, corpus=corpus, prepare_model=self.prepare_model)

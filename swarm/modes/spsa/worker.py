@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -18,21 +19,19 @@ import torch
 from models import build_model
 from swarm.data.corpus import Corpus, load_corpus
 from swarm.data.sampler import eval_batches
-from swarm.modes import mode_for
-from swarm.replica import Replica, RoundWork, data_config, model_config, shard_stream
+from swarm.modes.base import RoundWork
+from swarm.modes.replica import data_config, model_config, shard_stream
+from swarm.modes.spsa.perturb import two_point
+from swarm.modes.spsa.scalar import encode_scalars
+from swarm.modes.spsa.seeds import direction_seed
 from swarm.run import RunConfig
-from swarm.spsa.perturb import two_point
-from swarm.spsa.scalar import encode_scalars
-from swarm.spsa.seeds import direction_seed
 from swarm.state import GlobalState
 from swarm.train.step import NonFiniteLossError, autocast_for, evaluate
 
 
-class SpsaWorker(Replica):
-    """Replica's interface (train_round, evaluate, memory_bytes, model) without its optimizer.
-
-    It does not call Replica.__init__: that builds an AdamW and a backprop trainer, the very state
-    this mode exists to do without."""
+class SpsaWorker:
+    """A `Worker` (swarm/modes/base.py) that holds no gradients and no optimizer: not a Replica,
+    whose AdamW and backprop trainer are the very state this mode exists to do without."""
 
     def __init__(
         self,
@@ -45,12 +44,15 @@ class SpsaWorker(Replica):
         eps: float,
         scalar_scale: float,
         corpus: Corpus | None = None,
+        prepare_model: Callable[[torch.nn.Module], None] | None = None,
     ) -> None:
+        """`prepare_model`: the mode's change to the model before weights load (None: none)."""
         self.run, self.device, self.peer_id = run, device, peer_id
         self.samples, self.eps, self.scalar_scale = samples, eps, scalar_scale
         self.corpus = corpus or load_corpus(data_config(run))
         self.model = build_model(model_config(run), seed=run.seed).to(device)
-        mode_for(run).prepare_model(self.model)
+        if prepare_model is not None:
+            prepare_model(self.model)
         self.model.requires_grad_(False)
         self.model.eval()  # dropout off: L+ and L− must see the same function
         self.stream = shard_stream(run, self.corpus, shard)  # as a Replica reads its shard
@@ -58,6 +60,13 @@ class SpsaWorker(Replica):
 
     def trained_names(self) -> list[str]:
         return []
+
+    def read_shard(self, shard: int, corpus: Corpus | None = None) -> None:
+        self.corpus = corpus or self.corpus
+        self.stream = shard_stream(self.run, self.corpus, shard)
+
+    def link_bytes(self) -> dict[str, int]:
+        return {}
 
     def memory_bytes(self) -> dict[str, int]:
         return {"grad_bytes": 0, "optimizer_bytes": 0}

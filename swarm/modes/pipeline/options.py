@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from models import ModelConfig, count_parameters
 from models.subspace import Subspace, SubspaceConfig
-from swarm.pipeline.wire import DTYPES
+from swarm.modes.pipeline.wire import DTYPES
 
 FULL_REPLICAS = ("free", "writers", "stage")
 

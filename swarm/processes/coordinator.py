@@ -19,21 +19,21 @@ import torch
 
 from swarm.data.fetch import RunData, ShardFetcher
 from swarm.data.tokenizer import TOKENIZER_FILE, obtain_run_tokenizer
-from swarm.exchange import PayloadStore
 from swarm.log import get_logger
-from swarm.metrics import MetricSinks, SinkConfig
 from swarm.modes import mode_for
+from swarm.modes.replica import Replica, initial_state
+from swarm.modes.spsa.log import inline_entries
 from swarm.net.dht import DHTOptions
 from swarm.net.records import RUNS_KEY, Manifest
 from swarm.net.schema import from_plain, to_plain
 from swarm.node import SwarmNode
-from swarm.replica import Replica, initial_state
-from swarm.roles import RoleKeeper
-from swarm.rounds import RoundAgreement
+from swarm.processes.roles import RoleKeeper
+from swarm.processes.statesync import catch_up, reload_state, serve_state
+from swarm.round.agreement import RoundAgreement
+from swarm.round.payloads import PayloadStore
 from swarm.run import RunConfig
-from swarm.spsa.log import inline_entries
 from swarm.state import GlobalState, load_state
-from swarm.statesync import catch_up, reload_state, serve_state
+from swarm.train.sinks import MetricSinks, SinkConfig
 
 logger = get_logger(__name__)
 # The run description is static, so it lives long: joiners and status pages must find it for days
@@ -73,6 +73,14 @@ class Coordinator(SwarmNode):
         self.mode = mode_for(self.run)
         self.status_url = ""
         self.sinks = MetricSinks()  # opened once the run is known
+        self._agreement: RoundAgreement | None = None  # exists once the state is known (main)
+
+    @property
+    def agreement(self) -> RoundAgreement:
+        """The round protocol over this node's state; from the moment the node holds a state."""
+        if self._agreement is None:
+            raise RuntimeError("the node holds no state yet")
+        return self._agreement
 
     def _load_or_save_run(self, run: RunConfig) -> RunConfig:
         path = Path(self.cfg.state_dir) / "run.json"
@@ -119,7 +127,7 @@ class Coordinator(SwarmNode):
         self.server.register("payload", self.store.serve)
         self.status.phase = "joining"
         state = await self._obtain_state()
-        self.agreement = RoundAgreement(self, self.store, state, self.mode)
+        self._agreement = RoundAgreement(self, self.store, state, self.mode)
         serve_state(self.server, self.agreement)
         self.evaluator = None
         if self.cfg.evaluate:  # on data shard 0's held-out tail
@@ -161,8 +169,8 @@ class Coordinator(SwarmNode):
         return saved
 
     async def stop(self, *, announce_leave: bool = True) -> None:
-        if hasattr(self, "agreement"):
-            await self.agreement.save(self.saved_state_dir)
+        if self._agreement is not None:
+            await self._agreement.save(self.saved_state_dir)
         await asyncio.to_thread(self.sinks.close)
         await super().stop(announce_leave=announce_leave)
 

@@ -23,7 +23,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 
 from swarm.log import get_logger
-from swarm.pipeline.wire import MAX_MESSAGE_BYTES, ActivationError, Message, MessageId, parse
+from swarm.modes.pipeline.wire import MAX_MESSAGE_BYTES, ActivationError, Message, MessageId, parse
 
 logger = get_logger(__name__)
 

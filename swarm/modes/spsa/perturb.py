@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from swarm.spsa.seeds import direction
+from swarm.modes.spsa.seeds import direction
 
 
 @torch.no_grad()

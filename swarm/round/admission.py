@@ -2,7 +2,7 @@
 
 On its own, a submission must be built on the leader's state, deliverable, well-formed (codec
 validation, docs/wire-format.md) and cover exactly the slots of its sender's coordinator-signed role.
-As a set (swarm/robust.py): all-zero contributions are refused, copies are found by overlapping
+As a set (swarm/round/robust.py): all-zero contributions are refused, copies are found by overlapping
 selected positions, contributions pointing away from the others are left out, and every tensor is
 clipped to the round's median norm. A fault (malformed, free rider, copier, pointing against the
 others) is marked in the manifest's rejection; every node counts the strikes in the coordinator's
@@ -17,13 +17,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from swarm.codec import PayloadError, payload_digest
-from swarm.exchange import PayloadStore
 from swarm.log import get_logger
 from swarm.modes.base import TrainingMode
 from swarm.net.records import Manifest, ManifestEntry, Rejection, Role, Submission, role_key
 from swarm.net.transfer import TransferError
 from swarm.node import SwarmNode
-from swarm.robust import COPY_OVERLAP, Summary, alignments, clip_scales, misaligned, overlap, summarise
+from swarm.round.payloads import PayloadStore
+from swarm.round.robust import COPY_OVERLAP, Summary, alignments, clip_scales, misaligned, overlap, summarise
 
 logger = get_logger(__name__)
 STRIKES_BEFORE_BAN = 3

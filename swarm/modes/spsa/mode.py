@@ -1,11 +1,11 @@
 """Shared-seed SPSA: each peer sends one byte per directional-derivative estimate.
 
 A peer measures K two-point estimates ĝ = (L(θ+εz) − L(θ−εz))/2ε along directions z that everyone
-can regenerate from (run, round, peer, sample) (swarm/spsa/seeds.py), and sends only the K bytes of
-their quantized values (swarm/spsa/scalar.py) inside its signed submission record: no payload
+can regenerate from (run, round, peer, sample) (swarm/modes/spsa/seeds.py), and sends only the K bytes of
+their quantized values (swarm/modes/spsa/scalar.py) inside its signed submission record: no payload
 transfer, no gradients, no optimizer state. Everyone, the sender included, decodes the manifest's
 bytes, clips them to a multiple of the round's median magnitude and replays
-θ ← θ − lr·(1/N)·Σ ĝ_i·z_i in manifest order on the CPU (swarm/spsa/replay.py), so replicas stay
+θ ← θ − lr·(1/N)·Σ ĝ_i·z_i in manifest order on the CPU (swarm/modes/spsa/replay.py), so replicas stay
 bit-identical and a joiner can rebuild any later state from an earlier one and the manifests.
 Maths, byte layout and when to use it: docs/modes/spsa.md.
 """
@@ -19,14 +19,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from swarm.modes.base import TrainingMode
+from swarm.modes.base import TrainingMode, Worker
+from swarm.modes.spsa.replay import RoundScalars, apply_scalars, clip_scalars
+from swarm.modes.spsa.scalar import decode_scalars
 from swarm.net.records import MAX_INLINE_BYTES, Role
-from swarm.spsa.replay import RoundScalars, apply_scalars, clip_scalars
-from swarm.spsa.scalar import decode_scalars
 
 if TYPE_CHECKING:
     from swarm.data.corpus import Corpus
-    from swarm.replica import Replica
     from swarm.state import GlobalState
 
 
@@ -62,8 +61,8 @@ class SpsaMode(TrainingMode):
     def describe_role(self, role: Role) -> str:
         return f"spsa shard {role.data_shard}, {self.options.samples} estimates/round"
 
-    def make_worker(self, role: Role, device: torch.device, corpus: Corpus | None = None) -> Replica:
-        from swarm.spsa.worker import SpsaWorker
+    def make_worker(self, role: Role, device: torch.device, corpus: Corpus | None = None) -> Worker:
+        from swarm.modes.spsa.worker import SpsaWorker
 
         o = self.options
         return SpsaWorker(
@@ -75,6 +74,7 @@ class SpsaMode(TrainingMode):
             eps=o.eps,
             scalar_scale=o.scalar_scale,
             corpus=corpus,
+            prepare_model=self.prepare_model,
         )
 
     def contribution_names(self, role: Role, names: list[str]) -> list[str]:
@@ -105,7 +105,7 @@ class SpsaMode(TrainingMode):
         if not self.options.weight_decay:
             return frozenset()
         from models import build_model
-        from swarm.replica import model_config
+        from swarm.modes.replica import model_config
         from swarm.train.optim import no_decay_parameter_names
 
         return frozenset(no_decay_parameter_names(build_model(model_config(self.run), seed=self.run.seed)))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from swarm.spsa.seeds import direction, direction_seed
+from swarm.modes.spsa.seeds import direction, direction_seed
 from swarm.state import NonFiniteUpdateError
 
 

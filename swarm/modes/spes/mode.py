@@ -6,7 +6,7 @@ Each round a peer sends its dense slots and its experts' slots through the run's
 by default): dense slots average over every peer, an expert's slots over its owners (one, or more
 when peers outnumber experts), and an expert nobody covered this round stays as it is. After the
 outer step everyone applies the expert-merging warm-up, so replicas stay bit-identical.
-Ownership comes from the coordinator's signed role records (swarm/modes/experts.py has the rule);
+Ownership comes from the coordinator's signed role records (swarm/modes/spes/experts.py has the rule);
 while the coordinator is down the records stand, so peers keep training what they own.
 """
 
@@ -19,14 +19,15 @@ import torch
 
 from models import get_preset
 from models.moe import expert_prefix, is_expert_parameter
-from swarm.modes.base import TrainingMode
-from swarm.modes.experts import assign_experts, expert_neighbours, merge_alpha, merge_layer
+from swarm.modes.base import Worker
+from swarm.modes.replica import Replica, ReplicaMode
+from swarm.modes.spes.experts import assign_experts, expert_neighbours, merge_alpha, merge_layer
 from swarm.net.records import Role
 from swarm.run import OuterConfig
 
 if TYPE_CHECKING:
     from swarm.data.corpus import Corpus
-    from swarm.replica import Replica
+    from swarm.modes.replica import Replica
     from swarm.state import GlobalState
 
 
@@ -45,7 +46,7 @@ class SpesOptions:
             raise ValueError("merge_steps must be >= 0 and merge_neighbours >= 1")
 
 
-class SpesMode(TrainingMode):
+class SpesMode(ReplicaMode):
     name = "spes"
     Options = SpesOptions
 
@@ -95,12 +96,12 @@ class SpesMode(TrainingMode):
 
     # ----- local work ----------------------------------------------------------------------------
 
-    def make_worker(self, role: Role, device: torch.device, corpus: Corpus | None = None) -> Replica:
-        from swarm.replica import Replica
-
+    def make_worker(self, role: Role, device: torch.device, corpus: Corpus | None = None) -> Worker:
         return Replica(self.run, shard=role.data_shard, device=device, corpus=corpus, experts=list(role.experts))
 
-    def update_worker(self, worker: Replica, role: Role) -> None:
+    def update_worker(self, worker: Worker, role: Role) -> None:
+        if not isinstance(worker, Replica):
+            raise TypeError(f"an SPES peer's worker is a Replica, got {type(worker).__name__}")
         worker.train_experts(list(role.experts))
 
     # ----- contributions and the outer step ------------------------------------------------------

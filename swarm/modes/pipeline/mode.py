@@ -2,7 +2,7 @@
 
 Peers that can hold a model (weights, grads, AdamW state) train as full SparseLoCo replicas; weak
 ones (announced memory below the threshold, `join-swarm --memory-gb` to override) are grouped S at
-a time into pipeline groups, each stage holding consecutive blocks (swarm/pipeline/groups.py). A
+a time into pipeline groups, each stage holding consecutive blocks (swarm/modes/pipeline/groups.py). A
 stage sends its activations forward and receives their gradients over the stage link, compressed
 to k = d / ratio numbers per token (models/subspace.py). Each stage contributes the slots it holds,
 averaged with the same slots of every full replica and of the same stage of other groups; a group
@@ -14,19 +14,23 @@ span(U) is either projected too or folded into the link's fixed table (`embeddin
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from models import get_preset
-from swarm.modes.base import TrainingMode
+from swarm.modes.base import TrainingMode, Worker
+from swarm.modes.pipeline.groups import incomplete_groups, plan_roles, stage_layers
+from swarm.modes.pipeline.link import StageLink
+from swarm.modes.pipeline.options import PipelineOptions
+from swarm.modes.pipeline.worker import PipelineWorker
 from swarm.net.records import Capacity, Role
-from swarm.pipeline.groups import incomplete_groups, plan_roles, stage_layers
-from swarm.pipeline.options import PipelineOptions
 from swarm.run import OuterConfig
 
 if TYPE_CHECKING:
     from swarm.data.corpus import Corpus
+    from swarm.node import SwarmNode
     from swarm.state import GlobalState
 
 
@@ -97,22 +101,16 @@ class PipelineMode(TrainingMode):
         if self.subspace is not None:
             self.subspace.attach(model)
 
-    def make_worker(self, role: Role, device: torch.device, corpus: Corpus | None = None) -> Any:
-        from swarm.pipeline.worker import PipelineWorker
+    def make_worker(self, role: Role, device: torch.device, corpus: Corpus | None = None) -> Worker:
+        return PipelineWorker(self.run, self.options, role, device=device, corpus=corpus, prepare_model=self.prepare_model)
 
-        return PipelineWorker(self.run, self.options, role, device=device, corpus=corpus)
+    def update_worker(self, worker: Worker, role: Role) -> None:
+        _pipeline_worker(worker).update(role)
 
-    def update_worker(self, worker: Any, role: Role) -> None:
-        worker.update(role)
-
-    async def attach_worker(self, worker: Any, node: Any) -> None:
-        import asyncio
-
-        from swarm.pipeline.link import StageLink
-
+    async def attach_worker(self, worker: Worker, node: SwarmNode) -> None:
         link = StageLink(node.server.p2p, asyncio.get_running_loop())
         await link.start()
-        await asyncio.to_thread(worker.attach_link, link)
+        await asyncio.to_thread(_pipeline_worker(worker).attach_link, link)
 
     # ----- contributions -------------------------------------------------------------------------
 
@@ -159,6 +157,12 @@ def _in_stage(name: str, start: int, end: int, *, first: bool, last: bool) -> bo
     if name.startswith("tok_emb."):
         return first
     return last  # norm, head
+
+
+def _pipeline_worker(worker: Worker) -> PipelineWorker:
+    if not isinstance(worker, PipelineWorker):
+        raise TypeError(f"a pipeline peer's worker is a PipelineWorker, got {type(worker).__name__}")
+    return worker
 
 
 MODE = PipelineMode

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from models import Stage
 from models.subspace import Subspace
-from swarm.pipeline.link import LinkError, StageLink
-from swarm.pipeline.wire import MessageId, check, encode
+from swarm.modes.pipeline.link import LinkError, StageLink
+from swarm.modes.pipeline.wire import MessageId, check, encode
 from swarm.train.step import NonFiniteLossError, autocast_for
 
 

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from swarm.net.transfer import TransferServer
     from swarm.node import SwarmNode
-    from swarm.rounds import RoundAgreement
+    from swarm.round.agreement import RoundAgreement
 
 logger = get_logger(__name__)
 STATE_FORMAT_VERSION = 1

@@ -13,6 +13,7 @@ import concurrent.futures
 import math
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -20,11 +21,11 @@ from models import build_model, split_stages
 from models.subspace import Subspace
 from swarm.data.corpus import Corpus, load_corpus
 from swarm.log import get_logger
+from swarm.modes.pipeline.link import LinkError, StageLink
+from swarm.modes.pipeline.options import PipelineOptions
+from swarm.modes.pipeline.schedule import StageContext, stage_step
+from swarm.modes.replica import Replica, RoundWork, data_config, model_config, optim_config, shard_stream
 from swarm.net.records import Role
-from swarm.pipeline.link import LinkError, StageLink
-from swarm.pipeline.options import PipelineOptions
-from swarm.pipeline.schedule import StageContext, stage_step
-from swarm.replica import Replica, RoundWork, data_config, model_config, optim_config, shard_stream
 from swarm.run import RunConfig
 from swarm.state import GlobalState
 from swarm.train.optim import build_optimizer, lr_at
@@ -140,9 +141,18 @@ class PipelineWorker:
     """The peer's worker in the pipeline mode; its trainer follows the peer's role."""
 
     def __init__(
-        self, run: RunConfig, options: PipelineOptions, role: Role, *, device: torch.device, corpus: Corpus | None
+        self,
+        run: RunConfig,
+        options: PipelineOptions,
+        role: Role,
+        *,
+        device: torch.device,
+        corpus: Corpus | None,
+        prepare_model: Callable[[torch.nn.Module], None],
     ) -> None:
+        """`prepare_model`: the mode's change to every full model it builds (the fixed embedding)."""
         self.run, self.options, self.device = run, options, device
+        self.prepare_model = prepare_model
         self.corpus = corpus or load_corpus(data_config(run))
         self.subspace = options.subspace(model_config(run), run.seed)
         self.link: StageLink | None = None
@@ -159,7 +169,9 @@ class PipelineWorker:
         self.role = role
         if role.kind == "replica":
             if not isinstance(self.inner, Replica):
-                self.inner = Replica(self.run, shard=role.data_shard, device=self.device, corpus=self.corpus)
+                self.inner = Replica(
+                    self.run, shard=role.data_shard, device=self.device, corpus=self.corpus, prepare_model=self.prepare_model
+                )
                 if self.subspace is not None and self.options.full_replicas != "free":
                     keep_in_subspace(self.inner, self.subspace, writers_only=self.options.full_replicas == "writers")
         elif role.kind == "stage" and self.link is not None:

@@ -92,7 +92,9 @@ def test_every_import_points_down_or_sideways():
 
 
 def test_models_import_nothing_of_the_swarm():
-    wrong = [f"{m} imports {d}" for m, deps in import_graph().items() if m.startswith("models") for d in deps if d.startswith("swarm")]
+    wrong = [
+        f"{m} imports {d}" for m, deps in import_graph().items() if m.startswith("models") for d in deps if d.startswith("swarm")
+    ]
     assert not wrong, "\n".join(wrong)
 
 

@@ -16,26 +16,26 @@ SHAPES = {"a": (2, 3), "b": (4,), "c": (5,)}
 
 def test_available_modes_are_the_files_in_swarm_modes():
     assert {"sparseloco", "diloco", "spes"} <= set(available_modes())
-    assert "base" not in available_modes() and "experts" not in available_modes()
+    assert not {"base", "experts", "replica"} & set(available_modes())
 
 
-@pytest.mark.parametrize("mode", ["nope", "base", "../x", "experts"])
+@pytest.mark.parametrize("mode", ["nope", "base", "../x", "experts", "replica"])
 def test_an_unknown_mode_is_a_clear_error(mode):
     with pytest.raises(ValueError, match="unknown training mode|defines no MODE"):
-        RunConfig(mode=mode)
+        mode_for(RunConfig(mode=mode))
 
 
 def test_a_knob_that_does_not_belong_to_the_mode_is_an_error():
     with pytest.raises(ValueError, match="mode 'sparseloco' has no option"):
-        RunConfig(mode="sparseloco", mode_options={"merge_alpha0": 0.1})
+        mode_for(RunConfig(mode="sparseloco", mode_options={"merge_alpha0": 0.1}))
     with pytest.raises(ValueError, match="outer momentum"):
-        RunConfig(mode="sparseloco", outer=OuterConfig(momentum=0.9))
+        mode_for(RunConfig(mode="sparseloco", outer=OuterConfig(momentum=0.9)))
     with pytest.raises(ValueError, match="dense"):
-        RunConfig(mode="diloco", outer=OuterConfig())
+        mode_for(RunConfig(mode="diloco", outer=OuterConfig()))
     with pytest.raises(ValueError, match="mixture-of-experts"):
-        RunConfig(mode="spes", preset="nano")
+        mode_for(RunConfig(mode="spes", preset="nano"))
     with pytest.raises(ValueError, match="merge_alpha0"):
-        RunConfig(mode="spes", preset="moe-nano", mode_options={"merge_alpha0": 2.0})
+        mode_for(RunConfig(mode="spes", preset="moe-nano", mode_options={"merge_alpha0": 2.0}))
     run = RunConfig(mode="spes", preset="moe-nano", mode_options={"merge_alpha0": 0.1, "merge_neighbours": 3})
     assert mode_for(run).options.merge_neighbours == 3
 

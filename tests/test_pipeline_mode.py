@@ -99,7 +99,7 @@ def test_stage_slots_cover_the_model_once():
 )
 def test_bad_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
-        _run(**options)
+        mode_for(_run(**options))
 
 
 @pytest.mark.parametrize("drift", ["fold", "project"])

@@ -51,9 +51,9 @@ def spsa(run: RunConfig) -> SpsaMode:
 def test_options_are_validated():
     for bad in ({"samples": 0}, {"samples": MAX_INLINE_BYTES + 1}, {"eps": 0.0}, {"lr": -1.0}, {"clip_multiple": 0.5}):
         with pytest.raises(ValueError):
-            small_run(**bad)
+            mode_for(small_run(**bad))
     with pytest.raises(ValueError, match="no option"):
-        small_run(momentum=0.9)
+        mode_for(small_run(momentum=0.9))
 
 
 def test_inline_payloads_are_checked_by_length_digest_and_size():

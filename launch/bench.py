@@ -1,7 +1,8 @@
 """swarm-bench: benchmarks, one subcommand per module in launch/benchmarks/.
 
 A benchmark module defines HELP (one line), add_arguments(parser) and run(args) -> exit code.
-Adding one is one line in BENCHMARKS (plus its module).
+Adding one is one line in BENCHMARKS (plus its module). Ctrl+C and SIGTERM stop a benchmark alike
+(exit status 130 or 143), the local swarms and testbeds it started torn down on the way out.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from launch.cluster import SigtermUnwinds, stopped
 
 BENCHMARKS: dict[str, str] = {
     "solo": "launch.benchmarks.solo",
@@ -43,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        with SigtermUnwinds():  # SIGTERM unwinds as Ctrl+C does: clusters and testbeds are torn down
+            return int(args.run(args))
+    except KeyboardInterrupt as e:
+        return stopped("swarm-bench", e)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 The one launcher of the demo, the benchmarks and every end-to-end test. Each child leads its own
 process group, so `kill` and `close` end it together with the helpers it spawned (hivemind's DHT
 process, p2pd daemons), as a crashed machine would; `close` reaps every group whatever happened,
-and clusters a caller forgot to close are closed at interpreter exit. Logs go to files (a full pipe
-would stall a child). Usage:
+and clusters a caller forgot to close are closed at interpreter exit. Inside `with`, SIGTERM (from
+`timeout`, systemd, `docker stop`) unwinds the block as Ctrl+C does (see `SigtermUnwinds`), so the
+children are reaped then too. Logs go to files (a full pipe would stall a child). Usage:
 
     with LocalCluster(tmp_path, nano_run()) as cluster:
         cluster.add_peer("alice")
@@ -22,12 +23,15 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +57,93 @@ _ADDRESS = re.compile(r"join-swarm (/ip4/\S+/p2p/\S+)")
 _PEER_ID = re.compile(r"peer (\S+) listening on")
 _STATUS = re.compile(r"status page: (http://\S+)")
 _LIVE: weakref.WeakSet[LocalCluster] = weakref.WeakSet()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl+C raises KeyboardInterrupt (see SigtermUnwinds): every `with` and
+    `finally` on the way out runs, and code that handles Ctrl+C handles this too."""
+
+    exit_code = 143  # 128 + SIGTERM, what a shell reports for a process that SIGTERM ended
+
+
+class SigtermUnwinds:
+    """While inside (main thread only; elsewhere it does nothing): SIGTERM raises Terminated in the
+    main thread, as Ctrl+C raises KeyboardInterrupt. Python's default SIGTERM ends the process at
+    once, without unwinding, and leaves the children it started (in their own sessions) running.
+
+    One SIGTERM raises, once: one arriving while `held()` (cleanup under way) is raised only when the
+    context is left, so cleanup is not cut short, and those after the first are ignored (the process
+    is on its way out). Leaving restores the handler found on entry: these nest (a LocalCluster in a
+    Testbed, both in a command's main).
+    """
+
+    def __init__(self) -> None:
+        self._previous: Any = None
+        self._installed = False
+        self._raised = False
+        self._pending = False
+        self._holding = 0
+
+    def __enter__(self) -> SigtermUnwinds:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._raised or self._holding:
+            self._pending = True
+            return
+        self._raised = True
+        raise Terminated("SIGTERM")
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """SIGTERM does not interrupt this block (it is raised when the whole context is left)."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            # None: the handler on entry was not set from Python; the default is what it did
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
+        if self._pending and not self._raised and (not exc or exc[0] is None):
+            self._raised = True
+            raise Terminated("SIGTERM")
+
+    def leave_after(self, cleanup: Callable[[], None], *exc: object) -> None:
+        """Run `cleanup` with SIGTERM held, then leave (`exc`: what __exit__ would be given)."""
+        try:
+            with self.held():
+                cleanup()
+        finally:
+            self.__exit__(*exc)
+
+
+def _default_sigterm_in_child() -> None:
+    """A child forked while SigtermUnwinds is in force (multiprocessing: hivemind's DHT process) gets
+    the default SIGTERM back: the handler would unwind the parent's `with` blocks copied into it (a
+    LocalCluster's close() killing the parent's children) or hold SIGTERM there for good."""
+    if isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), SigtermUnwinds):
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        except ValueError:  # not this child's main thread (cannot happen after fork, but never fail a fork)
+            pass
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows (nothing forks there)
+    os.register_at_fork(after_in_child=_default_sigterm_in_child)
+
+
+def stopped(prog: str, interrupt: KeyboardInterrupt) -> int:
+    """A command stopped by Ctrl+C or SIGTERM: one line on stderr, and the exit status (130 or 143)."""
+    terminated = isinstance(interrupt, Terminated)
+    print(f"\n{prog}: stopped by {'SIGTERM' if terminated else 'Ctrl+C'}", file=sys.stderr, flush=True)
+    return Terminated.exit_code if terminated else 130
 
 
 def nano_run(**overrides: Any) -> dict[str, Any]:
@@ -131,18 +222,29 @@ class LocalCluster:
         self._onlookers: set[str] = set()  # status servers, not peers
         self.address = ""
         self.status_url = ""
+        self._sigterm: SigtermUnwinds | None = None
         _LIVE.add(self)
 
     def __enter__(self) -> LocalCluster:
+        """Start the coordinator; until the block is left, SIGTERM unwinds it as Ctrl+C does."""
+        self._sigterm = SigtermUnwinds().__enter__()
         try:
             self.start_coordinator(self.coordinator_args)
-        except BaseException:
-            self.close()
+        except BaseException as e:
+            self._leave(type(e), e, e.__traceback__)
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._leave(*exc)
+
+    def _leave(self, *exc: object) -> None:
+        """close(), not cut short by SIGTERM (one arriving meanwhile is raised after), and the old handler back."""
+        sigterm, self._sigterm = self._sigterm, None
+        if sigterm is None:
+            self.close()
+        else:
+            sigterm.leave_after(self.close, *exc)
 
     @property
     def num_peers(self) -> int:

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from launch.cluster import SigtermUnwinds, Terminated
 from swarm.train.sinks import SinkConfig
 
 if TYPE_CHECKING:  # swarm-train uses the metrics flags and must not pay for importing hivemind
@@ -84,11 +85,19 @@ def run_node(
 ) -> int:
     """Run `main` on uvloop; first Ctrl+C/SIGTERM leaves cleanly, a second exits at once.
 
-    `setup` runs first, in the main thread with default signal handling: start the DHT process
-    there, so it does not inherit the loop's handlers (it would then ignore SIGTERM).
+    `setup` runs first, in the main thread, before the loop: start the DHT process there, so it
+    does not inherit the loop's handlers (it would then ignore SIGTERM). SIGTERM is held while it
+    runs (a forked DHT process gets the default back, see launch/cluster.py): one arriving then
+    makes the node leave as soon as setup is done, rather than end it with its DHT process and p2pd
+    left running.
     """
+    terminated = False
     if setup is not None:
-        setup()
+        try:
+            with SigtermUnwinds() as sigterm, sigterm.held():
+                setup()
+        except Terminated:
+            terminated = True
     runner: Callable[[Coroutine[Any, Any, int]], int]
     try:
         import uvloop
@@ -116,6 +125,8 @@ def run_node(
                 loop.add_signal_handler(sig, handle, sig)
             except NotImplementedError:
                 pass
+        if terminated:  # during setup: main never starts, on_stop stops what setup started
+            handle(signal.SIGTERM)
         code = 0
         try:
             await task

@@ -1,7 +1,8 @@
 """`swarm-demo`: a whole swarm on this machine — a coordinator and N peers as separate processes.
 
 It prints one line per round (loss, tokens/s, bytes on the wire, compression, whether every
-replica holds the same weights) from the peers' metrics files, then stops everything it started.
+replica holds the same weights) from the peers' metrics files, then stops everything it started,
+also when stopped early by Ctrl+C or SIGTERM (exit status 130 or 143).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from launch.cluster import LocalCluster
+from launch.cluster import LocalCluster, SigtermUnwinds, stopped
 from swarm.modes import available_modes, default_outer
 from swarm.net.schema import to_plain
 
@@ -44,6 +45,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        with SigtermUnwinds():  # SIGTERM unwinds as Ctrl+C does: the cluster reaps every process it started
+            return _demo(args)
+    except KeyboardInterrupt as e:
+        return stopped("swarm-demo", e)
+
+
+def _demo(args: argparse.Namespace) -> int:
     pipelined = args.mode == "pipeline"  # the demo of issue 9: 2 full replicas + one 2-stage group
     args.peers = args.peers if args.peers is not None else 2 if pipelined else 3
     args.weak_peers = args.weak_peers if args.weak_peers is not None else 2 if pipelined else 0

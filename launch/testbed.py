@@ -21,7 +21,8 @@ an iptables NFQUEUE, one small process per delayed host, killed with the testbed
 Needs root (CAP_NET_ADMIN), iproute2, nftables for NAT'd hosts and, without netem, iptables for
 delays; `unavailable()` says why not.
 Processes run inside a host with `host.prefix + [command...]` (`ip netns exec NAME`), which
-LocalCluster takes as a command prefix. Usage:
+LocalCluster takes as a command prefix. Inside `with`, SIGTERM unwinds the block as Ctrl+C does, so
+the namespaces and delayers go then too (the next start would sweep them otherwise). Usage:
 
     with Testbed("t1") as bed:
         a = bed.add_public("a", Link.parse("20mbit:50ms"))
@@ -43,6 +44,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from launch.cluster import SigtermUnwinds
 
 PUBLIC_NET = "10.77"  # 10.77.0.0/16: the "internet" between hosts and routers
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)$")
@@ -229,13 +232,28 @@ class Testbed:
         self._started = False
         self._netem: bool | None = None
         self._delayers: list[subprocess.Popen] = []
+        self._sigterm: SigtermUnwinds | None = None
 
     def __enter__(self) -> Testbed:
-        self.start()
+        """Start; until the block is left, SIGTERM unwinds it as Ctrl+C does (launch/cluster.py)."""
+        self._sigterm = SigtermUnwinds().__enter__()
+        try:
+            self.start()
+        except BaseException as e:
+            self._leave(type(e), e, e.__traceback__)
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._leave(*exc)
+
+    def _leave(self, *exc: object) -> None:
+        """close(), not cut short by SIGTERM (one arriving meanwhile is raised after), and the old handler back."""
+        sigterm, self._sigterm = self._sigterm, None
+        if sigterm is None:
+            self.close()
+        else:
+            sigterm.leave_after(self.close, *exc)
 
     def start(self) -> None:
         cleanup(self.tag)  # whatever a crashed earlier run left behind

@@ -23,7 +23,7 @@ from swarm.net.dht import DHTOptions, Signed, SwarmDHT
 from swarm.net.files import FileService
 from swarm.net.records import RECORD_TYPES as NET_RECORDS
 from swarm.net.records import RUNS_KEY, Event, EventLog, Heartbeat, Phase, Roster, run_key
-from swarm.net.transfer import Traffic, TransferServer
+from swarm.net.transfer import Traffic, TransferServer, fetch
 from swarm.net.validator import RecordTypes
 from swarm.run import RunConfig
 
@@ -124,6 +124,14 @@ class SwarmNode:
         await self._server.start()
         await reachability.serve(p2p)  # answer joiners asking whether they can be dialled
 
+    def wall_time(self) -> float:
+        """The clock records are stamped with (the DHT's)."""
+        return get_dht_time()
+
+    async def fetch_blob(self, peer: str, request: dict, max_bytes: int, timeout_s: float) -> bytes | None:
+        """One blob from one peer over /swarm/transfer/1 (None: it does not have it)."""
+        return await fetch(self.server.p2p, peer, request, max_bytes=max_bytes, timeout_s=timeout_s, traffic=self.traffic)
+
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self._tasks.append(task)
@@ -150,7 +158,7 @@ class SwarmNode:
             bytes_received=self.traffic.received,
             param_hash=s.param_hash,
             version=__version__,
-            time=get_dht_time(),
+            time=self.wall_time(),
             is_coordinator=s.is_coordinator,
             steps=s.steps,
             addrs=self.dht.visible_maddrs()[:4],
@@ -178,7 +186,7 @@ class SwarmNode:
     def log_event(self, kind: str, text: str) -> None:
         """Record an event for the status page (and the log)."""
         logger.info("[%s] %s", kind, text)
-        self.events.append(Event(time=get_dht_time(), kind=kind, text=text[:300]))
+        self.events.append(Event(time=self.wall_time(), kind=kind, text=text[:300]))
         self._events_dirty.set()
 
     async def _event_loop(self) -> None:
@@ -196,7 +204,7 @@ class SwarmNode:
 
     async def live_peers(self) -> list[Heartbeat]:
         """Heartbeats fresher than the run's TTL from peers that are not leaving."""
-        now = get_dht_time()
+        now = self.wall_time()
         return [
             b.record
             for b in await self.heartbeats()
@@ -208,7 +216,7 @@ class SwarmNode:
 
         Only members count in votes, in the set a round waits for, as leaders and as state donors.
         """
-        now = time.monotonic()
+        now = asyncio.get_running_loop().time()
         if self._members is None or now - self._members_at > MEMBERS_REFRESH_S:
             item = await self.dht.get_from(run_key(self.run.run_id, "roster"), Roster, self.run.coordinator)
             admitted = {r.peer_id for r in item.record.roles} if item is not None else set()

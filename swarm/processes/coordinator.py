@@ -123,7 +123,7 @@ class Coordinator(SwarmNode):
         if not self.cfg.init_from:
             self._initial = await asyncio.to_thread(initial_state, self.run)
         shapes = {n: tuple(t.shape) for n, t in self._initial.params.items()}
-        self.store = PayloadStore(self.run, shapes, self.traffic)
+        self.store = PayloadStore(self.run, shapes, self.traffic, fetch=self.fetch_blob)
         self.server.register("payload", self.store.serve)
         self.status.phase = "joining"
         state = await self._obtain_state()

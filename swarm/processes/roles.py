@@ -9,12 +9,10 @@ returns. A restarted coordinator adopts the role records it signed before.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
-from hivemind.utils import get_dht_time
-
 from swarm.net.records import Capacity, Role, Roster, role_key, run_key
+from swarm.round.world import monotonic
 
 if TYPE_CHECKING:
     from swarm.modes.base import TrainingMode
@@ -54,7 +52,7 @@ class RoleKeeper:
             await self._admit(peer)
         order = sorted(live, key=lambda p: (self.since[p], p))
         current = {p: self.roles[p] for p in order if p in self.roles}
-        new = self.mode.assign_roles(order, current, {p: self.shards[p] for p in order}, get_dht_time())
+        new = self.mode.assign_roles(order, current, {p: self.shards[p] for p in order}, self.node.wall_time())
         for peer, role in new.items():
             if self.roles.get(peer) != role and await self.node.dht.put(role_key(self.run_id, peer), role, ROLE_TTL_S):
                 self.roles[peer] = role
@@ -71,11 +69,11 @@ class RoleKeeper:
             return
         used = set(self.shards.values())
         self.shards[peer] = next(s for s in range(len(used) + 1) if s not in used) % self.node.run.num_shards
-        self.since[peer] = get_dht_time()
+        self.since[peer] = self.node.wall_time()
 
     async def _publish_roster(self) -> None:
-        if self.roles == self._published and time.monotonic() - self._published_at < ROSTER_REFRESH_S:
+        if self.roles == self._published and monotonic() - self._published_at < ROSTER_REFRESH_S:
             return
-        roster = Roster(roles=[self.roles[p] for p in sorted(self.roles)], updated_at=get_dht_time())
+        roster = Roster(roles=[self.roles[p] for p in sorted(self.roles)], updated_at=self.node.wall_time())
         if await self.node.dht.put(run_key(self.run_id, "roster"), roster, ROLE_TTL_S):
-            self._published, self._published_at = dict(self.roles), time.monotonic()
+            self._published, self._published_at = dict(self.roles), monotonic()

@@ -107,7 +107,7 @@ class Peer(SwarmNode):
         )
         await self.mode.attach_worker(self.worker, self)
         shapes = {n: tuple(p.shape) for n, p in sorted(self.worker.model.named_parameters())}
-        self.store = PayloadStore(self.run, shapes, self.traffic)
+        self.store = PayloadStore(self.run, shapes, self.traffic, fetch=self.fetch_blob)
         self.encoder = PayloadEncoder(self.run, self.peer_id)
         self.server.register("payload", self.store.serve)
         state = await self._obtain_state()

@@ -21,9 +21,9 @@ from swarm.log import get_logger
 from swarm.modes.base import TrainingMode
 from swarm.net.records import Manifest, ManifestEntry, Rejection, Role, Submission, role_key
 from swarm.net.transfer import TransferError
-from swarm.node import SwarmNode
 from swarm.round.payloads import PayloadStore
 from swarm.round.robust import COPY_OVERLAP, Summary, alignments, clip_scales, misaligned, overlap, summarise
+from swarm.round.world import World
 
 logger = get_logger(__name__)
 STRIKES_BEFORE_BAN = 3
@@ -41,7 +41,7 @@ class Verdict:
 
 @dataclass
 class Validator:
-    node: SwarmNode
+    node: World
     store: PayloadStore
     mode: TrainingMode
     strikes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -91,7 +91,7 @@ class Validator:
             return self._check_inline(sub)
         deadline = self.fetch_deadline(sub.peer_id)
         try:
-            data = await asyncio.wait_for(self.store.get(self.node.server.p2p, sub.digest, [sub.peer_id]), deadline)
+            data = await asyncio.wait_for(self.store.get(sub.digest, [sub.peer_id]), deadline)
         except asyncio.TimeoutError:  # served too slowly: it costs the round at most the deadline
             return Verdict(f"{NOT_DELIVERED} within {deadline:.0f} s")
         except TransferError as e:  # the sender is gone or unreachable: absent, not at fault

@@ -18,9 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hivemind.p2p import P2P
-from hivemind.utils import get_dht_time
-
 from swarm.codec import slot_aggregator
 from swarm.log import get_logger
 from swarm.modes.base import TrainingMode
@@ -36,12 +33,12 @@ from swarm.net.records import (
     submit_key,
 )
 from swarm.net.schema import encode_record
-from swarm.node import SwarmNode
 from swarm.round.admission import NOT_DELIVERED, Validator
 from swarm.round.evidence import EquivocationWitness, proof_ok, sign_manifest
 from swarm.round.leadership import agreed_hash, canonical_manifest, coordinator_present, peer_quorum, should_lead
 from swarm.round.payloads import PayloadStore
 from swarm.round.robust import check_clipping, check_scales, clipped_norms
+from swarm.round.world import World, monotonic
 from swarm.run import RunConfig
 from swarm.state import GlobalState, save_state
 
@@ -70,7 +67,7 @@ class BadManifest(RuntimeError):
 class RoundAgreement:
     """Leads or follows rounds for one node. `state` is the node's θ(r), guarded by `lock`."""
 
-    node: SwarmNode
+    node: World
     store: PayloadStore
     state: GlobalState
     mode: TrainingMode
@@ -90,10 +87,6 @@ class RoundAgreement:
     @property
     def run(self) -> RunConfig:
         return self.node.run
-
-    @property
-    def p2p(self) -> P2P:
-        return self.node.server.p2p
 
     # ----- following -------------------------------------------------------------------------
 
@@ -151,7 +144,7 @@ class RoundAgreement:
         started: float | None = None  # when we first saw a submission: the round is under way
         while True:
             if started is None and await self._submissions(round_no):
-                started = time.monotonic()
+                started = monotonic()
             beats, agreed, may_lead, manifest = await self._look(round_no, started)
             if manifest is not None:
                 return manifest
@@ -176,7 +169,7 @@ class RoundAgreement:
         once its own view timeout has passed (followers may have taken it by then), or once most peers
         report having applied it (it fell behind and they went on without it): publishing its own
         then would split the swarm."""
-        timed_out = started is not None and time.monotonic() - started > self.run.leader_timeout_s
+        timed_out = started is not None and monotonic() - started > self.run.leader_timeout_s
         if self.node.peer_id == self.run.coordinator:
             trainers = [b for b in beats if b.peer_id != self.run.coordinator and b.phase != "joining"]
             return timed_out or 2 * sum(b.round > round_no for b in trainers) > len(trainers)
@@ -242,12 +235,12 @@ class RoundAgreement:
             for peer in subs:
                 seen.setdefault(peer, polls)
             if subs and first_seen is None:
-                first_seen = time.monotonic()
+                first_seen = monotonic()
                 started = first_seen if started is None else started  # the round is under way: the view timeout runs
             if not await self._should_lead(round_no, beats, agreed, may_lead):
                 return None  # a better-ranked leader has appeared
             everyone_in = expected <= set(subs) and len(subs) >= self.run.min_peers
-            late = first_seen is not None and time.monotonic() - first_seen > self.run.round_timeout_s
+            late = first_seen is not None and monotonic() - first_seen > self.run.round_timeout_s
             if subs and (everyone_in or late) and len(subs) >= quorum:
                 break
             await asyncio.sleep(self.poll_s)
@@ -267,7 +260,7 @@ class RoundAgreement:
             base_hash=self.state.hash,
             entries=entries,
             rejected=rejected,
-            closed_at=get_dht_time(),
+            closed_at=self.node.wall_time(),
             eval_loss=self.node.status.loss if self.node.status.is_coordinator else None,
             missing=missing,
         )
@@ -406,12 +399,12 @@ class RoundAgreement:
         some followers only cannot split the swarm: an honest peer that got it passes it on; only if
         nobody honest could get it within the view timeout is the manifest bad, and then for everyone."""
         holders = [entry.peer_id, manifest.leader] + [e.peer_id for e in manifest.entries if e is not entry]
-        deadline = time.monotonic() + self.run.leader_timeout_s
+        deadline = monotonic() + self.run.leader_timeout_s
         while True:
             others = sorted({b.peer_id for b in await self.node.member_peers()} - set(holders) - {self.node.peer_id})
             try:
-                return await self.store.get(self.p2p, entry.digest, holders + others)
+                return await self.store.get(entry.digest, holders + others)
             except Exception as e:  # undeliverable: the manifest should never have listed it
-                if time.monotonic() > deadline:
+                if monotonic() > deadline:
                     raise BadManifest(f"payload of {entry.peer_id[-8:]}: {e}") from None
             await asyncio.sleep(2.0)

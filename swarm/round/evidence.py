@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -25,9 +24,10 @@ from swarm.net.dht import Signed
 from swarm.net.identity import Identity, peer_id_from_public_key, public_key_from_owner_marker, sign_bytes, verify_bytes
 from swarm.net.records import Equivocation, Evidence, Manifest, run_key
 from swarm.net.schema import SchemaError, decode_record, encode_record
+from swarm.round.world import monotonic
 
 if TYPE_CHECKING:
-    from swarm.node import SwarmNode
+    from swarm.round.world import World
 
 logger = get_logger(__name__)
 EVIDENCE_TTL_S = 24 * 3600
@@ -82,7 +82,7 @@ class EquivocationWitness:
     checked: set[str] = field(default_factory=set)  # digests of published proofs already checked
     read_at: float = float("-inf")
 
-    def saw(self, round_no: int, signed: Signed[Manifest], node: SwarmNode) -> None:
+    def saw(self, round_no: int, signed: Signed[Manifest], node: World) -> None:
         """Note a manifest read from the DHT (its proof already verified)."""
         first = self.seen.setdefault((round_no, signed.signer), signed)
         if manifest_body(first.record) != manifest_body(signed.record) and signed.signer not in self.equivocators:
@@ -92,12 +92,12 @@ class EquivocationWitness:
         for key in [k for k in self.seen if k[0] < round_no - self.keep_rounds]:
             del self.seen[key]
 
-    def _convict(self, proof: Equivocation, node: SwarmNode, text: str) -> None:
+    def _convict(self, proof: Equivocation, node: World, text: str) -> None:
         self.equivocators.add(proof.accused)
         self.proofs[proof.accused] = proof
         node.log_event("equivocation", text)
 
-    async def publish(self, node: SwarmNode) -> None:
+    async def publish(self, node: World) -> None:
         """Publish the proofs we hold (the most recent few) if we found a new one."""
         if not self.unpublished:
             return
@@ -105,9 +105,9 @@ class EquivocationWitness:
         if await node.dht.put(run_key(node.run.run_id, "evidence"), Evidence(items), EVIDENCE_TTL_S):
             self.unpublished = False
 
-    async def read(self, node: SwarmNode) -> None:
+    async def read(self, node: World) -> None:
         """Check the proofs other nodes published (every few seconds) and adopt the valid ones."""
-        now = time.monotonic()
+        now = monotonic()
         if now - self.read_at < READ_EVERY_S:
             return
         self.read_at = now

@@ -23,11 +23,11 @@ from swarm.codec import (
     payload_digest,
 )
 from swarm.log import get_logger
-from swarm.net.transfer import BlobCache, Traffic, TransferError, fetch
+from swarm.net.transfer import BlobCache, Traffic, TransferError
 from swarm.run import RunConfig
 
 if TYPE_CHECKING:
-    from hivemind.p2p import P2P
+    from swarm.round.world import Fetch
 
 logger = get_logger(__name__)
 
@@ -96,8 +96,11 @@ class PayloadEncoder:
 class PayloadStore:
     """Holds payload bytes for serving and fetches missing ones from whoever has them."""
 
-    def __init__(self, run: RunConfig, shapes: dict[str, tuple[int, ...]], traffic: Traffic):
+    def __init__(self, run: RunConfig, shapes: dict[str, tuple[int, ...]], traffic: Traffic, *, fetch: Fetch | None = None):
+        """`fetch` gets one blob from one peer (the node's transfer, or the simulator's); without
+        it the store only decodes and serves."""
         self.run = run
+        self.fetch = fetch
         self.shapes = shapes
         self.traffic = traffic
         self.blobs = BlobCache(max_bytes=max(256 << 20, 8 * dense_bytes(shapes)))
@@ -109,22 +112,17 @@ class PayloadStore:
         digest = request.get("digest")
         return self.blobs.get(digest) if isinstance(digest, str) else None
 
-    async def get(self, p2p: P2P, digest: str, holders: list[str]) -> bytes:
+    async def get(self, digest: str, holders: list[str]) -> bytes:
         """The bytes with this digest, from our cache or the first holder that has them."""
         cached = self.blobs.get(digest)
         if cached is not None:
             return cached
+        if self.fetch is None:
+            raise TransferError(f"payload {digest[:12]} is not here and this store fetches nothing")
         errors = []
         for holder in holders + holders[:1]:  # the first holder gets a second chance (transient stream errors)
             try:
-                data = await fetch(
-                    p2p,
-                    holder,
-                    {"kind": "payload", "digest": digest},
-                    max_bytes=self.max_bytes,
-                    timeout_s=60,
-                    traffic=self.traffic,
-                )
+                data = await self.fetch(holder, {"kind": "payload", "digest": digest}, self.max_bytes, 60.0)
             except TransferError as e:
                 errors.append(str(e))
                 continue

@@ -173,7 +173,7 @@ def copy_others() -> None:
             others = [s for s in subs if s.signer != node.peer_id]
             if others:
                 victim = min(others, key=lambda s: s.signer)
-                data = await node.store.get(node.server.p2p, victim.record.digest, [victim.signer])
+                data = await node.store.get(victim.record.digest, [victim.signer])
                 say(f"round {round_no}: copying the payload of {victim.signer[-8:]}")
                 return node.store.decode(data, sender=victim.signer, round_no=round_no)
             await asyncio.sleep(0.1)

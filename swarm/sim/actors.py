@@ -1,0 +1,234 @@
+"""The simulated coordinator and peers: the production round code, driven by simple loops.
+
+What is real: every decision of a round (`RoundAgreement`: who leads, when a leader stops waiting,
+what it accepts, clips, refuses and strikes, which manifest a follower takes, equivocation
+evidence, reloading; `RoleKeeper`: admission and roles; `SwarmNode`: heartbeats, roster, members),
+the payload codec and the outer step on a small model's tensors, signatures. What is modelled: a
+peer's H inner steps are a pause of its drawn step time followed by a pseudo-gradient drawn from
+the round's seed (a shared direction plus the peer's own noise, which is what honest replicas'
+updates look like to the robust aggregator); the transfers take the time the network books for them.
+
+A peer's loop follows `swarm.processes.volunteer.Peer` in step (train, submit, settle): heartbeat
+before training, submission record plus heartbeat after, a round that closed while it trained is
+dropped (error feedback takes the work back), a manifest on another state makes it reload the agreed
+state from a node that holds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from swarm.modes import mode_for
+from swarm.modes.base import TrainingMode
+from swarm.net.records import Capacity, Manifest, Submission, run_key, submit_key
+from swarm.net.transfer import TransferError
+from swarm.processes.roles import RoleKeeper
+from swarm.round.agreement import RoundAgreement
+from swarm.round.payloads import Encoded, PayloadEncoder, PayloadStore
+from swarm.run import RunConfig
+from swarm.sim.network import SimNetwork
+from swarm.sim.node import SimNode
+from swarm.state import GlobalState
+
+
+@dataclass
+class Applied:
+    """One round as a node settled it (for the invariants)."""
+
+    node: str
+    round: int
+    base: str
+    result: str
+    leader: str
+    entries: tuple[str, ...]
+    at: float
+    reloaded: bool = False
+
+
+@dataclass
+class Ledger:
+    """What every honest node did, in order: the invariants read it after every event."""
+
+    applied: list[Applied] = field(default_factory=list)
+    submitted: dict[tuple[int, str], float] = field(default_factory=dict)  # (round, peer) -> when
+    first_submission: dict[int, float] = field(default_factory=dict)
+
+
+class Actor:
+    """A simulated node with its round agreement, payload store and role in the run."""
+
+    honest = True
+
+    def __init__(self, network: SimNetwork, run: RunConfig, state: GlobalState, *, name: str, index: int, ledger: Ledger):
+        self.network, self.ledger, self.name = network, ledger, name
+        self.node = SimNode(network, run, name=name, index=index)
+        self.mode: TrainingMode = mode_for(run)
+        shapes = {n: tuple(t.shape) for n, t in state.params.items()}
+        self.store = PayloadStore(run, shapes, self.node.traffic, fetch=self.fetch)
+        network.stores[self.peer_id] = self.store
+        network.states[self.peer_id] = lambda: self.agreement.state
+        self.agreement = RoundAgreement(self.node, self.store, state.copy(), self.mode)
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def peer_id(self) -> str:
+        return self.node.peer_id
+
+    async def main(self, rounds: int) -> None:
+        """The node's life until it has settled `rounds` rounds."""
+        raise NotImplementedError
+
+    @property
+    def run(self) -> RunConfig:
+        return self.node.run
+
+    async def fetch(self, holder: str, request: dict, max_bytes: int, timeout_s: float) -> bytes | None:
+        """One blob from one holder, in the time the network books for it."""
+        net = self.network
+        if not net.reachable(self.peer_id, holder) or net.lost():
+            await asyncio.sleep(min(timeout_s, 2 * net.links[holder].latency_s + 1.0))
+            raise TransferError(f"{holder[-8:]} unreachable")
+        data = await net.stores[holder].serve(request)
+        if data is None:
+            await asyncio.sleep(net.links[self.peer_id].latency_s + net.links[holder].latency_s)
+            return None
+        done = net.transfer_time(holder, self.peer_id, net.sized.get(request.get("digest", ""), len(data)))
+        if done - net.now() > timeout_s:
+            await asyncio.sleep(timeout_s)
+            raise TransferError(f"{holder[-8:]}: timed out")
+        await asyncio.sleep(done - net.now())
+        if not net.reachable(self.peer_id, holder):  # crashed or cut off meanwhile
+            raise TransferError(f"{holder[-8:]} went away mid-transfer")
+        return data
+
+    async def reload(self) -> GlobalState:
+        """The agreed state, from any node that holds it (as statesync does), after the time it takes."""
+        net = self.network
+        _, agreed = await self.agreement._view(self.agreement.state.round)
+        while True:
+            donors = [p for p, state in sorted(net.states.items()) if p != self.peer_id and state().hash == agreed]
+            donors = [p for p in donors if net.reachable(self.peer_id, p)]
+            if donors:
+                state = net.states[donors[0]]()
+                size = net.state_bytes or 4 * sum(t.numel() for t in state.params.values())
+                await asyncio.sleep(max(0.0, net.transfer_time(donors[0], self.peer_id, size) - net.now()))
+                return state.copy()
+            await asyncio.sleep(1.0)
+            _, agreed = await self.agreement._view(self.agreement.state.round)
+
+    def note(self, manifest: Manifest, base: str, reloaded: bool) -> None:
+        if self.honest:
+            self.ledger.applied.append(
+                Applied(
+                    self.name,
+                    manifest.round,
+                    base,
+                    self.agreement.state.hash,
+                    manifest.leader,
+                    tuple(e.peer_id for e in manifest.entries),
+                    self.network.now(),
+                    reloaded,
+                )
+            )
+
+    async def settle(self, r: int) -> tuple[Manifest, int | None]:
+        base = self.agreement.state.hash
+        manifest, applied = await self.agreement.settle_round(r, self.reload)
+        self.note(manifest, base, applied is None)
+        return manifest, applied
+
+
+class SimCoordinator(Actor):
+    """Admits peers, signs roles and the roster, leads while it is live (the real RoleKeeper and round code)."""
+
+    def __init__(self, network: SimNetwork, run: RunConfig, state: GlobalState, *, ledger: Ledger):
+        super().__init__(network, run, state, name="coordinator", index=0, ledger=ledger)
+        self.node.status.is_coordinator = True
+        self.node.status.role = "coordinator"
+        self.roles = RoleKeeper(self.node, self.mode)
+
+    async def main(self, rounds: int) -> None:
+        self.node.start_heartbeats()
+        self.node.spawn(self._role_loop())
+        for _ in range(rounds):
+            state = self.agreement.state
+            s = self.node.status
+            s.round, s.param_hash, s.phase = state.round, state.hash, "coordinating"
+            await self.node.publish_heartbeat()
+            await self.settle(state.round)
+
+    async def _role_loop(self) -> None:
+        while True:
+            await self.roles.update()
+            await asyncio.sleep(1.0)
+
+
+class SimPeer(Actor):
+    """A volunteer: capacity, role, then train / submit / settle, round after round."""
+
+    def __init__(
+        self, network: SimNetwork, run: RunConfig, state: GlobalState, *, name: str, index: int, ledger: Ledger, step_s: float
+    ):
+        super().__init__(network, run, state, name=name, index=index, ledger=ledger)
+        self.step_s = step_s
+        self.encoder = PayloadEncoder(run, self.peer_id)
+        self.rng = random.Random(f"{run.seed}/{name}")
+
+    async def main(self, rounds: int) -> None:
+        node = self.node
+        node.start_heartbeats()
+        cap = Capacity(peer_id=self.peer_id, name=self.name, device="cpu", memory_gb=8.0, tokens_per_s=1.0)
+        await node.dht.put(run_key(self.run.run_id, "peers"), cap, 3600.0)
+        while self.agreement.state.round < rounds:
+            await self.one_round()
+
+    def pseudo_gradient(self, r: int) -> dict[str, torch.Tensor]:
+        """What H inner steps from θ(r) give this peer: the round's shared direction plus its own noise."""
+        shared = torch.Generator().manual_seed(self.run.seed * 1_000_003 + r)
+        own = torch.Generator().manual_seed(self.rng.getrandbits(62))
+        delta = {}
+        for name, t in sorted(self.agreement.state.params.items()):
+            g = torch.randn(t.shape, generator=shared) + 0.5 * torch.randn(t.shape, generator=own)
+            delta[name] = g.mul_(1e-3)
+        return delta
+
+    def work(self, r: int) -> dict[str, torch.Tensor] | None:
+        """This round's contribution (hostile peers override it)."""
+        return self.pseudo_gradient(r)
+
+    async def one_round(self) -> None:
+        node, state = self.node, self.agreement.state
+        r = state.round
+        node.status.round, node.status.param_hash = r, state.hash
+        if await self.agreement.closed(r):  # behind: apply it without training
+            await self.settle(r)
+            return
+        node.status.phase = "training"
+        await node.publish_heartbeat()
+        await asyncio.sleep(self.step_s * self.run.inner_steps)
+        delta = self.work(r)
+        if delta is None or self.agreement.state.round != r:
+            await self.settle(r)
+            return
+        encoded = self.encoder.encode(delta, r)
+        if await self.agreement.closed(r):
+            self.encoder.excluded()  # never sent: the whole Δ goes back into the error buffer
+            await self.settle(r)
+            return
+        await self.submit(r, encoded, state.hash)
+        manifest, applied = await self.settle(r)
+        if applied is not None and all(e.peer_id != self.peer_id for e in manifest.entries):
+            self.encoder.excluded()
+
+    async def submit(self, r: int, encoded: Encoded, base: str) -> None:
+        self.store.blobs.put(encoded.digest, encoded.data)
+        sub = Submission(self.peer_id, r, encoded.digest, len(encoded.data), base, 0, None)
+        self.ledger.submitted[(r, self.peer_id)] = self.network.now()
+        self.ledger.first_submission.setdefault(r, self.network.now())
+        self.node.status.phase = "exchanging"
+        await self.node.dht.put(submit_key(self.run.run_id, r), sub, ttl_s=self.run.round_timeout_s * 4 + 60)
+        await self.node.publish_heartbeat()

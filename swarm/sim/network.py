@@ -1,0 +1,181 @@
+"""The simulated network: links drawn from a profile, blob transfers that take time, a DHT whose
+records arrive late and expire, message loss and partitions.
+
+Links. Each node gets an uplink, a downlink (bit/s) and a one-way latency drawn from its profile.
+A transfer of n bytes from a to b waits for a's uplink and b's downlink to be free (each is a FIFO:
+one transfer at a time per direction, so a sender serving many fetchers serves them one after the
+other), then takes latency + 8n / min(up_a, down_b). That is pessimistic against real TCP, which
+shares a link between flows, but it gives the same total time per link, and the same per-link
+bytes.
+
+Records. A `put` is visible to everyone after a delay (the writer's latency plus a draw of the
+profile's `dht_delay_s`), to every node that is not partitioned from the writer, until it expires.
+Each writer holds one slot per key (as the DHT's owner subkeys do); a newer write replaces the older
+one once it is visible (until then readers see the older one).
+A lost message (probability `loss`) is a put that reaches nobody or a fetch that fails.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from swarm.sim.clock import VirtualLoop
+
+if TYPE_CHECKING:
+    from swarm.net.identity import Identity
+    from swarm.round.payloads import PayloadStore
+    from swarm.state import GlobalState
+
+PROFILES_DIR = Path(__file__).with_name("profiles")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Where links' figures are drawn from: each a [low, high] range, drawn log-uniformly."""
+
+    name: str
+    uplink_mbps: tuple[float, float]
+    downlink_mbps: tuple[float, float]
+    rtt_ms: tuple[float, float]
+    dht_delay_s: tuple[float, float] = (0.05, 0.5)  # extra time before a record is visible to readers
+    loss: float = 0.0  # probability that one message (a put, one fetch attempt) is lost
+
+    def __post_init__(self) -> None:
+        for field_name in ("uplink_mbps", "downlink_mbps", "rtt_ms", "dht_delay_s"):
+            low, high = getattr(self, field_name)
+            if not 0 < low <= high:
+                raise ValueError(f"profile {self.name!r}: {field_name} must be 0 < low <= high, got {low}, {high}")
+        if not 0 <= self.loss < 1:
+            raise ValueError(f"profile {self.name!r}: loss must be in [0, 1), got {self.loss}")
+
+    @classmethod
+    def load(cls, name_or_path: str) -> Profile:
+        """A shipped profile by name (`lan`, `datacenter`, `volunteers`) or a JSON file of one."""
+        path = Path(name_or_path)
+        if not path.suffix:
+            path = PROFILES_DIR / f"{name_or_path}.json"
+        if not path.is_file():
+            shipped = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.json")))
+            raise ValueError(f"no network profile {name_or_path!r} (shipped: {shipped}; or a path to a .json file)")
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a profile is a JSON object")
+        known = {"name", "uplink_mbps", "downlink_mbps", "rtt_ms", "dht_delay_s", "loss"}
+        if unknown := set(raw) - known:
+            raise ValueError(f"{path}: unknown profile field(s) {', '.join(sorted(unknown))}")
+        ranges = {k: tuple(float(x) for x in v) for k, v in raw.items() if k not in ("name", "loss")}
+        return cls(name=str(raw.get("name", path.stem)), loss=float(raw.get("loss", 0.0)), **ranges)  # type: ignore[arg-type]
+
+    def draw_link(self, rng: random.Random) -> Link:
+        def draw(low: float, high: float) -> float:
+            return math.exp(rng.uniform(math.log(low), math.log(high)))
+
+        return Link(
+            up_bps=draw(*self.uplink_mbps) * 1e6,
+            down_bps=draw(*self.downlink_mbps) * 1e6,
+            latency_s=draw(*self.rtt_ms) / 2000.0,
+        )
+
+
+@dataclass
+class Link:
+    """One node's access link."""
+
+    up_bps: float
+    down_bps: float
+    latency_s: float  # one way
+    up_free_at: float = 0.0
+    down_free_at: float = 0.0
+    sent: int = 0
+    received: int = 0
+
+
+@dataclass
+class _Stored:
+    record: object
+    visible_at: float
+    expires_at: float
+
+
+@dataclass
+class SimNetwork:
+    """Links, records and partitions of one simulated swarm, on one virtual loop."""
+
+    loop: VirtualLoop
+    profile: Profile
+    rng: random.Random
+    links: dict[str, Link] = field(default_factory=dict)
+    records: dict[str, dict[str, list[_Stored]]] = field(default_factory=dict)  # key -> writer -> versions, oldest first
+    groups: dict[str, int] = field(default_factory=dict)  # partition group of each node (0: everyone together)
+    down: set[str] = field(default_factory=set)  # crashed nodes: they neither serve nor answer
+    identities: dict[str, Identity] = field(default_factory=dict)  # peer id -> key
+    markers: dict[str, bytes] = field(default_factory=dict)  # peer id -> its owner marker (public key)
+    stores: dict[str, PayloadStore] = field(default_factory=dict)  # peer id -> the payloads it serves
+    states: dict[str, Callable[[], GlobalState]] = field(default_factory=dict)  # peer id -> its state now (donors)
+    sized: dict[str, int] = field(default_factory=dict)  # digest -> declared size (`sized` payloads)
+    state_bytes: int = 0  # declared size of a state download (0: the real state's fp32 bytes)
+
+    def add_node(self, peer_id: str, link: Link | None = None) -> Link:
+        self.links[peer_id] = link or self.profile.draw_link(self.rng)
+        return self.links[peer_id]
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    def reachable(self, a: str, b: str) -> bool:
+        return b not in self.down and a not in self.down and self.groups.get(a, 0) == self.groups.get(b, 0)
+
+    def lost(self) -> bool:
+        return self.profile.loss > 0 and self.rng.random() < self.profile.loss
+
+    # ----- records -----------------------------------------------------------------------------
+
+    def put(self, writer: str, key: str, record: object, ttl_s: float) -> bool:
+        if writer in self.down or self.lost():
+            return False
+        now = self.now()
+        delay = self.links[writer].latency_s + self.rng.uniform(*self.profile.dht_delay_s)
+        versions = self.records.setdefault(key, {}).setdefault(writer, [])
+        versions.append(_Stored(record, now + delay, now + ttl_s))  # the old one stays visible until this one is
+        return True
+
+    def get(self, reader: str, key: str) -> dict[str, object]:
+        """writer -> record of what `reader` can see under `key` now."""
+        now = self.now()
+        slots = self.records.get(key, {})
+        found = {}
+        for writer, versions in list(slots.items()):
+            visible = [v for v in versions if v.visible_at <= now]
+            if visible:  # a newer version replaces the older ones once readers can see it
+                del versions[: versions.index(visible[-1])]
+            versions[:] = [v for v in versions if v.expires_at > now]  # expired: gone for everyone (memory stays bounded)
+            if not versions:
+                del slots[writer]
+            elif (
+                visible
+                and visible[-1].expires_at > now
+                and (writer == reader or self.groups.get(writer, 0) == self.groups.get(reader, 0))
+            ):
+                found[writer] = visible[-1].record
+        return found
+
+    def record_count(self) -> int:
+        return sum(len(v) for slots in self.records.values() for v in slots.values())
+
+    # ----- transfers ---------------------------------------------------------------------------
+
+    def transfer_time(self, src: str, dst: str, nbytes: int) -> float:
+        """Book a transfer of nbytes from src to dst; returns when it completes (virtual time)."""
+        a, b = self.links[src], self.links[dst]
+        start = max(self.now() + a.latency_s + b.latency_s, a.up_free_at, b.down_free_at)  # request there, data starts
+        done = start + 8 * nbytes / min(a.up_bps, b.down_bps)
+        a.up_free_at = b.down_free_at = done
+        a.sent += nbytes
+        b.received += nbytes
+        return done

@@ -9,6 +9,7 @@ acts on a record it could not have written itself.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from typing import Any, TypeVar
@@ -118,11 +119,17 @@ def _convert_scalar(hint: Any, value: Any, path: str) -> Any:
     raise SchemaError(f"{path}: unsupported schema type {hint!r}")
 
 
+@functools.cache
+def _schema(cls: Any) -> tuple[dict[str, Any], dict[str, dataclasses.Field]]:
+    """A record type's field types and init fields, resolved once (resolving string annotations
+    is most of what decoding a record costs)."""
+    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
 def _convert_dataclass(cls: Any, value: Any, path: str) -> Any:
     if not isinstance(value, dict):
         raise SchemaError(f"{path}: expected a map, got {type(value).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints, fields = _schema(cls)
     unknown = set(value) - set(fields)
     if unknown:
         raise SchemaError(f"{path}: unknown keys {sorted(map(str, unknown))}")

@@ -92,6 +92,9 @@ class Actor:
         if not net.reachable(self.peer_id, holder) or net.lost():
             await asyncio.sleep(min(timeout_s, 2 * net.links[holder].latency_s + 1.0))
             raise TransferError(f"{holder[-8:]} unreachable")
+        if holder in net.hanging:  # accepts the request, never answers (a free delay)
+            await asyncio.sleep(timeout_s)
+            raise TransferError(f"{holder[-8:]}: timed out")
         data = await net.stores[holder].serve(request)
         if data is None:
             await asyncio.sleep(net.links[self.peer_id].latency_s + net.links[holder].latency_s)
@@ -145,8 +148,11 @@ class Actor:
 class SimCoordinator(Actor):
     """Admits peers, signs roles and the roster, leads while it is live (the real RoleKeeper and round code)."""
 
-    def __init__(self, network: SimNetwork, run: RunConfig, state: GlobalState, *, ledger: Ledger):
+    def __init__(self, network: SimNetwork, run: RunConfig, state: GlobalState, *, ledger: Ledger, apply_s: float = 0.0):
+        """apply_s: how long the coordinator takes after applying a round before it reports the next one
+        (a loaded machine, a slow evaluation): its heartbeat says the old round meanwhile."""
         super().__init__(network, run, state, name="coordinator", index=0, ledger=ledger)
+        self.apply_s = apply_s
         self.node.status.is_coordinator = True
         self.node.status.role = "coordinator"
         self.roles = RoleKeeper(self.node, self.mode)
@@ -160,6 +166,8 @@ class SimCoordinator(Actor):
             s.round, s.param_hash, s.phase = state.round, state.hash, "coordinating"
             await self.node.publish_heartbeat()
             await self.settle(state.round)
+            if self.apply_s:
+                await asyncio.sleep(self.apply_s)
 
     async def _role_loop(self) -> None:
         while True:

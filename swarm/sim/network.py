@@ -119,6 +119,7 @@ class SimNetwork:
     stores: dict[str, PayloadStore] = field(default_factory=dict)  # peer id -> the payloads it serves
     states: dict[str, Callable[[], GlobalState]] = field(default_factory=dict)  # peer id -> its state now (donors)
     sized: dict[str, int] = field(default_factory=dict)  # digest -> declared size (`sized` payloads)
+    hanging: set[str] = field(default_factory=set)  # nodes that accept fetches and never answer them
     state_bytes: int = 0  # declared size of a state download (0: the real state's fp32 bytes)
 
     def add_node(self, peer_id: str, link: Link | None = None) -> Link:

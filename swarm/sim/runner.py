@@ -19,6 +19,7 @@ from swarm.run import RunConfig
 from swarm.sim.actors import Actor, Ledger, SimCoordinator, SimPeer
 from swarm.sim.clock import VirtualLoop
 from swarm.sim.faults import Fault, draw_faults
+from swarm.sim.hostile import ATTACKS
 from swarm.sim.invariants import Violation, check
 from swarm.sim.network import Profile, SimNetwork
 
@@ -39,8 +40,10 @@ class SimConfig:
     step_s: tuple[float, float] = (0.5, 1.5)  # each peer's inner-step time is drawn from this range
     inner_steps: int = 10
     round_timeout_s: float = 20.0
+    attackers: list[str] = field(default_factory=list)  # one hostile peer per entry (swarm.sim.hostile.ATTACKS)
     faults: list[str] = field(default_factory=list)  # fault kinds drawn at random (swarm.sim.faults.KINDS), or "all"
     schedule: list[Fault] = field(default_factory=list)  # faults at given times (named scenarios)
+    coordinator_apply_s: float = 0.0  # the coordinator reports a round this long after applying it
     horizon_s: float = 0.0  # stop the run at this virtual time (0: derived from rounds and timeouts)
 
     def __post_init__(self) -> None:
@@ -48,6 +51,8 @@ class SimConfig:
             raise ValueError("peers and rounds must be >= 1")
         if not 0 < self.step_s[0] <= self.step_s[1]:
             raise ValueError("step_s must be a range 0 < low <= high")
+        if unknown := sorted(set(self.attackers) - set(ATTACKS)):
+            raise ValueError(f"unknown attack(s) {', '.join(unknown)} (attacks: {', '.join(sorted(ATTACKS))})")
 
     def run_config(self) -> RunConfig:
         return RunConfig(
@@ -96,7 +101,7 @@ class Simulation:
         self.background: set[asyncio.Future[None]] = set()  # heals and restarts under way
         state = initial_state(self.run)
         asyncio.set_event_loop(self.loop)
-        self.coordinator = SimCoordinator(self.net, self.run, state, ledger=self.ledger)
+        self.coordinator = SimCoordinator(self.net, self.run, state, ledger=self.ledger, apply_s=cfg.coordinator_apply_s)
         self.run.coordinator = self.coordinator.peer_id
         self.peers = [
             SimPeer(
@@ -104,6 +109,13 @@ class Simulation:
             )
             for i in range(cfg.peers)
         ]
+        for j, attack in enumerate(cfg.attackers):
+            i = cfg.peers + j
+            name = attack if cfg.attackers.count(attack) == 1 else f"{attack}{j}"
+            step_s = self.rng.uniform(*cfg.step_s)
+            self.peers.append(
+                ATTACKS[attack](self.net, self.run, state, name=name, index=i + 1, ledger=self.ledger, step_s=step_s)
+            )
         span = cfg.rounds * (cfg.inner_steps * cfg.step_s[1] + cfg.round_timeout_s)
         drawn = draw_faults(self.rng, cfg.faults, [p.name for p in self.peers], span_s=span, round_timeout_s=cfg.round_timeout_s)
         self.schedule = sorted(cfg.schedule + drawn, key=lambda f: f.at)
@@ -143,14 +155,18 @@ class Simulation:
             for a in self.actors:
                 if a.task is not None and a.task.done() and not a.task.cancelled() and a.task.exception() is not None:
                     raise RuntimeError(f"{a.name} crashed") from a.task.exception()
-            if all(p.task is not None and p.task.done() for p in self.peers):
+            if all(p.task is not None and p.task.done() for p in self.peers if p.honest):
                 break
         faults.cancel()
+        for task in self.background:
+            task.cancel()
         for a in self.actors:
             if a.task is not None:
                 a.task.cancel()
             await a.node.stop(announce_leave=False)
-        await asyncio.gather(*(a.task for a in self.actors if a.task is not None), faults, return_exceptions=True)
+        await asyncio.gather(
+            *(a.task for a in self.actors if a.task is not None), faults, *self.background, return_exceptions=True
+        )
 
     async def _faults(self) -> None:
         for fault in self.schedule:

@@ -1,0 +1,168 @@
+"""The simulator: virtual time, the network model, determinism, the invariants, and seeded fault schedules."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+
+import pytest
+
+from launch import sim as sim_cli
+from swarm.sim.actors import Applied, Ledger
+from swarm.sim.clock import VirtualLoop, run_virtual
+from swarm.sim.faults import KINDS, Fault
+from swarm.sim.invariants import check
+from swarm.sim.network import Profile, SimNetwork
+from swarm.sim.runner import SimConfig, simulate
+
+
+def test_virtual_time_jumps_to_the_next_timer_and_keeps_the_order():
+    async def main() -> tuple[list[tuple[str, float]], list[str]]:
+        loop = asyncio.get_running_loop()
+        order: list[tuple[str, float]] = []
+
+        async def wake(name: str, after: float) -> str:
+            await asyncio.sleep(after)
+            order.append((name, loop.time()))
+            return await asyncio.to_thread(str.upper, name)  # inline: no thread races the clock
+
+        results = await asyncio.gather(wake("hour", 3600), wake("ten", 10), wake("five", 5))
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.sleep(1000), 30)
+        order.append(("timeout", loop.time()))
+        return order, results
+
+    started = time.perf_counter()
+    order, results = run_virtual(main)
+    assert order == [("five", 5.0), ("ten", 10.0), ("hour", 3600.0), ("timeout", 3630.0)]
+    assert results == ["HOUR", "TEN", "FIVE"]
+    assert time.perf_counter() - started < 2.0
+
+
+def _network(**profile: object) -> SimNetwork:
+    fields = {"name": "t", "uplink_mbps": (8, 8), "downlink_mbps": (80, 80), "rtt_ms": (100, 100), "dht_delay_s": (1, 1)}
+    fields.update(profile)
+    net = SimNetwork(VirtualLoop(), Profile(**fields), random.Random(0))  # type: ignore[arg-type]
+    for name in ("a", "b", "c"):
+        net.add_node(name)
+    return net
+
+
+def test_a_senders_uplink_serves_one_transfer_at_a_time():
+    net = _network()
+    first = net.transfer_time("a", "b", 1_000_000)  # 8 Mbit over an 8 Mbit/s uplink: 1 s after 0.1 s of latency
+    second = net.transfer_time("a", "c", 1_000_000)  # queued behind the first on a's uplink
+    assert first == pytest.approx(1.1)
+    assert second == pytest.approx(2.1)
+    assert net.links["a"].sent == 2_000_000 and net.links["b"].received == 1_000_000
+
+
+def test_records_arrive_late_replace_the_old_one_once_visible_expire_and_respect_partitions():
+    net = _network()
+    assert net.put("a", "k", "v1", ttl_s=100)
+    assert net.get("b", "k") == {}  # not visible yet: latency + DHT delay
+    net.loop.advance(2)
+    assert net.get("b", "k") == {"a": "v1"}
+    net.put("a", "k", "v2", ttl_s=100)
+    assert net.get("b", "k") == {"a": "v1"}, "the old version stays until the new one is visible"
+    net.loop.advance(2)
+    assert net.get("b", "k") == {"a": "v2"} and net.record_count() == 1
+    net.groups["a"] = 1
+    assert net.get("b", "k") == {} and net.get("a", "k") == {"a": "v2"}
+    net.groups.clear()
+    net.loop.advance(200)
+    assert net.get("b", "k") == {} and net.record_count() == 0, "expired records are dropped"
+
+
+def test_profiles_ship_and_load_from_a_file(tmp_path):
+    volunteers = Profile.load("volunteers")
+    assert volunteers.uplink_mbps == (10, 100) and volunteers.downlink_mbps == (50, 500) and volunteers.rtt_ms == (20, 300)
+    for name in ("lan", "datacenter"):
+        Profile.load(name)
+    mine = tmp_path / "home.json"
+    mine.write_text(json.dumps({"uplink_mbps": [5, 20], "downlink_mbps": [20, 100], "rtt_ms": [30, 60]}))
+    assert Profile.load(str(mine)).name == "home"
+    mine.write_text(json.dumps({"uplink_mbps": [5, 20], "downlink_mbps": [20, 100], "rtt_ms": [30, 60], "jitter": 1}))
+    with pytest.raises(ValueError, match="unknown profile field"):
+        Profile.load(str(mine))
+    with pytest.raises(ValueError, match="no network profile"):
+        Profile.load("moon")
+
+
+def _applied(node: str, r: int, result: str, *, reloaded: bool = False) -> Applied:
+    return Applied(node, r, "base", result, "leader", (), 0.0, reloaded)
+
+
+def test_the_invariants_catch_a_fork_a_second_manifest_and_a_stuck_round():
+    net = _network()
+    run = SimConfig().run_config()
+    ledger = Ledger(applied=[_applied("p0", 3, "x"), _applied("p1", 3, "x")])
+    assert check(ledger, net, run, disturbed_until=0, nodes=3) == []
+    ledger.applied.append(_applied("p2", 3, "y"))
+    assert [v.kind for v in check(ledger, net, run, disturbed_until=0, nodes=3)] == ["safety"]
+    ledger = Ledger(applied=[_applied("p0", 3, "x"), _applied("p0", 3, "x")])
+    assert [v.kind for v in check(ledger, net, run, disturbed_until=0, nodes=3)] == ["one-manifest"]
+    ledger = Ledger(applied=[_applied("p0", 3, "x"), _applied("p0", 3, "z", reloaded=True), _applied("p0", 3, "x")])
+    assert check(ledger, net, run, disturbed_until=0, nodes=3) == [], "after a reload a node settles the round again"
+    ledger = Ledger(first_submission={4: 0.0})
+    net.loop.advance(1000)
+    assert [v.kind for v in check(ledger, net, run, disturbed_until=0, nodes=3)] == ["liveness"]
+    assert check(ledger, net, run, disturbed_until=990, nodes=3) == [], "judged only once the faults have healed"
+
+
+def test_a_seed_is_a_replayable_run():
+    cfg = SimConfig(seed=5, peers=3, rounds=3, faults=["crash", "slow", "coordinator-crash"])
+    first, again = simulate(cfg), simulate(cfg)
+    assert first.ok and first.rounds_closed == 3
+    assert first.trace == again.trace and first.close_s == again.close_s
+    assert simulate(SimConfig(seed=6, peers=3, rounds=3, faults=["crash", "slow", "coordinator-crash"])).trace != first.trace
+
+
+# Every kind but partitions: see the test below.
+NON_PARTITION = [k for k in KINDS if k != "partition"]
+
+
+@pytest.mark.xfail(strict=True, reason="open: a partitioned minority counts only the peers it sees (issue 23)")
+def test_a_partitioned_minority_does_not_settle_a_round_of_its_own():
+    """Found by the simulator (seed 5): a peer cut off alone sees neither the coordinator nor the other
+    peers, so peers may lead, and the quorum a peer-led manifest needs is a majority of the trainers
+    it sees: itself. It leads and applies a round of its own payload while the rest of the swarm
+    applies the coordinator's: a fork (healed later by a reload, but a fork). The quorum must count
+    the members, not the heartbeats in view; until then this test fails, and strict xfail says so."""
+    result = simulate(SimConfig(seed=5, peers=3, rounds=3, schedule=[Fault(11.3, "partition", "peer1", 17.0)]))
+    assert result.ok, result.violations
+
+
+def test_crashes_partitions_and_a_coordinator_outage_keep_every_invariant():
+    schedule = [
+        Fault(15.0, "partition", "peer0", 40.0),
+        Fault(30.0, "crash", "peer1", 30.0),
+        Fault(45.0, "coordinator-crash", "coordinator", 60.0),
+    ]
+    result = simulate(SimConfig(seed=11, peers=4, rounds=8, schedule=schedule, profile="volunteers"))
+    assert result.ok, result.violations
+    assert result.rounds_closed == 8
+    assert any("restarts" in line for line in result.trace) or result.rounds_closed == 8
+
+
+@pytest.mark.parametrize("block", range(4))
+def test_random_fault_schedules_keep_every_invariant(block):
+    """Seeded fault schedules (every kind but partitions), a block of seeds per case; a failure names its seed."""
+    for seed in range(block * 25, block * 25 + 25):
+        result = simulate(SimConfig(seed=seed, peers=4, rounds=4, faults=NON_PARTITION))
+        kinds = " ".join(NON_PARTITION)
+        assert result.ok, (
+            f"seed {seed}: {result.violations}; reproduce with `swarm-sim --seed {seed} --rounds 4 --faults {kinds}`"
+        )
+
+
+def test_swarm_sim_prints_each_seed_and_fails_on_a_bad_argument(capsys):
+    assert sim_cli.main(["--seeds", "0..1", "--peers", "2", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "seed 0: 2 rounds" in out and "seed 1: 2 rounds" in out and "2 seeds in" in out
+    with pytest.raises(SystemExit, match="unknown attack"):
+        sim_cli.main(["--attack", "teleport"])
+    with pytest.raises(SystemExit):
+        sim_cli.main(["--seeds", "5..2"])

@@ -32,7 +32,7 @@ def test_virtual_time_jumps_to_the_next_timer_and_keeps_the_order():
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.sleep(1000), 30)
         order.append(("timeout", loop.time()))
-        return order, results
+        return order, list(results)
 
     started = time.perf_counter()
     order, results = run_virtual(main)
@@ -42,8 +42,8 @@ def test_virtual_time_jumps_to_the_next_timer_and_keeps_the_order():
 
 
 def _network(**profile: object) -> SimNetwork:
-    fields = {"name": "t", "uplink_mbps": (8, 8), "downlink_mbps": (80, 80), "rtt_ms": (100, 100), "dht_delay_s": (1, 1)}
-    fields.update(profile)
+    fields: dict[str, object] = {"name": "t", "uplink_mbps": (8, 8), "downlink_mbps": (80, 80), "rtt_ms": (100, 100)}
+    fields.update({"dht_delay_s": (1, 1), **profile})
     net = SimNetwork(VirtualLoop(), Profile(**fields), random.Random(0))  # type: ignore[arg-type]
     for name in ("a", "b", "c"):
         net.add_node(name)

@@ -190,7 +190,43 @@ def get_json(url: str, timeout_s: float = 10) -> Any:
         return json.loads(response.read())
 
 
-class LocalCluster:
+_Closed = TypeVar("_Closed", bound="ClosedOnSigterm")
+
+
+class ClosedOnSigterm:
+    """A `with` resource (local cluster, testbed) that SIGTERM unwinds as Ctrl+C does: `open()` runs
+    on entry, `close()` on the way out, never cut short by a SIGTERM arriving meanwhile."""
+
+    _sigterm: SigtermUnwinds | None = None
+
+    def open(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _Closed) -> _Closed:
+        self._sigterm = SigtermUnwinds().__enter__()
+        try:
+            self.open()
+        except BaseException as e:
+            self._leave(type(e), e, e.__traceback__)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._leave(*exc)
+
+    def _leave(self, *exc: object) -> None:
+        """close(), not cut short by SIGTERM (one arriving meanwhile is raised after), and the old handler back."""
+        sigterm, self._sigterm = self._sigterm, None
+        if sigterm is None:
+            self.close()
+        else:
+            sigterm.leave_after(self.close, *exc)
+
+
+class LocalCluster(ClosedOnSigterm):
     def __init__(
         self,
         workdir: Path,
@@ -222,29 +258,11 @@ class LocalCluster:
         self._onlookers: set[str] = set()  # status servers, not peers
         self.address = ""
         self.status_url = ""
-        self._sigterm: SigtermUnwinds | None = None
         _LIVE.add(self)
 
-    def __enter__(self) -> LocalCluster:
-        """Start the coordinator; until the block is left, SIGTERM unwinds it as Ctrl+C does."""
-        self._sigterm = SigtermUnwinds().__enter__()
-        try:
-            self.start_coordinator(self.coordinator_args)
-        except BaseException as e:
-            self._leave(type(e), e, e.__traceback__)
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._leave(*exc)
-
-    def _leave(self, *exc: object) -> None:
-        """close(), not cut short by SIGTERM (one arriving meanwhile is raised after), and the old handler back."""
-        sigterm, self._sigterm = self._sigterm, None
-        if sigterm is None:
-            self.close()
-        else:
-            sigterm.leave_after(self.close, *exc)
+    def open(self) -> None:
+        """Start the coordinator (on entering the `with`)."""
+        self.start_coordinator(self.coordinator_args)
 
     @property
     def num_peers(self) -> int:

@@ -45,7 +45,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch.cluster import SigtermUnwinds
+from launch.cluster import ClosedOnSigterm
 
 PUBLIC_NET = "10.77"  # 10.77.0.0/16: the "internet" between hosts and routers
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)$")
@@ -217,7 +217,7 @@ def cleanup(tag: str) -> int:
     return len(names)
 
 
-class Testbed:
+class Testbed(ClosedOnSigterm):
     __test__ = False  # not a pytest test class despite its name
 
     def __init__(self, tag: str):
@@ -232,28 +232,9 @@ class Testbed:
         self._started = False
         self._netem: bool | None = None
         self._delayers: list[subprocess.Popen] = []
-        self._sigterm: SigtermUnwinds | None = None
 
-    def __enter__(self) -> Testbed:
-        """Start; until the block is left, SIGTERM unwinds it as Ctrl+C does (launch/cluster.py)."""
-        self._sigterm = SigtermUnwinds().__enter__()
-        try:
-            self.start()
-        except BaseException as e:
-            self._leave(type(e), e, e.__traceback__)
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._leave(*exc)
-
-    def _leave(self, *exc: object) -> None:
-        """close(), not cut short by SIGTERM (one arriving meanwhile is raised after), and the old handler back."""
-        sigterm, self._sigterm = self._sigterm, None
-        if sigterm is None:
-            self.close()
-        else:
-            sigterm.leave_after(self.close, *exc)
+    def open(self) -> None:
+        self.start()
 
     def start(self) -> None:
         cleanup(self.tag)  # whatever a crashed earlier run left behind

@@ -26,7 +26,7 @@ from swarm.modes.spsa.log import inline_entries
 from swarm.net.dht import DHTOptions
 from swarm.net.records import RUNS_KEY, Manifest
 from swarm.net.schema import from_plain, to_plain
-from swarm.node import SwarmNode
+from swarm.processes.agreed import AgreedNode
 from swarm.processes.roles import RoleKeeper
 from swarm.processes.statesync import catch_up, reload_state, serve_state
 from swarm.round.agreement import RoundAgreement
@@ -62,7 +62,7 @@ class CoordinatorConfig:
             raise ValueError("save_every_rounds must be >= 0 (0: only on exit)")
 
 
-class Coordinator(SwarmNode):
+class Coordinator(AgreedNode):
     def __init__(self, cfg: CoordinatorConfig, run: RunConfig):
         Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(identity_path=str(Path(cfg.state_dir) / "identity.key"), dht_options=cfg.dht, name="coordinator")
@@ -73,14 +73,6 @@ class Coordinator(SwarmNode):
         self.mode = mode_for(self.run)
         self.status_url = ""
         self.sinks = MetricSinks()  # opened once the run is known
-        self._agreement: RoundAgreement | None = None  # exists once the state is known (main)
-
-    @property
-    def agreement(self) -> RoundAgreement:
-        """The round protocol over this node's state; from the moment the node holds a state."""
-        if self._agreement is None:
-            raise RuntimeError("the node holds no state yet")
-        return self._agreement
 
     def _load_or_save_run(self, run: RunConfig) -> RunConfig:
         path = Path(self.cfg.state_dir) / "run.json"
@@ -127,7 +119,7 @@ class Coordinator(SwarmNode):
         self.server.register("payload", self.store.serve)
         self.status.phase = "joining"
         state = await self._obtain_state()
-        self._agreement = RoundAgreement(self, self.store, state, self.mode)
+        self.hold(RoundAgreement(self, self.store, state, self.mode))
         serve_state(self.server, self.agreement)
         self.evaluator = None
         if self.cfg.evaluate:  # on data shard 0's held-out tail
@@ -169,8 +161,7 @@ class Coordinator(SwarmNode):
         return saved
 
     async def stop(self, *, announce_leave: bool = True) -> None:
-        if self._agreement is not None:
-            await self._agreement.save(self.saved_state_dir)
+        await self.save_agreed(self.saved_state_dir)
         await asyncio.to_thread(self.sinks.close)
         await super().stop(announce_leave=announce_leave)
 

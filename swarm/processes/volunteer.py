@@ -31,7 +31,8 @@ from swarm.modes.replica import RoundWork, initial_state, measure_tokens_per_s, 
 from swarm.net.dht import DHTOptions
 from swarm.net.records import Capacity, Manifest, Role, Submission, role_key, run_key, submit_key
 from swarm.net.schema import to_plain
-from swarm.node import SwarmNode, fetch_run_description
+from swarm.node import fetch_run_description
+from swarm.processes.agreed import AgreedNode
 from swarm.processes.statesync import catch_up, reload_state, serve_state
 from swarm.round.agreement import RoundAgreement
 from swarm.round.overlap import next_base
@@ -70,7 +71,7 @@ class PeerConfig:
             raise ValueError("role_timeout_s must be positive")
 
 
-class Peer(SwarmNode):
+class Peer(AgreedNode):
     def __init__(self, cfg: PeerConfig):
         super().__init__(identity_path=cfg.identity_path, dht_options=cfg.dht, name=cfg.name)
         self.cfg = cfg
@@ -80,14 +81,6 @@ class Peer(SwarmNode):
         self.rounds_done = 0
         self.sinks = MetricSinks()  # opened when rounds start (the run is known then)
         self._background: set[asyncio.Task[None]] = set()  # DHT writes not waited for (see _in_background)
-        self._agreement: RoundAgreement | None = None  # exists once the state is known (main)
-
-    @property
-    def agreement(self) -> RoundAgreement:
-        """The round protocol over this node's state; from the moment the node holds a state."""
-        if self._agreement is None:
-            raise RuntimeError("the node holds no state yet")
-        return self._agreement
 
     async def main(self) -> None:
         if self.cfg.threads:
@@ -111,7 +104,7 @@ class Peer(SwarmNode):
         self.encoder = PayloadEncoder(self.run, self.peer_id)
         self.server.register("payload", self.store.serve)
         state = await self._obtain_state()
-        self._agreement = RoundAgreement(self, self.store, state, self.mode)
+        self.hold(RoundAgreement(self, self.store, state, self.mode))
         serve_state(self.server, self.agreement)
         self.log_event("join", f"{self.status.name} joined at round {state.round} on {self.device}")
         await self._round_loop()
@@ -403,8 +396,8 @@ class Peer(SwarmNode):
         )
 
     async def stop(self, *, announce_leave: bool = True) -> None:
-        if self.cfg.save_dir and self._agreement is not None:
-            await self._agreement.save(self.cfg.save_dir)
+        if self.cfg.save_dir:
+            await self.save_agreed(self.cfg.save_dir)
         await asyncio.to_thread(self.sinks.close)
         await super().stop(announce_leave=announce_leave)
 

@@ -92,11 +92,8 @@ def test_a_sender_nobody_can_dial_is_absent_not_a_crash():
     from swarm.round.admission import NOT_DELIVERED
 
     class _Store:
-        async def get(self, p2p, digest, holders):
+        async def get(self, digest, holders):
             raise TransferError("all dials failed")
-
-    class _Server:
-        p2p = None
 
     class _Mode:
         inline_payload = False
@@ -106,7 +103,6 @@ def test_a_sender_nobody_can_dial_is_absent_not_a_crash():
 
     node = _Node()
     node.run = _LiveRun()
-    node.server = _Server()  # type: ignore[attr-defined]
     validator = Validator(node, _Store(), _Mode())  # type: ignore[arg-type]
     sub = Submission("gone", 3, "d" * 64, 10, "h", 100, 1.0)
     verdict = asyncio.run(validator.check(3, "h", sub))

@@ -17,6 +17,7 @@ state from a node that holds it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from dataclasses import dataclass, field
 
@@ -70,6 +71,7 @@ class Actor:
         shapes = {n: tuple(t.shape) for n, t in state.params.items()}
         self.store = PayloadStore(run, shapes, self.node.traffic, fetch=self.fetch)
         network.stores[self.peer_id] = self.store
+        self.store.decode = functools.partial(network.decode, self.store.decode)  # type: ignore[method-assign]
         network.states[self.peer_id] = lambda: self.agreement.state
         self.agreement = RoundAgreement(self.node, self.store, state.copy(), self.mode)
         self.task: asyncio.Task[None] | None = None

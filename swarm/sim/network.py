@@ -17,6 +17,7 @@ A lost message (probability `loss`) is a put that reaches nobody or a fetch that
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -24,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import torch
 
 from swarm.sim.clock import VirtualLoop
 
@@ -120,6 +123,7 @@ class SimNetwork:
     states: dict[str, Callable[[], GlobalState]] = field(default_factory=dict)  # peer id -> its state now (donors)
     sized: dict[str, int] = field(default_factory=dict)  # digest -> declared size (`sized` payloads)
     hanging: set[str] = field(default_factory=set)  # nodes that accept fetches and never answer them
+    _decoded: dict[tuple[bytes, str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
     state_bytes: int = 0  # declared size of a state download (0: the real state's fp32 bytes)
 
     def add_node(self, peer_id: str, link: Link | None = None) -> Link:
@@ -168,6 +172,21 @@ class SimNetwork:
 
     def record_count(self) -> int:
         return sum(len(v) for slots in self.records.values() for v in slots.values())
+
+    # ----- the simulator's own shortcuts --------------------------------------------------------------
+
+    def decode(
+        self, decode: Callable[..., dict[str, torch.Tensor]], data: bytes, *, sender: str, round_no: int
+    ) -> dict[str, torch.Tensor]:
+        """A store's `decode`, done once per payload for the whole swarm: every node decodes the same
+        bytes to the same tensors (nobody modifies them), so the simulator keeps the first result. This
+        saves the simulator's time, not the swarm's; a failure is not kept (it raises again)."""
+        key = (hashlib.sha256(data).digest(), sender, round_no)
+        if key not in self._decoded:
+            if len(self._decoded) > 4096:
+                self._decoded.clear()
+            self._decoded[key] = decode(data, sender=sender, round_no=round_no)
+        return self._decoded[key]
 
     # ----- transfers ---------------------------------------------------------------------------
 

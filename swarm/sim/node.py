@@ -23,9 +23,34 @@ EPOCH = 1.7e9  # virtual wall clock = EPOCH + loop time (records carry plausible
 
 
 @functools.cache
-def _identity_pool(index: int) -> Identity:
-    """Identities are costly to make (RSA); a run of many seeds reuses them by position."""
-    return Identity.generate()
+def _identity_pool(index: int) -> tuple[Identity, bytes]:
+    """Identities are costly to make (RSA) and their owner markers to derive; a run of many seeds
+    reuses them by position."""
+    identity = Identity.generate()
+    return identity, identity.owner_marker
+
+
+class Wire:
+    """A record as the DHT holds it: its type tag and encoded bytes. Every reader decodes the same
+    bytes to the same record, so the decoded value is kept (the simulator's own cost, not the
+    swarm's: a real node decodes what it reads)."""
+
+    __slots__ = ("_decoded", "data", "tag")
+
+    def __init__(self, tag: str, data: bytes) -> None:
+        self.tag, self.data = tag, data
+        self._decoded: object = _UNDECODED
+
+    def decoded(self, cls: type[T]) -> T | None:
+        if self._decoded is _UNDECODED:
+            try:
+                self._decoded = decode_record(cls, self.data)
+            except (SchemaError, TypeError):
+                self._decoded = None
+        return self._decoded  # type: ignore[return-value]
+
+
+_UNDECODED = object()
 
 
 class SimRecords:
@@ -45,21 +70,19 @@ class SimRecords:
         """Nothing to stop: the network is memory."""
 
     async def put(self, key: str, record: object, ttl_s: float) -> bool:
-        value = encode_record(record)
-        return self.network.put(self.peer_id, key, (RECORD_TYPES.tag(record), value), ttl_s)
+        tag = RECORD_TYPES.tag(record)
+        return self.network.put(self.peer_id, key, Wire(tag, encode_record(record)), ttl_s)
 
     async def get_all(self, key: str, cls: type[T], *, latest: bool = True) -> list[Signed[T]]:
         found = []
         for writer, stored in self.network.get(self.peer_id, key).items():
-            assert isinstance(stored, tuple)
-            tag, value = stored
-            if tag != cls.__name__:
+            assert isinstance(stored, Wire)
+            if stored.tag != cls.__name__:
                 continue
-            try:
-                record = decode_record(cls, value)
-            except (SchemaError, TypeError):
+            record = stored.decoded(cls)
+            if record is None:  # fails its schema: dropped, as SwarmDHT.get_all drops it
                 continue
-            owner = tagged_subkey(self.network.markers[writer], tag)
+            owner = tagged_subkey(self.network.markers[writer], stored.tag)
             found.append(Signed(writer, record, self.network.now() + 1.0, owner))
         return found
 
@@ -75,11 +98,11 @@ class SimNode(SwarmNode):
 
     def __init__(self, network: SimNetwork, run: RunConfig, *, name: str, index: int) -> None:
         super().__init__(identity_path="", dht_options=DHTOptions(), name=name)
-        identity = _identity_pool(index)
+        identity, marker = _identity_pool(index)
         self.network = network
         self._dht = SimRecords(network, identity)  # type: ignore[assignment]
         network.identities[str(identity.peer_id)] = identity
-        network.markers[str(identity.peer_id)] = identity.owner_marker  # costly to derive: once
+        network.markers[str(identity.peer_id)] = marker
         network.add_node(str(identity.peer_id))
         self.run = run
 

@@ -56,7 +56,7 @@ class FakeDHT:
 @pytest.fixture(autouse=True)
 def fake_signatures(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fake peers have names, not keys: a manifest's signature 'verifies' when the subkey's key is
-    its signer's and the signer is its leader (real signatures: tests/test_evidence.py)."""
+    its signer's and the signer is its leader (real signatures: tests/test_round_evidence.py)."""
 
     def proof_ok(manifest: Manifest, owner: bytes, signer: str) -> bool:
         return owner == signer.encode() and manifest.leader == signer

@@ -147,6 +147,14 @@ def test_crashes_partitions_and_a_coordinator_outage_keep_every_invariant():
     assert any("restarts" in line for line in result.trace) or result.rounds_closed == 8
 
 
+def test_overlapped_peers_keep_every_invariant_and_close_rounds():
+    """The production schedule (round r+1 trains while round r settles) under crashes and an outage."""
+    for seed in range(8):
+        result = simulate(SimConfig(seed=seed, peers=4, rounds=5, overlap=True, faults=NON_PARTITION))
+        assert result.ok, f"seed {seed}: {result.violations}"
+        assert result.rounds_closed == 5
+
+
 @pytest.mark.parametrize("block", range(4))
 def test_random_fault_schedules_keep_every_invariant(block):
     """Seeded fault schedules (every kind but partitions), a block of seeds per case; a failure names its seed."""

@@ -29,6 +29,7 @@ from swarm.net.records import Capacity, Manifest, Submission, run_key, submit_ke
 from swarm.net.transfer import TransferError
 from swarm.processes.roles import RoleKeeper
 from swarm.round.agreement import RoundAgreement
+from swarm.round.overlap import next_base
 from swarm.round.payloads import Encoded, PayloadEncoder, PayloadStore
 from swarm.run import RunConfig
 from swarm.sim.network import SimNetwork
@@ -48,6 +49,15 @@ class Applied:
     entries: tuple[str, ...]
     at: float
     reloaded: bool = False
+
+
+@dataclass
+class Flight:
+    """A round we submitted to whose manifest is being awaited while the next round trains."""
+
+    round: int
+    settle: asyncio.Future[tuple[Manifest, int | None]]
+    next_base: GlobalState
 
 
 @dataclass
@@ -187,14 +197,77 @@ class SimPeer(Actor):
         self.step_s = step_s
         self.encoder = PayloadEncoder(run, self.peer_id)
         self.rng = random.Random(f"{run.seed}/{name}")
+        self.background: set[asyncio.Future[None]] = set()  # records written without waiting
 
     async def main(self, rounds: int) -> None:
         node = self.node
         node.start_heartbeats()
         cap = Capacity(peer_id=self.peer_id, name=self.name, device="cpu", memory_gb=8.0, tokens_per_s=1.0)
         await node.dht.put(run_key(self.run.run_id, "peers"), cap, 3600.0)
+        if self.run.outer.overlap:
+            await self.overlapped(rounds)
+            return
         while self.agreement.state.round < rounds:
             await self.one_round()
+
+    async def overlapped(self, rounds: int) -> None:
+        """The overlapped schedule of `Peer._round_loop`: round r+1 trains from θ(r) advanced by our
+        own payload while round r settles; a round that landed on another state (reload) or closed
+        before we submitted drops the work trained on it."""
+        node, flight = self.node, None
+        while True:
+            if flight is None:
+                state = self.agreement.state
+                if state.round >= rounds:
+                    return
+                node.status.round, node.status.param_hash = state.round, state.hash
+                if await self.agreement.closed(state.round):  # behind: apply it without training
+                    await self.settle(state.round)
+                    continue
+                base = state
+            else:
+                base = flight.next_base
+                if base.round >= rounds:
+                    await self.land(flight)
+                    flight = None
+                    continue
+            r = base.round
+            steady = node.status.phase in ("training", "exchanging")
+            node.status.phase = "training"
+            if steady:
+                self.background.add(asyncio.ensure_future(node.publish_heartbeat()))
+            else:  # a leader waits only for peers whose heartbeat says they train: say so first
+                await node.publish_heartbeat()
+            await asyncio.sleep(self.step_s * self.run.inner_steps)
+            delta = self.work(r)
+            late = False
+            if flight is not None:
+                landed = await self.land(flight)
+                flight = None
+                if not landed or self.agreement.state.round != r:
+                    continue  # reloaded, or too late for round r: its work is dropped
+                late = await self.agreement.closed(r)
+            if delta is None:
+                continue
+            encoded = self.encoder.encode(delta, r)
+            if late:
+                self.encoder.excluded()
+                continue
+            state = self.agreement.state
+            self.background.add(asyncio.ensure_future(self.submit(r, encoded, state.hash)))
+            own = self.store.decode(encoded.data, sender=self.peer_id, round_no=r)
+            flight = Flight(r, asyncio.ensure_future(self.settle(r)), next_base(state, own, self.mode))
+
+    async def land(self, flight: Flight) -> bool:
+        """Wait for an overlapped round to be applied; False if we had to reload."""
+        manifest, applied = await flight.settle
+        s = self.node.status
+        s.round, s.param_hash, s.phase = self.agreement.state.round, self.agreement.state.hash, "idle"
+        if applied is None:
+            return False
+        if all(e.peer_id != self.peer_id for e in manifest.entries):
+            self.encoder.excluded()
+        return True
 
     def pseudo_gradient(self, r: int) -> dict[str, torch.Tensor]:
         """What H inner steps from θ(r) give this peer: the round's shared direction plus its own noise."""

@@ -9,6 +9,7 @@ trace to reproduce them (`swarm-sim --seed N ...`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from dataclasses import dataclass, field
 
@@ -43,6 +44,7 @@ class SimConfig:
     attackers: list[str] = field(default_factory=list)  # one hostile peer per entry (swarm.sim.hostile.ATTACKS)
     faults: list[str] = field(default_factory=list)  # fault kinds drawn at random (swarm.sim.faults.KINDS), or "all"
     schedule: list[Fault] = field(default_factory=list)  # faults at given times (named scenarios)
+    overlap: bool = False  # peers train round r+1 while round r settles (the production default)
     coordinator_apply_s: float = 0.0  # the coordinator reports a round this long after applying it
     horizon_s: float = 0.0  # stop the run at this virtual time (0: derived from rounds and timeouts)
 
@@ -65,7 +67,7 @@ class SimConfig:
             heartbeat_ttl_s=10.0,
             num_shards=max(16, self.peers),
             seed=self.seed,
-            outer=default_outer("sparseloco"),
+            outer=dataclasses.replace(default_outer("sparseloco"), overlap=self.overlap),
         )
 
 

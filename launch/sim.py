@@ -46,13 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", action="append", default=[], help=f"add a hostile peer ({', '.join(sorted(ATTACKS))})")
     p.add_argument("--round-timeout", type=float, default=20.0, help="round_timeout_s of the run (default 20)")
     p.add_argument("--inner-steps", type=int, default=10, help="H (default 10)")
+    p.add_argument(
+        "--step-s", type=float, nargs=2, default=(0.5, 1.5), metavar=("LOW", "HIGH"), help="range of a peer's inner-step time"
+    )
+    p.add_argument("--overlap", action="store_true", help="peers train round r+1 while round r settles (production default)")
+    p.add_argument(
+        "--payload-bytes", type=float, default=0, help="`sized` payloads: each travels as this many bytes (e.g. 20e6 for 1B)"
+    )
+    p.add_argument("--state-bytes", type=float, default=0, help="`sized` state downloads (e.g. 4e9 for 1B in fp32)")
     p.add_argument("--trace", action="store_true", help="print every seed's event trace")
     return p
 
 
 def describe(result: SimResult) -> str:
-    closes = result.close_s
+    closes, applied = result.close_s, result.all_applied_s
     close = f"close p50 {statistics.median(closes):.1f}s max {max(closes):.1f}s" if closes else "no round closed"
+    if applied:
+        close += f", all applied p50 {statistics.median(applied):.1f}s after the last accepted submission"
     return f"seed {result.config.seed}: {result.rounds_closed} rounds, {close}, {result.virtual_s:.0f} virtual s"
 
 
@@ -73,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
                 attackers=args.attack,
                 round_timeout_s=args.round_timeout,
                 inner_steps=args.inner_steps,
+                step_s=(args.step_s[0], args.step_s[1]),
+                overlap=args.overlap,
+                payload_bytes=int(args.payload_bytes),
+                state_bytes=int(args.state_bytes),
             )
             result = simulate(cfg)
         except ValueError as e:
@@ -93,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
 def _flags(args: argparse.Namespace) -> list[str]:
     flags = [f"--peers {args.peers}", f"--rounds {args.rounds}", f"--profile {args.profile}"]
     flags += [f"--round-timeout {args.round_timeout:g}", f"--inner-steps {args.inner_steps}"]
+    flags += [f"--step-s {args.step_s[0]:g} {args.step_s[1]:g}"] + (["--overlap"] if args.overlap else [])
+    flags += [f"--payload-bytes {args.payload_bytes:g}"] if args.payload_bytes else []
+    flags += [f"--state-bytes {args.state_bytes:g}"] if args.state_bytes else []
     if args.faults:
         flags.append("--faults " + " ".join(args.faults))
     flags += [f"--attack {a}" for a in args.attack]

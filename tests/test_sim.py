@@ -53,6 +53,7 @@ def _network(**profile: object) -> SimNetwork:
 def test_a_senders_uplink_serves_one_transfer_at_a_time():
     net = _network()
     first = net.transfer_time("a", "b", 1_000_000)  # 8 Mbit over an 8 Mbit/s uplink: 1 s after 0.1 s of latency
+    assert net.transfer_time("a", "c", 1_000_000, within_s=1.5) is None, "would end at 2.1 s: nothing booked"
     second = net.transfer_time("a", "c", 1_000_000)  # queued behind the first on a's uplink
     assert first == pytest.approx(1.1)
     assert second == pytest.approx(2.1)

@@ -111,8 +111,8 @@ class Actor:
         if data is None:
             await asyncio.sleep(net.links[self.peer_id].latency_s + net.links[holder].latency_s)
             return None
-        done = net.transfer_time(holder, self.peer_id, net.sized.get(request.get("digest", ""), len(data)))
-        if done - net.now() > timeout_s:
+        done = net.transfer_time(holder, self.peer_id, net.sized.get(request.get("digest", ""), len(data)), within_s=timeout_s)
+        if done is None:  # would not finish in time: the fetcher waits out its timeout and gives up
             await asyncio.sleep(timeout_s)
             raise TransferError(f"{holder[-8:]}: timed out")
         await asyncio.sleep(done - net.now())
@@ -130,7 +130,9 @@ class Actor:
             if donors:
                 state = net.states[donors[0]]()
                 size = net.state_bytes or 4 * sum(t.numel() for t in state.params.values())
-                await asyncio.sleep(max(0.0, net.transfer_time(donors[0], self.peer_id, size) - net.now()))
+                done = net.transfer_time(donors[0], self.peer_id, size)
+                assert done is not None  # no deadline: always booked
+                await asyncio.sleep(max(0.0, done - net.now()))
                 return state.copy()
             await asyncio.sleep(1.0)
             _, agreed = await self.agreement._view(self.agreement.state.round)
@@ -309,6 +311,8 @@ class SimPeer(Actor):
 
     async def submit(self, r: int, encoded: Encoded, base: str) -> None:
         self.store.blobs.put(encoded.digest, encoded.data)
+        if self.network.payload_bytes:  # `sized` payloads: the transfers take the declared size's time
+            self.network.sized[encoded.digest] = self.network.payload_bytes
         sub = Submission(self.peer_id, r, encoded.digest, len(encoded.data), base, 0, None)
         self.ledger.submitted[(r, self.peer_id)] = self.network.now()
         self.ledger.first_submission.setdefault(r, self.network.now())

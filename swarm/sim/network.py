@@ -124,6 +124,7 @@ class SimNetwork:
     sized: dict[str, int] = field(default_factory=dict)  # digest -> declared size (`sized` payloads)
     hanging: set[str] = field(default_factory=set)  # nodes that accept fetches and never answer them
     _decoded: dict[tuple[bytes, str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
+    payload_bytes: int = 0  # declared size of every payload (`sized` runs; 0: the real bytes)
     state_bytes: int = 0  # declared size of a state download (0: the real state's fp32 bytes)
 
     def add_node(self, peer_id: str, link: Link | None = None) -> Link:
@@ -190,11 +191,14 @@ class SimNetwork:
 
     # ----- transfers ---------------------------------------------------------------------------
 
-    def transfer_time(self, src: str, dst: str, nbytes: int) -> float:
-        """Book a transfer of nbytes from src to dst; returns when it completes (virtual time)."""
+    def transfer_time(self, src: str, dst: str, nbytes: int, *, within_s: float = math.inf) -> float | None:
+        """Book a transfer of nbytes from src to dst; returns when it completes (virtual time), or None
+        without booking anything if it would not complete within `within_s` (the fetcher gives up)."""
         a, b = self.links[src], self.links[dst]
         start = max(self.now() + a.latency_s + b.latency_s, a.up_free_at, b.down_free_at)  # request there, data starts
         done = start + 8 * nbytes / min(a.up_bps, b.down_bps)
+        if done - self.now() > within_s:
+            return None
         a.up_free_at = b.down_free_at = done
         a.sent += nbytes
         b.received += nbytes

@@ -35,11 +35,12 @@ class Wire:
     bytes to the same record, so the decoded value is kept (the simulator's own cost, not the
     swarm's: a real node decodes what it reads)."""
 
-    __slots__ = ("_decoded", "data", "tag")
+    __slots__ = ("_decoded", "data", "signed", "tag")
 
     def __init__(self, tag: str, data: bytes) -> None:
         self.tag, self.data = tag, data
         self._decoded: object = _UNDECODED
+        self.signed: Signed | None = None  # what readers get, made once
 
     def decoded(self, cls: type[T]) -> T | None:
         if self._decoded is _UNDECODED:
@@ -79,11 +80,12 @@ class SimRecords:
             assert isinstance(stored, Wire)
             if stored.tag != cls.__name__:
                 continue
-            record = stored.decoded(cls)
-            if record is None:  # fails its schema: dropped, as SwarmDHT.get_all drops it
-                continue
-            owner = tagged_subkey(self.network.markers[writer], stored.tag)
-            found.append(Signed(writer, record, self.network.now() + 1.0, owner))
+            if stored.signed is None:
+                record = stored.decoded(cls)
+                if record is None:  # fails its schema: dropped, as SwarmDHT.get_all drops it
+                    continue
+                stored.signed = Signed(writer, record, 0.0, tagged_subkey(self.network.markers[writer], stored.tag))
+            found.append(stored.signed)
         return found
 
     async def get_from(self, key: str, cls: type[T], signer: str) -> Signed[T] | None:

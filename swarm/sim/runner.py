@@ -44,6 +44,8 @@ class SimConfig:
     attackers: list[str] = field(default_factory=list)  # one hostile peer per entry (swarm.sim.hostile.ATTACKS)
     faults: list[str] = field(default_factory=list)  # fault kinds drawn at random (swarm.sim.faults.KINDS), or "all"
     schedule: list[Fault] = field(default_factory=list)  # faults at given times (named scenarios)
+    payload_bytes: int = 0  # `sized` payloads: every payload travels as if it were this big (0: real size)
+    state_bytes: int = 0  # and a state download as if the state were this big (0: real size)
     overlap: bool = False  # peers train round r+1 while round r settles (the production default)
     coordinator_apply_s: float = 0.0  # the coordinator reports a round this long after applying it
     horizon_s: float = 0.0  # stop the run at this virtual time (0: derived from rounds and timeouts)
@@ -76,6 +78,8 @@ class SimResult:
     config: SimConfig
     rounds_closed: int
     close_s: list[float]  # per round: last applied by an honest node − first submission
+    first_applied_s: list[float]  # per round: first honest node holding θ(r+1) − last accepted submission
+    all_applied_s: list[float]  # per round: every honest node holding θ(r+1) − last accepted submission
     violations: list[Violation]
     trace: list[str]
     virtual_s: float
@@ -95,6 +99,7 @@ class Simulation:
         self.loop = VirtualLoop()
         self.rng = random.Random(cfg.seed)
         self.net = SimNetwork(self.loop, Profile.load(cfg.profile), self.rng)
+        self.net.payload_bytes, self.net.state_bytes = cfg.payload_bytes, cfg.state_bytes
         self.run = cfg.run_config()
         self.ledger = Ledger()
         self.trace: list[str] = []
@@ -177,18 +182,26 @@ class Simulation:
             await fault.apply(self)
 
     def result(self) -> SimResult:
-        closes = []
+        closes, settles, applies = [], [], []
         by_round: dict[int, list[float]] = {}
+        listed: dict[int, tuple[str, ...]] = {}
         for a in self.ledger.applied:
             by_round.setdefault(a.round, []).append(a.at)
+            listed.setdefault(a.round, a.entries)
         for r, times in sorted(by_round.items()):
             if r in self.ledger.first_submission:
                 closes.append(max(times) - self.ledger.first_submission[r])
+            sent = [self.ledger.submitted[(r, p)] for p in listed[r] if (r, p) in self.ledger.submitted]
+            if sent:  # from the round's last accepted submission: what the network and the protocol add
+                settles.append(min(times) - max(sent))
+                applies.append(max(times) - max(sent))
         links = self.net.links
         return SimResult(
             self.cfg,
             rounds_closed=len(by_round),
             close_s=closes,
+            first_applied_s=settles,
+            all_applied_s=applies,
             violations=self.violations,
             trace=self.trace[-40:],
             virtual_s=self.loop.time(),

@@ -36,6 +36,8 @@ from swarm.sim.network import SimNetwork
 from swarm.sim.node import SimNode
 from swarm.state import GlobalState
 
+FOREVER = 1 << 30  # rounds a node goes on for: until the simulation ends it
+
 
 @dataclass
 class Applied:

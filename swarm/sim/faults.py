@@ -12,6 +12,8 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from swarm.sim.actors import FOREVER
+
 if TYPE_CHECKING:
     from swarm.sim.actors import Actor
     from swarm.sim.clock import VirtualLoop
@@ -25,7 +27,6 @@ class Target(Protocol):
     loop: VirtualLoop
     disturbed_until: float  # when the last fault heals
     background: set[asyncio.Future[None]]
-    rounds: int
 
     def by_name(self, name: str) -> Actor: ...
 
@@ -77,7 +78,7 @@ async def _crash(sim: Target, name: str, duration_s: float) -> None:
         sim.net.down.discard(actor.peer_id)
         sim.log(f"{name} restarts from its saved state (round {actor.agreement.state.round})")
         actor.node._tasks.clear()
-        actor.task = asyncio.ensure_future(actor.main(sim.rounds + (name == "coordinator")))
+        actor.task = asyncio.ensure_future(actor.main(FOREVER))
 
 
 async def _heal(sim: Target, names: list[str], duration_s: float) -> None:

@@ -17,7 +17,7 @@ from swarm.log import get_logger
 from swarm.modes import default_outer
 from swarm.modes.replica import initial_state
 from swarm.run import RunConfig
-from swarm.sim.actors import Actor, Ledger, SimCoordinator, SimPeer
+from swarm.sim.actors import FOREVER, Actor, Ledger, SimCoordinator, SimPeer
 from swarm.sim.clock import VirtualLoop
 from swarm.sim.faults import Fault, draw_faults
 from swarm.sim.hostile import ATTACKS
@@ -126,7 +126,6 @@ class Simulation:
         span = cfg.rounds * (cfg.inner_steps * cfg.step_s[1] + cfg.round_timeout_s)
         drawn = draw_faults(self.rng, cfg.faults, [p.name for p in self.peers], span_s=span, round_timeout_s=cfg.round_timeout_s)
         self.schedule = sorted(cfg.schedule + drawn, key=lambda f: f.at)
-        self.rounds = cfg.rounds
 
     @property
     def actors(self) -> list[Actor]:
@@ -141,9 +140,11 @@ class Simulation:
     async def main(self) -> None:
         cfg = self.cfg
         horizon = cfg.horizon_s or cfg.rounds * (self.run.leader_timeout_s + 2 * cfg.round_timeout_s) + 300
-        self.coordinator.task = asyncio.ensure_future(self.coordinator.main(cfg.rounds + 1))
+        # Every node goes on until the run ends (a node that stopped early would look stale, or
+        # would leave, to the others): the run ends once every honest peer still up holds θ(rounds).
+        self.coordinator.task = asyncio.ensure_future(self.coordinator.main(FOREVER))
         for p in self.peers:
-            p.task = asyncio.ensure_future(p.main(cfg.rounds))
+            p.task = asyncio.ensure_future(p.main(FOREVER))
         faults = asyncio.ensure_future(self._faults())
         watched = 0
         while self.loop.time() < horizon:
@@ -162,7 +163,8 @@ class Simulation:
             for a in self.actors:
                 if a.task is not None and a.task.done() and not a.task.cancelled() and a.task.exception() is not None:
                     raise RuntimeError(f"{a.name} crashed") from a.task.exception()
-            if all(p.task is not None and p.task.done() for p in self.peers if p.honest):
+            up = [p for p in self.peers if p.honest and p.peer_id not in self.net.down]
+            if all(p.agreement.state.round >= cfg.rounds for p in up):
                 break
         faults.cancel()
         for task in self.background:

@@ -20,6 +20,7 @@ import asyncio
 import functools
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -87,6 +88,7 @@ class Actor:
         network.states[self.peer_id] = lambda: self.agreement.state
         self.agreement = RoundAgreement(self.node, self.store, state.copy(), self.mode)
         self.task: asyncio.Task[None] | None = None
+        self.background: set[asyncio.Future[Any]] = set()  # records written without waiting, rounds settling
 
     @property
     def peer_id(self) -> str:
@@ -201,7 +203,6 @@ class SimPeer(Actor):
         self.step_s = step_s
         self.encoder = PayloadEncoder(run, self.peer_id)
         self.rng = random.Random(f"{run.seed}/{name}")
-        self.background: set[asyncio.Future[None]] = set()  # records written without waiting
 
     async def main(self, rounds: int) -> None:
         node = self.node
@@ -260,7 +261,9 @@ class SimPeer(Actor):
             state = self.agreement.state
             self.background.add(asyncio.ensure_future(self.submit(r, encoded, state.hash)))
             own = self.store.decode(encoded.data, sender=self.peer_id, round_no=r)
-            flight = Flight(r, asyncio.ensure_future(self.settle(r)), next_base(state, own, self.mode))
+            settle = asyncio.ensure_future(self.settle(r))
+            self.background.add(settle)
+            flight = Flight(r, settle, next_base(state, own, self.mode))
 
     async def land(self, flight: Flight) -> bool:
         """Wait for an overlapped round to be applied; False if we had to reload."""

@@ -167,15 +167,13 @@ class Simulation:
             if all(p.agreement.state.round >= cfg.rounds for p in up):
                 break
         faults.cancel()
-        for task in self.background:
+        pending = [faults, *self.background, *(t for a in self.actors for t in a.background)]
+        pending += [a.task for a in self.actors if a.task is not None]
+        for task in pending:
             task.cancel()
         for a in self.actors:
-            if a.task is not None:
-                a.task.cancel()
             await a.node.stop(announce_leave=False)
-        await asyncio.gather(
-            *(a.task for a in self.actors if a.task is not None), faults, *self.background, return_exceptions=True
-        )
+        await asyncio.gather(*pending, return_exceptions=True)
 
     async def _faults(self) -> None:
         for fault in self.schedule:

@@ -62,8 +62,22 @@ def describe(result: SimResult) -> str:
     closes, applied = result.close_s, result.all_applied_s
     close = f"close p50 {statistics.median(closes):.1f}s max {max(closes):.1f}s" if closes else "no round closed"
     if applied:
-        close += f", all applied p50 {statistics.median(applied):.1f}s after the last accepted submission"
-    return f"seed {result.config.seed}: {result.rounds_closed} rounds, {close}, {result.virtual_s:.0f} virtual s"
+        close += (
+            f", all applied p50 {statistics.median(applied):.1f}s p99 {_p99(applied):.1f}s after the last accepted submission"
+        )
+    rounds = max(1, result.rounds_closed)
+    peers = [n for n in result.bytes_in if n != "coordinator"]
+    traffic = (
+        f"coordinator in {result.bytes_in['coordinator'] / rounds / 1e6:.2f} MB/round, a peer in/out (median)"
+        f" {statistics.median(result.bytes_in[n] for n in peers) / rounds / 1e6:.2f}"
+        f"/{statistics.median(result.bytes_out[n] for n in peers) / rounds / 1e6:.2f} MB/round"
+    )
+    return f"seed {result.config.seed}: {result.rounds_closed} rounds, {close}; {traffic}; {result.virtual_s:.0f} virtual s"
+
+
+def _p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[int] = []
     started = time.perf_counter()
     for seed in args.seeds:
+        seed_started = time.perf_counter()
         try:
             cfg = SimConfig(
                 seed=seed,
@@ -91,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             result = simulate(cfg)
         except ValueError as e:
             raise SystemExit(f"swarm-sim: {e}") from None
-        print(describe(result), flush=True)
+        print(f"{describe(result)} ({time.perf_counter() - seed_started:.1f}s wall)", flush=True)
         if args.trace or not result.ok:
             print("\n".join(f"    {line}" for line in result.trace))
         if not result.ok:

@@ -15,11 +15,12 @@ span(U) is either projected too or folded into the link's fixed table (`embeddin
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from models import get_preset
+from models import LanguageModel, get_preset
+from models.subspace import Subspace
 from swarm.modes.base import TrainingMode, Worker
 from swarm.modes.pipeline.groups import incomplete_groups, plan_roles, stage_layers
 from swarm.modes.pipeline.link import StageLink
@@ -61,11 +62,11 @@ class PipelineMode(TrainingMode):
         if opts.link_timeout_s >= self.run.round_timeout_s:
             raise ValueError("link_timeout_s must be below round_timeout_s, or a broken group holds up every round")
         self.cfg = cfg
-        self._subspace: Any = None
+        self._subspace: Subspace | None = None
         self.capacities: dict[str, Capacity] = {}
 
     @property
-    def subspace(self) -> Any:
+    def subspace(self) -> Subspace | None:
         if self._subspace is None and self.options.ratio > 1:
             self._subspace = self.options.subspace(self.cfg, self.run.seed)
         return self._subspace
@@ -99,6 +100,8 @@ class PipelineMode(TrainingMode):
 
     def prepare_model(self, model: torch.nn.Module) -> None:
         if self.subspace is not None:
+            if not isinstance(model, LanguageModel):
+                raise TypeError(f"the pipeline's fixed embedding attaches to a LanguageModel, not {type(model).__name__}")
             self.subspace.attach(model)
 
     def make_worker(self, role: Role, device: torch.device, corpus: Corpus | None = None) -> Worker:
@@ -140,7 +143,7 @@ class PipelineMode(TrainingMode):
             state.invalidate_hash()
 
 
-def project_state(subspace: Any, params: dict[str, torch.Tensor], n_layers: int) -> None:
+def project_state(subspace: Subspace, params: dict[str, torch.Tensor], n_layers: int) -> None:
     """Project the global weights the subspace holds (the writers, and E unless it is folded) onto
     span(U) in float64 and round once to float32, so a BLAS kernel's summation order (it differs
     between machines) almost never changes a bit."""

@@ -26,6 +26,7 @@ import torch
 
 from swarm.modes import mode_for
 from swarm.modes.base import TrainingMode
+from swarm.modes.replica import Replica
 from swarm.net.records import Capacity, Manifest, Submission, run_key, submit_key
 from swarm.net.transfer import TransferError
 from swarm.processes.roles import RoleKeeper
@@ -201,6 +202,7 @@ class SimPeer(Actor):
     ):
         super().__init__(network, run, state, name=name, index=index, ledger=ledger)
         self.step_s = step_s
+        self.worker: Replica | None = None  # real training (SimConfig.model); None: seeded pseudo-gradients
         self.encoder = PayloadEncoder(run, self.peer_id)
         self.rng = random.Random(f"{run.seed}/{name}")
 
@@ -277,7 +279,12 @@ class SimPeer(Actor):
         return True
 
     def pseudo_gradient(self, r: int) -> dict[str, torch.Tensor]:
-        """What H inner steps from θ(r) give this peer: the round's shared direction plus its own noise."""
+        """What H inner steps from θ(r) give this peer: real ones when it has a worker, else the
+        round's shared direction plus its own noise."""
+        if self.worker is not None:
+            work = self.worker.train_round(self.agreement.state)
+            assert work is not None  # no stop event: a round always finishes
+            return work.delta
         shared = torch.Generator().manual_seed(self.run.seed * 1_000_003 + r)
         own = torch.Generator().manual_seed(self.rng.getrandbits(62))
         delta = {}

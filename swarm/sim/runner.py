@@ -13,9 +13,12 @@ import dataclasses
 import random
 from dataclasses import dataclass, field
 
+import torch
+
+from swarm.data.corpus import load_corpus
 from swarm.log import get_logger
 from swarm.modes import default_outer
-from swarm.modes.replica import initial_state
+from swarm.modes.replica import Replica, data_config, initial_state
 from swarm.run import RunConfig
 from swarm.sim.actors import FOREVER, Actor, Ledger, SimCoordinator, SimPeer
 from swarm.sim.clock import VirtualLoop
@@ -49,6 +52,13 @@ class SimConfig:
     overlap: bool = False  # peers train round r+1 while round r settles (the production default)
     coordinator_apply_s: float = 0.0  # the coordinator reports a round this long after applying it
     horizon_s: float = 0.0  # stop the run at this virtual time (0: derived from rounds and timeouts)
+    # Real training: peers run H inner AdamW steps of this preset on `data` (a Replica each, CPU) and
+    # the result carries the final eval loss. "" (default): seeded pseudo-gradients on a small model.
+    model: str = ""
+    data: str = "stdlib"
+    batch_size: int = 4
+    seq_len: int = 64
+    min_peers: int = 1
 
     def __post_init__(self) -> None:
         if self.peers < 1 or self.rounds < 1:
@@ -59,10 +69,13 @@ class SimConfig:
             raise ValueError(f"unknown attack(s) {', '.join(unknown)} (attacks: {', '.join(sorted(ATTACKS))})")
 
     def run_config(self) -> RunConfig:
+        trained = {"preset": self.model, "data_source": self.data, "batch_size": self.batch_size, "seq_len": self.seq_len}
         return RunConfig(
             run_id=f"sim-{self.seed}",
-            preset="nano",
-            model_overrides=dict(SIM_MODEL),
+            **(trained if self.model else {"preset": "nano", "model_overrides": dict(SIM_MODEL)}),
+            warmup_steps=self.inner_steps,
+            eval_batches=2,
+            min_peers=self.min_peers,
             inner_steps=self.inner_steps,
             round_timeout_s=self.round_timeout_s,
             heartbeat_interval_s=2.0,
@@ -80,6 +93,7 @@ class SimResult:
     close_s: list[float]  # per round: last applied by an honest node − first submission
     first_applied_s: list[float]  # per round: first honest node holding θ(r+1) − last accepted submission
     all_applied_s: list[float]  # per round: every honest node holding θ(r+1) − last accepted submission
+    eval_loss: float | None  # of the coordinator's final state (runs with real training)
     violations: list[Violation]
     trace: list[str]
     virtual_s: float
@@ -107,6 +121,7 @@ class Simulation:
         self.disturbed_until = 0.0  # when the last fault heals (liveness is judged after it)
         self.background: set[asyncio.Future[None]] = set()  # heals and restarts under way
         state = initial_state(self.run)
+        self.corpus = load_corpus(data_config(self.run)) if cfg.model else None
         asyncio.set_event_loop(self.loop)
         self.coordinator = SimCoordinator(self.net, self.run, state, ledger=self.ledger, apply_s=cfg.coordinator_apply_s)
         self.run.coordinator = self.coordinator.peer_id
@@ -123,6 +138,10 @@ class Simulation:
             self.peers.append(
                 ATTACKS[attack](self.net, self.run, state, name=name, index=i + 1, ledger=self.ledger, step_s=step_s)
             )
+        if self.corpus is not None:  # real training: each peer a Replica on its own data shard
+            cpu = torch.device("cpu")
+            for shard, peer in enumerate(self.peers):
+                peer.worker = Replica(self.run, shard=shard, device=cpu, corpus=self.corpus)
         span = cfg.rounds * (cfg.inner_steps * cfg.step_s[1] + cfg.round_timeout_s)
         drawn = draw_faults(self.rng, cfg.faults, [p.name for p in self.peers], span_s=span, round_timeout_s=cfg.round_timeout_s)
         self.schedule = sorted(cfg.schedule + drawn, key=lambda f: f.at)
@@ -181,6 +200,13 @@ class Simulation:
             self.log(f"fault: {fault}")
             await fault.apply(self)
 
+    def eval_loss(self) -> float | None:
+        """The eval loss of the coordinator's state (real training only)."""
+        if self.corpus is None:
+            return None
+        evaluator = Replica(self.run, shard=0, device=torch.device("cpu"), corpus=self.corpus)
+        return evaluator.evaluate(self.coordinator.agreement.state)
+
     def result(self) -> SimResult:
         closes, settles, applies = [], [], []
         by_round: dict[int, list[float]] = {}
@@ -202,6 +228,7 @@ class Simulation:
             close_s=closes,
             first_applied_s=settles,
             all_applied_s=applies,
+            eval_loss=self.eval_loss(),
             violations=self.violations,
             trace=self.trace[-40:],
             virtual_s=self.loop.time(),

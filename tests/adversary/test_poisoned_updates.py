@@ -1,42 +1,59 @@
-"""Poisoned updates (sign flip x-1000, noise x1000, zeros) from one hostile volunteer among three
-honest ones, end to end on 127.0.0.1: judged by the figure that matters, the eval loss after a fixed
-number of rounds stays within 5% of the same run without the attacker, and honest replicas stay
-bit-identical."""
+"""Poisoned updates (sign flip x-1000, noise x1000, zeros) from one hostile peer among three honest
+ones, judged by the figure that matters: the eval loss after a fixed number of rounds stays within
+5% of the same run without the attacker, honest replicas stay bit-identical, and the attacker is
+banned within three rounds.
+
+It runs in the simulator with real training: every peer is a `Replica` running H inner AdamW steps
+of `nano` on its own data shard, through the real codec, the leader's real admission and robust
+aggregation and the real outer step; only the transport is simulated. (Over real processes it took
+four 4-peer swarms and 380 s of this 2-core machine; here about 20 s, and the runs are
+deterministic, so the comparison is exact rather than within timing noise.)"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from launch.cluster import LocalCluster, nano_run, wait_for
-from tests.adversary.common import HOSTILE, rows
+from launch.cluster import DATA
+from swarm.round.admission import STRIKES_BEFORE_BAN
+from swarm.sim.runner import SimConfig, Simulation
 
-pytestmark = pytest.mark.slow
 ROUNDS = 6
+BASE = {
+    "seed": 0,
+    "peers": 3,
+    "rounds": ROUNDS,
+    "model": "nano",
+    "data": str(DATA) if DATA.exists() else "stdlib",
+    "inner_steps": 5,
+    "round_timeout_s": 15.0,
+    "step_s": (0.5, 0.6),
+}
 
 
-def final_loss(tmp: Path, attack: str | None) -> float:
-    """Coordinator's eval loss after ROUNDS rounds of 3 honest peers (+ one attacker)."""
+def run(attack: str | None) -> Simulation:
     # Robust aggregation needs three honest contributions in a round to outvote one attacker: every
-    # round waits for 4 (or its timeout), as a run open to strangers should (docs/security.md).
-    run = nano_run(num_shards=4, round_timeout_s=15.0, min_peers=4)
-    with LocalCluster(tmp, run, coordinator_args=("--stop-after", str(ROUNDS))) as cluster:
-        for i in range(3):
-            cluster.add_peer(f"honest{i}", max_rounds=ROUNDS)
-        if attack is not None:
-            cluster.add_peer("attacker", max_rounds=ROUNDS, program=(*HOSTILE, attack))
-        final = wait_for(lambda: [r for r in rows(cluster) if r.get("final")], 400, "the final evaluation", cluster)
-        honest = {n for n in cluster.peer_names.values() if n.startswith("honest")}
-        for r, by_peer in cluster.metrics_by_round().items():
-            hashes = {row["hash"] for row in by_peer if cluster.peer_names.get(row["peer"]) in honest}
-            assert len(hashes) <= 1, f"honest replicas differ after round {r}"
-        return final[-1]["eval_loss"]
+    # round waits for all four (or its timeout), as a run open to strangers should (docs/security.md).
+    sim = Simulation(SimConfig(**BASE, attackers=[attack] if attack else [], min_peers=4 if attack else 1))  # type: ignore[arg-type]
+    sim.loop.run_until_complete(sim.main())
+    return sim
 
 
-@pytest.mark.timeout(1200)  # two whole runs of 4 peers; on a loaded 2-core CI box 600 s was not always enough
-def test_poisoned_updates_move_the_loss_by_less_than_5_percent(tmp_path):
-    clean = final_loss(tmp_path / "clean", None)
-    for attack in ("sign-flip", "noise", "zero"):
-        attacked = final_loss(tmp_path / attack, attack)
-        assert attacked <= clean * 1.05, f"{attack}: eval loss {attacked:.4f} vs {clean:.4f} without the attacker"
+@pytest.fixture(scope="module")
+def clean() -> float:
+    result = run(None).result()
+    assert result.ok and result.eval_loss is not None
+    return result.eval_loss
+
+
+@pytest.mark.parametrize("attack", ["sign-flip", "noise", "zero"])
+def test_poisoned_updates_move_the_loss_by_less_than_5_percent(attack: str, clean: float) -> None:
+    sim = run(attack)
+    result = sim.result()
+    assert result.ok, result.violations  # honest replicas bit-identical every round, rounds closed
+    assert result.rounds_closed >= ROUNDS
+    assert result.eval_loss is not None and result.eval_loss <= clean * 1.05, f"{attack}: {result.eval_loss:.4f} vs {clean:.4f}"
+    attacker = sim.by_name(attack).peer_id
+    bans = [e for e in sim.coordinator.node.events if e.kind == "ban" and attacker[-8:] in e.text]
+    assert bans, f"the {attack} peer was never banned"
+    accepted = [a for a in sim.ledger.applied if a.node == "coordinator" and attacker in a.entries]
+    assert len(accepted) < STRIKES_BEFORE_BAN, f"the {attack} peer's update was applied in {len(accepted)} rounds"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from swarm.sim.actors import SimPeer
+from swarm.sim.peer import SimPeer
 
 
 class Idle(SimPeer):

@@ -20,12 +20,13 @@ from swarm.log import get_logger
 from swarm.modes import default_outer
 from swarm.modes.replica import Replica, data_config, initial_state
 from swarm.run import RunConfig
-from swarm.sim.actors import FOREVER, Actor, Ledger, SimCoordinator, SimPeer
+from swarm.sim.actors import FOREVER, Actor, Ledger, SimCoordinator
 from swarm.sim.clock import VirtualLoop
 from swarm.sim.faults import Fault, draw_faults
 from swarm.sim.hostile import ATTACKS
 from swarm.sim.invariants import Violation, check
 from swarm.sim.network import Profile, SimNetwork
+from swarm.sim.peer import SimPeer
 
 logger = get_logger(__name__)
 

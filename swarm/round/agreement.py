@@ -35,14 +35,7 @@ from swarm.net.records import (
 from swarm.net.schema import encode_record
 from swarm.round.admission import NOT_DELIVERED, Validator
 from swarm.round.evidence import EquivocationWitness, proof_ok, sign_manifest
-from swarm.round.leadership import (
-    agreed_hash,
-    canonical_manifest,
-    coordinator_present,
-    member_majority,
-    peer_quorum,
-    should_lead,
-)
+from swarm.round.leadership import agreed_hash, canonical_manifest, coordinator_present, peer_quorum, should_lead
 from swarm.round.payloads import PayloadStore
 from swarm.round.robust import check_clipping, check_scales, clipped_norms
 from swarm.round.world import World, monotonic
@@ -166,12 +159,8 @@ class RoundAgreement:
         to take, if one has been published."""
         beats, agreed = await self._view(round_no)
         may_lead = self._peers_may_lead(round_no, beats, agreed, started)
-        quorum = max(self._lookup_quorum(round_no, beats), await self._member_floor())
+        quorum = self._lookup_quorum(round_no, beats)
         return beats, agreed, may_lead, await self.find_manifest(round_no, agreed, peers_may_lead=may_lead, quorum=quorum)
-
-    async def _member_floor(self) -> int:
-        """The quorum a peer-led manifest needs however few members are in view (leadership.member_majority)."""
-        return member_majority(await self.node.members(), self.run.coordinator, self.witness.equivocators)
 
     def _peers_may_lead(self, round_no: int, beats: list[Heartbeat], agreed: str | None, started: float | None) -> bool:
         """Peers lead while the coordinator is away (no heartbeat at round r or r − 1: see
@@ -239,9 +228,7 @@ class RoundAgreement:
             polls += 1
             beats, agreed, may_lead, other = await self._look(round_no, started)
             expected = self._expected(round_no, beats)
-            quorum = (
-                max(peer_quorum(len(expected)), await self._member_floor()) if self.node.peer_id != self.run.coordinator else 0
-            )
+            quorum = peer_quorum(len(expected)) if self.node.peer_id != self.run.coordinator else 0
             if other is not None:
                 return other
             subs = await self._submissions(round_no)

@@ -95,12 +95,3 @@ def should_lead(
 def peer_quorum(trainers: int) -> int:
     """Contributions a peer-led manifest must list: a majority of the round's live trainers."""
     return (trainers + 1) // 2
-
-
-def member_majority(members: set[str], coordinator: str, excluded: set[str] | None = None) -> int:
-    """The least a peer-led manifest must list whoever is in view: a strict majority of the admitted
-    trainers (the coordinator's signed roster). Two sides of a partition cannot both reach it, so a
-    minority cut off from the rest (a peer alone, say) cannot settle a round of its own; the price
-    is that peers alone cannot close rounds once most members are gone (the run waits for the
-    coordinator). Found by the simulator (docs/simulation.md)."""
-    return len(members - {coordinator} - (excluded or set())) // 2 + 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import time
 
@@ -168,7 +169,12 @@ def test_random_fault_schedules_keep_every_invariant(block):
 
 
 def test_swarm_sim_prints_each_seed_and_fails_on_a_bad_argument(capsys):
-    assert sim_cli.main(["--seeds", "0..1", "--peers", "2", "--rounds", "2"]) == 0
+    levels = {name: logging.getLogger(name).level for name in ("swarm", "models")}
+    try:
+        assert sim_cli.main(["--seeds", "0..1", "--peers", "2", "--rounds", "2"]) == 0
+    finally:  # the command quiets the library's loggers; later tests in this process expect them
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
     out = capsys.readouterr().out
     assert "seed 0: 2 rounds" in out and "seed 1: 2 rounds" in out and "2 seeds in" in out
     with pytest.raises(SystemExit, match="unknown attack"):

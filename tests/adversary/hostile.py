@@ -100,16 +100,24 @@ def publish_manifests(kind: str) -> None:
 
 
 def equivocate() -> None:
-    """Before waiting like everyone, sign one manifest for the round, then a different one."""
+    """While waiting like everyone, sign one manifest for the round, then a different one. The two go
+    out in the background: an equivocator that paused its own loop for them fell behind the swarm
+    and from then on published for rounds nobody was reading any more, so nobody could catch it."""
     original = rounds.RoundAgreement.close_round
+    pending: set[asyncio.Task] = set()
 
-    async def close_round(self, round_no):
+    async def publish_two(self, round_no):
         key = manifest_key(self.run.run_id, round_no)
         for variant in range(2):
             manifest = Manifest(round_no, self.node.peer_id, self.state.hash, [], [], get_dht_time() + variant)
             await self.node.dht.put(key, sign_manifest(self.node.dht.identity, manifest), 3600 + variant)
             await asyncio.sleep(3.0)
         say(f"round {round_no}: published two different manifests")
+
+    async def close_round(self, round_no):
+        task = asyncio.create_task(publish_two(self, round_no))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
         return await original(self, round_no)
 
     rounds.RoundAgreement.close_round = close_round

@@ -31,7 +31,6 @@ import torch
 from swarm.sim.clock import VirtualLoop
 
 if TYPE_CHECKING:
-    from swarm.net.identity import Identity
     from swarm.round.payloads import PayloadStore
     from swarm.state import GlobalState
 
@@ -117,7 +116,6 @@ class SimNetwork:
     records: dict[str, dict[str, list[_Stored]]] = field(default_factory=dict)  # key -> writer -> versions, oldest first
     groups: dict[str, int] = field(default_factory=dict)  # partition group of each node (0: everyone together)
     down: set[str] = field(default_factory=set)  # crashed nodes: they neither serve nor answer
-    identities: dict[str, Identity] = field(default_factory=dict)  # peer id -> key
     markers: dict[str, bytes] = field(default_factory=dict)  # peer id -> its owner marker (public key)
     stores: dict[str, PayloadStore] = field(default_factory=dict)  # peer id -> the payloads it serves
     states: dict[str, Callable[[], GlobalState]] = field(default_factory=dict)  # peer id -> its state now (donors)

@@ -103,7 +103,6 @@ class SimNode(SwarmNode):
         identity, marker = _identity_pool(index)
         self.network = network
         self._dht = SimRecords(network, identity)  # type: ignore[assignment]
-        network.identities[str(identity.peer_id)] = identity
         network.markers[str(identity.peer_id)] = marker
         network.add_node(str(identity.peer_id))
         self.run = run

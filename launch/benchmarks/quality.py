@@ -9,15 +9,19 @@ figure is deterministic. Payload bytes are the real encoded sizes.
 
 Each row is one setting (`name=value,...` of OuterConfig fields, or `H=` for inner steps); the
 table prints eval loss on the whole held-out split after the last round, bytes per round per
-replica, and both against the DiLoCo row.
+replica, and both against the DiLoCo row. The `solo` row is one machine training on all the data:
+one model, batch R × B, the same number of inner steps, learning-rate schedule and tokens as every
+swarm row, so each row's ratio to one machine is printed too. `--jobs` runs rows side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +41,7 @@ from swarm.state import GlobalState
 HELP = "SparseLoCo vs DiLoCo eval loss at equal tokens, in-process (sweep H, density, chunk, beta, alpha, overlap)"
 DEFAULT_TEXT = Path(__file__).resolve().parents[3] / "shared/data/tinyshakespeare.txt"
 WHOLE_EVAL_SPLIT = 10**6
-DEFAULT_ROWS = ("diloco", "sparseloco", "sparseloco:overlap=0")
+DEFAULT_ROWS = ("solo", "diloco", "sparseloco", "sparseloco:overlap=0")
 
 
 @dataclass
@@ -88,6 +92,30 @@ def simulate(run: RunConfig, replicas: int, *, corpus: object | None = None, car
     return SimResult(loss, statistics.median(sizes), hashes, time.perf_counter() - started)
 
 
+def simulate_solo(run: RunConfig, replicas: int, *, corpus: object | None = None) -> SimResult:
+    """One machine on all the data: one replica reading the whole training split at batch
+    replicas × B, `run.max_rounds` × H steps under the same lr schedule; its model carries over
+    from round to round unchanged (θ(r+1) is exactly what it trained), so this is plain training."""
+    started = time.perf_counter()
+    solo = dataclasses.replace(run, batch_size=run.batch_size * replicas, num_shards=1)
+    cpu = torch.device("cpu")
+    corpus = corpus or load_corpus(data_config(solo))
+    worker = Replica(solo, shard=0, device=cpu, corpus=corpus)  # type: ignore[arg-type]
+    state = initial_state(solo)
+    for _ in range(solo.max_rounds):
+        work = worker.train_round(state)
+        assert work is not None
+        state = worker_state(worker, state.round + 1)
+    evaluator = Replica(run, shard=0, device=cpu, corpus=corpus)  # type: ignore[arg-type]  # eval at the swarm's batch
+    return SimResult(evaluator.evaluate(state), 0.0, [[state.hash]], time.perf_counter() - started)
+
+
+def worker_state(worker: Replica, round_no: int) -> GlobalState:
+    """The worker's trained weights as the state of `round_no`."""
+    params = {name: p.detach().clone() for name, p in worker.model.named_parameters()}
+    return GlobalState(round=round_no, params=params, momentum={})
+
+
 def own_progress_base(state: GlobalState, delta: dict[str, torch.Tensor]) -> GlobalState:
     """θ(r) − Δ_r: the rejected overlap start (the replica's whole unsynced progress)."""
     params = {name: (t - delta[name]) if name in delta else t.clone() for name, t in state.params.items()}
@@ -98,6 +126,8 @@ def parse_row(spec: str, base: RunConfig) -> tuple[RunConfig, bool]:
     """'mode[:field=value,...]' -> (RunConfig, carry_own): OuterConfig fields, H (inner steps), or
     base=own (overlap from the whole local progress, for comparison)."""
     mode, _, rest = spec.partition(":")
+    if mode == "solo":  # one machine: the replica's optimiser over the whole data; outer fields do not apply
+        mode = "diloco"
     outer = dataclasses.asdict(default_outer(mode))
     inner_steps = base.inner_steps
     fields = {f.name: f.type for f in dataclasses.fields(OuterConfig)}
@@ -130,7 +160,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (keep it small on a shared machine)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per row (keep it small on a shared machine)")
+    parser.add_argument("--jobs", type=int, default=1, help="rows run side by side in this many processes")
     parser.add_argument("rows", nargs="*", default=list(DEFAULT_ROWS), help="mode[:field=value,...] (default %(default)s)")
 
 
@@ -152,27 +183,47 @@ def run(args: argparse.Namespace) -> int:
     params = count_parameters(get_preset(args.preset))
     tokens = args.replicas * args.batch_size * args.seq_len * args.inner_steps * args.rounds
     print(f"{args.preset} ({params:,} params), {args.replicas} replicas, {tokens:,} tokens per row", flush=True)
-    corpus = load_corpus(data_config(base))
-    results = {}
     for spec in args.rows:
-        cfg, carry_own = parse_row(spec, base)
-        results[spec] = simulate(cfg, args.replicas, corpus=corpus, carry_own=carry_own)
-        res = results[spec]
-        print(f"  {spec:<48} eval {res.eval_loss:.4f}  {res.payload_bytes:>10,.0f} B/round  ({res.wall_s:.0f}s)", flush=True)
+        parse_row(spec, base)  # every row's syntax is checked before the first one runs
+    results: dict[str, SimResult] = {}
+    if args.jobs > 1:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(args.threads,)) as pool:
+            futures = {spec: pool.submit(run_row, spec, base, args.replicas) for spec in args.rows}
+            for spec, future in futures.items():
+                results[spec] = _report(spec, future.result())
+    else:
+        corpus = load_corpus(data_config(base))
+        for spec in args.rows:
+            results[spec] = _report(spec, run_row(spec, base, args.replicas, corpus))
     _print_table(results, params)
     return 0
 
 
+def run_row(spec: str, base: RunConfig, replicas: int, corpus: object | None = None) -> SimResult:
+    cfg, carry_own = parse_row(spec, base)
+    if spec.partition(":")[0] == "solo":
+        return simulate_solo(cfg, replicas, corpus=corpus)
+    return simulate(cfg, replicas, corpus=corpus, carry_own=carry_own)
+
+
+def _report(spec: str, res: SimResult) -> SimResult:
+    print(f"  {spec:<48} eval {res.eval_loss:.4f}  {res.payload_bytes:>10,.0f} B/round  ({res.wall_s:.0f}s)", flush=True)
+    return res
+
+
 def _print_table(results: dict[str, SimResult], params: int) -> None:
     ref = next((r for spec, r in results.items() if spec.startswith("diloco")), None)
+    solo = next((r for spec, r in results.items() if spec.startswith("solo")), None)
     print(
-        f"\n{'setting':<48} {'eval loss':>9} {'vs DiLoCo':>9} {'bytes/round':>12} {'B/param':>8} {'fewer B':>8} {'identical':>9}"
+        f"\n{'setting':<48} {'eval loss':>9} {'vs solo':>8} {'vs DiLoCo':>9} {'bytes/round':>12} {'B/param':>8} "
+        f"{'fewer B':>8} {'identical':>9}"
     )
     for spec, res in results.items():
+        vs_solo = f"{res.eval_loss / solo.eval_loss:.3f}" if solo else "-"
         vs = f"{res.eval_loss / ref.eval_loss:.3f}" if ref else "-"
-        fewer = f"{ref.payload_bytes / res.payload_bytes:.0f}x" if ref else "-"
+        sends = res.payload_bytes > 0
+        fewer = f"{ref.payload_bytes / res.payload_bytes:.0f}x" if ref and sends else "-"
+        size, per_param = (f"{res.payload_bytes:,.0f}", f"{res.payload_bytes / params:.4f}") if sends else ("-", "-")
         same = all(len(set(h)) == 1 for h in res.hashes)
-        print(
-            f"{spec:<48} {res.eval_loss:>9.4f} {vs:>9} {res.payload_bytes:>12,.0f} "
-            f"{res.payload_bytes / params:>8.4f} {fewer:>8} {same!s:>9}"
-        )
+        print(f"{spec:<48} {res.eval_loss:>9.4f} {vs_solo:>8} {vs:>9} {size:>12} {per_param:>8} {fewer:>8} {same!s:>9}")

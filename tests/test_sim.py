@@ -6,6 +6,8 @@ import asyncio
 import json
 import logging
 import random
+import subprocess
+import sys
 import time
 
 import pytest
@@ -16,6 +18,7 @@ from swarm.sim.clock import VirtualLoop, run_virtual
 from swarm.sim.faults import KINDS, Fault
 from swarm.sim.invariants import check
 from swarm.sim.network import Profile, SimNetwork
+from swarm.sim.node import derived_identity
 from swarm.sim.runner import SimConfig, simulate
 
 
@@ -120,6 +123,19 @@ def test_a_seed_is_a_replayable_run():
     assert first.ok and first.rounds_closed == 3
     assert first.trace == again.trace and first.close_s == again.close_s
     assert simulate(SimConfig(seed=6, peers=3, rounds=3, faults=["crash", "slow", "coordinator-crash"])).trace != first.trace
+
+
+def test_a_seed_replays_in_another_process_with_the_same_peer_ids():
+    """Identities derive from a node's position, not from this process's randomness, so a seed
+    printed by one run (CI's, a colleague's) replays the same trace anywhere."""
+    assert str(derived_identity(0).peer_id) == "QmXLGg2AauAcR2y6yWBTiqUxGzSR5pGssc8kR3qPDZ4eF6"
+    code = (
+        "from swarm.sim.runner import SimConfig, simulate;"
+        "print(repr(simulate(SimConfig(seed=7, peers=3, rounds=2, faults=['crash', 'slow'])).trace))"
+    )
+    elsewhere = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    here = simulate(SimConfig(seed=7, peers=3, rounds=2, faults=["crash", "slow"])).trace
+    assert elsewhere.stdout.strip().splitlines()[-1] == repr(here)
 
 
 # Every kind but partitions: see the test below.

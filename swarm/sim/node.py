@@ -3,13 +3,18 @@ simulated network's records instead of hivemind's DHT.
 
 Records are stored encoded, exactly as the DHT carries them (msgpack, schema-checked on every read),
 so a hostile record reaches the round code as it would over the wire. Each node has a real RSA
-identity: manifests are signed and checked as in production.
+identity (derived from its position, so the same in every process): manifests are signed and
+checked as in production.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import random
 from typing import TypeVar
+
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from swarm.net.dht import DHTOptions, Signed
 from swarm.net.identity import Identity, tagged_subkey
@@ -24,10 +29,60 @@ EPOCH = 1.7e9  # virtual wall clock = EPOCH + loop time (records carry plausible
 
 @functools.cache
 def _identity_pool(index: int) -> tuple[Identity, bytes]:
-    """Identities are costly to make (RSA) and their owner markers to derive; a run of many seeds
-    reuses them by position."""
-    identity = Identity.generate()
+    """The simulated node at position `index` has the same RSA identity in every process (so a seed
+    replays anywhere, peer ids and their order included); derived once per process and reused by
+    every seed, since deriving keys and owner markers is costly."""
+    identity = derived_identity(index)
     return identity, identity.owner_marker
+
+
+def derived_identity(index: int, bits: int = 1024) -> Identity:
+    """A deterministic RSA key for simulation only (never a real peer's): its primes come from a
+    PRNG seeded with `index`. 1,024 bits, not production's 2,048 (`Identity.generate`): deriving
+    primes in Python costs ~0.1 s a key this way (1,000 peers in a few minutes of one process
+    instead of ten), and signing and checking cost a quarter; records and code paths are the same."""
+    rng = random.Random(f"swarm-sim identity {index}")
+    e = 65537
+    while True:
+        p, q = _prime(rng, bits // 2, e), _prime(rng, bits // 2, e)
+        if p != q:
+            break
+    d = pow(e, -1, (p - 1) * (q - 1))
+    public = rsa.RSAPublicNumbers(e, p * q)
+    numbers = rsa.RSAPrivateNumbers(p, q, d, rsa.rsa_crt_dmp1(d, p), rsa.rsa_crt_dmq1(d, q), rsa.rsa_crt_iqmp(p, q), public)
+    return Identity(numbers.private_key())
+
+
+_SMALL_PRIMES_PRODUCT = math.prod(n for n in range(3, 2000, 2) if all(n % k for k in range(3, int(n**0.5) + 1, 2)))
+
+
+def _prime(rng: random.Random, bits: int, e: int) -> int:
+    """A `bits`-bit prime with its top two bits set (so p·q has exactly 2·bits bits) and p − 1 prime
+    to e: trial division by small primes, then Miller-Rabin with bases from `rng` (for random
+    candidates of this size a few rounds leave a negligible chance of a composite)."""
+    while True:
+        candidate = rng.getrandbits(bits) | (3 << (bits - 2)) | 1
+        if math.gcd(candidate, _SMALL_PRIMES_PRODUCT) != 1 or (candidate - 1) % e == 0:
+            continue
+        if _probably_prime(candidate, rng):
+            return candidate
+
+
+def _probably_prime(n: int, rng: random.Random, rounds: int = 12) -> bool:
+    d, s = n - 1, 0
+    while d % 2 == 0:
+        d, s = d // 2, s + 1
+    for _ in range(rounds):
+        x = pow(rng.randrange(2, n - 1), d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(s - 1):
+            x = pow(x, 2, n)
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
 
 
 class Wire:

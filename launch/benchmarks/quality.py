@@ -52,10 +52,16 @@ class SimResult:
     wall_s: float
 
 
-def simulate(run: RunConfig, replicas: int, *, corpus: object | None = None, carry_own: bool = False) -> SimResult:
+BASES = ("payload", "share", "agreed", "own")
+
+
+def simulate(run: RunConfig, replicas: int, *, corpus: object | None = None, base: str = "payload") -> SimResult:
     """`run.max_rounds` rounds of `replicas` replicas; every replica applies every payload itself.
-    `carry_own`: with overlap, start round r+1 from θ(r) − Δ_r (the whole local progress) instead of
-    the swarm's choice, θ(r) advanced by the replica's own payload (kept to show why, see overlap.py)."""
+    `base` (with overlap) is where round r+1's inner steps start: θ(r) advanced by the replica's own
+    payload as the mean ("payload"), by its 1/R share of the mean ("share"), θ(r) itself ("agreed"),
+    or θ(r) − Δ_r, the whole local progress ("own", kept to show why not, see overlap.py)."""
+    if base not in BASES:
+        raise ValueError(f"base must be one of {', '.join(BASES)}, got {base!r}")
     started = time.perf_counter()
     mode = mode_for(run)
     cpu = torch.device("cpu")
@@ -74,11 +80,12 @@ def simulate(run: RunConfig, replicas: int, *, corpus: object | None = None, car
             assert work is not None
             payloads.append((f"sim-{i}", enc.encode(work.delta, r).data))
             sizes.append(len(payloads[-1][1]))
-        if run.outer.overlap and carry_own:
+        if run.outer.overlap and base == "own":
             bases = [own_progress_base(s, w.delta) for s, w in zip(states, works) if w is not None]
         elif run.outer.overlap:  # the next round starts before θ(r+1) is known (swarm/round/overlap.py)
             own = [store.decode(data, sender=sender, round_no=r) for sender, data in payloads]
-            bases = [next_base(s, o, mode) for s, o in zip(states, own)]
+            weight = {"payload": 1.0, "share": 1.0 / replicas, "agreed": 0.0}[base]
+            bases = [next_base(s, o, mode, weight) for s, o in zip(states, own)]
         for state in states:  # every replica decodes and applies the same payloads in the same order
             acc = SlotMean(shapes)
             for sender, data in payloads:
@@ -122,32 +129,40 @@ def own_progress_base(state: GlobalState, delta: dict[str, torch.Tensor]) -> Glo
     return GlobalState(round=state.round + 1, params=params, momentum={n: m.clone() for n, m in state.momentum.items()})
 
 
-def parse_row(spec: str, base: RunConfig) -> tuple[RunConfig, bool]:
-    """'mode[:field=value,...]' -> (RunConfig, carry_own): OuterConfig fields, H (inner steps), or
-    base=own (overlap from the whole local progress, for comparison)."""
+def parse_row(spec: str, base: RunConfig) -> tuple[RunConfig, str]:
+    """'mode[:field=value,...]' -> (RunConfig, overlap base): OuterConfig fields, H (inner steps), lr
+    (the inner peak learning rate), or base= (where an overlapped round starts, see `simulate`)."""
     mode, _, rest = spec.partition(":")
     if mode == "solo":  # one machine: the replica's optimiser over the whole data; outer fields do not apply
         mode = "diloco"
     outer = dataclasses.asdict(default_outer(mode))
-    inner_steps = base.inner_steps
+    inner_steps, inner_lr = base.inner_steps, base.inner_lr
     fields = {f.name: f.type for f in dataclasses.fields(OuterConfig)}
-    carry_own = False
+    start = "payload"
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
         if key == "H":
             inner_steps = int(value)
-        elif key == "base" and value in ("own", "predicted"):
-            carry_own = value == "own"
+        elif key == "lr":
+            inner_lr = float(value)
+        elif key == "base" and value in BASES:
+            start = value
         elif key in fields:
             current = outer[key]
             outer[key] = bool(int(value)) if isinstance(current, bool) else type(current)(value)
         else:
-            raise ValueError(f"{spec}: unknown setting {key!r} (OuterConfig fields or H)")
+            raise ValueError(f"{spec}: unknown setting {key!r} (OuterConfig fields, H or lr)")
     rounds = base.max_rounds * base.inner_steps // inner_steps  # equal tokens whatever H
     run_ = dataclasses.replace(
-        base, mode=mode, outer=OuterConfig(**outer), inner_steps=inner_steps, warmup_steps=inner_steps, max_rounds=rounds
+        base,
+        mode=mode,
+        outer=OuterConfig(**outer),
+        inner_steps=inner_steps,
+        inner_lr=inner_lr,
+        warmup_steps=inner_steps,
+        max_rounds=rounds,
     )
-    return run_, carry_own
+    return run_, start
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -201,10 +216,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_row(spec: str, base: RunConfig, replicas: int, corpus: object | None = None) -> SimResult:
-    cfg, carry_own = parse_row(spec, base)
+    cfg, start = parse_row(spec, base)
     if spec.partition(":")[0] == "solo":
         return simulate_solo(cfg, replicas, corpus=corpus)
-    return simulate(cfg, replicas, corpus=corpus, carry_own=carry_own)
+    return simulate(cfg, replicas, corpus=corpus, base=start)
 
 
 def _report(spec: str, res: SimResult) -> SimResult:

@@ -33,10 +33,10 @@ from swarm.modes.base import TrainingMode
 from swarm.state import GlobalState
 
 
-def next_base(state: GlobalState, own: dict[str, torch.Tensor], mode: TrainingMode) -> GlobalState:
-    """b(r+1): a copy of θ(r) (and its outer momentum) advanced by the mode's outer step with our own
-    decoded payload as the round's mean. New tensors throughout, so the agreed state can be
-    advanced in place while the next round trains from this copy; its round is r+1."""
+def next_base(state: GlobalState, own: dict[str, torch.Tensor], mode: TrainingMode, weight: float = 1.0) -> GlobalState:
+    """b(r+1): a copy of θ(r) (and its outer momentum) advanced by the mode's outer step with
+    `weight` × our own decoded payload as the round's mean. New tensors throughout, so the agreed
+    state can be advanced in place while the next round trains from this copy; its round is r+1."""
     base = state.copy()
-    mode.outer_step(base, {name: t.clone() for name, t in own.items()})
+    mode.outer_step(base, {name: t * weight for name, t in own.items()})
     return base

@@ -50,12 +50,15 @@ class SimResult:
     payload_bytes: float  # median encoded payload per replica per round
     hashes: list[list[str]]  # per round, the agreed state hash each replica computed
     wall_s: float
+    curve: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (round, eval loss) every --eval-every
 
 
 BASES = ("payload", "share", "agreed", "own")
 
 
-def simulate(run: RunConfig, replicas: int, *, corpus: object | None = None, base: str = "payload") -> SimResult:
+def simulate(
+    run: RunConfig, replicas: int, *, corpus: object | None = None, base: str = "payload", eval_every: int = 0
+) -> SimResult:
     """`run.max_rounds` rounds of `replicas` replicas; every replica applies every payload itself.
     `base` (with overlap) is where round r+1's inner steps start: θ(r) advanced by the replica's own
     payload as the mean ("payload"), by its 1/R share of the mean ("share"), θ(r) itself ("agreed"),
@@ -72,7 +75,8 @@ def simulate(run: RunConfig, replicas: int, *, corpus: object | None = None, bas
     store = PayloadStore(run, shapes, Traffic())
     states = [initial_state(run) for _ in range(replicas)]  # each replica's own copy of θ(r)
     bases: list[GlobalState] = list(states)
-    sizes, hashes = [], []
+    sizes, hashes, curve = [], [], []
+    evaluator = Replica(run, shard=0, device=cpu, corpus=corpus)  # type: ignore[arg-type]
     for r in range(run.max_rounds):
         works = [w.train_round(b) for w, b in zip(workers, bases)]
         payloads = []
@@ -94,12 +98,14 @@ def simulate(run: RunConfig, replicas: int, *, corpus: object | None = None, bas
         hashes.append([s.hash for s in states])
         if not run.outer.overlap:
             bases = list(states)
-    evaluator = Replica(run, shard=0, device=cpu, corpus=corpus)  # type: ignore[arg-type]
+        if eval_every and (r + 1) % eval_every == 0 and r + 1 < run.max_rounds:
+            curve.append((r + 1, evaluator.evaluate(states[0])))
     loss = evaluator.evaluate(states[0])
-    return SimResult(loss, statistics.median(sizes), hashes, time.perf_counter() - started)
+    curve.append((run.max_rounds, loss))
+    return SimResult(loss, statistics.median(sizes), hashes, time.perf_counter() - started, curve)
 
 
-def simulate_solo(run: RunConfig, replicas: int, *, corpus: object | None = None) -> SimResult:
+def simulate_solo(run: RunConfig, replicas: int, *, corpus: object | None = None, eval_every: int = 0) -> SimResult:
     """One machine on all the data: one replica reading the whole training split at batch
     replicas × B, `run.max_rounds` × H steps under the same lr schedule; its model carries over
     from round to round unchanged (θ(r+1) is exactly what it trained), so this is plain training."""
@@ -109,12 +115,17 @@ def simulate_solo(run: RunConfig, replicas: int, *, corpus: object | None = None
     corpus = corpus or load_corpus(data_config(solo))
     worker = Replica(solo, shard=0, device=cpu, corpus=corpus)  # type: ignore[arg-type]
     state = initial_state(solo)
-    for _ in range(solo.max_rounds):
+    evaluator = Replica(run, shard=0, device=cpu, corpus=corpus)  # type: ignore[arg-type]  # eval at the swarm's batch
+    curve = []
+    for r in range(solo.max_rounds):
         work = worker.train_round(state)
         assert work is not None
         state = worker_state(worker, state.round + 1)
-    evaluator = Replica(run, shard=0, device=cpu, corpus=corpus)  # type: ignore[arg-type]  # eval at the swarm's batch
-    return SimResult(evaluator.evaluate(state), 0.0, [[state.hash]], time.perf_counter() - started)
+        if eval_every and (r + 1) % eval_every == 0 and r + 1 < solo.max_rounds:
+            curve.append((r + 1, evaluator.evaluate(state)))
+    loss = evaluator.evaluate(state)
+    curve.append((solo.max_rounds, loss))
+    return SimResult(loss, 0.0, [[state.hash]], time.perf_counter() - started, curve)
 
 
 def worker_state(worker: Replica, round_no: int) -> GlobalState:
@@ -177,6 +188,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per row (keep it small on a shared machine)")
     parser.add_argument("--jobs", type=int, default=1, help="rows run side by side in this many processes")
+    parser.add_argument(
+        "--eval-every", type=int, default=0, help="also evaluate every N rounds (at the default H) and print the curve"
+    )
     parser.add_argument("rows", nargs="*", default=list(DEFAULT_ROWS), help="mode[:field=value,...] (default %(default)s)")
 
 
@@ -203,28 +217,46 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, SimResult] = {}
     if args.jobs > 1:
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(args.threads,)) as pool:
-            futures = {spec: pool.submit(run_row, spec, base, args.replicas) for spec in args.rows}
+        with ProcessPoolExecutor(
+            args.jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(args.threads,)
+        ) as pool:
+            futures = {spec: pool.submit(run_row, spec, base, args.replicas, None, args.eval_every) for spec in args.rows}
             for spec, future in futures.items():
                 results[spec] = _report(spec, future.result())
     else:
         corpus = load_corpus(data_config(base))
         for spec in args.rows:
-            results[spec] = _report(spec, run_row(spec, base, args.replicas, corpus))
+            results[spec] = _report(spec, run_row(spec, base, args.replicas, corpus, args.eval_every))
     _print_table(results, params)
+    if args.eval_every:
+        _print_curve(results, args.inner_steps)
     return 0
 
 
-def run_row(spec: str, base: RunConfig, replicas: int, corpus: object | None = None) -> SimResult:
+def run_row(spec: str, base: RunConfig, replicas: int, corpus: object | None = None, eval_every: int = 0) -> SimResult:
+    """One row; `eval_every` counts rounds at the default H (tokens, whatever the row's H)."""
     cfg, start = parse_row(spec, base)
+    every = eval_every * base.inner_steps // cfg.inner_steps
     if spec.partition(":")[0] == "solo":
-        return simulate_solo(cfg, replicas, corpus=corpus)
-    return simulate(cfg, replicas, corpus=corpus, base=start)
+        res = simulate_solo(cfg, replicas, corpus=corpus, eval_every=every)
+    else:
+        res = simulate(cfg, replicas, corpus=corpus, base=start, eval_every=every)
+    res.curve = [(r * cfg.inner_steps // base.inner_steps, loss) for r, loss in res.curve]
+    return res
 
 
 def _report(spec: str, res: SimResult) -> SimResult:
     print(f"  {spec:<48} eval {res.eval_loss:.4f}  {res.payload_bytes:>10,.0f} B/round  ({res.wall_s:.0f}s)", flush=True)
     return res
+
+
+def _print_curve(results: dict[str, SimResult], inner_steps: int) -> None:
+    """Eval loss against tokens (in rounds at the default H), and each row's ratio to solo's."""
+    solo = next((dict(r.curve) for spec, r in results.items() if spec.startswith("solo")), {})
+    print(f"\n{'setting':<48} eval loss (vs solo) after the tokens of n rounds at H = {inner_steps}")
+    for spec, res in results.items():
+        points = [f"{at}: {loss:.4f}" + (f" ({loss / solo[at]:.3f})" if at in solo else "") for at, loss in res.curve]
+        print(f"{spec:<48} " + "  ".join(points))
 
 
 def _print_table(results: dict[str, SimResult], params: int) -> None:

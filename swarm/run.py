@@ -116,6 +116,10 @@ class RunConfig:
     batch_size: int = 8
     seq_len: int = 128
     inner_steps: int = 30  # H: local AdamW steps per round (paper: 15..30)
+    # H's ramp: round r < inner_steps_ramp takes fewer steps, from inner_steps_start at round 0 up to
+    # inner_steps (`inner_steps_at`); 0 = every round takes H. Early rounds change the model most.
+    inner_steps_start: int = 0
+    inner_steps_ramp: int = 0
     inner_lr: float = 3e-3
     warmup_steps: int = 30
     weight_decay: float = 0.1
@@ -151,6 +155,13 @@ class RunConfig:
             raise ValueError(f"inner_lr must be positive, got {self.inner_lr}")
         if self.max_rounds < 0:
             raise ValueError("max_rounds must be >= 0")
+        if self.inner_steps_ramp < 0 or not 0 <= self.inner_steps_start <= self.inner_steps:
+            raise ValueError(
+                f"inner_steps_ramp must be >= 0 and inner_steps_start in [0, inner_steps={self.inner_steps}],"
+                f" got {self.inner_steps_ramp} and {self.inner_steps_start}"
+            )
+        if bool(self.inner_steps_ramp) != bool(self.inner_steps_start):
+            raise ValueError("inner_steps_start and inner_steps_ramp go together: both 0 (no ramp) or both positive")
         if self.tokenizer_sha256 and not re.fullmatch(r"[0-9a-f]{64}", self.tokenizer_sha256):
             raise ValueError(f"tokenizer_sha256 must be 64 lowercase hex digits or empty, got {self.tokenizer_sha256!r:.80}")
         if not (0 < self.tokenizer_bytes <= 64 * 2**20 if self.tokenizer_sha256 else self.tokenizer_bytes == 0):
@@ -173,4 +184,16 @@ class RunConfig:
     @property
     def total_inner_steps(self) -> int:
         """Horizon of the inner cosine schedule (a long constant tail when the run is open-ended)."""
-        return self.max_rounds * self.inner_steps if self.max_rounds else 10**9
+        return self.steps_before(self.max_rounds) if self.max_rounds else 10**9
+
+    def inner_steps_at(self, round_no: int) -> int:
+        """H of round `round_no`: during the ramp, linear from inner_steps_start (round 0) towards
+        inner_steps, rounded down; `inner_steps` from round inner_steps_ramp on."""
+        if round_no >= self.inner_steps_ramp:
+            return self.inner_steps
+        return self.inner_steps_start + (self.inner_steps - self.inner_steps_start) * round_no // self.inner_steps_ramp
+
+    def steps_before(self, round_no: int) -> int:
+        """Inner steps of rounds 0 .. round_no − 1: where round `round_no`'s lr schedule starts."""
+        ramp = min(round_no, self.inner_steps_ramp)
+        return sum(self.inner_steps_at(r) for r in range(ramp)) + (round_no - ramp) * self.inner_steps

@@ -93,3 +93,28 @@ def test_a_worker_moved_to_another_shard_reads_that_shard(mode_name):
     stream = worker.inner.stream if mode_name == "pipeline" else worker.stream
     assert torch.equal(next(stream)[0], next(shard_stream(run, worker.corpus, 3))[0])
     assert not torch.equal(first_of_0, next(shard_stream(run, worker.corpus, 3))[0])
+
+
+def test_h_ramps_from_its_start_to_h_and_the_lr_schedule_follows_the_steps_taken():
+    run = RunConfig(inner_steps=30, inner_steps_start=10, inner_steps_ramp=4, max_rounds=6)
+    assert [run.inner_steps_at(r) for r in range(7)] == [10, 15, 20, 25, 30, 30, 30]
+    assert [run.steps_before(r) for r in (0, 1, 4, 5, 6)] == [0, 10, 70, 100, 130]
+    assert run.total_inner_steps == 130
+    flat = RunConfig(inner_steps=30, max_rounds=6)
+    assert [flat.inner_steps_at(r) for r in (0, 5)] == [30, 30] and flat.total_inner_steps == 180
+    for bad in ({"inner_steps_start": 10}, {"inner_steps_ramp": 3}, {"inner_steps_start": 31, "inner_steps_ramp": 3}):
+        with pytest.raises(ValueError, match="inner_steps_start"):
+            RunConfig(inner_steps=30, **bad)  # type: ignore[arg-type]
+
+
+def test_a_replica_takes_the_rounds_h_and_starts_its_lr_schedule_where_the_earlier_rounds_left_it():
+    from swarm.modes.replica import Replica, initial_state
+
+    data = dict(data_source="stdlib", data_max_bytes=200_000, batch_size=2, seq_len=16)
+    run = RunConfig(inner_steps=6, inner_steps_start=2, inner_steps_ramp=2, warmup_steps=2, max_rounds=4, **data)  # type: ignore[arg-type]
+    worker = Replica(run, shard=0, device=torch.device("cpu"))
+    state = initial_state(run)
+    state.round = 1
+    work = worker.train_round(state)
+    assert work is not None and work.tokens == run.inner_steps_at(1) * 2 * 16 == 4 * 32
+    assert worker.trainer.step == run.steps_before(2) == 2 + 4

@@ -141,13 +141,14 @@ def own_progress_base(state: GlobalState, delta: dict[str, torch.Tensor]) -> Glo
 
 
 def parse_row(spec: str, base: RunConfig) -> tuple[RunConfig, str]:
-    """'mode[:field=value,...]' -> (RunConfig, overlap base): OuterConfig fields, H (inner steps), lr
-    (the inner peak learning rate), or base= (where an overlapped round starts, see `simulate`)."""
+    """'mode[:field=value,...]' -> (RunConfig, overlap base): OuterConfig fields, H (inner steps), H0
+    and ramp (H's ramp: H0 steps at round 0, H from round `ramp` on), lr (the inner peak learning
+    rate), or base= (where an overlapped round starts, see `simulate`)."""
     mode, _, rest = spec.partition(":")
     if mode == "solo":  # one machine: the replica's optimiser over the whole data; outer fields do not apply
         mode = "diloco"
     outer = dataclasses.asdict(default_outer(mode))
-    inner_steps, inner_lr = base.inner_steps, base.inner_lr
+    inner_steps, inner_lr, start_steps, ramp = base.inner_steps, base.inner_lr, base.inner_steps_start, base.inner_steps_ramp
     fields = {f.name: f.type for f in dataclasses.fields(OuterConfig)}
     start = "payload"
     for item in filter(None, rest.split(",")):
@@ -156,23 +157,30 @@ def parse_row(spec: str, base: RunConfig) -> tuple[RunConfig, str]:
             inner_steps = int(value)
         elif key == "lr":
             inner_lr = float(value)
+        elif key == "H0":
+            start_steps = int(value)
+        elif key == "ramp":
+            ramp = int(value)
         elif key == "base" and value in BASES:
             start = value
         elif key in fields:
             current = outer[key]
             outer[key] = bool(int(value)) if isinstance(current, bool) else type(current)(value)
         else:
-            raise ValueError(f"{spec}: unknown setting {key!r} (OuterConfig fields, H or lr)")
-    rounds = base.max_rounds * base.inner_steps // inner_steps  # equal tokens whatever H
+            raise ValueError(f"{spec}: unknown setting {key!r} (OuterConfig fields, H, H0, ramp or lr)")
     run_ = dataclasses.replace(
         base,
         mode=mode,
         outer=OuterConfig(**outer),
         inner_steps=inner_steps,
+        inner_steps_start=start_steps,
+        inner_steps_ramp=ramp,
         inner_lr=inner_lr,
         warmup_steps=inner_steps,
-        max_rounds=rounds,
     )
+    tokens = base.steps_before(base.max_rounds)  # equal tokens whatever H: the most rounds that fit
+    rounds = max(r for r in range(1, tokens + 1) if run_.steps_before(r) <= tokens or r == 1)
+    run_ = dataclasses.replace(run_, max_rounds=rounds)
     return run_, start
 
 

@@ -197,10 +197,10 @@ class Replica:
         """Load θ(t), run H inner steps, return the pseudo-gradient (None if stopped midway)."""
         state.load_into(self.model)
         # The schedule follows the run's round, so a late joiner uses the swarm's current lr.
-        self.trainer.step = state.round * self.run.inner_steps
+        self.trainer.step = self.run.steps_before(state.round)
         start, cpu_start = time.perf_counter(), time.thread_time()
         losses, tokens = [], 0
-        for _ in range(self.run.inner_steps):
+        for _ in range(self.run.inner_steps_at(state.round)):
             if stop is not None and stop.is_set():
                 return None
             inputs, targets = next(self.stream)

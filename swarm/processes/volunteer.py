@@ -277,7 +277,7 @@ class Peer(AgreedNode):
         )
         self.status.phase, self.status.loss = "exchanging", work.loss
         self.status.tokens_per_s = work.tokens / max(work.compute_s, 1e-9)
-        self.status.steps += self.run.inner_steps
+        self.status.steps += self.run.inner_steps_at(r)
         announce = self._announce(r, sub)
         if self._overlap:
             self._in_background(announce, f"round {r} submission")

@@ -70,7 +70,7 @@ class SimPeer(Actor):
                 self.background.add(asyncio.ensure_future(node.publish_heartbeat()))
             else:  # a leader waits only for peers whose heartbeat says they train: say so first
                 await node.publish_heartbeat()
-            await asyncio.sleep(self.step_s * self.run.inner_steps)
+            await asyncio.sleep(self.step_s * self.run.inner_steps_at(r))
             delta = self.work(r)
             late = False
             if flight is not None:
@@ -131,7 +131,7 @@ class SimPeer(Actor):
             return
         node.status.phase = "training"
         await node.publish_heartbeat()
-        await asyncio.sleep(self.step_s * self.run.inner_steps)
+        await asyncio.sleep(self.step_s * self.run.inner_steps_at(r))
         delta = self.work(r)
         if delta is None or self.agreement.state.round != r:
             await self.settle(r)

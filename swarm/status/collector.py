@@ -96,7 +96,7 @@ class StatusCollector:
             max_rounds=self.cfg.max_rounds,
         )
         self.parameters = count_parameters(get_preset(self.run.preset, **self.run.model_overrides))
-        self.tokens_per_payload = self.run.inner_steps * self.run.batch_size * self.run.seq_len
+        self.tokens_per_step = self.run.batch_size * self.run.seq_len  # a payload's: × the round's H
         self.mode = mode_for(self.run)  # its per-round figures go into each round's row
         self.book = PeerBook(book_cfg)
         self.history = RoundHistory(book_cfg.max_rounds)
@@ -167,7 +167,13 @@ class StatusCollector:
                 continue
             manifest, subs = item
             extra = self.mode.round_metrics([(e.peer_id, e.inline) for e in manifest.entries])
-            row = round_row(manifest, subs, parameters=self.parameters, tokens_per_payload=self.tokens_per_payload, extra=extra)
+            row = round_row(
+                manifest,
+                subs,
+                parameters=self.parameters,
+                tokens_per_payload=self.tokens_per_step * self.run.inner_steps_at(r),
+                extra=extra,
+            )
             self.history.add(row)
             self.events.add_rejections(manifest, now)
         while self._next_round <= last:

@@ -88,12 +88,12 @@ class StageTrainer:
             self.options.link_timeout_s,
             self.device,
         )
-        self.step = state.round * self.run.inner_steps
+        self.step = first = self.run.steps_before(state.round)
         start, losses, tokens = time.perf_counter(), [], 0
-        for h in range(self.run.inner_steps):
+        for h in range(self.run.inner_steps_at(state.round)):
             if stop is not None and stop.is_set():
                 return None
-            inputs, targets = self._batch(state.round * self.run.inner_steps + h)
+            inputs, targets = self._batch(first + h)
             try:
                 losses.append(stage_step(ctx, state.round, h, inputs, targets))
             except (LinkError, concurrent.futures.TimeoutError) as e:

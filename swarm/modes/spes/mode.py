@@ -115,7 +115,7 @@ class SpesMode(ReplicaMode):
         return "dense" if key is None else f"expert {key[1]}"
 
     def outer_step(self, state: GlobalState, mean: dict[str, torch.Tensor]) -> None:
-        step = (state.round + 1) * self.run.inner_steps  # inner steps done once this round is applied
+        step = self.run.steps_before(state.round + 1)  # inner steps done once this round is applied
         state.apply_outer_step(mean, self.run.outer)
         alpha = merge_alpha(step, self.options.merge_alpha0, self.options.merge_steps)
         if alpha > 0:

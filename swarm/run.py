@@ -6,6 +6,7 @@ it only if the marker's peer id equals the coordinator peer id in the address it
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import secrets
@@ -67,6 +68,8 @@ class OuterConfig:
 
     codec: Codec = "sparseloco"
     outer_lr: float = 1.0  # alpha; the modes recommend theirs (SparseLoCo 2.0, dense DiLoCo 0.7)
+    # alpha at the run's last round (max_rounds), reached linearly from outer_lr; 0 = constant alpha
+    outer_lr_final: float = 0.0
     momentum: float = 0.0  # SparseLoCo needs none: the decayed error buffer plays that part
     nesterov: bool = False
     topk_per_chunk: int = 64  # 64 of 4096 = 1.56% density, the paper's setting
@@ -78,6 +81,8 @@ class OuterConfig:
     def __post_init__(self) -> None:
         if not 0 < self.outer_lr <= 10:
             raise ValueError(f"outer_lr must be in (0, 10], got {self.outer_lr}")
+        if not 0 <= self.outer_lr_final <= 10:
+            raise ValueError(f"outer_lr_final must be in [0, 10] (0: a constant outer lr), got {self.outer_lr_final}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if not 0 < self.topk_per_chunk <= self.chunk_size**2:
@@ -185,6 +190,17 @@ class RunConfig:
     def total_inner_steps(self) -> int:
         """Horizon of the inner cosine schedule (a long constant tail when the run is open-ended)."""
         return self.steps_before(self.max_rounds) if self.max_rounds else 10**9
+
+    def outer_at(self, round_no: int) -> OuterConfig:
+        """The outer settings of round `round_no`: α goes linearly from outer_lr (round 0) to
+        outer_lr_final (round max_rounds, flat after) when both are set; otherwise `outer` as is.
+        Linear, not a cosine: every node must compute the same α bit for bit, and IEEE arithmetic
+        guarantees that where libm's cos does not."""
+        if not (self.outer.outer_lr_final and self.max_rounds):
+            return self.outer
+        done = min(round_no, self.max_rounds)
+        alpha = self.outer.outer_lr + (self.outer.outer_lr_final - self.outer.outer_lr) * done / self.max_rounds
+        return dataclasses.replace(self.outer, outer_lr=alpha)
 
     def inner_steps_at(self, round_no: int) -> int:
         """H of round `round_no`: during the ramp, linear from inner_steps_start (round 0) towards

@@ -118,3 +118,19 @@ def test_a_replica_takes_the_rounds_h_and_starts_its_lr_schedule_where_the_earli
     work = worker.train_round(state)
     assert work is not None and work.tokens == run.inner_steps_at(1) * 2 * 16 == 4 * 32
     assert worker.trainer.step == run.steps_before(2) == 2 + 4
+
+
+def test_the_outer_lr_goes_linearly_to_its_final_value_and_the_outer_step_uses_the_rounds():
+    outer = OuterConfig(outer_lr=2.0, outer_lr_final=1.0)
+    run = RunConfig(max_rounds=4, outer=outer)
+    assert [run.outer_at(r).outer_lr for r in (0, 1, 2, 4, 9)] == [2.0, 1.75, 1.5, 1.0, 1.0]
+    assert RunConfig(max_rounds=0, outer=outer).outer_at(3).outer_lr == 2.0  # open-ended: no horizon, constant
+    assert RunConfig(max_rounds=4).outer_at(3) == RunConfig().outer
+    mode = mode_for(run)
+    from swarm.state import GlobalState
+
+    state = GlobalState(round=2, params={"w": torch.zeros(3)})
+    mode.outer_step(state, {"w": torch.ones(3)})
+    assert torch.equal(state.params["w"], torch.full((3,), -1.5)) and state.round == 3
+    with pytest.raises(ValueError, match="outer_lr_final"):
+        OuterConfig(outer_lr_final=-1.0)

@@ -172,7 +172,7 @@ class TrainingMode:
 
     def outer_step(self, state: GlobalState, mean: dict[str, torch.Tensor]) -> None:
         """θ(t+1) from θ(t) and the per-slot mean of the round (covered slots only)."""
-        state.apply_outer_step(mean, self.run.outer)
+        state.apply_outer_step(mean, self.run.outer_at(state.round))
 
     # ----- inline payloads (off by default) ------------------------------------------------------
 

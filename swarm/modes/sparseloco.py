@@ -28,8 +28,11 @@ class SparseLoCoMode(ReplicaMode):
         outer = self.run.outer
         if outer.codec != "sparseloco":
             raise ValueError(f"mode {self.run.mode!r} sends sparse payloads: codec must be 'sparseloco', got {outer.codec!r}")
-        if outer.nesterov and not outer.momentum:
-            raise ValueError("nesterov needs momentum > 0")
+        if outer.momentum or outer.nesterov:
+            raise ValueError(
+                "outer momentum with the SparseLoCo codec is an error: the error buffer already carries it"
+                " (measured: Nesterov 0.9 on sparse means lost 21% of eval loss, docs/performance.md)"
+            )
 
 
 MODE = SparseLoCoMode

@@ -137,7 +137,7 @@ class PipelineMode(TrainingMode):
     # ----- applying ------------------------------------------------------------------------------
 
     def outer_step(self, state: GlobalState, mean: dict[str, torch.Tensor]) -> None:
-        state.apply_outer_step(mean, self.run.outer)
+        state.apply_outer_step(mean, self.run.outer_at(state.round))
         if self.subspace is not None:
             project_state(self.subspace, state.params, self.cfg.n_layers)
             state.invalidate_hash()

@@ -116,7 +116,7 @@ class SpesMode(ReplicaMode):
 
     def outer_step(self, state: GlobalState, mean: dict[str, torch.Tensor]) -> None:
         step = self.run.steps_before(state.round + 1)  # inner steps done once this round is applied
-        state.apply_outer_step(mean, self.run.outer)
+        state.apply_outer_step(mean, self.run.outer_at(state.round))
         alpha = merge_alpha(step, self.options.merge_alpha0, self.options.merge_steps)
         if alpha > 0:
             self.merge(state.params, alpha)

@@ -90,3 +90,19 @@ def test_error_feedback_with_delayed_manifest() -> None:
     replay.compressor.load_state_dict(expected)
     assert replay.encode(deltas[2], 2).data == got.data
     assert got.data != included_1.data
+
+
+def test_the_default_sparseloco_settings_train_identical_replicas_and_beat_the_start() -> None:
+    """The settings users get (`default_outer`: error decay, α and its schedule, overlap) at a
+    seconds-long size: every replica holds the same state every round, and the swarm learns."""
+    from swarm.modes import default_outer
+
+    run = dataclasses.replace(tiny_run(), outer=default_outer("sparseloco"), max_rounds=4)
+    corpus = load_corpus(data_config(run))
+    result = simulate(run, 2, corpus=corpus, eval_every=2)
+    assert all(len(set(round_hashes)) == 1 for round_hashes in result.hashes)
+    from swarm.modes.replica import Replica, initial_state
+
+    untrained = Replica(run, shard=0, device=torch.device("cpu"), corpus=corpus).evaluate(initial_state(run))
+    assert result.eval_loss < untrained
+    assert [r for r, _ in result.curve] == [2, 4]

@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         _print_table(args, params, results, solo)
     if len(settings) == 2:
         _print_overlap(runs, modes)
+    if len(settings) == 1 and not set(modes) >= {"sparseloco", "diloco"}:
+        _print_swarms(runs, params)
     codec = codec_throughput(num_params=10_000_000, repeats=5, num_threads=1)
     print(
         f"\ncodec (10M params, 1 thread): encode {codec['encode_mb_s']:.0f} MB/s, decode {codec['decode_mb_s']:.0f} MB/s, "
@@ -221,6 +223,17 @@ def _print_overlap(runs: dict[tuple[str, bool], dict], modes: list[str]) -> None
         print(f"{'time in inner steps, ' + label:<34}" + "".join(f" {r['compute_fraction']:>11.1%}" for r in rows))
         print(f"{'eval loss, ' + label:<34}" + "".join(f" {_f(r['eval_loss']):>12}" for r in rows))
         print(f"{'wall time (s), ' + label:<34}" + "".join(f" {r['wall_s']:>12.0f}" for r in rows))
+
+
+def _print_swarms(runs: dict[tuple[str, bool], dict], params: int) -> None:
+    """One row per swarm run (what a single-mode, single-schedule invocation measured)."""
+    print(f"\n{'swarm':<28} {'eval loss':>9} {'payload B':>10} {'B/param':>8} {'in steps':>9} {'identical':>9} {'wall s':>7}")
+    for (mode, overlap), r in runs.items():
+        name = f"{mode}, {'overlapped' if overlap else 'in step'}"
+        print(
+            f"{name:<28} {_f(r['eval_loss']):>9} {r['payload_bytes']:>10,.0f} {r['payload_bytes'] / params:>8.4f} "
+            f"{r['compute_fraction']:>8.1%} {r['identical']!s:>9} {r['wall_s']:>7.0f}"
+        )
 
 
 def _f(x: float | None) -> str:

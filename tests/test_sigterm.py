@@ -80,6 +80,13 @@ def _describe(pids: dict[int, int]) -> str:
     return "\n".join(lines)
 
 
+def _as_from_a_terminal() -> None:
+    """In the child before exec: SIGINT back to its default, as a terminal starts a command. A
+    suite launched in the background of a non-interactive shell (`cmd &`) has SIGINT ignored, every
+    process inherits that, and Python then never turns SIGINT into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Command:
     """A console script as a subprocess (its own session, so only what we send reaches it), its
     output collected line by line by a thread."""
@@ -96,6 +103,7 @@ class Command:
             text=True,
             errors="replace",
             start_new_session=True,
+            preexec_fn=_as_from_a_terminal,
         )
         self.lines: list[str] = []
         self.family: dict[int, int] = {}  # descendants recorded before SIGTERM

@@ -1,4 +1,5 @@
-"""`swarm-coordinator`: start (or restart) a run and print the line volunteers need."""
+"""`swarm-coordinator`: start (or restart) a run and print the line volunteers need;
+`swarm-coordinator invite`: mint invite tokens for an invite-only run."""
 
 from __future__ import annotations
 
@@ -13,12 +14,19 @@ from swarm.data.shards import read_manifest
 from swarm.data.tokenizer import TOKENIZER_FILE, load_tokenizer, vocab_overrides
 from swarm.modes import available_modes, default_outer, mode_for
 from swarm.net.schema import from_plain, to_plain
+from swarm.processes.admission import load_gate, load_secret, mint_token
 from swarm.processes.coordinator import Coordinator, CoordinatorConfig
 from swarm.run import SHARDS_SOURCE, RunConfig
 
+RUN_FILE = "run.json"  # the run description a coordinator keeps in its state dir
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="swarm-coordinator", description="Start a Swarm run and coordinate it.")
+    p = argparse.ArgumentParser(
+        prog="swarm-coordinator",
+        description="Start a Swarm run and coordinate it.",
+        epilog="swarm-coordinator invite --state-dir DIR --count N: print N invite tokens for an invite-only run",
+    )
     p.add_argument("--state-dir", default="runs/coordinator", help="identity key and run description (reuse to restart)")
     p.add_argument("--run-file", help="JSON file with RunConfig fields (flags below override it)")
     run = p.add_argument_group("run")
@@ -47,6 +55,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     run.add_argument("--max-rounds", type=int, help="schedule horizon in rounds (0 = open-ended)")
     run.add_argument("--seed", type=int)
+    admit = p.add_argument_group("admission (docs/running.md; on a restart these replace the saved run's)")
+    admit.add_argument("--admission", choices=["open", "allow-list", "invite"], help="who may join (default open)")
+    admit.add_argument("--allow", action="append", default=[], metavar="PEER_ID", help="admit this peer id (allow-list)")
+    admit.add_argument(
+        "--allow-file", metavar="FILE", help="admit the peer ids in this file, one a line, '#' comments (allow-list)"
+    )
+    admit.add_argument("--invite-uses", type=int, metavar="N", help="identities one invite token admits (default 1)")
+    admit.add_argument(
+        "--per-prefix-per-hour", type=int, metavar="N", help="new identities per hour from one /24 or /48 (0 = no limit)"
+    )
+    admit.add_argument(
+        "--probation-rounds", type=int, metavar="N", help="rounds of useful work before a newcomer counts (default 2)"
+    )
     p.add_argument("--stop-after", type=int, default=None, help="exit after coordinating this many rounds")
     p.add_argument("--no-eval", action="store_true", help="skip the per-round eval loss")
     p.add_argument("--init-from", default=None, help="start θ(0) from this checkpoint (solo or a saved swarm state): fine-tuning")
@@ -89,9 +110,68 @@ def build_run(args: argparse.Namespace) -> RunConfig:
         base["outer"] = to_plain(default_outer(base.get("mode", "sparseloco"), args.dense_dtype))
     if args.trim is not None:
         base["outer"] = {**base["outer"], "trim": args.trim}
+    base["admission"] = admission(args, base.get("admission", {}))
     run = from_plain(RunConfig, base)
     mode_for(run)  # the mode's options: an unknown mode or option is refused here, before any network
     return run
+
+
+def admission(args: argparse.Namespace, saved: dict) -> dict:
+    """The run's admission section: the admission flags over `saved` (a run file's or a saved run's)."""
+    allow = list(args.allow)
+    if args.allow_file:
+        lines = (line.split("#", 1)[0].strip() for line in Path(args.allow_file).read_text().splitlines())
+        allow += [line for line in lines if line]
+    flags = {
+        "policy": args.admission,
+        "invite_uses": args.invite_uses,
+        "per_prefix_per_hour": args.per_prefix_per_hour,
+        "probation_rounds": args.probation_rounds,
+    }
+    merged = {**saved, **{k: v for k, v in flags.items() if v is not None}}
+    if allow:
+        merged["allow"] = list(dict.fromkeys(allow))  # each once, in the order given
+    elif args.admission is not None and args.admission != "allow-list":
+        merged.pop("allow", None)  # the list belonged to the policy being replaced
+    return merged
+
+
+def admission_flags_given(args: argparse.Namespace) -> bool:
+    return bool(args.allow or args.allow_file) or any(
+        v is not None for v in (args.admission, args.invite_uses, args.per_prefix_per_hour, args.probation_rounds)
+    )
+
+
+def update_saved_admission(args: argparse.Namespace) -> None:
+    """A restart with admission flags: they replace the admission of the saved run, the one part of
+    a run that may change under way (it changes who may join, not what is trained)."""
+    path = Path(args.state_dir) / RUN_FILE
+    if not path.exists() or not admission_flags_given(args):
+        return
+    saved = json.loads(path.read_text())
+    saved["admission"] = admission(args, saved.get("admission", {}))
+    run = from_plain(RunConfig, saved)
+    path.write_text(json.dumps(to_plain(run), indent=1))
+    print(f"run {run.run_id}: admission is now {to_plain(run.admission)}", flush=True)
+
+
+def invite_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="swarm-coordinator invite", description="Print invite tokens for an invite-only run.")
+    p.add_argument("--state-dir", default="runs/coordinator", help="the coordinator's state dir (its invite.key is made there)")
+    p.add_argument("--count", type=int, default=1, metavar="N", help="how many tokens (one per invitee; default %(default)s)")
+    args = p.parse_args(argv)
+    if not 1 <= args.count <= 10_000:
+        raise SystemExit("swarm-coordinator invite: --count must be in [1, 10000]")
+    saved = Path(args.state_dir) / RUN_FILE
+    policy = json.loads(saved.read_text()).get("admission", {}).get("policy", "open") if saved.exists() else "invite"
+    if policy != "invite":
+        print(
+            f"note: this run admits by policy {policy!r}; tokens count once it restarts with --admission invite", file=sys.stderr
+        )
+    secret = load_secret(args.state_dir)
+    for _ in range(args.count):
+        print(mint_token(secret))
+    return 0
 
 
 def _option(text: str) -> tuple[str, int | float | bool | str]:
@@ -105,12 +185,28 @@ def _option(text: str) -> tuple[str, int | float | bool | str]:
         return key, value
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def prepared_run(args: argparse.Namespace) -> RunConfig:
+    """The run the flags describe (a restart resumes its saved one instead, with the admission flags
+    applied to it) and its invite key made; a problem with either stops the command here."""
     try:
         run = build_run(args)
+        update_saved_admission(args)
     except (ValueError, OSError) as e:
         raise SystemExit(f"swarm-coordinator: bad run description: {e}") from None
+    saved = Path(args.state_dir) / RUN_FILE
+    try:  # now, not in the coordinator's role loop, where a failure would go unseen
+        load_gate(from_plain(RunConfig, json.loads(saved.read_text())) if saved.exists() else run, args.state_dir)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"swarm-coordinator: admission: {e}") from None
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["invite"]:
+        return invite_main(argv[1:])
+    args = parse_args(argv)
+    run = prepared_run(args)
     try:
         sinks = sink_config(args)
     except ValueError as e:

@@ -7,7 +7,9 @@ import os
 import tempfile
 
 from launch.common import add_metrics_args, add_network_args, dht_options, run_node, sink_config
+from swarm.processes.admission import AdmissionRefused
 from swarm.processes.volunteer import Peer, PeerConfig
+from swarm.train.sinks import SinkConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--tokenizer", default=None, help="a local copy of the run's tokenizer.json (default: fetched from the swarm)")
     p.add_argument("--memory-gb", type=float, default=None, help="announce this memory, not the measured (e.g. to be a stage)")
+    p.add_argument("--invite", default="", metavar="TOKEN", help="the invite token of an invite-only run (from its operator)")
     add_network_args(p)
     add_metrics_args(p)
     return p.parse_args(argv)
@@ -47,7 +50,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         raise SystemExit(f"join-swarm: {e}") from None
     identity = args.identity or os.path.join(tempfile.mkdtemp(prefix="swarm-peer-"), "identity.key")
-    cfg = PeerConfig(
+    try:
+        cfg = peer_config(args, identity, sinks)
+    except ValueError as e:
+        raise SystemExit(f"join-swarm: {e}") from None
+    peer = Peer(cfg)
+    try:
+        return run_node(peer.main, peer.stop, peer.stopping.set, setup=peer.start_dht)
+    except AdmissionRefused as e:
+        raise SystemExit(f"join-swarm: {e}") from None
+
+
+def peer_config(args: argparse.Namespace, identity: str, sinks: SinkConfig) -> PeerConfig:
+    return PeerConfig(
         coordinator=args.coordinator or coordinator_from_address(args.address[0]),
         identity_path=identity,
         dht=dht_options(args, args.address),
@@ -62,9 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer=args.tokenizer,
         memory_gb=args.memory_gb,
         sinks=sinks,
+        invite=args.invite.strip(),
     )
-    peer = Peer(cfg)
-    return run_node(peer.main, peer.stop, peer.stopping.set, setup=peer.start_dht)
 
 
 if __name__ == "__main__":

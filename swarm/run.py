@@ -11,10 +11,11 @@ import math
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_PEER_ID = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{16,128}$")  # base58, as libp2p writes peer ids
 
 
 SHARDS_SOURCE = "shards"  # RunConfig.data_source of a run whose corpus is its shard list
@@ -97,6 +98,56 @@ class OuterConfig:
             )
 
 
+AdmissionPolicy = Literal["open", "allow-list", "invite"]
+# The run description is one DHT record (at most 256 KiB, swarm/net/schema.py): 2,000 peer ids of
+# 46 characters take ~96 KiB of it, leaving room for a corpus list. A bigger closed run uses invites.
+MAX_ALLOW = 2000
+
+
+@dataclass
+class AdmissionConfig:
+    """Whom the coordinator admits as a member (docs/security.md, "Admission policies").
+
+    open: anyone who announces itself; allow-list: the peer ids in `allow`; invite: a peer that
+    proves it holds a token minted by `swarm-coordinator invite` (swarm/processes/admission.py). The
+    token secret stays in the coordinator's state dir: nothing here lets anyone check or forge one.
+    """
+
+    policy: AdmissionPolicy = "open"
+    allow: list[str] = field(default_factory=list)  # allow-list: the admitted peer ids (public, as the run is)
+    invite_uses: int = 1  # invite: identities one token admits (more than 1: a team sharing a token)
+    # New identities admitted per hour from one network prefix (IPv4 /24, IPv6 /48) of the addresses
+    # a peer announces; 0 = no limit. Announced addresses are self-reported: this binds honest
+    # clients and lazy Sybils, not an attacker who announces made-up addresses.
+    per_prefix_per_hour: int = 0
+    # Rounds of measured useful work before a newcomer's contributions, votes and leadership count.
+    probation_rounds: int = 2
+
+    def __post_init__(self) -> None:
+        if self.policy not in get_args(AdmissionPolicy):
+            raise ValueError(f"admission policy must be one of {', '.join(get_args(AdmissionPolicy))}, got {self.policy!r:.40}")
+        if self.allow and self.policy != "allow-list":
+            raise ValueError(f"an allow list goes with the allow-list policy only, not {self.policy!r}")
+        if len(self.allow) > MAX_ALLOW:
+            raise ValueError(f"an allow list holds at most {MAX_ALLOW} peer ids, got {len(self.allow)}: use invite tokens")
+        for peer in self.allow:
+            if not isinstance(peer, str) or not _PEER_ID.match(peer):
+                raise ValueError(f"allow list entry {peer!r:.80} is not a peer id (base58, like Qm…)")
+        if len(set(self.allow)) != len(self.allow):
+            raise ValueError("the allow list names a peer id twice")
+        if not 1 <= self.invite_uses <= 1000:
+            raise ValueError(f"invite_uses must be in [1, 1000], got {self.invite_uses}")
+        if not 0 <= self.per_prefix_per_hour <= 1_000_000:
+            raise ValueError(f"per_prefix_per_hour must be in [0, 1000000] (0: no limit), got {self.per_prefix_per_hour}")
+        if not 0 <= self.probation_rounds <= 10_000:
+            raise ValueError(f"probation_rounds must be in [0, 10000], got {self.probation_rounds}")
+
+    @property
+    def can_refuse(self) -> bool:
+        """Whether the coordinator may refuse a peer that announces itself."""
+        return self.policy != "open" or self.per_prefix_per_hour > 0
+
+
 @dataclass
 class RunConfig:
     """A whole run: model, data, inner and outer optimisation, round timing."""
@@ -131,6 +182,7 @@ class RunConfig:
     grad_clip: float = 1.0
     max_rounds: int = 0  # 0 = until stopped; otherwise the cosine schedule's horizon
     outer: OuterConfig = field(default_factory=OuterConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # who may join (the coordinator enforces it)
     round_timeout_s: float = 120.0  # a round closes this long after the previous one, whoever is missing
     min_peers: int = 1
     heartbeat_interval_s: float = 5.0

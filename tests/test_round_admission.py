@@ -75,10 +75,12 @@ def test_a_peer_that_delivers_nothing_twice_is_no_longer_waited_for():
     validator = Validator(node, None, None)  # type: ignore[arg-type]
     for r in range(ABSENT_ROUNDS):
         assert validator.waited_for("idler") and validator.fetch_deadline("idler") == 60.0
-        validator.record(Manifest(r, "P", "h", [ManifestEntry("worker", "d", 1)], [], 0.0, missing=["idler"]))
+        validator.record(Manifest(r, "C", "h", [ManifestEntry("worker", "d", 1)], [], 0.0, missing=["idler"]))
+        validator.record(Manifest(r, "P", "h", [ManifestEntry("worker", "d", 1)], [], 0.0, missing=["worker"]))
     assert not validator.waited_for("idler") and validator.fetch_deadline("idler") == SHORT_FETCH_S
-    assert validator.waited_for("worker") and not validator.banned("idler"), "an absence is no strike"
-    validator.record(Manifest(9, "P", "h", [], [Rejection("idler", "late", False)], 0.0))
+    assert validator.waited_for("worker"), "a peer-led manifest's absence marks are not counted"
+    assert not validator.banned("idler"), "an absence is no strike"
+    validator.record(Manifest(9, "C", "h", [], [Rejection("idler", "late", False)], 0.0))
     assert validator.waited_for("idler"), "delivering again (even a rejected payload) restores the wait"
 
 

@@ -153,6 +153,14 @@ class TrainingMode:
         """The mode's change to the model every node builds, before any weights are loaded (e.g. a
         fixed embedding added to the token embedding; default: none)."""
 
+    scored: ClassVar[bool] = False  # the coordinator scores contributions by loss (then newcomers serve probation)
+
+    def make_probe(self, corpus: Corpus) -> Any:
+        """What a round leader scores contributions with (swarm/round/usefulness.py): an object with
+        `losses(state, updates, seed)`, or None if this mode's contributions are not scored by loss
+        (blocking: builds a model). Default: none."""
+        return None
+
     # ----- contributions -------------------------------------------------------------------------
 
     def contribution_names(self, role: Role, names: list[str]) -> list[str]:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -220,9 +221,61 @@ class Replica:
         return evaluate(self.model, batches, device=self.device)
 
 
+class LossProbe:
+    """A round leader's loss on data of its choosing (swarm/round/usefulness.py): `sequences`
+    windows of the held-out split drawn at random from a seed, evaluated on a model of its own (the
+    coordinator's evaluator runs beside it). Cost per round: one forward pass of the batch per
+    contribution, plus one."""
+
+    def __init__(
+        self,
+        run: RunConfig,
+        corpus: Corpus,
+        *,
+        sequences: int = 4,
+        prepare_model: Callable[[torch.nn.Module], None] | None = None,
+    ) -> None:
+        self.run, self.tokens, self.sequences = run, corpus.eval_tokens, sequences
+        if len(self.tokens) <= run.seq_len + 1:
+            raise ValueError(f"the held-out split ({len(self.tokens)} tokens) is too small to probe at seq_len {run.seq_len}")
+        self.model = build_model(model_config(run), seed=run.seed)
+        if prepare_model is not None:
+            prepare_model(self.model)
+        self.model.eval()
+
+    def batch(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed % (1 << 63))
+        starts = torch.randint(0, len(self.tokens) - self.run.seq_len - 1, (self.sequences,), generator=generator)
+        windows = torch.stack(
+            [torch.from_numpy(np.asarray(self.tokens[s : s + self.run.seq_len + 1], dtype=np.int64)) for s in starts.tolist()]
+        )
+        return windows[:, :-1], windows[:, 1:]
+
+    def losses(self, state: GlobalState, updates: list[dict[str, torch.Tensor]], seed: int) -> tuple[float, list[float]]:
+        """Loss at θ and at θ − u for each u, on one batch (torch threads: the caller's)."""
+        batch = [self.batch(seed)]
+        state.load_into(self.model)
+        base = evaluate(self.model, batch)
+        params = dict(self.model.named_parameters())
+        out = []
+        with torch.no_grad():
+            for update in updates:
+                for name, u in update.items():
+                    params[name].sub_(u)
+                out.append(evaluate(self.model, batch))
+                for name in update:
+                    params[name].copy_(state.params[name])
+        return base, out
+
+
 class ReplicaMode(TrainingMode):
     """A mode whose peers train full replicas on their own data shards (the default roles): its
     worker is a `Replica` of the whole model."""
+
+    scored = True
+
+    def make_probe(self, corpus: Corpus) -> LossProbe | None:
+        return LossProbe(self.run, corpus, prepare_model=self.prepare_model)
 
     def make_worker(self, role: Role, device: torch.device, corpus: Corpus | None = None) -> Worker:
         return Replica(self.run, shard=role.data_shard, device=device, corpus=corpus, prepare_model=self.prepare_model)

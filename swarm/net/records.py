@@ -8,6 +8,7 @@ dataclasses (schema.py), checked field by field when read.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -49,6 +50,14 @@ class Capacity:
     tokens_per_s: float
     addrs: list[str] = field(default_factory=list)
     version: str = ""
+    invite: str = ""  # under the invite policy: the proof of a token bound to this peer id (swarm/processes/admission.py)
+
+    def __post_init__(self) -> None:
+        if len(self.invite) > MAX_INVITE_CHARS:
+            raise ValueError(f"an invite proof is at most {MAX_INVITE_CHARS} characters")
+
+
+MAX_INVITE_CHARS = 256
 
 
 @dataclass
@@ -171,12 +180,19 @@ class Manifest:
     closed_at: float
     eval_loss: float | None = None  # the leader's eval loss of the base weights, when it measured one
     missing: list[str] = field(default_factory=list)  # expected peers that delivered nothing in time
+    # The leader's score of each contribution it measured: the share of the probe loss it removes
+    # (swarm/round/usefulness.py; positive helps). Only the coordinator's count toward standing.
+    scores: dict[str, float] = field(default_factory=dict)
     proof: bytes = b""  # the leader's signature of the manifest without this field (swarm/round/evidence.py)
 
     def __post_init__(self) -> None:
         ids = [e.peer_id for e in self.entries]
         if ids != sorted(set(ids)):
             raise ValueError("manifest entries must be sorted by peer id and unique")
+        if not set(self.scores) <= set(ids) | {r.peer_id for r in self.rejected}:
+            raise ValueError("a manifest scores only the contributions it lists or rejects")
+        if not all(math.isfinite(v) for v in self.scores.values()):
+            raise ValueError("manifest scores must be finite")
 
 
 @dataclass
@@ -230,6 +246,41 @@ class FileHolder:
             raise ValueError("size must be >= 0")
 
 
+@dataclass
+class Ledger:
+    """The coordinator's count of each peer's standing after the manifests of rounds < `round`
+    (swarm/round/admission.py): what a joiner, a node that reloaded, or a restarted coordinator
+    adopts, so strikes, bans and useful work carry over whoever was there when they were earned.
+    Under run_key(run, 'ledger'), signed by the coordinator; only the coordinator's counts."""
+
+    round: int
+    useful: dict[str, int] = field(default_factory=dict)  # capped at the run's probation
+    strikes: dict[str, int] = field(default_factory=dict)
+    banned_until: dict[str, int] = field(default_factory=dict)
+    absent: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("useful", "strikes", "banned_until", "absent"):
+            counts = getattr(self, name)
+            if len(counts) > MAX_LEDGER_PEERS:
+                raise ValueError(f"a ledger lists at most {MAX_LEDGER_PEERS} peers per count, got {len(counts)}")
+            if any(v < 0 for v in counts.values()):
+                raise ValueError(f"ledger counts must be >= 0 ({name})")
+
+
+MAX_LEDGER_PEERS = 4096
+
 # Every record type of this module that nodes store, in one place: the DHT validator is built from it
 # plus the run description type (swarm/node.py). A new record type is added here.
-RECORD_TYPES: tuple[type, ...] = (Capacity, Role, Roster, Heartbeat, Submission, Manifest, Evidence, EventLog, FileHolder)
+RECORD_TYPES: tuple[type, ...] = (
+    Capacity,
+    Role,
+    Roster,
+    Heartbeat,
+    Submission,
+    Manifest,
+    Evidence,
+    EventLog,
+    FileHolder,
+    Ledger,
+)

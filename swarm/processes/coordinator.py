@@ -119,11 +119,13 @@ class Coordinator(AgreedNode):
         self.server.register("payload", self.store.serve)
         self.status.phase = "joining"
         state = await self._obtain_state()
-        self.hold(RoundAgreement(self, self.store, state, self.mode))
+        corpus = corpus or await self.data.corpus(0)
+        probe = await asyncio.to_thread(self.mode.make_probe, corpus)  # scores contributions when we lead
+        self.hold(RoundAgreement(self, self.store, state, self.mode, probe=probe))
+        await self.agreement.adopt_ledger()  # standing earned before we joined (or restarted)
         serve_state(self.server, self.agreement)
         self.evaluator = None
         if self.cfg.evaluate:  # on data shard 0's held-out tail
-            corpus = corpus or await self.data.corpus(0)
             self.evaluator = await asyncio.to_thread(Replica, self.run, shard=0, device=torch.device("cpu"), corpus=corpus)
         self.log_event("start", f"coordinator of run {self.run.run_id} at round {state.round}")
         self.sinks = await asyncio.to_thread(

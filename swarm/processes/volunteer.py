@@ -32,6 +32,14 @@ from swarm.net.dht import DHTOptions
 from swarm.net.records import Capacity, Manifest, Role, Submission, role_key, run_key, submit_key
 from swarm.net.schema import to_plain
 from swarm.node import fetch_run_description
+from swarm.processes.admission import (
+    AdmissionRefused,
+    check_token,
+    coordinator_refusal,
+    invite_proof,
+    refusal_before_joining,
+    refusal_message,
+)
 from swarm.processes.agreed import AgreedNode
 from swarm.processes.statesync import catch_up, reload_state, serve_state
 from swarm.round.agreement import RoundAgreement
@@ -42,6 +50,7 @@ from swarm.train.sinks import MetricSinks, SinkConfig
 from swarm.train.step import resolve_device
 
 logger = get_logger(__name__)
+CAPACITY_TTL_S = 3600.0  # renewed every third of it while the peer runs
 
 
 @dataclass
@@ -63,12 +72,15 @@ class PeerConfig:
     memory_gb: float | None = None  # announced instead of the measured memory (join-swarm --memory-gb)
     tokenizer: str | None = None  # a local copy of the run's tokenizer.json (else fetched from the swarm)
     sinks: SinkConfig = field(default_factory=SinkConfig)  # TensorBoard / W&B copies of the per-round JSONL
+    invite: str = ""  # an invite-only run's token (join-swarm --invite); never published, only a proof of it
 
     def __post_init__(self) -> None:
         if not self.coordinator:
             raise ValueError("a coordinator peer id is required")
         if self.role_timeout_s <= 0:
             raise ValueError("role_timeout_s must be positive")
+        if self.invite:
+            check_token(self.invite)
 
 
 class Peer(AgreedNode):
@@ -105,6 +117,7 @@ class Peer(AgreedNode):
         self.server.register("payload", self.store.serve)
         state = await self._obtain_state()
         self.hold(RoundAgreement(self, self.store, state, self.mode))
+        await self.agreement.adopt_ledger()  # standing earned before we joined (or restarted)
         serve_state(self.server, self.agreement)
         self.log_event("join", f"{self.status.name} joined at round {state.round} on {self.device}")
         await self._round_loop()
@@ -118,7 +131,22 @@ class Peer(AgreedNode):
         self.spawn(fetcher.serve_available(self.run.corpus))
         return await RunData(self.run, fetcher).corpus(data_shard)
 
+    async def _keep_announcing(self, capacity: Capacity) -> None:
+        """Renew the capacity announcement before it expires: the coordinator counts a peer as live
+        only while it is announced (an announcement made once dropped a peer after an hour)."""
+        while True:
+            await asyncio.sleep(CAPACITY_TTL_S / 3)
+            await self.dht.put(run_key(self.run.run_id, "peers"), capacity, ttl_s=CAPACITY_TTL_S)
+
     async def _get_role(self) -> Role:
+        """Announce our capacity and wait for the role the coordinator signs. A peer the run's
+        admission policy refuses raises AdmissionRefused, saying why, instead of waiting for ever."""
+        admission = self.run.admission
+        refusal = refusal_before_joining(admission, self.peer_id, invited=bool(self.cfg.invite))
+        if refusal is not None:
+            raise AdmissionRefused(refusal)
+        if self.cfg.invite and admission.policy != "invite":
+            logger.warning("this run does not admit by invite (its policy is %s): --invite is not used", admission.policy)
         capacity = Capacity(
             peer_id=self.peer_id,
             name=self.status.name,
@@ -127,14 +155,21 @@ class Peer(AgreedNode):
             tokens_per_s=await asyncio.to_thread(measure_tokens_per_s, self.run, self.device),
             addrs=self.dht.visible_maddrs()[:4],
             version=__version__,
+            invite=invite_proof(self.cfg.invite, self.run.run_id, self.peer_id) if admission.policy == "invite" else "",
         )
-        await self.dht.put(run_key(self.run.run_id, "peers"), capacity, ttl_s=3600)
+        announced_at = self.wall_time()  # an older refusal was of an earlier announcement
+        await self.dht.put(run_key(self.run.run_id, "peers"), capacity, ttl_s=CAPACITY_TTL_S)
+        self.spawn(self._keep_announcing(capacity))
         deadline = time.monotonic() + self.cfg.role_timeout_s
         while time.monotonic() < deadline:
             role = await self._signed_role()
             if role is not None:
                 return role
+            if admission.can_refuse and (reason := await coordinator_refusal(self, since=announced_at)) is not None:
+                raise AdmissionRefused(refusal_message(admission, reason))
             await asyncio.sleep(0.5)
+        if admission.can_refuse and self.run.coordinator in {b.peer_id for b in await self.live_peers()}:
+            raise AdmissionRefused(refusal_message(admission, await coordinator_refusal(self, since=0.0)))
         # Without a coordinator the swarm still runs: take the default role with a shard from our id.
         shard = int(hashlib.sha256(self.peer_id.encode()).hexdigest(), 16) % self.run.num_shards
         role = self.mode.default_role(self.peer_id, shard)

@@ -3,30 +3,60 @@
 On its own, a submission must be built on the leader's state, deliverable, well-formed (codec
 validation, docs/wire-format.md) and cover exactly the slots of its sender's coordinator-signed role.
 As a set (swarm/round/robust.py): all-zero contributions are refused, copies are found by overlapping
-selected positions, contributions pointing away from the others are left out, and every tensor is
-clipped to the round's median norm. A fault (malformed, free rider, copier, pointing against the
-others) is marked in the manifest's rejection; every node counts the strikes in the coordinator's
-manifests as it applies them (`record`), so strikes are part of what the swarm agreed on, and after
-STRIKES_BEFORE_BAN any leader ignores the sender.
+selected positions, and every tensor is clipped to the round's median norm. Then usefulness: a
+leader with a probe (the coordinator) scores every contribution by what its share does to the loss
+(swarm/round/usefulness.py) and refuses those that raise it, whatever their geometry; a leader
+without one (a peer, while the coordinator is away) falls back on geometry (contributions pointing
+away from the others are left out) and applies only work from peers with standing.
+
+The ledger every node keeps from the coordinator's manifests as it applies them (`record`), so it
+is part of what the swarm agreed on and survives the coordinator stepping away: strikes (a fault
+marked in a rejection: malformed, free rider, copier, hurting the loss), bans after
+STRIKES_BEFORE_BAN strikes that expire after BAN_ROUNDS rounds (the peer then starts over on
+probation), absences, and useful work: contributions the coordinator scored as lowering the loss. A
+peer with fewer than the run's `probation_rounds` of useful work is on probation: its contributions
+are scored and applied only if they help, and it neither leads, nor counts toward a peer-led
+quorum, nor has its work applied in a round nobody scores. Votes follow measured work, not keys.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from swarm.codec import PayloadError, payload_digest
 from swarm.log import get_logger
 from swarm.modes.base import TrainingMode
-from swarm.net.records import Manifest, ManifestEntry, Rejection, Role, Submission, role_key
+from swarm.net.records import MAX_LEDGER_PEERS, Ledger, Manifest, ManifestEntry, Rejection, Role, Submission, role_key
 from swarm.net.transfer import TransferError
 from swarm.round.payloads import PayloadStore
-from swarm.round.robust import COPY_OVERLAP, Summary, alignments, clip_scales, misaligned, overlap, summarise
+from swarm.round.robust import (
+    COPY_OVERLAP,
+    Summary,
+    against_the_rest,
+    alignments,
+    clip_scales,
+    misaligned,
+    overlap,
+    summarise,
+)
+from swarm.round.usefulness import Probe, helps, hurts, probe_seed, score_shares, shares
 from swarm.round.world import World
+from swarm.state import GlobalState
 
 logger = get_logger(__name__)
+
+
+def _first(counts: dict[str, int]) -> dict[str, int]:
+    """Non-zero counts, at most MAX_LEDGER_PEERS of them (by peer id), for the ledger record."""
+    return dict(sorted((p, n) for p, n in counts.items() if n > 0)[:MAX_LEDGER_PEERS])
+
+
 STRIKES_BEFORE_BAN = 3
+BAN_ROUNDS = 20  # rounds a ban lasts; then the peer starts over, on probation, with no strikes
+USEFUL_CAP = 1 << 20
 NOT_DELIVERED = "payload not delivered"
 ABSENT_ROUNDS = 2  # rounds a peer delivered nothing in time before leaders stop waiting for it
 SHORT_FETCH_S = 10.0  # fetch deadline for the payload of a peer that is not waited for
@@ -44,11 +74,46 @@ class Validator:
     node: World
     store: PayloadStore
     mode: TrainingMode
+    probe: Probe | None = None  # scores contributions by loss (the coordinator's; None: geometry only)
     strikes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     absent: dict[str, int] = field(default_factory=dict)  # consecutive applied rounds a peer was missing
+    useful: dict[str, int] = field(default_factory=dict)  # contributions the coordinator scored as helping
+    banned_until: dict[str, int] = field(default_factory=dict)  # round from which a banned peer starts over
+    secret: bytes = field(default_factory=lambda: secrets.token_bytes(16))  # seeds the probe's batches
+    counted_to: int = 0  # manifests of rounds below this are in the ledger
+
+    def ledger(self) -> Ledger:
+        """The counts as a record (useful work capped at the probation: all that decides standing)."""
+        cap = max(self.probation_rounds, 1)
+        busiest = sorted(self.useful, key=lambda p: (-self.useful[p], p))[:MAX_LEDGER_PEERS]
+        return Ledger(
+            round=self.counted_to,
+            useful={p: min(self.useful[p], cap) for p in sorted(busiest)},
+            strikes=_first(self.strikes),
+            banned_until=_first(self.banned_until),
+            absent=_first(self.absent),
+        )
+
+    def adopt(self, ledger: Ledger) -> bool:
+        """Take the coordinator's counts if they are ahead of ours (a joiner, a reload, a restart)."""
+        if ledger.round <= self.counted_to:
+            return False
+        self.useful, self.banned_until, self.absent = dict(ledger.useful), dict(ledger.banned_until), dict(ledger.absent)
+        self.strikes = defaultdict(int, ledger.strikes)
+        self.counted_to = ledger.round
+        return True
+
+    @property
+    def probation_rounds(self) -> int:
+        """Useful contributions a newcomer must show; 0 when the mode's work is not scored."""
+        return self.node.run.admission.probation_rounds if self.mode.scored else 0
 
     def banned(self, peer_id: str) -> bool:
-        return self.strikes.get(peer_id, 0) >= STRIKES_BEFORE_BAN
+        return peer_id in self.banned_until
+
+    def standing(self, peer_id: str) -> bool:
+        """Past probation: its votes, leadership and unscored work count."""
+        return self.useful.get(peer_id, 0) >= self.probation_rounds and not self.banned(peer_id)
 
     def waited_for(self, peer_id: str) -> bool:
         """Whether a leader waits for this peer's submission: not after it said it was training and
@@ -60,15 +125,22 @@ class Validator:
         return round_s if self.waited_for(peer_id) else min(SHORT_FETCH_S, round_s)
 
     async def validate(
-        self, round_no: int, base_hash: str, subs: dict[str, Submission], seen: dict[str, int]
-    ) -> tuple[list[ManifestEntry], list[Rejection]]:
-        """Entries (sorted by peer, with clip factors) and rejections of a round. `seen`: the poll in
-        which the leader first saw each submission (who came first when two are copies)."""
+        self, state: GlobalState, subs: dict[str, Submission], seen: dict[str, int]
+    ) -> tuple[list[ManifestEntry], list[Rejection], dict[str, float]]:
+        """Entries (sorted by peer, with clip factors), rejections and scores of the round on
+        `state`. `seen`: the poll in which the leader first saw each submission (who came first
+        when two are copies)."""
+        round_no, base_hash = state.round, state.hash
         verdicts = dict(zip(subs, await asyncio.gather(*(self.check(round_no, base_hash, s) for s in subs.values()))))
         await self._refuse_incomplete(verdicts)
         self._refuse_zeros(verdicts)
         self._refuse_copies(verdicts, seen)
-        self._refuse_misaligned(verdicts)
+        scores: dict[str, float] = {}
+        if self.probe is not None and not self.mode.inline_payload:
+            scores = await self._refuse_useless(state, verdicts)
+        else:
+            self._refuse_misaligned(verdicts)
+            self._refuse_unproven(verdicts)
         await self._refuse_incomplete(verdicts)  # a refusal above may have broken a group
         accepted = sorted(p for p, v in verdicts.items() if v.reason is None)
         scales = clip_scales([s for p in accepted if (s := verdicts[p].summary) is not None])
@@ -81,7 +153,34 @@ class Validator:
             if verdict.reason is not None:
                 rejected.append(Rejection(peer, verdict.reason, verdict.fault))
                 self.node.log_event("reject", f"round {round_no}: payload from {peer[-8:]} rejected: {verdict.reason}")
-        return entries, rejected
+        return entries, rejected, scores
+
+    async def _refuse_useless(self, state: GlobalState, verdicts: dict[str, Verdict]) -> dict[str, float]:
+        """Score each valid contribution's share of the round on the probe; refuse (and strike) the
+        ones that raise the loss, and a newcomer's that does not lower it (no strike)."""
+        assert self.probe is not None
+        peers = sorted(p for p, v in verdicts.items() if v.reason is None and v.summary is not None)
+        if not peers:
+            return {}
+        summaries = [s for p in peers if (s := verdicts[p].summary) is not None]
+        outer_lr = self.node.run.outer_at(state.round).outer_lr
+        updates = shares(summaries, clip_scales(summaries), dict(self.store.shapes), outer_lr)
+        seed = probe_seed(self.secret, state.round, state.hash)
+        _, found = await asyncio.to_thread(score_shares, self.probe, state, updates, seed)
+        scores = dict(zip(peers, found))
+        for peer, value in scores.items():
+            if hurts(value):
+                verdicts[peer].reason = f"raises the loss on the leader's data by {-100 * value:.2f}%"
+                verdicts[peer].fault = True
+            elif not self.standing(peer) and not helps(value):
+                verdicts[peer].reason = f"on probation: did not lower the loss on the leader's data ({-100 * value:+.3f}%)"
+        return scores
+
+    def _refuse_unproven(self, verdicts: dict[str, Verdict]) -> None:
+        """Nobody scores this round: work from peers without standing is not applied (no strike)."""
+        for peer, verdict in verdicts.items():
+            if verdict.reason is None and not self.standing(peer):
+                verdict.reason = "on probation: its work counts only in rounds the coordinator scores"
 
     async def check(self, round_no: int, base_hash: str, sub: Submission) -> Verdict:
         """One submission on its own."""
@@ -149,14 +248,25 @@ class Validator:
 
     @staticmethod
     def _refuse_misaligned(verdicts: dict[str, Verdict]) -> None:
-        """Leave out contributions that, clipped, point away from the sum of the others."""
-        peers = sorted(p for p, v in verdicts.items() if v.reason is None)
+        """Leave out contributions that, clipped, point away from the sum of the others; then, until
+        none is left, the one pointing most against it (cosine < 0): every follower checks that of a
+        peer-led manifest (`against_the_rest`), since nobody scored its round."""
+        peers = sorted(p for p, v in verdicts.items() if v.reason is None and v.summary is not None)
         summaries = [s for p in peers if (s := verdicts[p].summary) is not None]
         scores = alignments(summaries, clip_scales(summaries))
         for peer, score, bad in zip(peers, scores, misaligned(scores)):
             if bad:  # pointing against the others is a fault; merely unaligned may be bad luck
                 verdicts[peer].reason = f"points away from the other contributions (cosine {score:.3f})"
                 verdicts[peer].fault = score < 0
+        while True:
+            peers = sorted(p for p, v in verdicts.items() if v.reason is None and v.summary is not None)
+            summaries = [s for p in peers if (s := verdicts[p].summary) is not None]
+            scales = clip_scales(summaries)
+            if not against_the_rest(summaries, scales):
+                return
+            scores = alignments(summaries, scales)  # the worst first: with it gone, the others may agree
+            worst = min(range(len(peers)), key=lambda i: (scores[i], peers[i]))
+            verdicts[peers[worst]].reason = f"points against the other contributions (cosine {scores[worst]:.3f})"
 
     @staticmethod
     def _refuse_copies(verdicts: dict[str, Verdict], seen: dict[str, int]) -> None:
@@ -174,21 +284,33 @@ class Validator:
                     b.reason, b.fault = f"copies the payload of {first[-8:]} (selected positions overlap)", True
 
     def record(self, manifest: Manifest) -> None:
-        """Count the absences of an applied manifest, and its strikes if the coordinator closed it.
-        Every node applies the same manifests, so every node holds the same counts and whoever leads
-        next keeps the penalties; a peer that leads cannot strike anyone for the others (it could
-        frame honest peers). Absences only decide whom a leader waits for, so any leader's count."""
+        """The ledger of an applied manifest: only the coordinator's count. Every node applies the
+        same manifests, so every node holds the same ledger and whoever leads next keeps it. A peer
+        that leads cannot strike, credit or mark absent anyone for the others: it could frame honest
+        peers, promote its friends, or shrink the quorum by calling the others missing."""
+        if manifest.leader != self.node.run.coordinator or manifest.round < self.counted_to:
+            return  # a peer's manifest, or one the adopted ledger already counts
+        self.counted_to = manifest.round + 1
         for peer in {e.peer_id for e in manifest.entries} | {r.peer_id for r in manifest.rejected}:
             if peer not in manifest.missing:
                 self.absent.pop(peer, None)
         for peer in manifest.missing:
             self.absent[peer] = self.absent.get(peer, 0) + 1
-        if manifest.leader != self.node.run.coordinator:
-            return
+        for peer, value in manifest.scores.items():
+            if helps(value) and not self.banned(peer):
+                self.useful[peer] = min(self.useful.get(peer, 0) + 1, USEFUL_CAP)
         for rejection in manifest.rejected:
-            if rejection.fault:
+            if rejection.fault and not self.banned(rejection.peer_id):
                 self.strikes[rejection.peer_id] += 1
-                if self.strikes[rejection.peer_id] == STRIKES_BEFORE_BAN:
+                if self.strikes[rejection.peer_id] >= STRIKES_BEFORE_BAN:
+                    self.banned_until[rejection.peer_id] = manifest.round + 1 + BAN_ROUNDS
                     self.node.log_event(
-                        "ban", f"{rejection.peer_id[-8:]} made {STRIKES_BEFORE_BAN} faulty submissions: ignored from now on"
+                        "ban",
+                        f"{rejection.peer_id[-8:]} made {STRIKES_BEFORE_BAN} faulty submissions: ignored for {BAN_ROUNDS} rounds",
                     )
+        for peer, until in list(self.banned_until.items()):
+            if until <= manifest.round + 1:  # served: it starts over, on probation
+                del self.banned_until[peer]
+                self.strikes.pop(peer, None)
+                self.useful.pop(peer, None)
+                self.node.log_event("ban", f"{peer[-8:]}'s ban expired: on probation again")

@@ -24,12 +24,14 @@ from swarm.modes.base import TrainingMode
 from swarm.net.dht import Signed
 from swarm.net.records import (
     Heartbeat,
+    Ledger,
     Manifest,
     ManifestEntry,
     Role,
     Submission,
     manifest_key,
     role_key,
+    run_key,
     submit_key,
 )
 from swarm.net.schema import encode_record
@@ -37,7 +39,16 @@ from swarm.round.admission import NOT_DELIVERED, Validator
 from swarm.round.evidence import EquivocationWitness, proof_ok, sign_manifest
 from swarm.round.leadership import agreed_hash, canonical_manifest, coordinator_present, peer_quorum, should_lead
 from swarm.round.payloads import PayloadStore
-from swarm.round.robust import check_clipping, check_scales, clipped_norms
+from swarm.round.robust import (
+    Summary,
+    against_the_rest,
+    check_clipping,
+    check_scales,
+    check_update,
+    clipped_norms,
+    summarise,
+)
+from swarm.round.usefulness import Probe
 from swarm.round.world import World, monotonic
 from swarm.run import RunConfig
 from swarm.state import GlobalState, save_state
@@ -45,6 +56,7 @@ from swarm.state import GlobalState, save_state
 T = TypeVar("T")
 logger = get_logger(__name__)
 MANIFEST_TTL_S = 6 * 3600
+LEDGER_TTL_S = 7 * 24 * 3600.0  # standing must outlive any coordinator outage
 
 
 def _cpu_timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
@@ -77,9 +89,10 @@ class RoundAgreement:
     coverage: dict[str, int] = field(default_factory=dict)  # slot group -> contributions, last round applied
     apply_s: float = 0.0  # seconds the last round took to decode and apply (SPSA: its replay cost)
     apply_cpu_s: float = 0.0  # CPU time of that work: what it takes on a core of its own
+    probe: Probe | None = None  # scores contributions by loss when we lead (the coordinator's)
 
     def __post_init__(self) -> None:
-        self.validator = Validator(self.node, self.store, self.mode)
+        self.validator = Validator(self.node, self.store, self.mode, probe=self.probe)
         self.witness = EquivocationWitness()
         self._proofs_ok: dict[tuple[str, str], bool] = {}
         self._admitted: set[str] = set()  # left the roster since, but the coordinator's role for them stands
@@ -106,7 +119,14 @@ class RoundAgreement:
             if await self._was_admitted(signer):
                 members = members | {signer}
         return canonical_manifest(
-            found, round_no, self.run.coordinator, agreed, members=members, peers_may_lead=peers_may_lead, quorum=quorum
+            found,
+            round_no,
+            self.run.coordinator,
+            agreed,
+            members=members,
+            peers_may_lead=peers_may_lead,
+            quorum=quorum,
+            standing=self.validator.standing,
         )
 
     async def _was_admitted(self, peer_id: str) -> bool:
@@ -213,9 +233,10 @@ class RoundAgreement:
         me = self.node.peer_id
         if self.state.round != round_no or self.state.hash != agreed:
             return False
-        if me != self.run.coordinator and me not in await self.node.members():
+        if me != self.run.coordinator and (me not in await self.node.members() or not self.validator.standing(me)):
             return False
-        return should_lead(me, round_no, beats, agreed, self.run.coordinator, peers_may_lead)
+        candidates = [b for b in beats if b.peer_id == self.run.coordinator or self.validator.standing(b.peer_id)]
+        return should_lead(me, round_no, candidates, agreed, self.run.coordinator, peers_may_lead)
 
     # ----- leading ---------------------------------------------------------------------------
 
@@ -224,6 +245,7 @@ class RoundAgreement:
         first_seen: float | None = None
         seen: dict[str, int] = {}  # poll in which each submission first appeared
         polls = 0
+        leading_since = monotonic()
         while True:
             polls += 1
             beats, agreed, may_lead, other = await self._look(round_no, started)
@@ -243,8 +265,11 @@ class RoundAgreement:
             late = first_seen is not None and monotonic() - first_seen > self.run.round_timeout_s
             if subs and (everyone_in or late) and len(subs) >= quorum:
                 break
+            if not subs and self._nobody_admissible(beats) and monotonic() - leading_since > self.run.round_timeout_s:
+                logger.info("round %d: every live trainer is banned; closing it empty", round_no)
+                break
             await asyncio.sleep(self.poll_s)
-        entries, rejected = await self.validator.validate(round_no, self.state.hash, subs, seen)
+        entries, rejected, scores = await self.validator.validate(self.state, subs, seen)
         *_, other = await self._look(round_no, started)  # validating took a while: did the round close meanwhile?
         if other is not None:
             return other
@@ -263,6 +288,7 @@ class RoundAgreement:
             closed_at=self.node.wall_time(),
             eval_loss=self.node.status.loss if self.node.status.is_coordinator else None,
             missing=missing,
+            scores=scores,
         )
         manifest = sign_manifest(self.node.dht.identity, manifest)
         for _ in range(3):
@@ -277,7 +303,10 @@ class RoundAgreement:
 
     def _expected(self, round_no: int, beats: list[Heartbeat]) -> set[str]:
         """Replicas the round waits for: every live trainer at this round or just finishing the last
-        one (a slower peer still applying round r−1 is counted, not left behind every round)."""
+        one (a slower peer still applying round r−1 is counted, not left behind every round). A peer
+        leader (which scores nothing) waits only for peers with standing: it could not apply the
+        others' work, and they do not count toward its quorum."""
+        coordinator = self.node.peer_id == self.run.coordinator
         return {
             b.peer_id
             for b in beats
@@ -286,7 +315,16 @@ class RoundAgreement:
             and b.phase in ("training", "exchanging", "idle")
             and not self.validator.banned(b.peer_id)
             and self.validator.waited_for(b.peer_id)
+            and (coordinator or self.validator.standing(b.peer_id))
         }
+
+    def _nobody_admissible(self, beats: list[Heartbeat]) -> bool:
+        """Trainers are live, and every one of them is banned: the coordinator closes the round empty
+        rather than wait for ever (the bans then run out, round by round)."""
+        if self.node.peer_id != self.run.coordinator:
+            return False
+        trainers = [b for b in beats if b.peer_id != self.run.coordinator and b.phase != "joining"]
+        return bool(trainers) and all(self.validator.banned(b.peer_id) for b in trainers)
 
     async def _submissions(self, round_no: int) -> dict[str, Submission]:
         found = await self.node.dht.get_all(submit_key(self.run.run_id, round_no), Submission)
@@ -352,6 +390,8 @@ class RoundAgreement:
     def _apply_blobs(self, manifest: Manifest, blobs: list[bytes]) -> None:
         acc = slot_aggregator(self.store.shapes, self.run.outer.trim)
         norms: list[dict[str, float]] = []  # of each clipped contribution, to check the leader clipped
+        unscored = manifest.leader != self.run.coordinator  # nobody measured its usefulness: check its geometry
+        summaries: list[Summary] = []
         for entry, data in zip(manifest.entries, blobs):
             try:
                 tensors = self.store.decode(data, sender=entry.peer_id, round_no=manifest.round)
@@ -362,14 +402,22 @@ class RoundAgreement:
                 raise BadManifest(f"entry of {entry.peer_id[-8:]}: {problem}")
             acc.add(tensors, entry.scales)
             norms.append(clipped_norms(tensors, entry.scales))
+            if unscored:
+                summaries.append(summarise(tensors, sparse=self.run.outer.codec == "sparseloco"))
         problem = check_clipping(norms)
         if problem is not None:
+            raise BadManifest(problem)
+        if against := against_the_rest(summaries, [e.scales for e in manifest.entries]):
+            raise BadManifest(f"lists {len(against)} contribution(s) pointing against the others, and nobody scored the round")
+        mean = acc.mean()
+        problem = check_update(self.state.params, mean, self.run.outer_at(manifest.round).outer_lr)
+        if problem is not None:  # a poisoned round: refused by every node alike, our state kept
             raise BadManifest(problem)
         coverage: dict[str, int] = {}
         for name, count in acc.counts.items():
             group = self.mode.slot_group(name)
             coverage[group] = max(coverage.get(group, 0), count)
-        self.mode.outer_step(self.state, acc.mean())  # the state is untouched until every payload decoded
+        self.mode.outer_step(self.state, mean)  # the state is untouched until every payload decoded and the mean passed
         self.coverage = coverage
 
     async def settle_round(self, round_no: int, reload: Callable[[], Awaitable[GlobalState]]) -> tuple[Manifest, int | None]:
@@ -384,6 +432,8 @@ class RoundAgreement:
             try:
                 applied = await self.apply(manifest)
                 self.validator.record(manifest)
+                if self.node.peer_id == self.run.coordinator and manifest.leader == self.run.coordinator:
+                    await self.node.dht.put(run_key(self.run.run_id, "ledger"), self.validator.ledger(), LEDGER_TTL_S)
                 return manifest, applied
             except BadManifest as e:
                 self.ignored.add((manifest.round, manifest.leader))
@@ -391,7 +441,15 @@ class RoundAgreement:
             except Diverged as e:
                 self.node.log_event("reload", f"{e}; reloading state")
                 self.state = await reload()
+                await self.adopt_ledger()
                 return manifest, None
+
+    async def adopt_ledger(self) -> None:
+        """Take the coordinator's published ledger if it is ahead of ours (joining, reloading,
+        restarting): standing, strikes and bans carry over (admission.py)."""
+        item = await self.node.dht.get_from(run_key(self.run.run_id, "ledger"), Ledger, self.run.coordinator)
+        if item is not None and self.validator.adopt(item.record):
+            logger.info("adopted the coordinator's ledger as of round %d", item.record.round)
 
     async def _fetch(self, manifest: Manifest, entry: ManifestEntry) -> bytes:
         """A listed payload from its sender, the leader, the other senders, or any member that has

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Callable
 
 from swarm.net.dht import Signed
 from swarm.net.records import Heartbeat, Manifest
@@ -56,11 +57,14 @@ def canonical_manifest(
     members: set[str] | None = None,
     peers_may_lead: bool = True,
     quorum: int = 0,
+    standing: Callable[[str], bool] | None = None,
 ) -> Manifest | None:
     """Of the manifests published for a round, the one to apply: the coordinator's if there is one;
     else, when peers may lead (the coordinator is away or its view timed out), the best-ranked
     admitted leader's that lists at least `quorum` contributions (so a peer that leads cannot decide
-    a round alone). Only manifests signed by their leader and built on the agreed state count."""
+    a round alone) and, given `standing`, whose leader and every contribution have standing (no
+    newcomer's unscored work, no newcomer leading). Only manifests signed by their leader and built
+    on the agreed state count."""
     valid = [m for m in found if m.record.leader == m.signer and m.record.round == round_no]
     if members is not None:
         valid = [m for m in valid if m.signer in members or m.signer == coordinator]
@@ -70,6 +74,8 @@ def canonical_manifest(
     if ours:
         return ours[0].record
     valid = [m for m in valid if len(m.record.entries) >= quorum]
+    if standing is not None:
+        valid = [m for m in valid if standing(m.signer) and all(standing(e.peer_id) for e in m.record.entries)]
     if not valid or not peers_may_lead:
         return None
     return min(valid, key=lambda m: leader_rank(round_no, m.signer, coordinator)).record
@@ -93,5 +99,7 @@ def should_lead(
 
 
 def peer_quorum(trainers: int) -> int:
-    """Contributions a peer-led manifest must list: a majority of the round's live trainers."""
-    return (trainers + 1) // 2
+    """Contributions a peer-led manifest must list: a strict majority of the round's live trainers
+    with standing (so two manifests of one round cannot both have one, and a colluding minority
+    cannot make one of its own: 2 of 3, 3 of 4, 4 of 6)."""
+    return trainers // 2 + 1 if trainers > 0 else 0

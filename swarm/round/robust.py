@@ -93,6 +93,16 @@ def misaligned(scores: list[float]) -> list[bool]:
     return [score < ALIGN_FRACTION * median for score in scores]
 
 
+def against_the_rest(summaries: list[Summary], scales: list[dict[str, float]]) -> list[int]:
+    """Indices of the (clipped) contributions whose cosine with the sum of the others is negative
+    (two or more contributions). Honest ones from the same weights never were in our runs; the
+    check a follower makes of a round nobody scored, so a peer that leads cannot slip in its own
+    flipped update at an honest size."""
+    if len(summaries) < 2:
+        return []
+    return [i for i, score in enumerate(alignments(summaries, scales)) if score < 0]
+
+
 def overlap(a: Summary, b: Summary) -> float:
     """Share of selected positions two sparse contributions have in common (0 when not comparable)."""
     common = smaller = 0
@@ -157,4 +167,25 @@ def check_scales(scales: dict[str, float], names: set[str]) -> str | None:
             return f"a clip factor for {name!r}, which the payload does not carry"
         if not (isinstance(s, float) and math.isfinite(s) and 0 < s <= 1):
             return f"clip factor {s!r} for {name!r} is not in (0, 1]"
+    return None
+
+
+# An honest round moves the weights by a few percent of their norm (`nano`, 30 inner steps: under
+# 0.1 at round 0, less after); a round that would move them by their own norm or more is poison.
+MAX_UPDATE_RATIO = 1.0
+
+
+def check_update(params: dict[str, torch.Tensor], mean: dict[str, torch.Tensor], outer_lr: float) -> str | None:
+    """Why a round's mean must not be applied (None if it may): not finite, or the step α · mean
+    longer than MAX_UPDATE_RATIO times the weights it moves. Every node applying the manifest
+    computes the same mean, so every honest node refuses it alike and keeps its state."""
+    step_sq = weights_sq = 0.0
+    for name, m in mean.items():
+        if not bool(torch.isfinite(m).all()):
+            return f"the round's mean of {name} is not finite"
+        step_sq += float((m.double() ** 2).sum())
+        weights_sq += float((params[name].double() ** 2).sum())
+    step = abs(outer_lr) * math.sqrt(step_sq)
+    if not math.isfinite(step) or step > MAX_UPDATE_RATIO * math.sqrt(weights_sq):
+        return f"the round would move the weights by {step:.4g}, more than {MAX_UPDATE_RATIO:g} × their norm {math.sqrt(weights_sq):.4g}"
     return None

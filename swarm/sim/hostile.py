@@ -7,8 +7,15 @@ model. `ATTACKS` maps the names used by `swarm-sim --attack NAME` and `SimConfig
 
 from __future__ import annotations
 
+import asyncio
+
 import torch
 
+from swarm.net.records import Manifest, ManifestEntry, manifest_key
+from swarm.round.evidence import sign_manifest
+from swarm.round.leadership import peer_quorum
+from swarm.round.payloads import Encoded, PayloadEncoder
+from swarm.round.robust import clip_scales, summarise
 from swarm.sim.peer import SimPeer
 
 
@@ -63,7 +70,89 @@ class Zero(SimPeer):
         return {n: torch.zeros_like(t) for n, t in self.pseudo_gradient(r).items()}
 
 
+class Evade(SimPeer):
+    """Stays above a cosine cut: mostly against its own honest update (−0.85 of it), plus enough of
+    the swarm's last step (which everyone can compute: θ(r−1) − θ(r)) to look aligned with the rest."""
+
+    honest = False
+
+    previous: dict[str, torch.Tensor] | None = None  # θ of the last round we worked on
+
+    def work(self, r: int) -> dict[str, torch.Tensor] | None:
+        own = self.pseudo_gradient(r)
+        now = self.agreement.state.params
+        last = {n: self.previous[n] - t for n, t in now.items()} if self.previous is not None else {}
+        self.previous = {n: t.clone() for n, t in now.items()}
+        out = {}
+        for name, t in own.items():
+            along = last.get(name)
+            push = along * (t.norm() / along.norm()) if along is not None and along.norm() > 0 else torch.zeros_like(t)
+            out[name] = -0.85 * t + 0.5 * push
+        return out
+
+
+class Frame(SimPeer):
+    """Colludes to make honest work look like the odd one out: every framer sends the negation of its
+    honest update at an honest size, so together they outweigh the honest peers in any cosine with
+    "the others" (the attack that got honest peers struck and banned under the geometric rule)."""
+
+    honest = False
+
+    def work(self, r: int) -> dict[str, torch.Tensor] | None:
+        return {n: -t for n, t in self.pseudo_gradient(r).items()}
+
+
+class Usurp(SimPeer):
+    """Earns standing with honest work while the coordinator watches, and every round publishes its
+    own manifest as soon as enough others have submitted to make a quorum: their payloads (public in
+    the DHT) plus its own update flipped, at an honest size so it passes the clipping check, every
+    member it left out marked missing (attack 2 of the trust issue, made as strong as the rules
+    allow: before, absence marks shrank the quorum to 1 and a one-entry ×−1000 manifest was applied)."""
+
+    honest = False
+
+    async def submit(self, r: int, encoded: Encoded, base: str) -> None:
+        await super().submit(r, encoded, base)
+        self.background.add(asyncio.ensure_future(self._usurp(r, encoded, base)))
+
+    async def _usurp(self, r: int, encoded: Encoded, base: str) -> None:
+        poison = {n: -t for n, t in self.store.decode(encoded.data, sender=self.peer_id, round_no=r).items()}
+        bad = PayloadEncoder(self.run, self.peer_id).encode(poison, r)
+        self.store.blobs.put(bad.digest, bad.data)
+        members = [b.peer_id for b in await self.node.member_peers() if b.peer_id != self.run.coordinator]
+        needed = peer_quorum(len(members)) - 1
+        for _ in range(40):  # until enough others have submitted, or the round is long gone
+            subs = await self.agreement._submissions(r)
+            others = sorted(p for p, sub in subs.items() if p != self.peer_id and sub.base_hash == base)
+            if len(others) >= needed:
+                chosen = others[:needed]
+                contributions = {self.peer_id: poison}
+                for p in chosen:  # clipped as the rule says, so followers' clipping check passes
+                    data = await self.store.get(subs[p].digest, [p])
+                    contributions[p] = self.store.decode(data, sender=p, round_no=r)
+                listed = sorted(contributions)
+                scales = clip_scales([summarise(contributions[p], sparse=True) for p in listed])
+                digests = {p: (subs[p].digest, subs[p].size) for p in chosen} | {self.peer_id: (bad.digest, len(bad.data))}
+                entries = [ManifestEntry(p, *digests[p], scales=sc) for p, sc in zip(listed, scales)]
+                manifest = Manifest(
+                    round=r,
+                    leader=self.peer_id,
+                    base_hash=base,
+                    entries=entries,
+                    rejected=[],
+                    closed_at=self.node.wall_time(),
+                    missing=sorted(p for p in members if p not in listed),
+                )
+                signed = sign_manifest(self.node.dht.identity, manifest)
+                await self.node.dht.put(manifest_key(self.run.run_id, r), signed, 3600.0)
+                return
+            await asyncio.sleep(0.25)
+
+
 ATTACKS: dict[str, type[SimPeer]] = {
+    "usurp": Usurp,
+    "evade": Evade,
+    "frame": Frame,
     "idle": Idle,
     "slow-serve": SlowServe,
     "sign-flip": SignFlip,

@@ -19,7 +19,7 @@ from swarm.data.corpus import load_corpus
 from swarm.log import get_logger
 from swarm.modes import default_outer
 from swarm.modes.replica import Replica, data_config, initial_state
-from swarm.run import RunConfig
+from swarm.run import AdmissionConfig, RunConfig
 from swarm.sim.actors import FOREVER, Actor, Ledger, SimCoordinator
 from swarm.sim.clock import VirtualLoop
 from swarm.sim.faults import Fault, draw_faults
@@ -84,6 +84,8 @@ class SimConfig:
             num_shards=max(16, self.peers),
             seed=self.seed,
             outer=dataclasses.replace(default_outer("sparseloco"), overlap=self.overlap),
+            # Seeded pseudo-gradients lower no loss: newcomers serve probation only when peers train.
+            admission=AdmissionConfig(probation_rounds=AdmissionConfig().probation_rounds if self.model else 0),
         )
 
 
@@ -94,7 +96,7 @@ class SimResult:
     close_s: list[float]  # per round: last applied by an honest node − first submission
     first_applied_s: list[float]  # per round: first honest node holding θ(r+1) − last accepted submission
     all_applied_s: list[float]  # per round: every honest node holding θ(r+1) − last accepted submission
-    eval_loss: float | None  # of the coordinator's final state (runs with real training)
+    eval_loss: float | None  # of the most advanced honest state at the end (runs with real training)
     violations: list[Violation]
     trace: list[str]
     virtual_s: float
@@ -126,6 +128,8 @@ class Simulation:
         asyncio.set_event_loop(self.loop)
         self.coordinator = SimCoordinator(self.net, self.run, state, ledger=self.ledger, apply_s=cfg.coordinator_apply_s)
         self.run.coordinator = self.coordinator.peer_id
+        if self.corpus is not None:  # real training: the coordinator scores contributions, as in production
+            self.coordinator.agreement.validator.probe = self.coordinator.mode.make_probe(self.corpus)
         self.peers = [
             SimPeer(
                 self.net, self.run, state, name=f"peer{i}", index=i + 1, ledger=self.ledger, step_s=self.rng.uniform(*cfg.step_s)
@@ -202,11 +206,14 @@ class Simulation:
             await fault.apply(self)
 
     def eval_loss(self) -> float | None:
-        """The eval loss of the coordinator's state (real training only)."""
+        """The eval loss of the most advanced honest state (the coordinator's unless it went away; real
+        training only)."""
         if self.corpus is None:
             return None
         evaluator = Replica(self.run, shard=0, device=torch.device("cpu"), corpus=self.corpus)
-        return evaluator.evaluate(self.coordinator.agreement.state)
+        honest = [a for a in self.actors if a.honest]
+        latest = max(honest, key=lambda a: (a.agreement.state.round, a is self.coordinator))
+        return evaluator.evaluate(latest.agreement.state)
 
     def result(self) -> SimResult:
         closes, settles, applies = [], [], []

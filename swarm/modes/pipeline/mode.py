@@ -26,6 +26,7 @@ from swarm.modes.pipeline.groups import incomplete_groups, plan_roles, stage_lay
 from swarm.modes.pipeline.link import StageLink
 from swarm.modes.pipeline.options import PipelineOptions
 from swarm.modes.pipeline.worker import PipelineWorker
+from swarm.modes.replica import LossProbe
 from swarm.net.records import Capacity, Role
 from swarm.run import OuterConfig
 
@@ -103,6 +104,12 @@ class PipelineMode(TrainingMode):
             if not isinstance(model, LanguageModel):
                 raise TypeError(f"the pipeline's fixed embedding attaches to a LanguageModel, not {type(model).__name__}")
             self.subspace.attach(model)
+
+    scored = True
+
+    def make_probe(self, corpus: Corpus) -> LossProbe:
+        """The leader scores a stage's contribution on the whole model, as it scores a replica's."""
+        return LossProbe(self.run, corpus, prepare_model=self.prepare_model)
 
     def make_worker(self, role: Role, device: torch.device, corpus: Corpus | None = None) -> Worker:
         return PipelineWorker(self.run, self.options, role, device=device, corpus=corpus, prepare_model=self.prepare_model)

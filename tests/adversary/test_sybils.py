@@ -1,0 +1,66 @@
+"""One operator, as many identities as there are honest peers: half the swarm colluding.
+
+Under the geometric rules alone this won: three Sybils beside three honest peers made the honest
+updates look like the ones pointing away, got them struck and banned, then owned the round
+(issue "Trust for a permissionless swarm", attack 1). Now the coordinator scores every contribution
+by what it does to the loss on data it draws (swarm/round/usefulness.py), so the number of keys
+decides nothing: the honest work is applied, untouched, every round, and the Sybils' work never.
+
+In the simulator with real training (`nano`, every peer a Replica on its own shard; the round code,
+codec, scoring and outer step are production's), so the comparison with the honest-only run is
+exact: the same seed gives bit-identical states when the defence holds.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from launch.cluster import DATA
+from swarm.sim.runner import SimConfig, Simulation
+
+ROUNDS = 4
+BASE = {
+    "seed": 3,
+    "peers": 3,
+    "rounds": ROUNDS,
+    "model": "nano",
+    "data": str(DATA) if DATA.exists() else "stdlib",
+    "inner_steps": 3,
+    "batch_size": 2,
+    "seq_len": 32,
+    "round_timeout_s": 15.0,
+    "step_s": (0.5, 0.6),
+}
+
+
+def run(attackers: list[str]) -> Simulation:
+    sim = Simulation(SimConfig(**BASE, attackers=attackers, min_peers=3 + len(attackers)))  # type: ignore[arg-type]
+    sim.loop.run_until_complete(sim.main())
+    return sim
+
+
+@pytest.fixture(scope="module")
+def clean() -> Simulation:
+    sim = run([])
+    assert sim.result().ok
+    return sim
+
+
+@pytest.mark.parametrize("attackers", [["sign-flip", "evade", "frame"], ["frame", "frame", "frame"]])
+def test_half_the_identities_colluding_change_nothing_the_honest_peers_apply(attackers: list[str], clean: Simulation) -> None:
+    sim = run(attackers)
+    result = sim.result()
+    assert result.ok, result.violations
+    assert result.rounds_closed >= ROUNDS
+    honest = {p.peer_id for p in sim.peers if p.honest}
+    hostile = {p.peer_id for p in sim.peers if not p.honest}
+    rounds = [a for a in sim.ledger.applied if a.node == "coordinator" and a.round < ROUNDS]
+    assert len(rounds) == ROUNDS
+    for applied in rounds:
+        assert set(applied.entries) == honest, f"round {applied.round}: applied {applied.entries}"
+    validator = sim.coordinator.agreement.validator
+    assert not any(validator.strikes.get(p, 0) for p in honest), "an honest peer was struck"
+    assert all(validator.banned(p) for p in hostile), "a Sybil that hurt the loss every round is banned"
+    final = next(a for a in rounds if a.round == ROUNDS - 1)
+    honest_final = next(a for a in clean.ledger.applied if a.node == "coordinator" and a.round == ROUNDS - 1)
+    assert final.result == honest_final.result, "the honest peers' state differs from the honest-only run"

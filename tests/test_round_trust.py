@@ -1,0 +1,225 @@
+"""Trust from measured work (swarm/round/usefulness.py, the ledger in swarm/round/admission.py):
+contributions judged by what they do to the loss, probation, expiring bans, the peer-led rules, and
+the guard that keeps a poisoned round off every honest node. No network: a probe whose loss is a
+known linear function of the weights."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from swarm.modes import mode_for
+from swarm.net.dht import Signed
+from swarm.net.records import Manifest, ManifestEntry, Rejection
+from swarm.round.admission import BAN_ROUNDS, STRIKES_BEFORE_BAN, Validator, Verdict
+from swarm.round.leadership import canonical_manifest
+from swarm.round.robust import MAX_UPDATE_RATIO, check_update, summarise
+from swarm.round.usefulness import HURT_FRACTION, shares
+from swarm.run import AdmissionConfig, RunConfig
+from swarm.state import GlobalState
+
+SHAPES = {"w": (8, 8)}
+GRADIENT = torch.linspace(-1.0, 1.0, 64).reshape(8, 8)  # the loss falls along −GRADIENT
+
+
+class LinearProbe:
+    """L(θ − u) = L(θ) − ⟨GRADIENT, u⟩: a share along the gradient helps, against it hurts."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def losses(self, state, updates, seed):
+        self.calls += 1
+        return 2.0, [2.0 - float((GRADIENT * u.get("w", torch.zeros(8, 8))).sum()) for u in updates]
+
+
+class _Node:
+    def __init__(self, probation: int = 2) -> None:
+        self.run = RunConfig(coordinator="C", admission=AdmissionConfig(probation_rounds=probation))
+        self.events: list[str] = []
+
+    def log_event(self, kind: str, text: str) -> None:
+        self.events.append(f"{kind}: {text}")
+
+
+class _Store:
+    shapes = SHAPES
+
+
+def validator(probation: int = 2, probe: LinearProbe | None = None) -> Validator:
+    node = _Node(probation)
+    return Validator(node, _Store(), mode_for(node.run), probe=probe)  # type: ignore[arg-type]
+
+
+def verdict(direction: torch.Tensor, scale: float = 1.0) -> Verdict:
+    t = direction * scale
+    t[t.abs() < 0.3 * t.abs().max()] = 0  # sparse, as SparseLoCo payloads are
+    return Verdict(summary=summarise({"w": t}, sparse=True))
+
+
+def state() -> GlobalState:
+    return GlobalState(round=5, params={"w": torch.ones(8, 8)})
+
+
+def credit(v: Validator, peer: str, rounds: int, start: int = 0) -> None:
+    for r in range(start, start + rounds):
+        v.record(Manifest(r, "C", "h", [ManifestEntry(peer, "d", 1)], [], 0.0, scores={peer: 0.01}))
+
+
+def test_a_share_that_raises_the_loss_is_refused_and_struck_whatever_its_cosine():
+    v = validator(probation=0, probe=LinearProbe())
+    verdicts = {
+        f"h{i}": verdict(GRADIENT + 0.1 * torch.randn(8, 8, generator=torch.Generator().manual_seed(i))) for i in range(3)
+    }
+    verdicts["flip"] = verdict(-GRADIENT)
+    verdicts["evade"] = verdict(-0.85 * GRADIENT + 0.5 * GRADIENT.flip(0))  # mostly against, a little along the rest
+    scores = asyncio.run(v._refuse_useless(state(), verdicts))
+    assert all(verdicts[f"h{i}"].reason is None for i in range(3)) and all(scores[f"h{i}"] > 0 for i in range(3))
+    for attacker in ("flip", "evade"):
+        assert scores[attacker] < -HURT_FRACTION
+        assert verdicts[attacker].fault and "raises the loss" in str(verdicts[attacker].reason)
+
+
+def test_honest_work_the_cosine_rule_would_refuse_is_kept_when_it_lowers_the_loss():
+    """A pipeline stage's payload points its own way (cosine ~0.01 with the replicas') yet helps."""
+    along = GRADIENT.clone()
+    stage = torch.zeros(8, 8)
+    stage[:2] = GRADIENT[:2] * 3  # only its blocks, far from the others' direction as a whole
+    verdicts = {f"r{i}": verdict(along + 0.05 * i) for i in range(3)} | {"stage": verdict(stage)}
+    v = validator(probation=0, probe=LinearProbe())
+    scores = asyncio.run(v._refuse_useless(state(), verdicts))
+    assert verdicts["stage"].reason is None and scores["stage"] > 0
+
+
+def test_a_newcomer_must_lower_the_loss_a_member_with_standing_only_must_not_raise_it():
+    probe = LinearProbe()
+    v = validator(probation=2, probe=probe)
+    credit(v, "old", 2)
+    assert v.standing("old") and not v.standing("new")
+    flat = torch.zeros(8, 8)
+    flat[0, 0], flat[7, 7] = 1e-6, 1e-6  # lowers the loss by next to nothing (GRADIENT is ±1 there)
+    verdicts = {"old": verdict(flat), "new": verdict(flat.clone()), "good": verdict(GRADIENT)}
+    v.useful["good"] = 0
+    asyncio.run(v._refuse_useless(state(), verdicts))
+    assert verdicts["old"].reason is None, "a member's flat share is kept (noise in the probe is no fault)"
+    assert "on probation" in str(verdicts["new"].reason) and not verdicts["new"].fault
+    assert verdicts["good"].reason is None, "a newcomer's useful share is applied and counts"
+
+
+def test_useful_work_counts_only_from_the_coordinators_manifests():
+    v = validator(probation=2)
+    for r in range(5):
+        v.record(Manifest(r, "peer", "h", [ManifestEntry("friend", "d", 1)], [], 0.0, scores={"friend": 0.5}))
+    assert not v.standing("friend"), "a peer leader cannot promote its friends"
+    credit(v, "worker", 2)
+    v.record(Manifest(9, "C", "h", [], [Rejection("idle", "on probation", False)], 0.0, scores={"idle": -0.0001}))
+    assert v.standing("worker") and not v.standing("idle")
+
+
+def test_without_a_scorer_only_work_from_peers_with_standing_is_applied():
+    v = validator(probation=2)
+    credit(v, "old", 3)
+    verdicts = {"old": verdict(GRADIENT), "new": verdict(GRADIENT * 1.1)}
+    v._refuse_unproven(verdicts)
+    assert verdicts["old"].reason is None
+    assert "on probation" in str(verdicts["new"].reason) and not verdicts["new"].fault
+
+
+def test_a_mode_whose_work_is_not_scored_has_no_probation():
+    node = _Node(probation=5)
+    node.run = RunConfig(coordinator="C", mode="spsa", outer=node.run.outer, admission=AdmissionConfig(probation_rounds=5))
+    v = Validator(node, _Store(), mode_for(node.run))  # type: ignore[arg-type]
+    assert v.probation_rounds == 0 and v.standing("anyone")
+
+
+def test_bans_expire_and_the_peer_starts_over_on_probation():
+    v = validator(probation=1)
+    credit(v, "bad", 1)
+    for r in range(STRIKES_BEFORE_BAN):
+        v.record(Manifest(10 + r, "C", "h", [], [Rejection("bad", "hurts", True)], 0.0))
+    last = 10 + STRIKES_BEFORE_BAN - 1
+    assert v.banned("bad") and not v.standing("bad")
+    v.record(Manifest(last + BAN_ROUNDS - 1, "C", "h", [], [], 0.0))
+    assert v.banned("bad"), "the ban lasts BAN_ROUNDS rounds"
+    v.record(Manifest(last + BAN_ROUNDS, "C", "h", [], [], 0.0))
+    assert not v.banned("bad") and v.strikes.get("bad", 0) == 0
+    assert not v.standing("bad"), "after a ban a peer is a newcomer again"
+    assert any("expired" in e for e in v.node.events)  # type: ignore[attr-defined]
+
+
+def test_strikes_and_absences_from_a_peer_led_manifest_are_not_counted():
+    v = validator(probation=0)
+    for r in range(5):
+        v.record(Manifest(r, "usurper", "h", [], [Rejection("honest", "framed", True)], 0.0, missing=["honest"]))
+    assert not v.banned("honest") and v.waited_for("honest")
+
+
+def _signed(manifest: Manifest) -> Signed[Manifest]:
+    return Signed(manifest.leader, manifest, 0.0)
+
+
+def test_a_peer_led_manifest_needs_a_leader_and_entries_with_standing():
+    entries = [ManifestEntry(p, "d", 1) for p in ("a", "b", "sybil")]
+    by_member = Manifest(3, "a", "h", entries[:2], [], 0.0)
+    with_sybil = Manifest(3, "b", "h", entries, [], 0.0)
+    by_sybil = Manifest(3, "sybil", "h", entries[:2], [], 0.0)
+    standing = {"a", "b"}.__contains__
+    found = [_signed(by_member), _signed(with_sybil), _signed(by_sybil)]
+    assert canonical_manifest(found, 3, "C", "h", quorum=2, standing=standing) == by_member
+    assert canonical_manifest([_signed(with_sybil), _signed(by_sybil)], 3, "C", "h", quorum=2, standing=standing) is None
+
+
+def test_shares_divide_by_the_contributions_covering_each_slot():
+    a = summarise({"w": torch.ones(8, 8), "v": torch.ones(4)}, sparse=False)
+    b = summarise({"w": torch.ones(8, 8)}, sparse=False)
+    out = shares([a, b], [{}, {"w": 0.5}], {"w": (8, 8), "v": (4,)}, outer_lr=2.0)
+    assert torch.equal(out[0]["w"], torch.ones(8, 8)) and torch.equal(out[0]["v"], 2 * torch.ones(4))
+    assert torch.equal(out[1]["w"], 0.5 * torch.ones(8, 8))
+
+
+def test_a_round_that_is_not_finite_or_moves_the_weights_by_their_norm_is_refused():
+    params = {"w": torch.ones(8, 8)}  # norm 8
+    assert check_update(params, {"w": torch.full((8, 8), 0.01)}, outer_lr=2.0) is None
+    assert "not finite" in str(check_update(params, {"w": torch.full((8, 8), float("nan"))}, outer_lr=1.0))
+    huge = torch.full((8, 8), MAX_UPDATE_RATIO * 0.6)  # α · 0.6 · 8 = 9.6 > 8
+    assert "more than" in str(check_update(params, {"w": huge}, outer_lr=2.0))
+    assert "more than" in str(check_update(params, {"w": torch.full((8, 8), 3e38)}, outer_lr=2.0))
+
+
+def test_scores_travel_in_the_manifest_and_only_for_listed_or_rejected_peers():
+    Manifest(1, "C", "h", [ManifestEntry("a", "d", 1)], [Rejection("b", "x")], 0.0, scores={"a": 0.1, "b": -0.2})
+    with pytest.raises(ValueError, match="scores only"):
+        Manifest(1, "C", "h", [ManifestEntry("a", "d", 1)], [], 0.0, scores={"ghost": 0.1})
+    with pytest.raises(ValueError, match="finite"):
+        Manifest(1, "C", "h", [ManifestEntry("a", "d", 1)], [], 0.0, scores={"a": float("inf")})
+
+
+def test_the_ledger_carries_standing_strikes_and_bans_to_a_node_that_was_not_there():
+    v = validator(probation=2)
+    credit(v, "worker", 3)
+    for r in range(STRIKES_BEFORE_BAN):
+        v.record(Manifest(3 + r, "C", "h", [], [Rejection("bad", "hurts", True)], 0.0, missing=["idler"]))
+    record = v.ledger()
+    assert record.round == 3 + STRIKES_BEFORE_BAN and record.useful == {"worker": 2}
+    joiner = validator(probation=2)
+    assert joiner.adopt(record) and not joiner.adopt(record), "only a ledger ahead of ours is taken"
+    assert joiner.standing("worker") and joiner.banned("bad") and not joiner.waited_for("idler")
+    joiner.record(Manifest(4, "C", "h", [], [Rejection("worker", "hurts", True)], 0.0))
+    assert joiner.strikes.get("worker", 0) == 0, "a manifest the adopted ledger already counts is not counted twice"
+
+
+def test_a_follower_finds_a_flip_at_an_honest_size_in_a_round_nobody_scored():
+    from swarm.round.robust import against_the_rest, clip_scales
+
+    g = torch.Generator().manual_seed(0)
+    honest = [GRADIENT + 0.3 * torch.randn(8, 8, generator=g) for _ in range(2)]
+    flip = -(GRADIENT + 0.3 * torch.randn(8, 8, generator=g))
+    summaries = [summarise({"w": t}, sparse=False) for t in [*honest, flip]]
+    assert 2 in against_the_rest(summaries, clip_scales(summaries))
+    assert against_the_rest(summaries[:2], clip_scales(summaries[:2])) == []
+    v = validator(probation=0)
+    verdicts = {"a": verdict(honest[0]), "b": verdict(honest[1]), "c": verdict(GRADIENT), "usurper": verdict(flip)}
+    v._refuse_misaligned(verdicts)
+    assert [p for p, x in verdicts.items() if x.reason] == ["usurper"]

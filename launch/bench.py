@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, str] = {
     "pipeline": "launch.benchmarks.pipeline",
     "quality": "launch.benchmarks.quality",
     "scale": "launch.benchmarks.scale",
+    "trust": "launch.benchmarks.trust",
 }
 
 

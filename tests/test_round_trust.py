@@ -25,14 +25,15 @@ GRADIENT = torch.linspace(-1.0, 1.0, 64).reshape(8, 8)  # the loss falls along �
 
 
 class LinearProbe:
-    """L(θ − u) = L(θ) − ⟨GRADIENT, u⟩: a share along the gradient helps, against it hurts."""
+    """Per window j: L_j(θ − u) = L_j(θ) − ⟨GRADIENT, u⟩ (1 + noise_j): a share along the gradient
+    helps, against it hurts, and `noise` spreads the windows' verdicts."""
 
-    def __init__(self) -> None:
-        self.calls = 0
+    def __init__(self, noise: float = 0.1, windows: int = 8) -> None:
+        self.noise = torch.linspace(-noise, noise, windows, dtype=torch.float64)
 
     def losses(self, state, updates, seed):
-        self.calls += 1
-        return 2.0, [2.0 - float((GRADIENT * u.get("w", torch.zeros(8, 8))).sum()) for u in updates]
+        base = torch.full_like(self.noise, 2.0)
+        return base, [base - float((GRADIENT * u.get("w", torch.zeros(8, 8))).sum()) * (1 + self.noise) for u in updates]
 
 
 class _Node:
@@ -108,6 +109,18 @@ def test_a_newcomer_must_lower_the_loss_a_member_with_standing_only_must_not_rai
     assert verdicts["good"].reason is None, "a newcomer's useful share is applied and counts"
 
 
+def test_a_share_whose_effect_is_within_the_probes_noise_is_neither_refused_nor_credited():
+    """The windows disagree (one says it helps, another that it hurts): no strike, no credit."""
+    v = validator(probation=0, probe=LinearProbe(noise=3.0))
+    verdicts = {"a": verdict(-GRADIENT * 0.01), "b": verdict(GRADIENT)}
+    scores = asyncio.run(v._refuse_useless(state(), verdicts))
+    assert verdicts["a"].reason is None and scores["a"] <= 0
+    v = validator(probation=0, probe=LinearProbe(noise=0.1))
+    verdicts = {"a": verdict(-GRADIENT * 0.01), "b": verdict(GRADIENT)}
+    asyncio.run(v._refuse_useless(state(), verdicts))
+    assert verdicts["a"].fault, "the same share, measured without the noise, hurts"
+
+
 def test_useful_work_counts_only_from_the_coordinators_manifests():
     v = validator(probation=2)
     for r in range(5):
@@ -132,6 +145,16 @@ def test_a_mode_whose_work_is_not_scored_has_no_probation():
     node.run = RunConfig(coordinator="C", mode="spsa", outer=node.run.outer, admission=AdmissionConfig(probation_rounds=5))
     v = Validator(node, _Store(), mode_for(node.run))  # type: ignore[arg-type]
     assert v.probation_rounds == 0 and v.standing("anyone")
+
+
+def test_useful_work_forgives_a_strike():
+    v = validator(probation=0)
+    for r in range(2 * STRIKES_BEFORE_BAN):  # hurt, help, hurt, help, ...: never banned
+        if r % 2:
+            credit(v, "unlucky", 1, start=r)
+        else:
+            v.record(Manifest(r, "C", "h", [], [Rejection("unlucky", "hurts", True)], 0.0))
+    assert not v.banned("unlucky") and v.strikes["unlucky"] == 0
 
 
 def test_bans_expire_and_the_peer_starts_over_on_probation():

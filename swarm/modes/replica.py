@@ -221,21 +221,26 @@ class Replica:
         return evaluate(self.model, batches, device=self.device)
 
 
+PROBE_TOKENS = 512  # held-out tokens a probe batch holds at least (4 windows of 128 at the defaults)
+
+
 class LossProbe:
-    """A round leader's loss on data of its choosing (swarm/round/usefulness.py): `sequences`
-    windows of the held-out split drawn at random from a seed, evaluated on a model of its own (the
-    coordinator's evaluator runs beside it). Cost per round: one forward pass of the batch per
-    contribution, plus one."""
+    """A round leader's loss on data of its choosing (swarm/round/usefulness.py): windows of the
+    held-out split drawn at random from a seed (at least PROBE_TOKENS tokens, 4 windows or more),
+    evaluated on a model of its own (the coordinator's evaluator runs beside it), per window, so the
+    leader can tell a real effect from the batch's noise. Cost per round: one forward pass of the
+    batch per contribution, plus one."""
 
     def __init__(
         self,
         run: RunConfig,
         corpus: Corpus,
         *,
-        sequences: int = 4,
+        tokens: int = PROBE_TOKENS,
         prepare_model: Callable[[torch.nn.Module], None] | None = None,
     ) -> None:
-        self.run, self.tokens, self.sequences = run, corpus.eval_tokens, sequences
+        self.run, self.tokens = run, corpus.eval_tokens
+        self.sequences = max(4, -(-tokens // run.seq_len))
         if len(self.tokens) <= run.seq_len + 1:
             raise ValueError(f"the held-out split ({len(self.tokens)} tokens) is too small to probe at seq_len {run.seq_len}")
         self.model = build_model(model_config(run), seed=run.seed)
@@ -246,23 +251,29 @@ class LossProbe:
     def batch(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed(seed % (1 << 63))
         starts = torch.randint(0, len(self.tokens) - self.run.seq_len - 1, (self.sequences,), generator=generator)
-        windows = torch.stack(
-            [torch.from_numpy(np.asarray(self.tokens[s : s + self.run.seq_len + 1], dtype=np.int64)) for s in starts.tolist()]
-        )
-        return windows[:, :-1], windows[:, 1:]
+        windows = [np.asarray(self.tokens[s : s + self.run.seq_len + 1], dtype=np.int64) for s in starts.tolist()]
+        batch = torch.from_numpy(np.stack(windows))
+        return batch[:, :-1], batch[:, 1:]
 
-    def losses(self, state: GlobalState, updates: list[dict[str, torch.Tensor]], seed: int) -> tuple[float, list[float]]:
-        """Loss at θ and at θ − u for each u, on one batch (torch threads: the caller's)."""
-        batch = [self.batch(seed)]
+    def _per_window(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.model(inputs).logits.float()
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        return losses.mean(dim=1).double()
+
+    def losses(
+        self, state: GlobalState, updates: list[dict[str, torch.Tensor]], seed: int
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Per-window loss at θ and at θ − u for each u, on one batch (torch threads: the caller's)."""
+        inputs, targets = self.batch(seed)
         state.load_into(self.model)
-        base = evaluate(self.model, batch)
         params = dict(self.model.named_parameters())
         out = []
         with torch.no_grad():
+            base = self._per_window(inputs, targets)
             for update in updates:
                 for name, u in update.items():
                     params[name].sub_(u)
-                out.append(evaluate(self.model, batch))
+                out.append(self._per_window(inputs, targets))
                 for name in update:
                     params[name].copy_(state.params[name])
         return base, out

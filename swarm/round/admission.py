@@ -11,7 +11,8 @@ away from the others are left out) and applies only work from peers with standin
 
 The ledger every node keeps from the coordinator's manifests as it applies them (`record`), so it
 is part of what the swarm agreed on and survives the coordinator stepping away: strikes (a fault
-marked in a rejection: malformed, free rider, copier, hurting the loss), bans after
+marked in a rejection: malformed, free rider, copier, hurting the loss; each contribution scored as
+useful forgives one, so an honest peer's rare bad round never adds up to a ban), bans after
 STRIKES_BEFORE_BAN strikes that expire after BAN_ROUNDS rounds (the peer then starts over on
 probation), absences, and useful work: contributions the coordinator scored as lowering the loss. A
 peer with fewer than the run's `probation_rounds` of useful work is on probation: its contributions
@@ -42,7 +43,7 @@ from swarm.round.robust import (
     overlap,
     summarise,
 )
-from swarm.round.usefulness import Probe, helps, hurts, probe_seed, score_shares, shares
+from swarm.round.usefulness import Probe, helps, probe_seed, score_shares, shares
 from swarm.round.world import World
 from swarm.state import GlobalState
 
@@ -166,14 +167,20 @@ class Validator:
         outer_lr = self.node.run.outer_at(state.round).outer_lr
         updates = shares(summaries, clip_scales(summaries), dict(self.store.shapes), outer_lr)
         seed = probe_seed(self.secret, state.round, state.hash)
-        _, found = await asyncio.to_thread(score_shares, self.probe, state, updates, seed)
-        scores = dict(zip(peers, found))
-        for peer, value in scores.items():
-            if hurts(value):
-                verdicts[peer].reason = f"raises the loss on the leader's data by {-100 * value:.2f}%"
+        found = await asyncio.to_thread(score_shares, self.probe, state, updates, seed)
+        scores = {}
+        for peer, result in zip(peers, found):
+            # Recorded: the gain when it is clear it helped (useful work), else at most 0.
+            scores[peer] = result.gain if result.helps else min(result.gain, 0.0)
+            if result.hurts:
+                verdicts[
+                    peer
+                ].reason = f"raises the loss on the leader's data by {-100 * result.gain:.2f}% (± {100 * result.error:.2f}%)"
                 verdicts[peer].fault = True
-            elif not self.standing(peer) and not helps(value):
-                verdicts[peer].reason = f"on probation: did not lower the loss on the leader's data ({-100 * value:+.3f}%)"
+            elif not self.standing(peer) and not result.helps:
+                verdicts[
+                    peer
+                ].reason = f"on probation: did not clearly lower the loss on the leader's data ({100 * result.gain:+.3f}% ± {100 * result.error:.3f}%)"
         return scores
 
     def _refuse_unproven(self, verdicts: dict[str, Verdict]) -> None:
@@ -299,6 +306,8 @@ class Validator:
         for peer, value in manifest.scores.items():
             if helps(value) and not self.banned(peer):
                 self.useful[peer] = min(self.useful.get(peer, 0) + 1, USEFUL_CAP)
+                if self.strikes.get(peer, 0) > 0:  # useful work forgives a strike: honest bad luck never adds up to a ban
+                    self.strikes[peer] -= 1
         for rejection in manifest.rejected:
             if rejection.fault and not self.banned(rejection.peer_id):
                 self.strikes[rejection.peer_id] += 1

@@ -22,6 +22,8 @@ from peers with standing.
 from __future__ import annotations
 
 import hashlib
+import math
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -29,16 +31,36 @@ import torch
 from swarm.round.robust import Summary
 from swarm.state import GlobalState
 
-HURT_FRACTION = 1e-3  # a share raising the probe loss by more than this fraction of it hurts: refused, struck
-HELP_FRACTION = 0.0  # a share must lower it by more than this fraction to count as useful work
+HURT_FRACTION = 1e-3  # a share must raise the probe loss by more than this fraction of it to hurt ...
+HURT_SIGMAS = 3.0  # ... and by this many standard errors of the paired per-window differences
+HELP_SIGMAS = 1.0  # a share counts as useful work when it lowers the loss by this many standard errors
 
 
 class Probe(Protocol):
     """The leader's loss on data of its choosing (blocking: runs in a worker thread)."""
 
-    def losses(self, state: GlobalState, updates: list[dict[str, torch.Tensor]], seed: int) -> tuple[float, list[float]]:
-        """Loss at `state` and at each `state − update`, on the batch `seed` draws."""
+    def losses(
+        self, state: GlobalState, updates: list[dict[str, torch.Tensor]], seed: int
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Loss per window of the batch `seed` draws, at `state` and at each `state − update`."""
         ...
+
+
+@dataclass(frozen=True)
+class Score:
+    """What one share does to the probe loss: the mean of the paired per-window differences
+    (L(θ) − L(θ − u), positive helps) as a fraction of L(θ), and its standard error."""
+
+    gain: float
+    error: float
+
+    @property
+    def hurts(self) -> bool:
+        return self.gain < -HURT_FRACTION and self.gain < -HURT_SIGMAS * self.error
+
+    @property
+    def helps(self) -> bool:
+        return self.gain > HELP_SIGMAS * self.error and self.gain > 0
 
 
 def dense_delta(summary: Summary, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
@@ -74,19 +96,24 @@ def probe_seed(secret: bytes, round_no: int, base_hash: str) -> int:
     return int.from_bytes(hashlib.sha256(secret + f":{round_no}:{base_hash}".encode()).digest()[:8], "big")
 
 
-def score_shares(
-    probe: Probe, state: GlobalState, updates: list[dict[str, torch.Tensor]], seed: int
-) -> tuple[float, list[float]]:
-    """(loss at θ, each share's score as the fraction of that loss it removes: positive helps)."""
+def score_shares(probe: Probe, state: GlobalState, updates: list[dict[str, torch.Tensor]], seed: int) -> list[Score]:
+    """Each share's effect on the probe loss, with its standard error over the batch's windows."""
     base, losses = probe.losses(state, updates, seed)
-    if not base > 0:
-        return base, [0.0] * len(updates)
-    return base, [(base - loss) / base if loss == loss else -1.0 for loss in losses]  # NaN: as bad as it gets
+    mean = float(base.mean())
+    if not (mean > 0 and math.isfinite(mean)):
+        return [Score(0.0, 0.0) for _ in updates]
+    out = []
+    for loss in losses:
+        diff = (base - loss) / mean
+        if not bool(torch.isfinite(diff).all()):
+            out.append(Score(-1.0, 0.0))  # as bad as it gets
+            continue
+        error = float(diff.std()) / math.sqrt(diff.numel()) if diff.numel() > 1 else 0.0
+        out.append(Score(float(diff.mean()), error))
+    return out
 
 
-def hurts(score_: float) -> bool:
-    return score_ < -HURT_FRACTION
-
-
-def helps(score_: float) -> bool:
-    return score_ > HELP_FRACTION
+def helps(gain: float) -> bool:
+    """Whether a score recorded in a manifest counts as useful work: the leader records a share's
+    gain only in units it already judged (the gain of a share that did not help is recorded as ≤ 0)."""
+    return gain > 0

@@ -19,7 +19,10 @@ if TYPE_CHECKING:
     from swarm.sim.actors import Ledger
     from swarm.sim.network import SimNetwork
 
-MAX_RECORDS_PER_NODE = 64  # heartbeats, capacities, roles, events, live submissions and manifests
+MAX_RECORDS_PER_NODE = 64  # heartbeats, capacities, roles, events, the ledger, evidence
+# A round's records (submissions, manifests) are kept a while after it (manifests for hours: joiners
+# replay rounds from them), so they are bounded per round and per node, not in total.
+MAX_ROUND_RECORDS_PER_NODE = 2  # a submission, and a manifest when it leads (an equivocator's second is the excess)
 
 
 @dataclass(frozen=True)
@@ -90,5 +93,8 @@ def _bounds(net: SimNetwork, nodes: int) -> list[Violation]:
     limit = MAX_RECORDS_PER_NODE * nodes
     count = net.record_count()
     if count > limit:
-        return [Violation("bounds", -1, f"{count} records live, more than {limit}")]
+        return [Violation("bounds", -1, f"{count} records live besides manifests, more than {limit}")]
+    held, keys = net.record_count(per_round=True), net.round_keys()
+    if held > MAX_ROUND_RECORDS_PER_NODE * nodes * max(keys, 1):
+        return [Violation("bounds", -1, f"{held} versions of per-round records under {keys} keys")]
     return []

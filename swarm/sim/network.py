@@ -105,6 +105,10 @@ class _Stored:
     expires_at: float
 
 
+def _per_round(key: str) -> bool:
+    return "/round/" in key
+
+
 @dataclass
 class SimNetwork:
     """Links, records and partitions of one simulated swarm, on one virtual loop."""
@@ -169,8 +173,14 @@ class SimNetwork:
                 found[writer] = visible[-1].record
         return found
 
-    def record_count(self) -> int:
-        return sum(len(v) for slots in self.records.values() for v in slots.values())
+    def record_count(self, *, per_round: bool = False) -> int:
+        """Versions of records held now: of one round's records (submissions, manifests), or of
+        everything else."""
+        return sum(len(v) for key, slots in self.records.items() if _per_round(key) == per_round for v in slots.values())
+
+    def round_keys(self) -> int:
+        """Keys of per-round records held now (kept for a while after their round, for replays)."""
+        return sum(1 for key in self.records if _per_round(key))
 
     # ----- the simulator's own shortcuts --------------------------------------------------------------
 

@@ -56,6 +56,7 @@ class SimConfig:
     # Real training: peers run H inner AdamW steps of this preset on `data` (a Replica each, CPU) and
     # the result carries the final eval loss. "" (default): seeded pseudo-gradients on a small model.
     model: str = ""
+    mode: str = "sparseloco"  # a full-replica mode: sparseloco or diloco (their peers are Replicas)
     data: str = "stdlib"
     batch_size: int = 4
     seq_len: int = 64
@@ -66,6 +67,8 @@ class SimConfig:
             raise ValueError("peers and rounds must be >= 1")
         if not 0 < self.step_s[0] <= self.step_s[1]:
             raise ValueError("step_s must be a range 0 < low <= high")
+        if self.mode not in ("sparseloco", "diloco"):
+            raise ValueError(f"the simulator runs full-replica modes (sparseloco, diloco), not {self.mode!r}")
         if unknown := sorted(set(self.attackers) - set(ATTACKS)):
             raise ValueError(f"unknown attack(s) {', '.join(unknown)} (attacks: {', '.join(sorted(ATTACKS))})")
 
@@ -83,7 +86,8 @@ class SimConfig:
             heartbeat_ttl_s=10.0,
             num_shards=max(16, self.peers),
             seed=self.seed,
-            outer=dataclasses.replace(default_outer("sparseloco"), overlap=self.overlap),
+            mode=self.mode,
+            outer=dataclasses.replace(default_outer(self.mode), overlap=self.overlap),
             # Seeded pseudo-gradients lower no loss: newcomers serve probation only when peers train.
             admission=AdmissionConfig(probation_rounds=AdmissionConfig().probation_rounds if self.model else 0),
         )
@@ -130,6 +134,7 @@ class Simulation:
         self.run.coordinator = self.coordinator.peer_id
         if self.corpus is not None:  # real training: the coordinator scores contributions, as in production
             self.coordinator.agreement.validator.probe = self.coordinator.mode.make_probe(self.corpus)
+        self.coordinator.agreement.validator.secret = f"sim-{cfg.seed}".encode()  # the probe's batches replay too
         self.peers = [
             SimPeer(
                 self.net, self.run, state, name=f"peer{i}", index=i + 1, ledger=self.ledger, step_s=self.rng.uniform(*cfg.step_s)

@@ -15,6 +15,7 @@ from swarm.round.robust import (
     misaligned,
     overlap,
     summarise,
+    upper_median,
 )
 
 SHAPES = {"w": (4, 4)}
@@ -33,12 +34,12 @@ def test_lower_median_is_an_element_of_the_list():
     assert lower_median([4.0, 1.0, 3.0, 2.0]) == 2.0
 
 
-def test_a_huge_contribution_is_clipped_to_the_median_norm():
+def test_a_huge_contribution_is_clipped_to_the_upper_median_norm():
     honest = [sparse(i) for i in range(3)]
     attacker = {"w": honest[0]["w"] * -1000}
     summaries = [summarise(c, sparse=True) for c in [*honest, attacker]]
     scales = clip_scales(summaries)
-    median = lower_median([s.norms["w"] for s in summaries])
+    median = upper_median([s.norms["w"] for s in summaries])
     assert "w" in scales[3] and 0 < scales[3]["w"] < 1e-2
     clipped = float(torch.linalg.vector_norm(attacker["w"] * scales[3]["w"]))
     assert abs(clipped - median) < 1e-4 * median
@@ -95,3 +96,18 @@ def test_followers_catch_a_leader_that_did_not_clip():
     assert check_clipping([clipped_norms(c, s) for c, s in zip(contributions, scales)]) is None
     unclipped = [clipped_norms(c, {}) for c in contributions]
     assert "not clipped" in str(check_clipping(unclipped))
+
+
+def test_half_the_contributions_tiny_neither_set_the_clip_nor_pass_as_work():
+    """Three honest and three × 0.01: the clip threshold is still an honest norm, and the tiny ones
+    are refused as contributing next to nothing (they would dilute the mean)."""
+    from swarm.round.robust import tiny
+
+    honest = [sparse(i) for i in range(3)]
+    shrunk = [{"w": c["w"] * 0.01} for c in honest]
+    summaries = [summarise(c, sparse=True) for c in [*honest, *shrunk]]
+    scales = clip_scales(summaries)
+    smallest_honest = min(s.norms["w"] for s in summaries[:3])
+    clipped = [s.norms["w"] * scale.get("w", 1.0) for s, scale in zip(summaries[:3], scales[:3])]
+    assert all(c >= smallest_honest * (1 - 1e-6) for c in clipped), "honest work is clipped to an honest norm at most"
+    assert tiny(summaries) == [False, False, False, True, True, True]

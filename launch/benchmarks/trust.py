@@ -149,6 +149,7 @@ ATTACK_ROWS: list[tuple[str, int, list[str], bool]] = [
     ("honest only", 3, [], False),
     ("3 Sybils: flip, evade, frame", 3, ["sign-flip", "evade", "frame"], False),
     ("3 Sybils framing", 3, ["frame", "frame", "frame"], False),
+    ("3 Sybils shrinking (× 0.01, helpful)", 3, ["shrink", "shrink", "shrink"], False),
     ("coordinator away, honest", 4, [], True),
     ("coordinator away, 2 usurpers of 6", 4, ["usurp", "usurp"], True),
 ]

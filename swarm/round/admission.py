@@ -35,6 +35,7 @@ from swarm.net.transfer import TransferError
 from swarm.round.payloads import PayloadStore
 from swarm.round.robust import (
     COPY_OVERLAP,
+    TINY_FRACTION,
     Summary,
     against_the_rest,
     alignments,
@@ -42,6 +43,7 @@ from swarm.round.robust import (
     misaligned,
     overlap,
     summarise,
+    tiny,
 )
 from swarm.round.usefulness import Probe, helps, probe_seed, score_shares, shares
 from swarm.round.world import World
@@ -249,9 +251,16 @@ class Validator:
 
     @staticmethod
     def _refuse_zeros(verdicts: dict[str, Verdict]) -> None:
+        """All-zero contributions, and near-zero ones beside the others (they would dilute the mean)."""
         for verdict in verdicts.values():
             if verdict.summary is not None and verdict.summary.is_zero:
                 verdict.reason, verdict.fault = "all-zero update (contributes nothing)", True
+        peers = sorted(p for p, v in verdicts.items() if v.reason is None and v.summary is not None)
+        summaries = [s for p in peers if (s := verdicts[p].summary) is not None]
+        for peer, small in zip(peers, tiny(summaries)):
+            if small:
+                verdicts[peer].reason = f"update under {TINY_FRACTION:g} × the round's median size (contributes next to nothing)"
+                verdicts[peer].fault = True
 
     @staticmethod
     def _refuse_misaligned(verdicts: dict[str, Verdict]) -> None:

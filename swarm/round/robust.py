@@ -118,14 +118,21 @@ def lower_median(values: list[float]) -> float:
     return ordered[(len(ordered) - 1) // 2]
 
 
+def upper_median(values: list[float]) -> float:
+    """The clip threshold: with half the contributions an attacker's (tiny ones, say), the smallest
+    honest norm still sets it (the lower median would be the attacker's)."""
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
 def clip_scales(summaries: list[Summary]) -> list[dict[str, float]]:
-    """Per contribution, the factor for each tensor whose norm exceeds the median norm of that
-    tensor over the contributions that carry it (tensors at or under the median are absent: 1)."""
+    """Per contribution, the factor for each tensor whose norm exceeds the (upper) median norm of
+    that tensor over the contributions that carry it (tensors at or under it are absent: 1)."""
     by_tensor: dict[str, list[float]] = {}
     for s in summaries:
         for name, norm in s.norms.items():
             by_tensor.setdefault(name, []).append(norm)
-    medians = {name: lower_median(norms) for name, norms in by_tensor.items()}
+    medians = {name: upper_median(norms) for name, norms in by_tensor.items()}
     scales = []
     for s in summaries:
         clipped = {}
@@ -136,10 +143,23 @@ def clip_scales(summaries: list[Summary]) -> list[dict[str, float]]:
     return scales
 
 
+def tiny(summaries: list[Summary]) -> list[bool]:
+    """Which contributions are near zero next to the round's median one (whole-contribution norm):
+    they would dilute the mean (it divides by the count) while costing their sender nothing. Needs
+    three contributions."""
+    totals = [math.sqrt(sum(n * n for n in s.norms.values())) for s in summaries]
+    if len(totals) < 3:
+        return [False] * len(totals)
+    median = upper_median(totals)
+    return [t < TINY_FRACTION * median for t in totals]
+
+
 def clipped_norms(tensors: dict[str, torch.Tensor], scales: dict[str, float]) -> dict[str, float]:
     """Per-tensor norms of a contribution after its clip factors (float64)."""
     return {n: float(torch.linalg.vector_norm(t.double())) * scales.get(n, 1.0) for n, t in tensors.items()}
 
+
+TINY_FRACTION = 0.1  # a contribution this much smaller than the round's median one is a free rider
 
 CLIP_TOLERANCE = 1e-3  # relative slack for reduction-order differences between machines
 
@@ -153,7 +173,7 @@ def check_clipping(norms: list[dict[str, float]]) -> str | None:
         for name, norm in contribution.items():
             by_tensor.setdefault(name, []).append(norm)
     for name, values in by_tensor.items():
-        limit = lower_median(values) * (1 + CLIP_TOLERANCE)
+        limit = upper_median(values) * (1 + CLIP_TOLERANCE)
         worst = max(values)
         if worst > limit and worst > 1e-30:
             return f"tensor {name} of a contribution has norm {worst:.4g} above the round's median {limit:.4g}: not clipped"

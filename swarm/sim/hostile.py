@@ -91,6 +91,17 @@ class Evade(SimPeer):
         return out
 
 
+class Shrink(SimPeer):
+    """Sends its honest update × 0.01: it lowers the loss (so a loss probe accepts it), and with half
+    the identities it would set a lower-median clip threshold and dilute the mean, which divides by
+    the number of contributions."""
+
+    honest = False
+
+    def work(self, r: int) -> dict[str, torch.Tensor] | None:
+        return {n: t.mul(0.01) for n, t in self.pseudo_gradient(r).items()}
+
+
 class Frame(SimPeer):
     """Colludes to make honest work look like the odd one out: every framer sends the negation of its
     honest update at an honest size, so together they outweigh the honest peers in any cosine with
@@ -152,6 +163,7 @@ class Usurp(SimPeer):
 ATTACKS: dict[str, type[SimPeer]] = {
     "usurp": Usurp,
     "evade": Evade,
+    "shrink": Shrink,
     "frame": Frame,
     "idle": Idle,
     "slow-serve": SlowServe,

@@ -138,17 +138,15 @@ def test_a_seed_replays_in_another_process_with_the_same_peer_ids():
     assert elsewhere.stdout.strip().splitlines()[-1] == repr(here)
 
 
-# Every kind but partitions: see the test below.
-NON_PARTITION = [k for k in KINDS if k != "partition"]
+ALL_KINDS = list(KINDS)  # partitions included since the member floor on peer-led quorums (below)
 
 
-@pytest.mark.xfail(strict=True, reason="open: a partitioned minority counts only the peers it sees (issue 23)")
 def test_a_partitioned_minority_does_not_settle_a_round_of_its_own():
     """Found by the simulator (seed 5): a peer cut off alone sees neither the coordinator nor the other
-    peers, so peers may lead, and the quorum a peer-led manifest needs is a majority of the trainers
-    it sees: itself. It leads and applies a round of its own payload while the rest of the swarm
-    applies the coordinator's: a fork (healed later by a reload, but a fork). The quorum must count
-    the members, not the heartbeats in view; until then this test fails, and strict xfail says so."""
+    peers, so peers may lead, and the quorum a peer-led manifest needed was a majority of the trainers
+    it sees: itself. It led and applied a round of its own payload while the rest of the swarm applied
+    the coordinator's (a fork, healed later by a reload). The quorum now has a floor: a strict
+    majority of the members with standing, whoever is in view."""
     result = simulate(SimConfig(seed=5, peers=3, rounds=3, schedule=[Fault(11.3, "partition", "peer1", 17.0)]))
     assert result.ok, result.violations
 
@@ -168,17 +166,17 @@ def test_crashes_partitions_and_a_coordinator_outage_keep_every_invariant():
 def test_overlapped_peers_keep_every_invariant_and_close_rounds():
     """The production schedule (round r+1 trains while round r settles) under crashes and an outage."""
     for seed in range(8):
-        result = simulate(SimConfig(seed=seed, peers=4, rounds=5, overlap=True, faults=NON_PARTITION))
+        result = simulate(SimConfig(seed=seed, peers=4, rounds=5, overlap=True, faults=ALL_KINDS))
         assert result.ok, f"seed {seed}: {result.violations}"
         assert result.rounds_closed >= 5  # a peer slowed down mid-round catches up later: the others go on
 
 
 @pytest.mark.parametrize("block", range(4))
 def test_random_fault_schedules_keep_every_invariant(block):
-    """Seeded fault schedules (every kind but partitions), a block of seeds per case; a failure names its seed."""
+    """Seeded fault schedules (every kind, partitions included), a block of seeds per case; a failure names its seed."""
     for seed in range(block * 50, block * 50 + 50):
-        result = simulate(SimConfig(seed=seed, peers=4, rounds=4, faults=NON_PARTITION))
-        kinds = " ".join(NON_PARTITION)
+        result = simulate(SimConfig(seed=seed, peers=4, rounds=4, faults=ALL_KINDS))
+        kinds = " ".join(ALL_KINDS)
         assert result.ok, (
             f"seed {seed}: {result.violations}; reproduce with `swarm-sim --seed {seed} --rounds 4 --faults {kinds}`"
         )

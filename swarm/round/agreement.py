@@ -179,8 +179,17 @@ class RoundAgreement:
         to take, if one has been published."""
         beats, agreed = await self._view(round_no)
         may_lead = self._peers_may_lead(round_no, beats, agreed, started)
-        quorum = self._lookup_quorum(round_no, beats)
+        quorum = max(self._lookup_quorum(round_no, beats), await self._member_floor())
         return beats, agreed, may_lead, await self.find_manifest(round_no, agreed, peers_may_lead=may_lead, quorum=quorum)
+
+    async def _member_floor(self) -> int:
+        """The least a peer-led manifest lists however few members are in view: a strict majority
+        of the members with standing (the coordinator's signed roster). Two sides of a partition
+        cannot both reach it, so a minority cut off from the rest (a peer alone, say) cannot settle
+        a round of its own; the price: once most members with standing are gone, peers alone close
+        no round (the run waits for the coordinator). Found by the simulator (docs/simulation.md)."""
+        members = await self.node.members() - {self.run.coordinator} - self.witness.equivocators
+        return peer_quorum(sum(self.validator.standing(p) for p in members))
 
     def _peers_may_lead(self, round_no: int, beats: list[Heartbeat], agreed: str | None, started: float | None) -> bool:
         """Peers lead while the coordinator is away (no heartbeat at round r or r − 1: see
@@ -250,7 +259,9 @@ class RoundAgreement:
             polls += 1
             beats, agreed, may_lead, other = await self._look(round_no, started)
             expected = self._expected(round_no, beats)
-            quorum = peer_quorum(len(expected)) if self.node.peer_id != self.run.coordinator else 0
+            quorum = (
+                max(peer_quorum(len(expected)), await self._member_floor()) if self.node.peer_id != self.run.coordinator else 0
+            )
             if other is not None:
                 return other
             subs = await self._submissions(round_no)

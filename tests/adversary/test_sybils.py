@@ -46,7 +46,9 @@ def clean() -> Simulation:
     return sim
 
 
-@pytest.mark.parametrize("attackers", [["sign-flip", "evade", "frame"], ["frame", "frame", "frame"], ["shrink", "shrink", "shrink"]])
+@pytest.mark.parametrize(
+    "attackers", [["sign-flip", "evade", "frame"], ["frame", "frame", "frame"], ["shrink", "shrink", "shrink"]]
+)
 def test_half_the_identities_colluding_change_nothing_the_honest_peers_apply(attackers: list[str], clean: Simulation) -> None:
     sim = run(attackers)
     result = sim.result()

@@ -102,6 +102,31 @@ class Shrink(SimPeer):
         return {n: t.mul(0.01) for n, t in self.pseudo_gradient(r).items()}
 
 
+class Copy(SimPeer):
+    """A free rider: waits for an honest peer's payload of the round, takes 80% of its entries (its
+    values and positions) and fills the rest from its own update, re-encoded under its own name."""
+
+    honest = False
+
+    async def submit(self, r: int, encoded: Encoded, base: str) -> None:
+        for _ in range(40):
+            subs = await self.agreement._submissions(r)
+            victims = sorted(p for p, sub in subs.items() if p != self.peer_id and sub.base_hash == base)
+            if victims:
+                data = await self.store.get(subs[victims[0]].digest, [victims[0]])
+                theirs = self.store.decode(data, sender=victims[0], round_no=r)
+                own = self.store.decode(encoded.data, sender=self.peer_id, round_no=r)
+                g = torch.Generator().manual_seed(r)
+                mixed = {}
+                for name, t in theirs.items():
+                    take = (torch.rand(t.shape, generator=g) < 0.8) & (t != 0)
+                    mixed[name] = torch.where(take, t, own[name] * (t == 0))
+                encoded = PayloadEncoder(self.run, self.peer_id).encode(mixed, r)
+                break
+            await asyncio.sleep(0.25)
+        await super().submit(r, encoded, base)
+
+
 class Frame(SimPeer):
     """Colludes to make honest work look like the odd one out: every framer sends the negation of its
     honest update at an honest size, so together they outweigh the honest peers in any cosine with
@@ -163,6 +188,7 @@ class Usurp(SimPeer):
 ATTACKS: dict[str, type[SimPeer]] = {
     "usurp": Usurp,
     "evade": Evade,
+    "copy": Copy,
     "shrink": Shrink,
     "frame": Frame,
     "idle": Idle,

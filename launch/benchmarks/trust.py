@@ -150,6 +150,8 @@ ATTACK_ROWS: list[tuple[str, int, list[str], bool]] = [
     ("3 Sybils: flip, evade, frame", 3, ["sign-flip", "evade", "frame"], False),
     ("3 Sybils framing", 3, ["frame", "frame", "frame"], False),
     ("3 Sybils shrinking (× 0.01, helpful)", 3, ["shrink", "shrink", "shrink"], False),
+    ("honest only, 32 peers", 32, [], False),
+    ("32 Sybils beside 32 honest (8 each: flip, evade, frame, shrink)", 32, ["sign-flip", "evade", "frame", "shrink"] * 8, False),
     ("coordinator away, honest", 4, [], True),
     ("coordinator away, 2 usurpers of 6", 4, ["usurp", "usurp"], True),
 ]

@@ -137,11 +137,12 @@ class Validator:
         verdicts = dict(zip(subs, await asyncio.gather(*(self.check(round_no, base_hash, s) for s in subs.values()))))
         await self._refuse_incomplete(verdicts)
         self._refuse_zeros(verdicts)
-        self._refuse_copies(verdicts, seen)
         scores: dict[str, float] = {}
-        if self.probe is not None and not self.mode.inline_payload:
+        if self.probe is not None and not self.mode.inline_payload:  # hurting work is out before copies are sought
             scores = await self._refuse_useless(state, verdicts)
+            self._refuse_copies(verdicts, seen)
         else:
+            self._refuse_copies(verdicts, seen)
             self._refuse_misaligned(verdicts)
             self._refuse_unproven(verdicts)
         await self._refuse_incomplete(verdicts)  # a refusal above may have broken a group
@@ -284,18 +285,18 @@ class Validator:
             worst = min(range(len(peers)), key=lambda i: (scores[i], peers[i]))
             verdicts[peers[worst]].reason = f"points against the other contributions (cosine {scores[worst]:.3f})"
 
-    def _refuse_copies(self, verdicts: dict[str, Verdict], seen: dict[str, int]) -> None:
-        """Of two contributions selecting mostly the same positions, one is a copy: the one seen
-        later, or, seen in the same poll, the one whose sender has done less useful work (a fresh
-        identity cannot push a member out by copying it fast); neither told apart, both sit out."""
-        order = lambda p: (seen.get(p, 0), -self.useful.get(p, 0), p)  # noqa: E731
-        valid = sorted((p for p, v in verdicts.items() if v.reason is None), key=order)
+    @staticmethod
+    def _refuse_copies(verdicts: dict[str, Verdict], seen: dict[str, int]) -> None:
+        """Of two contributions selecting mostly the same positions, the one seen later is a copy;
+        seen in the same poll, neither can be told from the other and both sit the round out. (A
+        tie is not broken by standing: a copier that got copies applied earlier would have some.)"""
+        valid = sorted((p for p, v in verdicts.items() if v.reason is None), key=lambda p: (seen.get(p, 0), p))
         for i, first in enumerate(valid):
             for later in valid[i + 1 :]:
                 a, b = verdicts[first], verdicts[later]
                 if a.summary is None or b.summary is None or overlap(a.summary, b.summary) < COPY_OVERLAP:
                     continue
-                if order(first)[:2] == order(later)[:2]:
+                if seen.get(first, 0) == seen.get(later, 0):
                     a.reason = b.reason = "two payloads select the same positions; both sit this round out"
                 elif b.reason is None:
                     b.reason, b.fault = f"copies the payload of {first[-8:]} (selected positions overlap)", True

@@ -21,8 +21,8 @@ import torch
 # re-encodes another payload reproduces its positions exactly (1.0); one that mixes in its own
 # entries, the share it copied. Honest SparseLoCo payloads of `nano` overlapped 0.13-0.31 (4 replicas,
 # 8 rounds of H = 10, measured), and up to above 0.4 right after a bad round (at 0.4 the swarm once
-# stalled): 0.6 leaves honest work room and catches a copier taking 60% or more.
-COPY_OVERLAP = 0.6
+# stalled): 0.75 leaves honest work room and catches a copier taking three quarters or more.
+COPY_OVERLAP = 0.75
 
 
 ALIGN_FRACTION = 0.25  # a contribution whose alignment with the others is below this share of the round's median is left out

@@ -56,7 +56,8 @@ from swarm.state import GlobalState, save_state
 T = TypeVar("T")
 logger = get_logger(__name__)
 MANIFEST_TTL_S = 6 * 3600
-LEDGER_TTL_S = 7 * 24 * 3600.0  # standing must outlive any coordinator outage
+LEDGER_TTL_S = 7 * 24 * 3600.0
+SETTLE_S = 2.0  # a peer leader's wait before applying its own manifest (records' travel time)  # standing must outlive any coordinator outage
 
 
 def _cpu_timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
@@ -171,8 +172,21 @@ class RoundAgreement:
             if await self._should_lead(round_no, beats, agreed, may_lead):
                 manifest = await self._lead(round_no, started)
                 if manifest is not None:
-                    return manifest
+                    return await self._settled_lead(round_no, manifest)
             await asyncio.sleep(self.poll_s)
+
+    async def _settled_lead(self, round_no: int, ours: Manifest) -> Manifest:
+        """A peer that led looks once more, after records have had time to travel, before applying
+        its own manifest: a coordinator that closed the round meanwhile wins it for everyone (its
+        manifest is canonical), and applying ours would fork us off (found by the simulator)."""
+        if self.node.peer_id == self.run.coordinator:
+            return ours
+        await asyncio.sleep(SETTLE_S)
+        found = await self.find_manifest(round_no, ours.base_hash, peers_may_lead=True, quorum=0)
+        if found is not None and found.leader == self.run.coordinator and found != ours:
+            self.node.log_event("round", f"round {round_no}: the coordinator closed it too; taking its manifest")
+            return found
+        return ours
 
     async def _look(self, round_no: int, started: float | None) -> tuple[list[Heartbeat], str | None, bool, Manifest | None]:
         """The view of round r (live members, agreed state, whether peers may lead) and the manifest

@@ -107,7 +107,14 @@ def test_a_peer_led_manifest_needs_a_quorum_of_contributions_the_coordinators_do
         entries = [ManifestEntry(f"p{i}", "d", 1) for i in range(n)]
         return Signed(leader, Manifest(3, leader, "good", entries, [], 0.0), 0.0)
 
-    assert [peer_quorum(n) for n in (0, 1, 2, 3, 4, 5)] == [0, 1, 2, 2, 3, 3]  # a strict majority: two manifests of a round cannot both have one
+    assert [peer_quorum(n) for n in (0, 1, 2, 3, 4, 5)] == [
+        0,
+        1,
+        2,
+        2,
+        3,
+        3,
+    ]  # a strict majority: two manifests of a round cannot both have one
     alone = [listing("p1", 1)]
     assert canonical_manifest(alone, 3, coordinator="c", agreed="good", quorum=2) is None, "a leader alone decides nothing"
     assert leader_of(canonical_manifest([*alone, listing("p2", 2)], 3, coordinator="c", agreed="good", quorum=2)) == "p2"

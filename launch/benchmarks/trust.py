@@ -69,6 +69,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def trained_sim(data: str, **fields: object) -> SimConfig:
+    """A simulated swarm of `nano` replicas training for real on `data`."""
+    return SimConfig(model="nano", data=data, round_timeout_s=15.0, step_s=(0.5, 0.6), **fields)  # type: ignore[arg-type]
+
+
 def honest_table(data: str, rounds: int) -> None:
     """Honest swarms over many rounds, each peer on its own data shard (non-IID: shards are
     disjoint stretches of the corpus): how much honest work the coordinator refused."""
@@ -76,20 +81,7 @@ def honest_table(data: str, rounds: int) -> None:
     print("| mode | contributions applied | honest refused as hurting | left out otherwise | peers banned | eval loss |")
     print("|---|---|---|---|---|---|")
     for mode in ("sparseloco", "diloco"):
-        cfg = SimConfig(
-            seed=7,
-            peers=4,
-            rounds=rounds,
-            model="nano",
-            mode=mode,
-            data=data,
-            inner_steps=10,
-            batch_size=8,
-            seq_len=64,
-            round_timeout_s=15.0,
-            step_s=(0.5, 0.6),
-            min_peers=4,
-        )
+        cfg = trained_sim(data, seed=7, peers=4, rounds=rounds, mode=mode, inner_steps=10, batch_size=8, seq_len=64, min_peers=4)
         sim = Simulation(cfg)
         hurting = count_refusals(sim)
         sim.loop.run_until_complete(sim.main())
@@ -164,17 +156,14 @@ def attack_table(data: str, rounds: int) -> None:
     baselines: dict[tuple[int, bool], float] = {}
     for name, honest, attackers, away in ATTACK_ROWS:
         schedule = [Fault(5.0, "coordinator-leave", "coordinator")] if away else []
-        cfg = SimConfig(
+        cfg = trained_sim(
+            data,
             seed=3,
             peers=honest,
             rounds=rounds,
-            model="nano",
-            data=data,
             inner_steps=3,
             batch_size=2,
             seq_len=32,
-            round_timeout_s=15.0,
-            step_s=(0.5, 0.6),
             attackers=attackers,
             schedule=schedule,
             min_peers=1 if away else honest + len(attackers),

@@ -1,12 +1,24 @@
-"""What the end-to-end adversary tests share: how to start a hostile peer, and the coordinator's round rows."""
+"""What the adversary tests share: how to start a hostile peer, the coordinator's round rows, and
+the small real-training swarm the simulator runs attacks on."""
 
 from __future__ import annotations
 
 import json
 
-from launch.cluster import LocalCluster
+from launch.cluster import DATA, LocalCluster
 
 HOSTILE = ("-m", "tests.adversary.hostile")
+
+# `nano` replicas training for real in the simulator, as small as still shows an attack's effect.
+SMALL_TRAINING = {
+    "model": "nano",
+    "data": str(DATA) if DATA.exists() else "stdlib",
+    "inner_steps": 3,
+    "batch_size": 2,
+    "seq_len": 32,
+    "round_timeout_s": 15.0,
+    "step_s": (0.5, 0.6),
+}
 
 
 def rows(cluster: LocalCluster) -> list[dict]:

@@ -17,24 +17,14 @@ from __future__ import annotations
 
 import pytest
 
-from launch.cluster import DATA
 from swarm.round.leadership import peer_quorum
 from swarm.sim.faults import Fault
 from swarm.sim.runner import SimConfig, Simulation
+from tests.adversary.common import SMALL_TRAINING
 
 ROUNDS = 7
 LEAVES_AT_S = 5.0  # virtual seconds: once two rounds were scored (the peers have standing)
-BASE = {
-    "seed": 5,
-    "rounds": ROUNDS,
-    "model": "nano",
-    "data": str(DATA) if DATA.exists() else "stdlib",
-    "inner_steps": 3,
-    "batch_size": 2,
-    "seq_len": 32,
-    "round_timeout_s": 15.0,
-    "step_s": (0.5, 0.6),
-}
+BASE = {"seed": 5, "rounds": ROUNDS, **SMALL_TRAINING}
 
 
 def run(peers: int, usurpers: int) -> Simulation:

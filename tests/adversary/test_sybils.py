@@ -15,22 +15,11 @@ from __future__ import annotations
 
 import pytest
 
-from launch.cluster import DATA
 from swarm.sim.runner import SimConfig, Simulation
+from tests.adversary.common import SMALL_TRAINING
 
 ROUNDS = 4
-BASE = {
-    "seed": 3,
-    "peers": 3,
-    "rounds": ROUNDS,
-    "model": "nano",
-    "data": str(DATA) if DATA.exists() else "stdlib",
-    "inner_steps": 3,
-    "batch_size": 2,
-    "seq_len": 32,
-    "round_timeout_s": 15.0,
-    "step_s": (0.5, 0.6),
-}
+BASE = {"seed": 3, "rounds": ROUNDS, **SMALL_TRAINING}
 
 
 def run(attackers: list[str]) -> Simulation:

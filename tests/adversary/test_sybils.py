@@ -35,9 +35,11 @@ def clean() -> Simulation:
     return sim
 
 
-@pytest.mark.parametrize(
-    "attackers", [["sign-flip", "evade", "frame"], ["frame", "frame", "frame"], ["shrink", "shrink", "shrink"]]
-)
+# Three hostile identities beside three honest ones, in two mixes: what defeated the geometric rule
+# (flip, evasion above the cosine cut, framing), and what a loss probe alone would let through
+# (helpful × 0.01 updates that set the clip and dilute the mean, a copy of 80% of an honest payload,
+# zeros). Framing alone by all three and noise are in `swarm-bench trust` and test_poisoned_updates.py.
+@pytest.mark.parametrize("attackers", [["sign-flip", "evade", "frame"], ["shrink", "copy", "zero"]])
 def test_half_the_identities_colluding_change_nothing_the_honest_peers_apply(attackers: list[str], clean: Simulation) -> None:
     sim = run(attackers)
     result = sim.result()

@@ -82,7 +82,7 @@ class Validator:
     absent: dict[str, int] = field(default_factory=dict)  # consecutive applied rounds a peer was missing
     useful: dict[str, int] = field(default_factory=dict)  # contributions the coordinator scored as helping
     banned_until: dict[str, int] = field(default_factory=dict)  # round from which a banned peer starts over
-    secret: bytes = field(default_factory=lambda: secrets.token_bytes(16))  # seeds the probe's batches
+    secret: bytes = field(default_factory=lambda: secrets.token_bytes(16), repr=False)  # seeds the probe's batches
     counted_to: int = 0  # manifests of rounds below this are in the ledger
 
     def ledger(self) -> Ledger:

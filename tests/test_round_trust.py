@@ -197,7 +197,7 @@ def test_a_peer_led_manifest_needs_a_leader_and_entries_with_standing():
 def test_shares_divide_by_the_contributions_covering_each_slot():
     a = summarise({"w": torch.ones(8, 8), "v": torch.ones(4)}, sparse=False)
     b = summarise({"w": torch.ones(8, 8)}, sparse=False)
-    out = shares([a, b], [{}, {"w": 0.5}], {"w": (8, 8), "v": (4,)}, outer_lr=2.0)
+    out = list(shares([a, b], [{}, {"w": 0.5}], {"w": (8, 8), "v": (4,)}, outer_lr=2.0))
     assert torch.equal(out[0]["w"], torch.ones(8, 8)) and torch.equal(out[0]["v"], 2 * torch.ones(4))
     assert torch.equal(out[1]["w"], 0.5 * torch.ones(8, 8))
 
@@ -246,3 +246,23 @@ def test_a_follower_finds_a_flip_at_an_honest_size_in_a_round_nobody_scored():
     verdicts = {"a": verdict(honest[0]), "b": verdict(honest[1]), "c": verdict(GRADIENT), "usurper": verdict(flip)}
     v._refuse_misaligned(verdicts)
     assert [p for p, x in verdicts.items() if x.reason] == ["usurper"]
+
+
+def test_beyond_max_scored_a_seeded_sample_is_scored_newcomers_first_the_rest_by_geometry(monkeypatch):
+    from swarm.round import admission
+
+    monkeypatch.setattr(admission, "MAX_SCORED", 4)
+    probe = LinearProbe()
+    v = validator(probation=1, probe=probe)
+    g = torch.Generator().manual_seed(1)
+    verdicts = {f"m{i}": verdict(GRADIENT + 0.2 * torch.randn(8, 8, generator=g)) for i in range(6)}
+    for i in range(6):
+        credit(v, f"m{i}", 1, start=i)
+    verdicts["new0"] = verdict(GRADIENT)
+    verdicts["new1"] = verdict(GRADIENT * 1.01)
+    verdicts["flip"] = verdict(-GRADIENT)
+    v.useful["flip"] = 1  # a member gone bad
+    scores = asyncio.run(v._refuse_useless(state(), verdicts))
+    assert len(scores) == 4 and {"new0", "new1"} <= set(scores), "newcomers are scored first"
+    assert verdicts["flip"].fault, "scored or not, a flipped update is refused (by loss or by geometry)"
+    assert all(verdicts[f"m{i}"].reason is None for i in range(6)), "honest members are kept either way"

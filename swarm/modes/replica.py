@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -261,7 +261,7 @@ class LossProbe:
         return losses.mean(dim=1).double()
 
     def losses(
-        self, state: GlobalState, updates: list[dict[str, torch.Tensor]], seed: int
+        self, state: GlobalState, updates: Iterable[dict[str, torch.Tensor]], seed: int
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Per-window loss at θ and at θ − u for each u, on one batch (torch threads: the caller's)."""
         inputs, targets = self.batch(seed)

@@ -23,6 +23,7 @@ quorum, nor has its work applied in a round nobody scores. Votes follow measured
 from __future__ import annotations
 
 import asyncio
+import random
 import secrets
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from swarm.round.robust import (
     summarise,
     tiny,
 )
-from swarm.round.usefulness import Probe, helps, probe_seed, score_shares, shares
+from swarm.round.usefulness import MAX_SCORED, Probe, coverage, helps, probe_seed, score_shares, shares
 from swarm.round.world import World
 from swarm.state import GlobalState
 
@@ -166,11 +167,20 @@ class Validator:
         peers = sorted(p for p, v in verdicts.items() if v.reason is None and v.summary is not None)
         if not peers:
             return {}
-        summaries = [s for p in peers if (s := verdicts[p].summary) is not None]
-        outer_lr = self.node.run.outer_at(state.round).outer_lr
-        updates = shares(summaries, clip_scales(summaries), dict(self.store.shapes), outer_lr)
         seed = probe_seed(self.secret, state.round, state.hash)
+        chosen = self._sample(peers, seed)
+        if unscored := set(peers) - set(chosen):  # judged by geometry this round; newcomers wait
+            for peer in sorted(unscored):
+                if not self.standing(peer):
+                    verdicts[peer].reason = "on probation: not among the contributions scored this round"
+            self._refuse_misaligned(verdicts, only=unscored)
+        summaries = {p: s for p in peers if (s := verdicts[p].summary) is not None}
+        scales = dict(zip(summaries, clip_scales(list(summaries.values()))))
+        outer_lr = self.node.run.outer_at(state.round).outer_lr
+        cover = coverage(list(summaries.values()))  # every contribution's share is of the whole round
+        updates = shares([summaries[p] for p in chosen], [scales[p] for p in chosen], dict(self.store.shapes), outer_lr, cover)
         found = await asyncio.to_thread(score_shares, self.probe, state, updates, seed)
+        peers = chosen
         scores = {}
         for peer, result in zip(peers, found):
             # Recorded: the gain when it is clear it helped (useful work), else at most 0.
@@ -185,6 +195,18 @@ class Validator:
                     peer
                 ].reason = f"on probation: did not clearly lower the loss on the leader's data ({100 * result.gain:+.3f}% ± {100 * result.error:.3f}%)"
         return scores
+
+    def _sample(self, peers: list[str], seed: int) -> list[str]:
+        """The contributions scored this round: all, or MAX_SCORED drawn with the secret seed,
+        newcomers first (sorted)."""
+        if len(peers) <= MAX_SCORED:
+            return peers
+        rng = random.Random(seed)
+        newcomers = [p for p in peers if not self.standing(p)]
+        members = [p for p in peers if self.standing(p)]
+        rng.shuffle(newcomers)
+        rng.shuffle(members)
+        return sorted((newcomers + members)[:MAX_SCORED])
 
     def _refuse_unproven(self, verdicts: dict[str, Verdict]) -> None:
         """Nobody scores this round: work from peers without standing is not applied (no strike)."""
@@ -264,7 +286,7 @@ class Validator:
                 verdicts[peer].fault = True
 
     @staticmethod
-    def _refuse_misaligned(verdicts: dict[str, Verdict]) -> None:
+    def _refuse_misaligned(verdicts: dict[str, Verdict], only: set[str] | None = None) -> None:
         """Leave out contributions that, clipped, point away from the sum of the others; then, until
         none is left, the one pointing most against it (cosine < 0): every follower checks that of a
         peer-led manifest (`against_the_rest`), since nobody scored its round."""
@@ -272,17 +294,18 @@ class Validator:
         summaries = [s for p in peers if (s := verdicts[p].summary) is not None]
         scores = alignments(summaries, clip_scales(summaries))
         for peer, score, bad in zip(peers, scores, misaligned(scores)):
-            if bad:  # pointing against the others is a fault; merely unaligned may be bad luck
+            if bad and (only is None or peer in only):  # pointing against the others is a fault; unaligned may be bad luck
                 verdicts[peer].reason = f"points away from the other contributions (cosine {score:.3f})"
                 verdicts[peer].fault = score < 0
         while True:
             peers = sorted(p for p, v in verdicts.items() if v.reason is None and v.summary is not None)
             summaries = [s for p in peers if (s := verdicts[p].summary) is not None]
             scales = clip_scales(summaries)
-            if not against_the_rest(summaries, scales):
+            against = [i for i in against_the_rest(summaries, scales) if only is None or peers[i] in only]
+            if not against:
                 return
             scores = alignments(summaries, scales)  # the worst first: with it gone, the others may agree
-            worst = min(range(len(peers)), key=lambda i: (scores[i], peers[i]))
+            worst = min(against, key=lambda i: (scores[i], peers[i]))
             verdicts[peers[worst]].reason = f"points against the other contributions (cosine {scores[worst]:.3f})"
 
     @staticmethod

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,13 +35,17 @@ from swarm.state import GlobalState
 HURT_FRACTION = 1e-3  # a share must raise the probe loss by more than this fraction of it to hurt ...
 HURT_SIGMAS = 3.0  # ... and by this many standard errors of the paired per-window differences
 HELP_SIGMAS = 1.0  # a share counts as useful work when it lowers the loss by this many standard errors
+# Contributions scored per round. Beyond it, a sample drawn with the leader's secret seed (newcomers
+# first: their work is applied only when scored); the others are judged by geometry this round, and
+# each knows it is scored with probability MAX_SCORED / R every round.
+MAX_SCORED = 32
 
 
 class Probe(Protocol):
     """The leader's loss on data of its choosing (blocking: runs in a worker thread)."""
 
     def losses(
-        self, state: GlobalState, updates: list[dict[str, torch.Tensor]], seed: int
+        self, state: GlobalState, updates: Iterable[dict[str, torch.Tensor]], seed: int
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Loss per window of the batch `seed` draws, at `state` and at each `state − update`."""
         ...
@@ -76,19 +81,29 @@ def dense_delta(summary: Summary, shapes: dict[str, tuple[int, ...]]) -> dict[st
     return out
 
 
-def shares(
-    summaries: list[Summary], scales: list[dict[str, float]], shapes: dict[str, tuple[int, ...]], outer_lr: float
-) -> list[dict[str, torch.Tensor]]:
-    """Each contribution's part of the round's step: α · s ⊙ Δ / (contributions covering the slot)."""
+def coverage(summaries: list[Summary]) -> dict[str, int]:
+    """How many contributions of the round cover each slot (its mean divides by that)."""
     cover: dict[str, int] = {}
     for summary in summaries:
         for name in summary.values:
             cover[name] = cover.get(name, 0) + 1
-    out = []
+    return cover
+
+
+def shares(
+    summaries: list[Summary],
+    scales: list[dict[str, float]],
+    shapes: dict[str, tuple[int, ...]],
+    outer_lr: float,
+    cover: dict[str, int] | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Each contribution's part of the round's step, α · s ⊙ Δ / (contributions covering the slot:
+    `cover`, by default these), built one at a time as the probe asks for it (memory: one dense
+    update, whatever the count)."""
+    cover = cover or coverage(summaries)
     for summary, scale in zip(summaries, scales):
         delta = dense_delta(summary, shapes)
-        out.append({n: t * (outer_lr * scale.get(n, 1.0) / cover[n]) for n, t in delta.items()})
-    return out
+        yield {n: t * (outer_lr * scale.get(n, 1.0) / cover[n]) for n, t in delta.items()}
 
 
 def probe_seed(secret: bytes, round_no: int, base_hash: str) -> int:
@@ -96,7 +111,7 @@ def probe_seed(secret: bytes, round_no: int, base_hash: str) -> int:
     return int.from_bytes(hashlib.sha256(secret + f":{round_no}:{base_hash}".encode()).digest()[:8], "big")
 
 
-def score_shares(probe: Probe, state: GlobalState, updates: list[dict[str, torch.Tensor]], seed: int) -> list[Score]:
+def score_shares(probe: Probe, state: GlobalState, updates: Iterable[dict[str, torch.Tensor]], seed: int) -> list[Score]:
     """Each share's effect on the probe loss, with its standard error over the batch's windows."""
     base, losses = probe.losses(state, updates, seed)
     mean = float(base.mean())

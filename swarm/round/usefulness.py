@@ -38,7 +38,7 @@ HELP_SIGMAS = 1.0  # a share counts as useful work when it lowers the loss by th
 # Contributions scored per round. Beyond it, a sample drawn with the leader's secret seed (newcomers
 # first: their work is applied only when scored); the others are judged by geometry this round, and
 # each knows it is scored with probability MAX_SCORED / R every round.
-MAX_SCORED = 32
+MAX_SCORED = 64
 
 
 class Probe(Protocol):

@@ -19,7 +19,7 @@ from swarm.sim.runner import SimConfig, Simulation
 from tests.adversary.common import SMALL_TRAINING
 
 ROUNDS = 4
-BASE = {"seed": 3, "rounds": ROUNDS, **SMALL_TRAINING}
+BASE = {"seed": 3, "peers": 3, "rounds": ROUNDS, **SMALL_TRAINING}
 
 
 def run(attackers: list[str]) -> Simulation:
@@ -37,9 +37,9 @@ def clean() -> Simulation:
 
 # Three hostile identities beside three honest ones, in two mixes: what defeated the geometric rule
 # (flip, evasion above the cosine cut, framing), and what a loss probe alone would let through
-# (helpful × 0.01 updates that set the clip and dilute the mean, a copy of 80% of an honest payload,
-# zeros). Framing alone by all three and noise are in `swarm-bench trust` and test_poisoned_updates.py.
-@pytest.mark.parametrize("attackers", [["sign-flip", "evade", "frame"], ["shrink", "copy", "zero"]])
+# (helpful × 0.01 updates that set the clip and dilute the mean, zeros), with framing. Noise is in
+# test_poisoned_updates.py, copies in test_copier.py (real processes) and the unit tests.
+@pytest.mark.parametrize("attackers", [["sign-flip", "evade", "frame"], ["shrink", "zero", "frame"]])
 def test_half_the_identities_colluding_change_nothing_the_honest_peers_apply(attackers: list[str], clean: Simulation) -> None:
     sim = run(attackers)
     result = sim.result()

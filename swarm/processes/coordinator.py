@@ -119,11 +119,12 @@ class Coordinator(AgreedNode):
         self.server.register("payload", self.store.serve)
         self.status.phase = "joining"
         state = await self._obtain_state()
+        self.hold(RoundAgreement(self, self.store, state, self.mode))
+        serve_state(self.server, self.agreement)  # at once: joiners look for a donor now
         corpus = corpus or await self.data.corpus(0)
-        probe = await asyncio.to_thread(self.mode.make_probe, corpus)  # scores contributions when we lead
-        self.hold(RoundAgreement(self, self.store, state, self.mode, probe=probe))
-        await self.agreement.adopt_ledger()  # standing earned before we joined (or restarted)
-        serve_state(self.server, self.agreement)
+        # Scores contributions when we lead (swarm/round/usefulness.py); built before the first round.
+        self.agreement.validator.probe = await asyncio.to_thread(self.mode.make_probe, corpus)
+        await self.agreement.adopt_ledger()  # standing earned before we restarted
         self.evaluator = None
         if self.cfg.evaluate:  # on data shard 0's held-out tail
             self.evaluator = await asyncio.to_thread(Replica, self.run, shard=0, device=torch.device("cpu"), corpus=corpus)

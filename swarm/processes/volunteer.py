@@ -117,8 +117,8 @@ class Peer(AgreedNode):
         self.server.register("payload", self.store.serve)
         state = await self._obtain_state()
         self.hold(RoundAgreement(self, self.store, state, self.mode))
-        await self.agreement.adopt_ledger()  # standing earned before we joined (or restarted)
         serve_state(self.server, self.agreement)
+        await self.agreement.adopt_ledger()  # standing earned before we joined (or restarted)
         self.log_event("join", f"{self.status.name} joined at round {state.round} on {self.device}")
         await self._round_loop()
 

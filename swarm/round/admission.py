@@ -38,7 +38,6 @@ from swarm.round.robust import (
     COPY_OVERLAP,
     TINY_FRACTION,
     Summary,
-    against_the_rest,
     alignments,
     clip_scales,
     misaligned,
@@ -300,12 +299,11 @@ class Validator:
         while True:
             peers = sorted(p for p, v in verdicts.items() if v.reason is None and v.summary is not None)
             summaries = [s for p in peers if (s := verdicts[p].summary) is not None]
-            scales = clip_scales(summaries)
-            against = [i for i in against_the_rest(summaries, scales) if only is None or peers[i] in only]
+            scores = alignments(summaries, clip_scales(summaries)) if len(summaries) >= 2 else []
+            against = [i for i, score in enumerate(scores) if score < 0 and (only is None or peers[i] in only)]
             if not against:
                 return
-            scores = alignments(summaries, scales)  # the worst first: with it gone, the others may agree
-            worst = min(against, key=lambda i: (scores[i], peers[i]))
+            worst = min(against, key=lambda i: (scores[i], peers[i]))  # the worst first: without it, the others may agree
             verdicts[peers[worst]].reason = f"points against the other contributions (cosine {scores[worst]:.3f})"
 
     @staticmethod

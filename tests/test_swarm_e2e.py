@@ -63,11 +63,15 @@ def test_rounds_join_and_kill(tmp_path: Path) -> None:
         # A peer joining mid-run downloads the state and contributes from its next round.
         cluster.add_peer("late")
         tried = wait_for(lambda: cluster.first_contribution("late"), 180, "the late joiner's first payload", cluster)
-        # Its first round may already be closing when it arrives; the next one must include it.
+        # Its first round may already be closing when it arrives; the next one must include it, unless
+        # the coordinator refused it on probation (a newcomer's share must clearly lower the probe loss).
         counted = wait_for(
             lambda: cluster.first_contribution("late", included=True), 120, "an applied payload from the joiner", cluster
         )
-        assert counted <= tried + 1
+        late = cluster.peer_id("late")[-8:]
+        for r in range(tried + 1, counted):
+            refused = f"[reject] round {r}: payload from {late} rejected: on probation"
+            assert refused in cluster.log("coordinator"), f"round {r} left out the joiner's payload, not on probation"
         wait_for(lambda: cluster.rounds_completed(4) > counted, 120, "every peer finishing that round", cluster)
         assert all(row["applied"] == 4 for row in cluster.metrics_by_round()[counted])
         assert_identical(cluster)

@@ -270,14 +270,19 @@ async def catch_up(
     or if deadline_s passes.
 
     Once some member holds state, keeps trying until the deadline (donors may move on mid-download)
-    rather than falling back to θ(0), which would fork the run.
+    rather than falling back to θ(0), which would fork the run. So while the run's coordinator is
+    live: it always serves a state once it has one (a restarted coordinator loads its saved state
+    first, and a joiner that gave up then would start a run of its own at round 0).
     """
     loop = asyncio.get_running_loop()
     give_up_at = loop.time() + patience_s
     hard_stop = loop.time() + deadline_s
     seen_holders = False
     while (seen_holders or loop.time() < give_up_at) and loop.time() < hard_stop:
-        choice = pick_donors(await node.member_peers(), exclude=node.peer_id)
+        beats = await node.member_peers()
+        if any(b.peer_id == node.run.coordinator != node.peer_id for b in beats):
+            give_up_at = max(give_up_at, loop.time() + 5 * retry_s)  # past the sleep below, whatever it takes
+        choice = pick_donors(beats, exclude=node.peer_id)
         if choice is not None:
             seen_holders = True
             round_no, state_hash, donors = choice

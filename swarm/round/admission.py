@@ -147,6 +147,8 @@ class Validator:
             self._refuse_unproven(verdicts)
         await self._refuse_incomplete(verdicts)  # a refusal above may have broken a group
         accepted = sorted(p for p, v in verdicts.items() if v.reason is None)
+        # Credit only for work applied: a copy scores like what it copied, and must earn nothing.
+        scores = {p: value if p in accepted else min(value, 0.0) for p, value in scores.items()}
         scales = clip_scales([s for p in accepted if (s := verdicts[p].summary) is not None])
         if self.mode.inline_payload:  # no tensors, nothing to clip: the mode bounds its own values on apply
             entries = [ManifestEntry(p, subs[p].digest, subs[p].size, inline=subs[p].inline) for p in accepted]
@@ -335,8 +337,9 @@ class Validator:
                 self.absent.pop(peer, None)
         for peer in manifest.missing:
             self.absent[peer] = self.absent.get(peer, 0) + 1
+        applied = {e.peer_id for e in manifest.entries}
         for peer, value in manifest.scores.items():
-            if helps(value) and not self.banned(peer):
+            if helps(value) and peer in applied and not self.banned(peer):
                 self.useful[peer] = min(self.useful.get(peer, 0) + 1, USEFUL_CAP)
                 if self.strikes.get(peer, 0) > 0:  # useful work forgives a strike: honest bad luck never adds up to a ban
                     self.strikes[peer] -= 1

@@ -13,7 +13,7 @@ import torch
 from swarm.modes import mode_for
 from swarm.net.dht import Signed
 from swarm.net.records import Manifest, ManifestEntry, Rejection
-from swarm.round.admission import BAN_ROUNDS, STRIKES_BEFORE_BAN, Validator, Verdict
+from swarm.round.admission import BAN_ROUNDS, CREDIT_CAP, CREDIT_DECAY, STRIKES_BEFORE_BAN, Validator, Verdict
 from swarm.round.leadership import canonical_manifest
 from swarm.round.robust import MAX_UPDATE_RATIO, check_update, summarise
 from swarm.round.usefulness import HURT_FRACTION, shares
@@ -81,6 +81,53 @@ def test_a_share_that_raises_the_loss_is_refused_and_struck_whatever_its_cosine(
     for attacker in ("flip", "evade"):
         assert scores[attacker] < -HURT_FRACTION
         assert verdicts[attacker].fault and "raises the loss" in str(verdicts[attacker].reason)
+
+
+def test_a_member_may_spend_the_gains_it_was_measured_for_on_a_share_that_hurts_but_never_more():
+    """Honest work sometimes raises the loss on the leader's batch; a member with credit (measured
+    gains, decayed and capped) has such a share applied and debited, while the same share from a
+    peer without credit, beyond the credit left, or beyond the round's net gain is refused."""
+    v = validator(probation=0, probe=LinearProbe())
+    credit(v, "h0", 3)  # 0.01 a round, decayed: capped at CREDIT_CAP
+    assert v.credit == {"h0": CREDIT_CAP}
+
+    def round_with(hurting: dict[str, float], honest: int = 3) -> dict[str, Verdict]:
+        verdicts = {
+            f"h{i}": verdict(GRADIENT + 0.1 * torch.randn(8, 8, generator=torch.Generator().manual_seed(i)), 1e-2)
+            for i in range(1, honest + 1)
+        }
+        verdicts.update({p: verdict(-GRADIENT, scale) for p, scale in hurting.items()})
+        return verdicts
+
+    verdicts = round_with({"h0": 3e-3, "stranger": 3e-3})  # each raises the loss by 0.65%
+    scores = asyncio.run(v._refuse_useless(state(), verdicts))
+    assert verdicts["h0"].reason is None and "raises the loss" in (verdicts["stranger"].reason or "")
+    assert verdicts["stranger"].fault and not verdicts["h0"].fault
+    entries = [ManifestEntry(p, "d", 1) for p in ("h0", "h1", "h2", "h3")]
+    v.record(Manifest(5, "C", "h", entries, [Rejection("stranger", "hurts", True)], 0.0, scores=scores))
+    assert v.credit["h0"] == pytest.approx(CREDIT_DECAY * CREDIT_CAP + scores["h0"])  # debited
+    assert v.strikes["h0"] == 0
+    # Spent until its credit no longer covers the harm: never more than it had.
+    spent = -scores["h0"]
+    for r in range(6, 9):
+        verdicts = round_with({"h0": 3e-3})
+        scores = asyncio.run(v._refuse_useless(state(), verdicts))
+        if verdicts["h0"].reason is not None:
+            break
+        spent -= scores["h0"]
+        v.record(Manifest(r, "C", "h", [ManifestEntry(p, "d", 1) for p in ("h0", "h1", "h2", "h3")], [], 0.0, scores=scores))
+    assert "raises the loss" in (verdicts["h0"].reason or "") and spent <= CREDIT_CAP
+    # A harm above MAX_PAID_HARM is refused whatever the credit, and so is one the round's net gain
+    # does not cover (one helping share of 2%, a harm of 1.3%... twice).
+    rich = validator(probation=0, probe=LinearProbe())
+    credit(rich, "a", 3)
+    credit(rich, "b", 3)
+    verdicts = round_with({"a": 6e-3, "b": 6e-3}, honest=1)
+    asyncio.run(rich._refuse_useless(state(), verdicts))
+    assert sum(verdicts[p].reason is None for p in ("a", "b")) <= 1
+    verdicts = round_with({"a": 1e-2}, honest=3)
+    asyncio.run(rich._refuse_useless(state(), verdicts))
+    assert "raises the loss" in (verdicts["a"].reason or ""), "above MAX_PAID_HARM"
 
 
 def test_honest_work_the_cosine_rule_would_refuse_is_kept_when_it_lowers_the_loss():
@@ -229,6 +276,10 @@ def test_the_ledger_carries_standing_strikes_and_bans_to_a_node_that_was_not_the
     joiner = validator(probation=2)
     assert joiner.adopt(record) and not joiner.adopt(record), "only a ledger ahead of ours is taken"
     assert joiner.standing("worker") and joiner.banned("bad") and not joiner.waited_for("idler")
+    assert joiner.credit == v.credit == {"worker": CREDIT_CAP}
+    for bad in (float("nan"), -0.01, float("inf")):
+        with pytest.raises(ValueError):
+            type(record)(round=1, credit={"x": bad})
     joiner.record(Manifest(4, "C", "h", [], [Rejection("worker", "hurts", True)], 0.0))
     assert joiner.strikes.get("worker", 0) == 0, "a manifest the adopted ledger already counts is not counted twice"
 

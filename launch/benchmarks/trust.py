@@ -55,11 +55,15 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"scoring cost ({args.threads} thread(s); a peer's round: H = {args.inner_steps}, batch {args.batch_size} × {args.seq_len})"
     )
-    print("| preset | R | probe s/round | peer inner steps s/round | probe / round |")
-    print("|---|---|---|---|---|")
+    # Against one peer's round: what the scorer, which does not train, adds while the peers train
+    # the next round (overlapped: hidden while below one). Against the round's compute: the R
+    # trainers' inner steps together, what the swarm spends on the round.
+    print("| preset | R | probe s/round | peer inner steps s/round | probe / a peer's round | probe / the round's compute |")
+    print("|---|---|---|---|---|---|")
     for preset in args.presets:
-        for row in cost_rows(preset, args):
-            print(f"| {preset} | {row[0]} | {row[1]:.3f} | {row[2]:.1f} | {100 * row[1] / row[2]:.2f}% |", flush=True)
+        for n, probe_s, round_s in cost_rows(preset, args):
+            row = f"| {preset} | {n} | {probe_s:.3f} | {round_s:.1f} | {100 * probe_s / round_s:.2f}% | {100 * probe_s / (n * round_s):.2f}% |"
+            print(row, flush=True)
     if not args.no_attacks:
         print()
         attack_table(args.data, args.rounds)

@@ -258,14 +258,17 @@ class Ledger:
     strikes: dict[str, int] = field(default_factory=dict)
     banned_until: dict[str, int] = field(default_factory=dict)
     absent: dict[str, int] = field(default_factory=dict)
+    credit: dict[str, float] = field(default_factory=dict)  # measured gains a peer may spend on a share that hurts
 
     def __post_init__(self) -> None:
-        for name in ("useful", "strikes", "banned_until", "absent"):
+        for name in ("useful", "strikes", "banned_until", "absent", "credit"):
             counts = getattr(self, name)
             if len(counts) > MAX_LEDGER_PEERS:
                 raise ValueError(f"a ledger lists at most {MAX_LEDGER_PEERS} peers per count, got {len(counts)}")
-            if any(v < 0 for v in counts.values()):
+            if any(not (v >= 0) for v in counts.values()):  # also refuses NaN credit
                 raise ValueError(f"ledger counts must be >= 0 ({name})")
+        if any(not math.isfinite(v) or v > 1.0 for v in self.credit.values()):
+            raise ValueError("ledger credit must be a finite fraction of the loss")
 
 
 MAX_LEDGER_PEERS = 4096

@@ -108,6 +108,10 @@ class Copy(SimPeer):
 
     honest = False
 
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.copied: list[int] = []  # the rounds it found a payload to copy
+
     async def submit(self, r: int, encoded: Encoded, base: str) -> None:
         for _ in range(40):
             subs = await self.agreement._submissions(r)
@@ -120,8 +124,11 @@ class Copy(SimPeer):
                 mixed = {}
                 for name, t in theirs.items():
                     take = (torch.rand(t.shape, generator=g) < 0.8) & (t != 0)
-                    mixed[name] = torch.where(take, t, own[name] * (t == 0))
+                    # Their values outrank ours, so a fresh encoder's top-k keeps every one taken
+                    # and fills the rest of the budget from our own update.
+                    mixed[name] = torch.where(take, t, own[name] * (t == 0) * 1e-3)
                 encoded = PayloadEncoder(self.run, self.peer_id).encode(mixed, r)
+                self.copied.append(r)
                 break
             await asyncio.sleep(0.25)
         await super().submit(r, encoded, base)

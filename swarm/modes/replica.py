@@ -221,12 +221,16 @@ class Replica:
         return evaluate(self.model, batches, device=self.device)
 
 
-PROBE_TOKENS = 512  # held-out tokens a probe batch holds at least (4 windows of 128 at the defaults)
+PROBE_TOKENS = 512  # held-out tokens a probe batch holds at least ...
+PROBE_WINDOWS = 16  # ... in at least this many windows (the standard error needs them: with 4, a
+# t-statistic of -3 comes from noise alone in 3% of honest shares) ...
+PROBE_WINDOW = 64  # ... of at most this many tokens (16 windows of 64 tokens at seq_len 128)
 
 
 class LossProbe:
     """A round leader's loss on data of its choosing (swarm/round/usefulness.py): windows of the
-    held-out split drawn at random from a seed (at least PROBE_TOKENS tokens, 4 windows or more),
+    held-out split drawn at random from a seed (at least PROBE_TOKENS tokens in PROBE_WINDOWS windows
+    or more, each at most PROBE_WINDOW tokens of context),
     evaluated on a model of its own (the coordinator's evaluator runs beside it), per window, so the
     leader can tell a real effect from the batch's noise. Cost per round: one forward pass of the
     batch per contribution, plus one."""
@@ -240,9 +244,10 @@ class LossProbe:
         prepare_model: Callable[[torch.nn.Module], None] | None = None,
     ) -> None:
         self.run, self.tokens = run, corpus.eval_tokens
-        self.sequences = max(4, -(-tokens // run.seq_len))
-        if len(self.tokens) <= run.seq_len + 1:
-            raise ValueError(f"the held-out split ({len(self.tokens)} tokens) is too small to probe at seq_len {run.seq_len}")
+        self.window = min(run.seq_len, PROBE_WINDOW)
+        self.sequences = max(PROBE_WINDOWS, -(-tokens // self.window))
+        if len(self.tokens) <= self.window + 1:
+            raise ValueError(f"the held-out split ({len(self.tokens)} tokens) is too small to probe windows of {self.window}")
         self.model = build_model(model_config(run), seed=run.seed)
         if prepare_model is not None:
             prepare_model(self.model)
@@ -250,8 +255,8 @@ class LossProbe:
 
     def batch(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed(seed % (1 << 63))
-        starts = torch.randint(0, len(self.tokens) - self.run.seq_len - 1, (self.sequences,), generator=generator)
-        windows = [np.asarray(self.tokens[s : s + self.run.seq_len + 1], dtype=np.int64) for s in starts.tolist()]
+        starts = torch.randint(0, len(self.tokens) - self.window - 1, (self.sequences,), generator=generator)
+        windows = [np.asarray(self.tokens[s : s + self.window + 1], dtype=np.int64) for s in starts.tolist()]
         batch = torch.from_numpy(np.stack(windows))
         return batch[:, :-1], batch[:, 1:]
 

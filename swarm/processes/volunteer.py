@@ -306,7 +306,7 @@ class Peer(AgreedNode):
             if work.inline is None:
                 self.encoder.excluded()  # never sent: the whole Δ goes back into the error buffer
             return None
-        self.store.blobs.put(encoded.digest, encoded.data)
+        self.store.hold(encoded.digest, encoded.data)
         sub = Submission(
             self.peer_id, r, encoded.digest, len(encoded.data), state.hash, work.tokens, work.loss, inline=work.inline or b""
         )

@@ -14,7 +14,8 @@ is part of what the swarm agreed on and survives the coordinator stepping away: 
 marked in a rejection: malformed, free rider, copier, hurting the loss; each contribution scored as
 useful forgives one, so an honest peer's rare bad round never adds up to a ban), bans after
 STRIKES_BEFORE_BAN strikes that expire after BAN_ROUNDS rounds (the peer then starts over on
-probation), absences, and useful work: contributions the coordinator scored as lowering the loss. A
+probation), absences, useful work: contributions the coordinator scored as lowering the loss, and
+credit: those gains, decayed and capped, which a member may spend on a share that hurts. A
 peer with fewer than the run's `probation_rounds` of useful work is on probation: its contributions
 are scored and applied only if they help, and it neither leads, nor counts toward a peer-led
 quorum, nor has its work applied in a round nobody scores. Votes follow measured work, not keys.
@@ -59,11 +60,11 @@ def _first(counts: dict[str, int]) -> dict[str, int]:
 
 STRIKES_BEFORE_BAN = 3
 # Credit: a peer's measured gains (fractions of the probe loss its applied shares removed), kept as
-# a decaying sum (about the last ten scored rounds) and capped, that it may spend on a share that
+# a decaying sum (about the last twenty scored rounds) and capped, that it may spend on a share that
 # raises the loss. Honest work sometimes does, on the leader's batch (non-IID shards, an annealed
 # lr: 0.2-0.6% of the loss on `nano`); a peer can never hurt more than it helped, a round must still
 # lower the loss as a whole, and a share hurting by more than MAX_PAID_HARM is refused whatever.
-CREDIT_DECAY = 0.9
+CREDIT_DECAY = 0.95
 CREDIT_CAP = 0.02
 MAX_PAID_HARM = 0.01
 BAN_ROUNDS = 20  # rounds a ban lasts; then the peer starts over, on probation, with no strikes
@@ -195,8 +196,9 @@ class Validator:
         scores = {}
         hurting = []
         for peer, result in zip(chosen, found):
-            # Recorded: the gain when it is clear it helped (useful work), else at most 0.
-            scores[peer] = result.gain if result.helps else min(result.gain, 0.0)
+            # Recorded: the gain when it clearly helped (useful work, credit) or hurt (a strike, or
+            # debited from the credit that paid for it); within the noise, 0: nobody's doing.
+            scores[peer] = result.gain if result.helps or result.hurts else 0.0
             if result.hurts:
                 hurting.append((-result.gain, peer, result))
             elif not self.standing(peer) and not result.helps:

@@ -7,6 +7,7 @@ Decoding validates everything (codec/payload.py); a bad payload raises PayloadEr
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -93,6 +94,9 @@ class PayloadEncoder:
         self._saved_errors = None
 
 
+REVEAL_S = 2.0  # a sender serves its payload this long after announcing it (leaders poll every 0.25 s)
+
+
 class PayloadStore:
     """Holds payload bytes for serving and fetches missing ones from whoever has them."""
 
@@ -104,13 +108,27 @@ class PayloadStore:
         self.shapes = shapes
         self.traffic = traffic
         self.blobs = BlobCache(max_bytes=max(256 << 20, 8 * dense_bytes(shapes)))
+        self._reveal_at: dict[str, float] = {}  # our own payloads' digests: when they may be served
         self.max_bytes = max_payload_bytes(shapes)
         codec = run.outer.codec
         self.codec = (codec, codec_config(run).wire_params() if codec == "sparseloco" else {})
 
+    def hold(self, digest: str, data: bytes, *, reveal_s: float = REVEAL_S) -> None:
+        """Our own payload, about to be announced: served only `reveal_s` from now. Whoever copies
+        it can announce the copy no sooner, by when the leader has seen ours: the copy is the
+        later one (robust.py), and cannot make the two look simultaneous and both sit out."""
+        now = asyncio.get_running_loop().time()
+        self._reveal_at = {d: t for d, t in self._reveal_at.items() if t > now}
+        self._reveal_at[digest] = now + reveal_s
+        self.blobs.put(digest, data)
+
     async def serve(self, request: dict) -> bytes | None:
         digest = request.get("digest")
-        return self.blobs.get(digest) if isinstance(digest, str) else None
+        if not isinstance(digest, str):
+            return None
+        if (wait := self._reveal_at.get(digest, 0.0) - asyncio.get_running_loop().time()) > 0:
+            await asyncio.sleep(wait)  # a slower answer, not a refusal: fetchers wait far longer than this
+        return self.blobs.get(digest)
 
     async def get(self, digest: str, holders: list[str]) -> bytes:
         """The bytes with this digest, from our cache or the first holder that has them."""

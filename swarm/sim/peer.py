@@ -147,7 +147,7 @@ class SimPeer(Actor):
             self.encoder.excluded()
 
     async def submit(self, r: int, encoded: Encoded, base: str) -> None:
-        self.store.blobs.put(encoded.digest, encoded.data)
+        self.store.hold(encoded.digest, encoded.data)
         if self.network.payload_bytes:  # `sized` payloads: the transfers take the declared size's time
             self.network.sized[encoded.digest] = self.network.payload_bytes
         sub = Submission(self.peer_id, r, encoded.digest, len(encoded.data), base, 0, None)

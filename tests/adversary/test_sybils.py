@@ -37,9 +37,12 @@ def clean() -> Simulation:
 
 # Three hostile identities beside three honest ones, in two mixes: what defeated the geometric rule
 # (flip, evasion above the cosine cut, framing), and what a loss probe alone would let through
-# (helpful × 0.01 updates that set the clip and dilute the mean, zeros), with framing. Noise is in
-# test_poisoned_updates.py, copies in test_copier.py (real processes) and the unit tests.
-@pytest.mark.parametrize("attackers", [["sign-flip", "evade", "frame"], ["shrink", "zero", "frame"]])
+# (helpful × 0.01 updates that set the clip and dilute the mean, zeros), with framing; and noise,
+# evasion and a free rider re-sending 80% of an honest payload's entries as its own (it earns no
+# credit: the copy check refuses it after scoring, and a refused share is credited nothing).
+@pytest.mark.parametrize(
+    "attackers", [["sign-flip", "evade", "frame"], ["shrink", "zero", "frame"], ["noise", "evade", "copy"]]
+)
 def test_half_the_identities_colluding_change_nothing_the_honest_peers_apply(attackers: list[str], clean: Simulation) -> None:
     sim = run(attackers)
     result = sim.result()
@@ -49,11 +52,23 @@ def test_half_the_identities_colluding_change_nothing_the_honest_peers_apply(att
     hostile = {p.peer_id for p in sim.peers if not p.honest}
     rounds = [a for a in sim.ledger.applied if a.node == "coordinator" and a.round < ROUNDS]
     assert len(rounds) == ROUNDS
-    for applied in rounds:
-        assert set(applied.entries) == honest, f"round {applied.round}: applied {applied.entries}"
     validator = sim.coordinator.agreement.validator
     assert not any(validator.strikes.get(p, 0) for p in honest), "an honest peer was struck"
-    assert all(validator.banned(p) for p in hostile), "a Sybil that hurt the loss every round is banned"
-    final = next(a for a in rounds if a.round == ROUNDS - 1)
-    honest_final = next(a for a in clean.ledger.applied if a.node == "coordinator" and a.round == ROUNDS - 1)
-    assert final.result == honest_final.result, "the honest peers' state differs from the honest-only run"
+    copiers = {p.peer_id: p for p in sim.peers if hasattr(p, "copied")}
+    if "evade" in attackers and "noise" in attackers:
+        # Beside noise, the evasion's share sometimes lowers the probe loss (it is measured, not
+        # guessed): applied then, as useful work. The honest work is all in, the copy never.
+        for applied in rounds:
+            assert honest <= set(applied.entries) and not copiers.keys() & set(applied.entries), applied.entries
+        assert result.eval_loss is not None and clean.result().eval_loss is not None
+        assert result.eval_loss <= 1.03 * clean.result().eval_loss
+    else:
+        for applied in rounds:
+            assert set(applied.entries) == honest, f"round {applied.round}: applied {applied.entries}"
+        assert all(validator.banned(p) for p in hostile), "a Sybil that hurt the loss every round is banned"
+        final = next(a for a in rounds if a.round == ROUNDS - 1)
+        honest_final = next(a for a in clean.ledger.applied if a.node == "coordinator" and a.round == ROUNDS - 1)
+        assert final.result == honest_final.result, "the honest peers' state differs from the honest-only run"
+    assert all(len(p.copied) == ROUNDS for p in copiers.values()), "the free rider found a payload to copy every round"
+    assert all(validator.banned(p) for p in copiers), "a copy in every round is a strike in every round"
+    assert not any(validator.useful.get(p) or validator.credit.get(p) for p in copiers), "a copy earns nothing"

@@ -117,6 +117,15 @@ def test_a_member_may_spend_the_gains_it_was_measured_for_on_a_share_that_hurts_
         spent -= scores["h0"]
         v.record(Manifest(r, "C", "h", [ManifestEntry(p, "d", 1) for p in ("h0", "h1", "h2", "h3")], [], 0.0, scores=scores))
     assert "raises the loss" in (verdicts["h0"].reason or "") and spent <= CREDIT_CAP
+    # The first harm its credit cannot cover is deferred (no strike) and spends what is left of it;
+    # the next one is refused and struck.
+    assert (verdicts["h0"].reason or "").startswith("deferred") and not verdicts["h0"].fault
+    rejected = [Rejection("h0", verdicts["h0"].reason or "", False)]
+    v.record(Manifest(9, "C", "h", [ManifestEntry(p, "d", 1) for p in ("h1", "h2", "h3")], rejected, 0.0, scores=scores))
+    assert "h0" not in v.credit
+    verdicts = round_with({"h0": 3e-3})
+    asyncio.run(v._refuse_useless(state(), verdicts))
+    assert verdicts["h0"].fault and not (verdicts["h0"].reason or "").startswith("deferred")
     # A harm above MAX_PAID_HARM is refused whatever the credit, and so is one the round's net gain
     # does not cover (one helping share of 2%, a harm of 1.3%... twice).
     rich = validator(probation=0, probe=LinearProbe())

@@ -82,39 +82,46 @@ def honest_table(data: str, rounds: int) -> None:
     """Honest swarms over many rounds, each peer on its own data shard (non-IID: shards are
     disjoint stretches of the corpus): how much honest work the coordinator refused."""
     print(f"honest runs in the simulator (nano, real training, 4 peers, {rounds} rounds, H = 10, batch 8 × 64)")
-    print("| mode | contributions applied | hurting, applied on credit | honest refused as hurting | left out otherwise | peers banned | eval loss |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| mode | contributions applied | hurting: applied on credit | deferred (no strike) | refused and struck | left out otherwise | peers banned | eval loss |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for mode in ("sparseloco", "diloco"):
         cfg = trained_sim(data, seed=7, peers=4, rounds=rounds, mode=mode, inner_steps=10, batch_size=8, seq_len=64, min_peers=4)
         sim = Simulation(cfg)
-        hurting, paid = count_refusals(sim)
+        hurting, paid, deferred = count_refusals(sim)
         sim.loop.run_until_complete(sim.main())
         result = sim.result()
         applied = [a for a in sim.ledger.applied if a.node == "coordinator" and a.round < rounds]
         listed = sum(len(a.entries) for a in applied)
-        left_out = sum(len({p.peer_id for p in sim.peers} - set(a.entries)) for a in applied) - len(hurting)
+        left_out = sum(len({p.peer_id for p in sim.peers} - set(a.entries)) for a in applied) - len(hurting) - len(deferred)
         banned = sum(sim.coordinator.agreement.validator.banned(p.peer_id) for p in sim.peers)
         loss = result.eval_loss or float("nan")
-        print(f"| {mode} | {listed} | {len(paid)} | {len(hurting)} | {left_out} | {banned} | {loss:.4f} |", flush=True)
+        row = f"| {mode} | {listed} | {len(paid)} | {len(deferred)} | {len(hurting)} | {left_out} | {banned} | {loss:.4f} |"
+        print(row, flush=True)
 
 
-def count_refusals(sim: Simulation) -> tuple[list[str], list[str]]:
-    """The coordinator's refusals of contributions as hurting the loss, and the hurting ones it
-    applied on their senders' credit, as they happen (its event log keeps only the latest few)."""
+def count_refusals(sim: Simulation) -> tuple[list[str], list[str], list[str]]:
+    """The coordinator's refusals (with a strike) of contributions as hurting the loss, the hurting
+    ones it applied on their senders' credit, and those it deferred, as they happen (its event log
+    keeps only the latest few)."""
     refused: list[str] = []
     paid: list[str] = []
+    deferred: list[str] = []
     node = sim.coordinator.node
     log_event = node.log_event
 
     def counting(kind: str, text: str) -> None:
-        if kind == "reject" and "raises the loss" in text:
+        if kind == "reject" and "deferred: " in text:
+            deferred.append(text)
+        elif kind == "reject" and "raises the loss" in text:
             refused.append(text)
         elif kind == "credit":
             paid.append(text)
         log_event(kind, text)
 
     node.log_event = counting  # type: ignore[method-assign]
-    return refused, paid
+    return refused, paid, deferred
 
 
 def cost_rows(preset: str, args: argparse.Namespace) -> list[tuple[int, float, float]]:

@@ -216,7 +216,17 @@ class Validator:
                     f"round {state.round}: {peer[-8:]}'s share raises the loss by {100 * harm:.2f}%: applied on its credit",
                 )
                 continue
-            verdicts[peer].reason = f"raises the loss on the leader's data by {100 * harm:.2f}% (± {100 * result.error:.2f}%)"
+            measured = f"raises the loss on the leader's data by {100 * harm:.2f}% (± {100 * result.error:.2f}%)"
+            if self.standing(peer) and self.credit.get(peer, 0.0) > 0 and harm <= MAX_PAID_HARM:
+                # Deferred: a member with credit, whose harm it (or the round) cannot cover. No
+                # strike; its credit is spent (record()) and its Δ returns to its error buffer.
+                verdicts[
+                    peer
+                ].reason = (
+                    f"deferred: {measured}, more than its credit ({100 * self.credit[peer]:.2f}%) or the round's gain covers"
+                )
+                continue
+            verdicts[peer].reason = measured
             verdicts[peer].fault = True
         return scores
 
@@ -361,9 +371,12 @@ class Validator:
         for peer in manifest.missing:
             self.absent[peer] = self.absent.get(peer, 0) + 1
         applied = {e.peer_id for e in manifest.entries}
+        struck = {r.peer_id for r in manifest.rejected if r.fault}
         for peer, value in sorted(manifest.scores.items()):
             if peer in applied:  # the same float operations in the same order on every node
                 self.credit[peer] = min(max(CREDIT_DECAY * self.credit.get(peer, 0.0) + value, 0.0), CREDIT_CAP)
+            elif value < 0 and peer not in struck:  # deferred: it hurt, without a strike, once per credit
+                self.credit.pop(peer, None)
             if helps(value) and peer in applied and not self.banned(peer):
                 self.useful[peer] = min(self.useful.get(peer, 0) + 1, USEFUL_CAP)
                 if self.strikes.get(peer, 0) > 0:  # useful work forgives a strike: honest bad luck never adds up to a ban

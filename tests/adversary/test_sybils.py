@@ -40,9 +40,7 @@ def clean() -> Simulation:
 # (helpful × 0.01 updates that set the clip and dilute the mean, zeros), with framing; and noise,
 # evasion and a free rider re-sending 80% of an honest payload's entries as its own (it earns no
 # credit: the copy check refuses it after scoring, and a refused share is credited nothing).
-@pytest.mark.parametrize(
-    "attackers", [["sign-flip", "evade", "frame"], ["shrink", "zero", "frame"], ["noise", "evade", "copy"]]
-)
+@pytest.mark.parametrize("attackers", [["sign-flip", "evade", "frame"], ["shrink", "zero", "frame"], ["noise", "evade", "copy"]])
 def test_half_the_identities_colluding_change_nothing_the_honest_peers_apply(attackers: list[str], clean: Simulation) -> None:
     sim = run(attackers)
     result = sim.result()

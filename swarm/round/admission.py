@@ -205,9 +205,10 @@ class Validator:
                 verdicts[
                     peer
                 ].reason = f"on probation: did not clearly lower the loss on the leader's data ({100 * result.gain:+.3f}% ± {100 * result.error:.3f}%)"
-        # The round's net gain so far (the shares kept): what paid-for harm may not exceed.
+        # The round's measured gain without the hurting shares (the kept shares' gains, within the
+        # noise or not): what the harm paid for in it may not exceed.
         hurt = {peer for _, peer, _ in hurting}
-        net = sum(scores[p] for p in chosen if p not in hurt and verdicts[p].reason is None and scores[p] > 0)
+        net = sum(result.gain for p, result in zip(chosen, found) if p not in hurt and verdicts[p].reason is None)
         for harm, peer, result in sorted(hurting):
             if self.standing(peer) and harm <= min(self.credit.get(peer, 0.0), MAX_PAID_HARM) and harm <= net:
                 net -= harm  # applied: it spends its credit (record() debits it from the manifest's score)

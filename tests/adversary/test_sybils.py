@@ -58,8 +58,9 @@ def test_half_the_identities_colluding_change_nothing_the_honest_peers_apply(att
         # guessed): applied then, as useful work. The honest work is all in, the copy never.
         for applied in rounds:
             assert honest <= set(applied.entries) and not copiers.keys() & set(applied.entries), applied.entries
-        assert result.eval_loss is not None and clean.result().eval_loss is not None
-        assert result.eval_loss <= 1.03 * clean.result().eval_loss
+        baseline = clean.result().eval_loss
+        assert result.eval_loss is not None and baseline is not None
+        assert result.eval_loss <= 1.03 * baseline
     else:
         for applied in rounds:
             assert set(applied.entries) == honest, f"round {applied.round}: applied {applied.entries}"

@@ -46,7 +46,7 @@ from swarm.round.robust import (
     summarise,
     tiny,
 )
-from swarm.round.usefulness import MAX_SCORED, Probe, coverage, helps, probe_seed, score_shares, shares
+from swarm.round.usefulness import HURT_SIGMAS, MAX_SCORED, Probe, coverage, helps, probe_seed, score_shares, shares
 from swarm.round.world import World
 from swarm.state import GlobalState
 
@@ -198,8 +198,11 @@ class Validator:
         for peer, result in zip(chosen, found):
             # Recorded: the gain when it clearly helped (useful work, credit) or hurt (a strike, or
             # debited from the credit that paid for it); within the noise, 0: nobody's doing.
-            scores[peer] = result.gain if result.helps or result.hurts else 0.0
-            if result.hurts:
+            # A newcomer must prove its work helps: one that clearly lowers nothing but raises the
+            # loss, however little (noise at an honest size does), is struck as well as refused.
+            hurts = result.hurts or (not self.standing(peer) and result.gain < -HURT_SIGMAS * result.error)
+            scores[peer] = result.gain if result.helps or hurts else 0.0
+            if hurts:
                 hurting.append((-result.gain, peer, result))
             elif not self.standing(peer) and not result.helps:
                 verdicts[

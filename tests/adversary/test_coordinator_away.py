@@ -23,7 +23,7 @@ from swarm.sim.runner import SimConfig, Simulation
 from tests.adversary.common import SMALL_TRAINING
 
 ROUNDS = 7
-LEAVES_AT_S = 5.0  # virtual seconds: once two rounds were scored (the peers have standing)
+LEAVES_AT_S = 9.0  # virtual seconds: once two rounds were scored (the peers have standing)
 BASE = {"seed": 5, "rounds": ROUNDS, **SMALL_TRAINING}
 
 

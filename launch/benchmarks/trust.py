@@ -156,6 +156,7 @@ ATTACK_ROWS: list[tuple[str, int, list[str], bool]] = [
     ("3 Sybils: flip, evade, frame", 3, ["sign-flip", "evade", "frame"], False),
     ("3 Sybils framing", 3, ["frame", "frame", "frame"], False),
     ("3 Sybils shrinking (× 0.01, helpful)", 3, ["shrink", "shrink", "shrink"], False),
+    ("3 Sybils: noise, evade, copy (80% of an honest payload)", 3, ["noise", "evade", "copy"], False),
     ("honest only, 32 peers", 32, [], False),
     ("32 Sybils beside 32 honest (8 each: flip, evade, frame, shrink)", 32, ["sign-flip", "evade", "frame", "shrink"] * 8, False),
     ("coordinator away, honest", 4, [], True),
@@ -169,7 +170,7 @@ def attack_table(data: str, rounds: int) -> None:
     print("|---|---|---|---|---|---|")
     baselines: dict[tuple[int, bool], float] = {}
     for name, honest, attackers, away in ATTACK_ROWS:
-        schedule = [Fault(5.0, "coordinator-leave", "coordinator")] if away else []
+        schedule = [Fault(9.0, "coordinator-leave", "coordinator")] if away else []  # once peers have standing
         cfg = trained_sim(
             data,
             seed=3,

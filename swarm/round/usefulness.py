@@ -34,7 +34,7 @@ from swarm.state import GlobalState
 
 HURT_FRACTION = 1e-3  # a share must raise the probe loss by more than this fraction of it to hurt ...
 HURT_SIGMAS = 3.0  # ... and by this many standard errors of the paired per-window differences
-HELP_SIGMAS = 1.0  # a share counts as useful work when it lowers the loss by this many standard errors
+HELP_SIGMAS = 2.0  # a share counts as useful work when it lowers the loss by this many standard errors
 # Contributions scored per round. Beyond it, a sample drawn with the leader's secret seed (newcomers
 # first: their work is applied only when scored); the others are judged by geometry this round, and
 # each knows it is scored with probability MAX_SCORED / R every round.

@@ -224,11 +224,8 @@ class Validator:
             if self.standing(peer) and self.credit.get(peer, 0.0) > 0 and harm <= MAX_PAID_HARM:
                 # Deferred: a member with credit, whose harm it (or the round) cannot cover. No
                 # strike; its credit is spent (record()) and its Δ returns to its error buffer.
-                verdicts[
-                    peer
-                ].reason = (
-                    f"deferred: {measured}, more than its credit ({100 * self.credit[peer]:.2f}%) or the round's gain covers"
-                )
+                left = 100 * self.credit[peer]
+                verdicts[peer].reason = f"deferred: {measured}, more than its credit ({left:.2f}%) or the round's gain covers"
                 continue
             verdicts[peer].reason = measured
             verdicts[peer].fault = True

@@ -278,10 +278,11 @@ async def catch_up(
     give_up_at = loop.time() + patience_s
     hard_stop = loop.time() + deadline_s
     seen_holders = False
-    while (seen_holders or loop.time() < give_up_at) and loop.time() < hard_stop:
+    while loop.time() < hard_stop:
         beats = await node.member_peers()
-        if any(b.peer_id == node.run.coordinator != node.peer_id for b in beats):
-            give_up_at = max(give_up_at, loop.time() + 5 * retry_s)  # past the sleep below, whatever it takes
+        coordinator_live = any(b.peer_id == node.run.coordinator != node.peer_id for b in beats)
+        if not (seen_holders or coordinator_live or loop.time() < give_up_at):
+            break
         choice = pick_donors(beats, exclude=node.peer_id)
         if choice is not None:
             seen_holders = True

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pytest
 
+from swarm.sim.hostile import Copy
 from swarm.sim.runner import SimConfig, Simulation
 from tests.adversary.common import SMALL_TRAINING
 
@@ -52,7 +53,7 @@ def test_half_the_identities_colluding_change_nothing_the_honest_peers_apply(att
     assert len(rounds) == ROUNDS
     validator = sim.coordinator.agreement.validator
     assert not any(validator.strikes.get(p, 0) for p in honest), "an honest peer was struck"
-    copiers = {p.peer_id: p for p in sim.peers if hasattr(p, "copied")}
+    copiers = {p.peer_id: p for p in sim.peers if isinstance(p, Copy)}
     if "evade" in attackers and "noise" in attackers:
         # Beside noise, the evasion's share sometimes lowers the probe loss (it is measured, not
         # guessed): applied then, as useful work. The honest work is all in, the copy never.

@@ -189,7 +189,7 @@ class Coordinator(AgreedNode):
             await self._start_eval(state)
             await self.publish_heartbeat()
             manifest, applied = await self.agreement.settle_round(r, lambda: reload_state(self))
-            if applied is None:
+            if applied is None or manifest is None:
                 continue
             rounds += 1
             self._record(manifest, applied)

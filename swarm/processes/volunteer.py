@@ -355,6 +355,8 @@ class Peer(AgreedNode):
     async def _land(self, flight: _InFlight, metrics: _MetricsFile) -> bool:
         """Wait for the round's manifest to be applied and report it; False if we had to reload."""
         manifest, applied = await flight.settle
+        if manifest is None:  # reloaded: the swarm settled the round without us (did our payload make it? unknown)
+            return False
         included = any(e.peer_id == self.peer_id for e in manifest.entries)
         if flight.encoded is not None and not included:
             self.encoder.excluded()  # before the next round is encoded: e is restored to a
@@ -444,7 +446,7 @@ class _InFlight:
     round: int
     work: RoundWork | None
     encoded: Encoded | None
-    settle: asyncio.Task[tuple[Manifest, int | None]]
+    settle: asyncio.Task[tuple[Manifest | None, int | None]]
     next_base: GlobalState | None  # where the next round's inner steps start (overlap only)
     submitted_at: float | None = None  # wall clock when our submission went out
     trained_from: float | None = None  # wall clock when our inner steps of this round began

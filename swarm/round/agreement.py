@@ -161,15 +161,24 @@ class RoundAgreement:
         return manifest is not None
 
     async def close_round(self, round_no: int) -> Manifest:
-        """Wait for round r's manifest, leading the round ourselves when it is our turn."""
+        """Wait for round r's manifest, leading the round ourselves when it is our turn.
+
+        Diverged if the swarm settled the round without us and its manifest stays out of reach (its
+        leader cut off from us, or we gave it up when its payloads did not come): we reload the
+        state the swarm holds rather than close the round a second time."""
         started: float | None = None  # when we first saw a submission: the round is under way
+        behind_since: float | None = None
         while True:
             if started is None and await self._submissions(round_no):
                 started = monotonic()
             beats, agreed, may_lead, manifest = await self._look(round_no, started)
             if manifest is not None:
                 return manifest
-            if await self._should_lead(round_no, beats, agreed, may_lead):
+            if self._behind(round_no, beats):
+                behind_since = monotonic() if behind_since is None else behind_since
+                if monotonic() - behind_since > self.run.leader_timeout_s:
+                    raise Diverged(f"the swarm settled round {round_no} without us and its manifest is out of reach")
+            elif await self._should_lead(round_no, beats, agreed, may_lead):
                 manifest = await self._lead(round_no, started)
                 if manifest is not None:
                     return await self._settled_lead(round_no, manifest)
@@ -218,6 +227,25 @@ class RoundAgreement:
             return timed_out or 2 * sum(b.round > round_no for b in trainers) > len(trainers)
         return timed_out or not coordinator_present(round_no, beats, self.run.coordinator, agreed)
 
+    def _behind(self, round_no: int, beats: list[Heartbeat]) -> bool:
+        """Whether the swarm has settled round r without us: the coordinator, or most live trainers
+        with standing, report having applied it. A node behind never leads the round (a second
+        manifest of a settled round forks whoever takes it); it takes the one the others applied.
+        Found by the simulator: a coordinator restarted from an old state, and a peer back from a
+        long partition, each led a round the rest had settled under a leader they could not see."""
+        me, coordinator = self.node.peer_id, self.run.coordinator
+        if any(b.peer_id == coordinator != me and b.round > round_no for b in beats):
+            return True
+        trainers = [
+            b
+            for b in beats
+            if b.peer_id not in (coordinator, me)
+            and b.phase != "joining"
+            and self.validator.standing(b.peer_id)
+            and not self.validator.banned(b.peer_id)
+        ]
+        return 2 * sum(b.round > round_no for b in trainers) > len(trainers)
+
     def _lookup_quorum(self, round_no: int, beats: list[Heartbeat]) -> int:
         """Contributions a peer-led manifest must list to be taken: a majority of the round's live
         trainers (for the coordinator, which looks only when it fell behind, those already past the
@@ -254,7 +282,7 @@ class RoundAgreement:
     async def _should_lead(self, round_no: int, beats: list[Heartbeat], agreed: str | None, peers_may_lead: bool) -> bool:
         """Lead if we are admitted, hold the agreed state of round r, and it is our turn."""
         me = self.node.peer_id
-        if self.state.round != round_no or self.state.hash != agreed:
+        if self.state.round != round_no or self.state.hash != agreed or self._behind(round_no, beats):
             return False
         if me != self.run.coordinator and (me not in await self.node.members() or not self.validator.standing(me)):
             return False
@@ -445,22 +473,27 @@ class RoundAgreement:
         self.mode.outer_step(self.state, mean)  # the state is untouched until every payload decoded and the mean passed
         self.coverage = coverage
 
-    async def settle_round(self, round_no: int, reload: Callable[[], Awaitable[GlobalState]]) -> tuple[Manifest, int | None]:
+    async def settle_round(
+        self, round_no: int, reload: Callable[[], Awaitable[GlobalState]]
+    ) -> tuple[Manifest | None, int | None]:
         """Wait for round r's manifest and apply it: (manifest, payloads applied).
 
         A manifest on our state whose payloads cannot be had or decoded is its leader's fault: it is
         ignored and the wait goes on. If our state is not the manifest's base we have diverged: the
-        state is reloaded and the count is None.
+        state is reloaded and the count is None. So it is when the swarm settled the round without
+        us under a manifest we cannot get (then the manifest is None too: we never saw it).
         """
         while True:
-            manifest = await self.close_round(round_no)
+            manifest: Manifest | None = None
             try:
+                manifest = await self.close_round(round_no)
                 applied = await self.apply(manifest)
                 self.validator.record(manifest)
                 if self.node.peer_id == self.run.coordinator and manifest.leader == self.run.coordinator:
                     await self.node.dht.put(run_key(self.run.run_id, "ledger"), self.validator.ledger(), LEDGER_TTL_S)
                 return manifest, applied
             except BadManifest as e:
+                assert manifest is not None  # raised by apply() only
                 self.ignored.add((manifest.round, manifest.leader))
                 self.node.log_event("reject", f"manifest of round {manifest.round} by {manifest.leader[-8:]} ignored: {e}")
             except Diverged as e:

@@ -20,12 +20,14 @@ from swarm.modes import mode_for
 from swarm.modes.base import TrainingMode
 from swarm.net.records import Manifest
 from swarm.net.transfer import TransferError
+from swarm.processes.coordinator import SAVED_STATE_PATIENCE_S
 from swarm.processes.roles import RoleKeeper
+from swarm.processes.statesync import pick_donors
 from swarm.round.agreement import RoundAgreement
 from swarm.round.payloads import PayloadStore
 from swarm.run import RunConfig
 from swarm.sim.network import SimNetwork
-from swarm.sim.node import SimNode
+from swarm.sim.node import EPOCH, SimNode
 from swarm.state import GlobalState
 
 FOREVER = 1 << 30  # rounds a node goes on for: until the simulation ends it
@@ -43,6 +45,8 @@ class Applied:
     entries: tuple[str, ...]
     at: float
     reloaded: bool = False
+    closed_at: float = 0.0  # virtual time the leader signed the manifest
+    rejected: tuple[tuple[str, str], ...] = ()  # (peer, reason) the manifest lists
 
 
 @dataclass
@@ -50,7 +54,7 @@ class Flight:
     """A round we submitted to whose manifest is being awaited while the next round trains."""
 
     round: int
-    settle: asyncio.Future[tuple[Manifest, int | None]]
+    settle: asyncio.Future[tuple[Manifest | None, int | None]]
     next_base: GlobalState
 
 
@@ -61,6 +65,9 @@ class Ledger:
     applied: list[Applied] = field(default_factory=list)
     submitted: dict[tuple[int, str], float] = field(default_factory=dict)  # (round, peer) -> when
     first_submission: dict[int, float] = field(default_factory=dict)
+    departed: dict[str, float] = field(default_factory=dict)  # node -> when it left for good
+    honest: set[str] = field(default_factory=set)  # peer ids of the honest nodes
+    cut_off: list[tuple[str, float, float]] = field(default_factory=list)  # (peer id, from, until): crashed or partitioned
 
 
 class Actor:
@@ -79,6 +86,8 @@ class Actor:
         network.states[self.peer_id] = lambda: self.agreement.state
         self.agreement = RoundAgreement(self.node, self.store, state.copy(), self.mode)
         self.task: asyncio.Task[None] | None = None
+        if self.honest:
+            ledger.honest.add(self.peer_id)
         self.background: set[asyncio.Future[Any]] = set()  # records written without waiting, rounds settling
 
     @property
@@ -116,21 +125,35 @@ class Actor:
         return data
 
     async def reload(self) -> GlobalState:
-        """The agreed state, from any node that holds it (as statesync does), after the time it takes."""
-        net = self.network
-        _, agreed = await self.agreement._view(self.agreement.state.round)
+        """The state most live members hold (`pick_donors`, as production's reload_state), from the
+        first reachable node holding it, after the time its bytes take."""
         while True:
-            donors = [p for p, state in sorted(net.states.items()) if p != self.peer_id and state().hash == agreed]
-            donors = [p for p in donors if net.reachable(self.peer_id, p)]
-            if donors:
-                state = net.states[donors[0]]()
-                size = net.state_bytes or 4 * sum(t.numel() for t in state.params.values())
-                done = net.transfer_time(donors[0], self.peer_id, size)
-                assert done is not None  # no deadline: always booked
-                await asyncio.sleep(max(0.0, done - net.now()))
-                return state.copy()
+            state = await self.download()
+            if state is not None:
+                return state
             await asyncio.sleep(1.0)
-            _, agreed = await self.agreement._view(self.agreement.state.round)
+
+    async def download(self) -> GlobalState | None:
+        """One try at the swarm's state (None: nobody reachable holds it now)."""
+        net = self.network
+        choice = pick_donors(await self.node.member_peers(), exclude=self.peer_id)
+        if choice is None:
+            return None
+        _, wanted, _ = choice
+        donors = [p for p, state in sorted(net.states.items()) if p != self.peer_id and state().hash == wanted]
+        donors = [p for p in donors if net.reachable(self.peer_id, p)]
+        if not donors:
+            return None
+        state = net.states[donors[0]]()
+        size = net.state_bytes or 4 * sum(t.numel() for t in state.params.values())
+        done = net.transfer_time(donors[0], self.peer_id, size)
+        assert done is not None  # no deadline: always booked
+        await asyncio.sleep(max(0.0, done - net.now()))
+        return state.copy()
+
+    async def restart(self) -> None:
+        """Back from a crash with what it held (its disk)."""
+        await self.main(FOREVER)
 
     def note(self, manifest: Manifest, base: str, reloaded: bool) -> None:
         if self.honest:
@@ -144,13 +167,16 @@ class Actor:
                     tuple(e.peer_id for e in manifest.entries),
                     self.network.now(),
                     reloaded,
+                    manifest.closed_at - EPOCH,
+                    tuple((r.peer_id, r.reason) for r in manifest.rejected),
                 )
             )
 
-    async def settle(self, r: int) -> tuple[Manifest, int | None]:
+    async def settle(self, r: int) -> tuple[Manifest | None, int | None]:
         base = self.agreement.state.hash
         manifest, applied = await self.agreement.settle_round(r, self.reload)
-        self.note(manifest, base, applied is None)
+        if manifest is not None:
+            self.note(manifest, base, applied is None)
         return manifest, applied
 
 
@@ -165,6 +191,21 @@ class SimCoordinator(Actor):
         self.node.status.is_coordinator = True
         self.node.status.role = "coordinator"
         self.roles = RoleKeeper(self.node, self.mode)
+
+    async def restart(self) -> None:
+        """As `Coordinator._obtain_state`: for SAVED_STATE_PATIENCE_S, look for a state in the swarm
+        at least as new as the saved one and take it; else resume from the saved state."""
+        deadline = self.network.now() + SAVED_STATE_PATIENCE_S
+        while self.network.now() < deadline:
+            choice = pick_donors(await self.node.member_peers(), exclude=self.peer_id)
+            if choice is not None and choice[0] >= self.agreement.state.round:
+                state = await self.download()
+                if state is not None and state.round >= self.agreement.state.round:
+                    self.agreement.state = state
+                    await self.agreement.adopt_ledger()
+                    break
+            await asyncio.sleep(1.0)
+        await self.main(FOREVER)
 
     async def main(self, rounds: int) -> None:
         self.node.start_heartbeats()

@@ -12,10 +12,8 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from swarm.sim.actors import FOREVER
-
 if TYPE_CHECKING:
-    from swarm.sim.actors import Actor
+    from swarm.sim.actors import Actor, Ledger
     from swarm.sim.clock import VirtualLoop
     from swarm.sim.network import SimNetwork
 
@@ -27,6 +25,7 @@ class Target(Protocol):
     loop: VirtualLoop
     disturbed_until: float  # when the last fault heals
     background: set[asyncio.Future[None]]
+    ledger: Ledger
 
     def by_name(self, name: str) -> Actor: ...
 
@@ -54,6 +53,7 @@ class Fault:
             names = self.target.split(",")
             for name in names:
                 sim.net.groups[sim.by_name(name).peer_id] = 1
+                sim.ledger.cut_off.append((sim.by_name(name).peer_id, self.at, sim.loop.time() + self.duration_s))
             sim.disturbed_until = max(sim.disturbed_until, self.at + self.duration_s)
             sim.background.add(asyncio.ensure_future(_heal(sim, names, self.duration_s)))
         elif self.kind == "slow":
@@ -73,12 +73,15 @@ async def _crash(sim: Target, name: str, duration_s: float) -> None:
         actor.task.cancel()
     await actor.node.stop(announce_leave=False)
     sim.disturbed_until = max(sim.disturbed_until, sim.loop.time() + (duration_s or float("inf")))
+    if not duration_s:
+        sim.ledger.departed[name] = sim.loop.time()
+    sim.ledger.cut_off.append((actor.peer_id, sim.loop.time(), sim.loop.time() + (duration_s or float("inf"))))
     if duration_s:
         await asyncio.sleep(duration_s)
         sim.net.down.discard(actor.peer_id)
         sim.log(f"{name} restarts from its saved state (round {actor.agreement.state.round})")
         actor.node._tasks.clear()
-        actor.task = asyncio.ensure_future(actor.main(FOREVER))
+        actor.task = asyncio.ensure_future(actor.restart())
 
 
 async def _heal(sim: Target, names: list[str], duration_s: float) -> None:

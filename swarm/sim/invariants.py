@@ -1,11 +1,18 @@
 """What must hold in every simulated run, checked after every round any honest node settles.
 
 * safety: two honest nodes never settle different states for the same round (among the nodes that
-  applied a manifest on the agreed base; a node that reloaded settled nothing of its own);
+  applied a manifest on the agreed base; a node that reloaded settled nothing of its own). A state
+  that only nodes leaving for good within the view timeout of settling it ever held does not count:
+  nobody builds on it (a leader that fetched a payload, applied, and left with its sender, both gone
+  before anyone else could fetch it: seed 3012 of `--faults all`);
 * one manifest per round: an honest node applies at most one manifest per round unless it
   reloaded in between;
 * liveness: once no fault is active, every round whose first submission is older than the bound
   (`liveness_bound_s`) has been settled by some honest node;
+* fairness: an honest payload that an honest leader could see before it closed the round (submitted
+  `FAIR_SLACK_S` before the manifest, neither of them down or cut off in between) is in the manifest, or the manifest says why not with a reason
+  that is not the sender's doing: it could not be delivered, the sender is a newcomer on probation,
+  or its share was deferred (docs/security.md);
 * bounds: the records a run keeps stay bounded (expired ones are dropped).
 """
 
@@ -14,11 +21,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from swarm.round.admission import NOT_DELIVERED
+
 if TYPE_CHECKING:
     from swarm.run import RunConfig
     from swarm.sim.actors import Ledger
     from swarm.sim.network import SimNetwork
 
+FAIR_SLACK_S = 6.0  # a submission's record delay and a leader's last poll, with room
+EXCUSED = (NOT_DELIVERED, "on probation", "deferred")  # refusals of honest work the trust rules allow
 MAX_RECORDS_PER_NODE = 64  # heartbeats, capacities, roles, events, the ledger, evidence
 # A round's records (submissions, manifests) are kept a while after it (manifests for hours: joiners
 # replay rounds from them), so they are bounded per round and per node, not in total.
@@ -27,7 +38,7 @@ MAX_ROUND_RECORDS_PER_NODE = 2  # a submission, and a manifest when it leads (an
 
 @dataclass(frozen=True)
 class Violation:
-    kind: str  # safety | one-manifest | liveness | bounds
+    kind: str  # safety | one-manifest | fairness | liveness | bounds
     round: int
     text: str
 
@@ -44,26 +55,34 @@ def liveness_bound_s(run: RunConfig) -> float:
 def check(ledger: Ledger, net: SimNetwork, run: RunConfig, *, disturbed_until: float, nodes: int) -> list[Violation]:
     """Every invariant over what happened so far; `disturbed_until`: when the last fault healed."""
     return [
-        *_safety(ledger),
+        *_safety(ledger, run.leader_timeout_s),
         *_one_manifest(ledger),
+        *_fairness(ledger),
         *_liveness(ledger, net.now(), liveness_bound_s(run), disturbed_until),
         *_bounds(net, nodes),
     ]
 
 
-def _safety(ledger: Ledger) -> list[Violation]:
-    settled: dict[int, dict[str, str]] = {}  # round -> result -> first node
-    found = []
+def _safety(ledger: Ledger, grace_s: float) -> list[Violation]:
+    settled: dict[int, dict[str, list[str]]] = {}  # round -> result -> nodes, first first
     for a in ledger.applied:
-        if a.reloaded:
-            continue
-        results = settled.setdefault(a.round, {})
-        results.setdefault(a.result, a.node)
-        if len(results) > 1:
-            nodes = ", ".join(f"{n} -> {h[:8]}" for h, n in results.items())
-            found.append(Violation("safety", a.round, f"honest nodes settled different states: {nodes}"))
-            break
-    return found
+        if not a.reloaded:
+            settled.setdefault(a.round, {}).setdefault(a.result, []).append(a.node)
+    for r, results in sorted(settled.items()):
+        lasting = {h: nodes for h, nodes in results.items() if not all(_left_soon(ledger, n, r, h, grace_s) for n in nodes)}
+        if len(lasting) > 1:
+            text = ", ".join(f"{nodes[0]} -> {h[:8]}" for h, nodes in lasting.items())
+            return [Violation("safety", r, f"honest nodes settled different states: {text}")]
+    return []
+
+
+def _left_soon(ledger: Ledger, node: str, round_no: int, result: str, grace_s: float) -> bool:
+    """Whether `node` left for good within grace_s of settling round r as `result`."""
+    left = ledger.departed.get(node)
+    if left is None:
+        return False
+    at = next(a.at for a in ledger.applied if a.node == node and a.round == round_no and a.result == result)
+    return at <= left <= at + grace_s
 
 
 def _one_manifest(ledger: Ledger) -> list[Violation]:
@@ -76,6 +95,27 @@ def _one_manifest(ledger: Ledger) -> list[Violation]:
         if a.round in rounds:
             return [Violation("one-manifest", a.round, f"{a.node} applied a second manifest without reloading")]
         rounds.add(a.round)
+    return []
+
+
+def _fairness(ledger: Ledger) -> list[Violation]:
+    checked: set[tuple[int, str, float]] = set()
+    for a in ledger.applied:
+        if a.reloaded or a.leader not in ledger.honest or (a.round, a.leader, a.closed_at) in checked:
+            continue
+        checked.add((a.round, a.leader, a.closed_at))
+        reasons = dict(a.rejected)
+        for (r, peer), sent in ledger.submitted.items():
+            if r != a.round or peer not in ledger.honest or peer in a.entries or sent > a.closed_at - FAIR_SLACK_S:
+                continue
+            if any(p in (peer, a.leader) and start < a.closed_at and sent < until for p, start, until in ledger.cut_off):
+                continue  # the sender or the leader was down or cut off meanwhile: it may never have reached it
+            reason = reasons.get(peer)
+            if reason is None or not reason.startswith(EXCUSED):
+                why = f"refused: {reason}" if reason else "neither listed nor refused"
+                return [
+                    Violation("fairness", r, f"{peer[-8:]}'s payload, sent {a.closed_at - sent:.1f}s before the manifest, {why}")
+                ]
     return []
 
 

@@ -126,6 +126,7 @@ class SimNetwork:
     sized: dict[str, int] = field(default_factory=dict)  # digest -> declared size (`sized` payloads)
     hanging: set[str] = field(default_factory=set)  # nodes that accept fetches and never answer them
     _decoded: dict[tuple[bytes, str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
+    _views: dict[str, tuple[float, dict[str, object]]] = field(default_factory=dict)  # key -> (valid until, writer -> record)
     payload_bytes: int = 0  # declared size of every payload (`sized` runs; 0: the real bytes)
     state_bytes: int = 0  # declared size of a state download (0: the real state's fp32 bytes)
 
@@ -151,13 +152,27 @@ class SimNetwork:
         delay = self.links[writer].latency_s + self.rng.uniform(*self.profile.dht_delay_s)
         versions = self.records.setdefault(key, {}).setdefault(writer, [])
         versions.append(_Stored(record, now + delay, now + ttl_s))  # the old one stays visible until this one is
+        self._views.pop(key, None)
         return True
 
     def get(self, reader: str, key: str) -> dict[str, object]:
         """writer -> record of what `reader` can see under `key` now."""
         now = self.now()
+        view = self._views.get(key)
+        if view is None or now >= view[0]:
+            view = self._views[key] = self._view(key, now)
+        latest = view[1]
+        if not self.groups:
+            return dict(latest)
+        group = self.groups.get(reader, 0)
+        return {w: r for w, r in latest.items() if w == reader or self.groups.get(w, 0) == group}
+
+    def _view(self, key: str, now: float) -> tuple[float, dict[str, object]]:
+        """Every writer's latest visible record under `key`, and until when that stays so (the next
+        version to become visible or expire): reads in between, the most of them, reuse it."""
         slots = self.records.get(key, {})
-        found = {}
+        latest: dict[str, object] = {}
+        changes = math.inf
         for writer, versions in list(slots.items()):
             visible = [v for v in versions if v.visible_at <= now]
             if visible:  # a newer version replaces the older ones once readers can see it
@@ -165,13 +180,12 @@ class SimNetwork:
             versions[:] = [v for v in versions if v.expires_at > now]  # expired: gone for everyone (memory stays bounded)
             if not versions:
                 del slots[writer]
-            elif (
-                visible
-                and visible[-1].expires_at > now
-                and (writer == reader or self.groups.get(writer, 0) == self.groups.get(reader, 0))
-            ):
-                found[writer] = visible[-1].record
-        return found
+                continue
+            if visible and visible[-1].expires_at > now:
+                latest[writer] = visible[-1].record
+            for v in versions:
+                changes = min(changes, v.expires_at, v.visible_at if v.visible_at > now else math.inf)
+        return changes, latest
 
     def record_count(self, *, per_round: bool = False) -> int:
         """Versions of records held now: of one round's records (submissions, manifests), or of

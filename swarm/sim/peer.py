@@ -97,7 +97,7 @@ class SimPeer(Actor):
         manifest, applied = await flight.settle
         s = self.node.status
         s.round, s.param_hash, s.phase = self.agreement.state.round, self.agreement.state.hash, "idle"
-        if applied is None:
+        if applied is None or manifest is None:
             return False
         if all(e.peer_id != self.peer_id for e in manifest.entries):
             self.encoder.excluded()
@@ -143,7 +143,7 @@ class SimPeer(Actor):
             return
         await self.submit(r, encoded, state.hash)
         manifest, applied = await self.settle(r)
-        if applied is not None and all(e.peer_id != self.peer_id for e in manifest.entries):
+        if manifest is not None and applied is not None and all(e.peer_id != self.peer_id for e in manifest.entries):
             self.encoder.excluded()
 
     async def submit(self, r: int, encoded: Encoded, base: str) -> None:

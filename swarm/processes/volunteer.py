@@ -45,6 +45,7 @@ from swarm.processes.statesync import catch_up, reload_state, serve_state
 from swarm.round.agreement import RoundAgreement
 from swarm.round.overlap import next_base
 from swarm.round.payloads import Encoded, PayloadEncoder, PayloadStore
+from swarm.round.world import put_surely
 from swarm.state import GlobalState
 from swarm.train.sinks import MetricSinks, SinkConfig
 from swarm.train.step import resolve_device
@@ -323,7 +324,8 @@ class Peer(AgreedNode):
         return self._settle(r, work, encoded, base)
 
     async def _announce(self, r: int, sub: Submission) -> None:
-        await self.dht.put(submit_key(self.run.run_id, r), sub, ttl_s=self.run.round_timeout_s * 4 + 60)
+        if not await put_surely(self.dht, submit_key(self.run.run_id, r), sub, ttl_s=self.run.round_timeout_s * 4 + 60):
+            logger.warning("round %d: could not announce our payload (no DHT node stored it)", r)
         await self.publish_heartbeat()
 
     def _in_background(self, coro: Coroutine[Any, Any, None], what: str) -> None:

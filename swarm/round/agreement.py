@@ -49,7 +49,7 @@ from swarm.round.robust import (
     summarise,
 )
 from swarm.round.usefulness import Probe
-from swarm.round.world import World, monotonic
+from swarm.round.world import World, monotonic, put_surely
 from swarm.run import RunConfig
 from swarm.state import GlobalState, save_state
 
@@ -344,10 +344,7 @@ class RoundAgreement:
             scores=scores,
         )
         manifest = sign_manifest(self.node.dht.identity, manifest)
-        for _ in range(3):
-            if await self.node.dht.put(manifest_key(self.run.run_id, round_no), manifest, MANIFEST_TTL_S):
-                break
-        else:
+        if not await put_surely(self.node.dht, manifest_key(self.run.run_id, round_no), manifest, MANIFEST_TTL_S):
             logger.warning("could not publish the manifest of round %d; not applying it", round_no)
             return None
         if missing:

@@ -42,6 +42,15 @@ def monotonic() -> float:
         return time.monotonic()
 
 
+async def put_surely(records: Records, key: str, record: object, ttl_s: float, tries: int = 3) -> bool:
+    """A write that matters for the round (a submission, a manifest): tried again when no node
+    stored it (a lost store would leave the work out of the round unseen). True once stored."""
+    for _ in range(tries):
+        if await records.put(key, record, ttl_s):
+            return True
+    return False
+
+
 class Records(Protocol):
     """Signed records with expiry, as the DHT keeps them: each writer has its own slot under a key."""
 

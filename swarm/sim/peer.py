@@ -13,6 +13,7 @@ from swarm.modes.replica import Replica
 from swarm.net.records import Capacity, Submission, run_key, submit_key
 from swarm.round.overlap import next_base
 from swarm.round.payloads import Encoded, PayloadEncoder
+from swarm.round.world import put_surely
 from swarm.run import RunConfig
 from swarm.sim.actors import Actor, Flight, Ledger
 from swarm.sim.network import SimNetwork
@@ -154,5 +155,5 @@ class SimPeer(Actor):
         self.ledger.submitted[(r, self.peer_id)] = self.network.now()
         self.ledger.first_submission.setdefault(r, self.network.now())
         self.node.status.phase = "exchanging"
-        await self.node.dht.put(submit_key(self.run.run_id, r), sub, ttl_s=self.run.round_timeout_s * 4 + 60)
+        await put_surely(self.node.dht, submit_key(self.run.run_id, r), sub, ttl_s=self.run.round_timeout_s * 4 + 60)
         await self.node.publish_heartbeat()

@@ -85,7 +85,8 @@ class EquivocationWitness:
     def saw(self, round_no: int, signed: Signed[Manifest], node: World) -> None:
         """Note a manifest read from the DHT (its proof already verified)."""
         first = self.seen.setdefault((round_no, signed.signer), signed)
-        if manifest_body(first.record) != manifest_body(signed.record) and signed.signer not in self.equivocators:
+        again = first.record is signed.record or first.record == signed.record  # read again: no need to encode it
+        if not again and manifest_body(first.record) != manifest_body(signed.record) and signed.signer not in self.equivocators:
             proof = Equivocation(round_no, signed.signer, signed.owner, encode_record(first.record), encode_record(signed.record))
             self._convict(proof, node, f"{signed.signer[-8:]} signed two different manifests for round {round_no}: excluded")
             self.unpublished = True

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import random
+from pathlib import Path
 from typing import TypeVar
 
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from swarm.net.dht import DHTOptions, Signed
 from swarm.net.identity import Identity, tagged_subkey
@@ -24,6 +28,7 @@ from swarm.run import RunConfig
 from swarm.sim.network import SimNetwork
 
 T = TypeVar("T")
+IDENTITY_VERSION = 1  # bump if derived_identity ever changes: its cache is then a new folder
 EPOCH = 1.7e9  # virtual wall clock = EPOCH + loop time (records carry plausible timestamps)
 
 
@@ -32,8 +37,29 @@ def _identity_pool(index: int) -> tuple[Identity, bytes]:
     """The simulated node at position `index` has the same RSA identity in every process (so a seed
     replays anywhere, peer ids and their order included); derived once per process and reused by
     every seed, since deriving keys and owner markers is costly."""
-    identity = derived_identity(index)
+    cached = _identity_cache() / f"{index}.key"
+    try:
+        key = serialization.load_der_private_key(cached.read_bytes(), None, unsafe_skip_rsa_key_validation=True)
+        assert isinstance(key, rsa.RSAPrivateKey)
+        identity = Identity(key)  # our own derived key: checking it again is most of the load's cost
+    except Exception:  # missing, or damaged (a parse error of any kind): derive it
+        identity = derived_identity(index)
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(identity.private_key.private_bytes(Encoding.DER, PrivateFormat.PKCS8, NoEncryption()))
+            tmp.replace(cached)
+        except OSError:
+            pass  # a read-only home: derive again next time
     return identity, identity.owner_marker
+
+
+def _identity_cache() -> Path:
+    """Where derived identities are kept between processes (deriving 1,000 takes about 100 s; reading
+    them, well under 1 s). They are a pure function of the index, so a stale file cannot exist; a
+    damaged one fails to parse and is derived again. Only the simulator's keys, never a real peer's."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "swarm" / f"sim-identities-v{IDENTITY_VERSION}"
 
 
 def derived_identity(index: int, bits: int = 1024) -> Identity:

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from launch import sim as sim_cli
+from swarm.round.admission import Validator
 from swarm.sim.actors import Applied, Ledger
 from swarm.sim.clock import VirtualLoop, run_virtual
 from swarm.sim.faults import KINDS, Fault
@@ -130,6 +131,20 @@ def test_the_invariants_catch_a_fork_a_second_manifest_and_a_stuck_round():
     net.loop.advance(1000)
     assert [v.kind for v in check(ledger, net, run, disturbed_until=0, nodes=3)] == ["liveness"]
     assert check(ledger, net, run, disturbed_until=990, nodes=3) == [], "judged only once the faults have healed"
+
+
+def test_a_leader_that_leaves_out_honest_work_breaks_fairness(monkeypatch):
+    """The fairness invariant on a whole run: a coordinator that quietly passes over one honest
+    submission every round (neither listed nor refused) is caught."""
+    validate = Validator.validate
+
+    async def unfair(self, state, subs, seen):
+        passed_over = min(subs, key=lambda p: (seen.get(p, 0), p))  # the first in: long before the close
+        return await validate(self, state, {p: s for p, s in subs.items() if p != passed_over}, seen)
+
+    monkeypatch.setattr(Validator, "validate", unfair)
+    result = simulate(SimConfig(seed=1, peers=4, rounds=2, step_s=(0.2, 3.0), horizon_s=300.0))
+    assert [v.kind for v in result.violations] == ["fairness"], result.violations
 
 
 def test_a_seed_is_a_replayable_run():

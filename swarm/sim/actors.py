@@ -18,7 +18,7 @@ from typing import Any
 
 from swarm.modes import mode_for
 from swarm.modes.base import TrainingMode
-from swarm.net.records import Manifest
+from swarm.net.records import Manifest, Submission
 from swarm.net.transfer import TransferError
 from swarm.processes.coordinator import SAVED_STATE_PATIENCE_S
 from swarm.processes.roles import RoleKeeper
@@ -68,6 +68,7 @@ class Ledger:
     departed: dict[str, float] = field(default_factory=dict)  # node -> when it left for good
     honest: set[str] = field(default_factory=set)  # peer ids of the honest nodes
     cut_off: list[tuple[str, float, float]] = field(default_factory=list)  # (peer id, from, until): crashed or partitioned
+    polled: dict[tuple[int, str], float] = field(default_factory=dict)  # (round, node) -> its last read of the submissions
 
 
 class Actor:
@@ -88,6 +89,16 @@ class Actor:
         self.task: asyncio.Task[None] | None = None
         if self.honest:
             ledger.honest.add(self.peer_id)
+        read = self.agreement._submissions
+
+        async def submissions(round_no: int) -> dict[str, Submission]:
+            """The round code's read of a round's submissions, timed: a leader's last one is what it
+            could see when it stopped waiting (the fairness invariant)."""
+            found = await read(round_no)
+            ledger.polled[(round_no, self.peer_id)] = network.now()
+            return found
+
+        self.agreement._submissions = submissions  # type: ignore[method-assign]
         self.background: set[asyncio.Future[Any]] = set()  # records written without waiting, rounds settling
 
     @property

@@ -9,8 +9,9 @@
   reloaded in between;
 * liveness: once no fault is active, every round whose first submission is older than the bound
   (`liveness_bound_s`) has been settled by some honest node;
-* fairness: an honest payload that an honest leader could see before it closed the round (submitted
-  `FAIR_SLACK_S` before the manifest, neither of them down or cut off in between) is in the manifest, or the manifest says why not with a reason
+* fairness: an honest payload that an honest leader could see when it stopped waiting (submitted
+  `FAIR_SLACK_S` before the leader's last read of the round's submissions, neither of them down or
+  cut off in between) is in the manifest, or the manifest says why not with a reason
   that is not the sender's doing: it could not be delivered, the sender is a newcomer on probation,
   or its share was deferred (docs/security.md);
 * bounds: the records a run keeps stay bounded (expired ones are dropped).
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from swarm.sim.actors import Ledger
     from swarm.sim.network import SimNetwork
 
-FAIR_SLACK_S = 6.0  # a submission's record delay and a leader's last poll, with room
+FAIR_SLACK_S = 6.0  # a submission record's delay (at most 2.2 s on `volunteers`), with room
 EXCUSED = (NOT_DELIVERED, "on probation", "deferred")  # refusals of honest work the trust rules allow
 MAX_RECORDS_PER_NODE = 64  # heartbeats, capacities, roles, events, the ledger, evidence
 # A round's records (submissions, manifests) are kept a while after it (manifests for hours: joiners
@@ -106,7 +107,8 @@ def _fairness(ledger: Ledger) -> list[Violation]:
         checked.add((a.round, a.leader, a.closed_at))
         reasons = dict(a.rejected)
         for (r, peer), sent in ledger.submitted.items():
-            if r != a.round or peer not in ledger.honest or peer in a.entries or sent > a.closed_at - FAIR_SLACK_S:
+            last_read = ledger.polled.get((r, a.leader), a.closed_at)  # when the leader stopped waiting
+            if r != a.round or peer not in ledger.honest or peer in a.entries or sent > last_read - FAIR_SLACK_S:
                 continue
             if any(p in (peer, a.leader) and start < a.closed_at and sent < until for p, start, until in ledger.cut_off):
                 continue  # the sender or the leader was down or cut off meanwhile: it may never have reached it

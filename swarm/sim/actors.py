@@ -68,7 +68,8 @@ class Ledger:
     departed: dict[str, float] = field(default_factory=dict)  # node -> when it left for good
     honest: set[str] = field(default_factory=set)  # peer ids of the honest nodes
     cut_off: list[tuple[str, float, float]] = field(default_factory=list)  # (peer id, from, until): crashed or partitioned
-    polled: dict[tuple[int, str], float] = field(default_factory=dict)  # (round, node) -> its last read of the submissions
+    polled: dict[tuple[int, str], tuple[float, frozenset[str]]] = field(default_factory=dict)
+    # (round, node) -> its last read of the round's submissions: when, and the members it counted then
 
 
 class Actor:
@@ -95,7 +96,7 @@ class Actor:
             """The round code's read of a round's submissions, timed: a leader's last one is what it
             could see when it stopped waiting (the fairness invariant)."""
             found = await read(round_no)
-            ledger.polled[(round_no, self.peer_id)] = network.now()
+            ledger.polled[(round_no, self.peer_id)] = (network.now(), frozenset(await self.node.members()))
             return found
 
         self.agreement._submissions = submissions  # type: ignore[method-assign]

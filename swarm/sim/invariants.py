@@ -11,7 +11,7 @@
   (`liveness_bound_s`) has been settled by some honest node;
 * fairness: an honest payload that an honest leader could see when it stopped waiting (submitted
   `FAIR_SLACK_S` before the leader's last read of the round's submissions, neither of them down or
-  cut off in between) is in the manifest, or the manifest says why not with a reason
+  cut off in between, the sender a member in the leader's view) is in the manifest, or the manifest says why not with a reason
   that is not the sender's doing: it could not be delivered, the sender is a newcomer on probation,
   or its share was deferred (docs/security.md);
 * bounds: the records a run keeps stay bounded (expired ones are dropped).
@@ -107,9 +107,11 @@ def _fairness(ledger: Ledger) -> list[Violation]:
         checked.add((a.round, a.leader, a.closed_at))
         reasons = dict(a.rejected)
         for (r, peer), sent in ledger.submitted.items():
-            last_read = ledger.polled.get((r, a.leader), a.closed_at)  # when the leader stopped waiting
+            last_read, members = ledger.polled.get((r, a.leader), (a.closed_at, None))  # when the leader stopped waiting
             if r != a.round or peer not in ledger.honest or peer in a.entries or sent > last_read - FAIR_SLACK_S:
                 continue
+            if members is not None and peer not in members:
+                continue  # not admitted (yet, or again): only members' work counts
             if any(p in (peer, a.leader) and start < a.closed_at and sent < until for p, start, until in ledger.cut_off):
                 continue  # the sender or the leader was down or cut off meanwhile: it may never have reached it
             reason = reasons.get(peer)

@@ -98,6 +98,7 @@ class RoundAgreement:
         self._proofs_ok: dict[tuple[str, str], bool] = {}
         self._checked: dict[int, tuple[Manifest, str, bool]] = {}  # id(record) -> (record, signer, proof ok)
         self._admitted: set[str] = set()  # left the roster since, but the coordinator's role for them stands
+        self._overruled = -1  # a round the coordinator leads although most trainers said they were past it
 
     @property
     def run(self) -> RunConfig:
@@ -186,7 +187,14 @@ class RoundAgreement:
             if self._behind(round_no, beats):
                 behind_since = monotonic() if behind_since is None else behind_since
                 if monotonic() - behind_since > self.run.leader_timeout_s:
-                    raise Diverged(f"the swarm settled round {round_no} without us and its manifest is out of reach")
+                    if self.node.peer_id != self.run.coordinator:
+                        raise Diverged(f"the swarm settled round {round_no} without us and its manifest is out of reach")
+                    # Peers' word alone never makes the coordinator drop its state: they could all be
+                    # one person's identities. It waited a view timeout for their manifest; it leads.
+                    self._overruled = round_no
+                    self.node.log_event(
+                        "round", f"round {round_no}: most peers say they are past it; no manifest of theirs in view"
+                    )
             elif await self._should_lead(round_no, beats, agreed, may_lead):
                 manifest = await self._lead(round_no, started)
                 if manifest is not None:
@@ -241,10 +249,17 @@ class RoundAgreement:
         with standing, report having applied it. A node behind never leads the round (a second
         manifest of a settled round forks whoever takes it); it takes the one the others applied.
         Found by the simulator: a coordinator restarted from an old state, and a peer back from a
-        long partition, each led a round the rest had settled under a leader they could not see."""
+        long partition, each led a round the rest had settled under a leader they could not see.
+        Trainers' claims are believed only while the coordinator is away (when peers lead, a
+        majority of them decides anyway); the coordinator waits one view timeout for their manifest
+        and then leads (`close_round`): identities cannot make it reload, only delay it once."""
         me, coordinator = self.node.peer_id, self.run.coordinator
         if any(b.peer_id == coordinator != me and b.round > round_no for b in beats):
             return True
+        if me == coordinator and self._overruled == round_no:
+            return False
+        if me != coordinator and coordinator_present(round_no, beats, coordinator, agreed_hash(round_no, beats, coordinator)):
+            return False  # the coordinator will close it: trainers claiming otherwise are not believed
         trainers = [
             b
             for b in beats

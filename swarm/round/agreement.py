@@ -99,6 +99,7 @@ class RoundAgreement:
         self._checked: dict[int, tuple[Manifest, str, bool]] = {}  # id(record) -> (record, signer, proof ok)
         self._admitted: set[str] = set()  # left the roster since, but the coordinator's role for them stands
         self._overruled = -1  # a round the coordinator leads although most trainers said they were past it
+        self._disbelieved: set[str] = set()  # trainers that said so then: their word no longer counts
 
     @property
     def run(self) -> RunConfig:
@@ -192,6 +193,7 @@ class RoundAgreement:
                     # Peers' word alone never makes the coordinator drop its state: they could all be
                     # one person's identities. It waited a view timeout for their manifest; it leads.
                     self._overruled = round_no
+                    self._disbelieved |= {b.peer_id for b in beats if b.round > round_no}
                     self.node.log_event(
                         "round", f"round {round_no}: most peers say they are past it; no manifest of theirs in view"
                     )
@@ -252,7 +254,8 @@ class RoundAgreement:
         long partition, each led a round the rest had settled under a leader they could not see.
         Trainers' claims are believed only while the coordinator is away (when peers lead, a
         majority of them decides anyway); the coordinator waits one view timeout for their manifest
-        and then leads (`close_round`): identities cannot make it reload, only delay it once."""
+        and then leads (`close_round`), and no longer counts those who said so: identities cannot
+        make it reload, only delay it once."""
         me, coordinator = self.node.peer_id, self.run.coordinator
         if any(b.peer_id == coordinator != me and b.round > round_no for b in beats):
             return True
@@ -264,6 +267,7 @@ class RoundAgreement:
             b
             for b in beats
             if b.peer_id not in (coordinator, me)
+            and b.peer_id not in self._disbelieved
             and b.phase != "joining"
             and self.validator.standing(b.peer_id)
             and not self.validator.banned(b.peer_id)

@@ -8,6 +8,7 @@ model. `ATTACKS` maps the names used by `swarm-sim --attack NAME` and `SimConfig
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 import torch
 
@@ -30,6 +31,30 @@ class Idle(SimPeer):
         node.status.round, node.status.param_hash, node.status.phase = r, self.agreement.state.hash, "training"
         await node.publish_heartbeat()
         await self.settle(r)
+
+
+class Ahead(SimPeer):
+    """Trains and submits honestly, but every heartbeat claims a round past its real one with a
+    made-up state: enough of them make the round look settled without the others. Honest peers do
+    not believe trainers while the coordinator is live; the coordinator waits one view timeout for
+    the manifest they claim, then leads and stops counting them."""
+
+    honest = False
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        publish = self.node.publish_heartbeat
+
+        async def claim_ahead() -> None:
+            s = self.node.status
+            real = s.round, s.param_hash
+            s.round, s.param_hash = real[0] + 1, hashlib.sha256(f"ahead {real[0]}".encode()).hexdigest()
+            try:
+                await publish()
+            finally:
+                s.round, s.param_hash = real
+
+        self.node.publish_heartbeat = claim_ahead  # type: ignore[method-assign]
 
 
 class SlowServe(SimPeer):
@@ -193,6 +218,7 @@ class Usurp(SimPeer):
 
 
 ATTACKS: dict[str, type[SimPeer]] = {
+    "ahead": Ahead,
     "usurp": Usurp,
     "evade": Evade,
     "copy": Copy,

@@ -542,10 +542,16 @@ class RoundAgreement:
         holders = [entry.peer_id, manifest.leader] + [e.peer_id for e in manifest.entries if e is not entry]
         deadline = monotonic() + self.run.leader_timeout_s
         while True:
-            others = sorted({b.peer_id for b in await self.node.member_peers()} - set(holders) - {self.node.peer_id})
+            live = {b.peer_id for b in await self.node.member_peers()}
+            others = sorted(live - set(holders) - {self.node.peer_id})
             try:
                 return await self.store.get(entry.digest, holders + others)
             except Exception as e:  # undeliverable: the manifest should never have listed it
-                if monotonic() > deadline:
+                # The coordinator holds every payload it listed (it fetched each to check it) and
+                # serves it while it is live: slow, not bad, for up to four view timeouts in all
+                # (1B-size payloads on slow links took longer than one, and followers reloaded
+                # whole states instead). Bounded: a payload it no longer keeps is not waited for ever.
+                slow = manifest.leader == self.run.coordinator and self.run.coordinator in live
+                if monotonic() > deadline + (3 * self.run.leader_timeout_s if slow else 0.0):
                     raise BadManifest(f"payload of {entry.peer_id[-8:]}: {e}") from None
             await asyncio.sleep(2.0)

@@ -217,7 +217,65 @@ class Usurp(SimPeer):
             await asyncio.sleep(0.25)
 
 
+class Stall(SimPeer):
+    """Every round, as soon as it has submitted, publishes a manifest of the round on the agreed state
+    that lists nothing: a round closed empty, if anyone took it."""
+
+    honest = False
+
+    async def submit(self, r: int, encoded: Encoded, base: str) -> None:
+        await super().submit(r, encoded, base)
+        await self._publish(Manifest(r, self.peer_id, base, [], [], self.node.wall_time()))
+
+    async def _publish(self, manifest: Manifest) -> None:
+        signed = sign_manifest(self.node.dht.identity, manifest)
+        await self.node.dht.put(manifest_key(self.run.run_id, manifest.round), signed, 3600.0)
+
+
+class JunkManifests(Stall):
+    """Every round, signed manifests for the next 20 rounds on made-up states."""
+
+    async def submit(self, r: int, encoded: Encoded, base: str) -> None:
+        await SimPeer.submit(self, r, encoded, base)
+        for ahead in range(r, r + 20):
+            junk = hashlib.sha256(f"junk {self.peer_id} {ahead}".encode()).hexdigest()
+            await self._publish(Manifest(ahead, self.peer_id, junk, [], [], self.node.wall_time()))
+
+
+class Equivocate(Stall):
+    """Every round, signs one manifest of the round, then 3 s later a different one (in the
+    background, so it keeps up with the swarm and its two statements are read)."""
+
+    async def submit(self, r: int, encoded: Encoded, base: str) -> None:
+        await SimPeer.submit(self, r, encoded, base)
+        self.background.add(asyncio.ensure_future(self._two(r, base)))
+
+    async def _two(self, r: int, base: str) -> None:
+        for variant in range(2):
+            await self._publish(Manifest(r, self.peer_id, base, [], [], self.node.wall_time() + variant))
+            await asyncio.sleep(3.0)
+
+
+class ClaimCoordinator(SimPeer):
+    """Its heartbeats say it is the coordinator; it never leads (it waits for someone to follow it)."""
+
+    honest = False
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.node.status.is_coordinator = True
+
+        async def never_lead(*_: object) -> bool:
+            return False
+
+        self.agreement._should_lead = never_lead  # type: ignore[method-assign,assignment]
+
+
 ATTACKS: dict[str, type[SimPeer]] = {
+    "stall": Stall,
+    "junk-manifests": JunkManifests,
+    "equivocate": Equivocate,
+    "claim-coordinator": ClaimCoordinator,
     "ahead": Ahead,
     "usurp": Usurp,
     "evade": Evade,

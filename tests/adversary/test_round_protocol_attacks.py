@@ -1,41 +1,37 @@
-"""Attacks on the round protocol itself, all at once against a live coordinator (usurper, staller,
-junk manifests, a false coordinator, an equivocator): rounds are still closed by the coordinator
-with every honest payload, and every honest node excludes the equivocator."""
+"""Attacks on the round protocol itself, all at once against a live coordinator: a usurper (its own
+manifest every round, its flipped update beside a quorum of real ones), a staller (an empty
+manifest every round), a junk-manifest spammer (signed manifests for 20 rounds ahead on made-up
+states), a false coordinator (its heartbeats say it is one) and an equivocator (two different
+signed manifests every round). Rounds are still closed by the coordinator with every honest
+payload, replicas stay identical, and every honest node excludes the equivocator.
+
+In the simulator (the production round code on virtual time, docs/simulation.md): the real-process
+version of this test ran 8 nodes (24 processes) on 2 cores for minutes to show the same thing.
+"""
 
 from __future__ import annotations
 
-import pytest
+from swarm.net.records import manifest_key
+from swarm.sim.runner import SimConfig, Simulation
 
-from launch.cluster import LocalCluster, nano_run, wait_for
-from tests.adversary.common import HOSTILE, rows
-
-pytestmark = pytest.mark.slow
+ATTACKS = ["usurp", "stall", "junk-manifests", "claim-coordinator", "equivocate"]
+ROUNDS = 5
 
 
-def test_round_protocol_attacks_change_nothing(tmp_path):
-    """A usurper, a staller, a junk-manifest spammer, a false coordinator and an equivocator at once:
-    every round is still closed by the coordinator, with every honest payload in it, and every
-    honest node excludes the equivocator (from what it saw itself or from a proof it checked)."""
-    attacks = ("usurp", "stall", "junk-manifests", "claim-coordinator", "equivocate")
-    # 8 nodes (24 processes) on 2 cores: the attackers submit at once, and the round closes
-    # round_timeout_s after the first submission, so give loaded honest peers room to make it.
-    with LocalCluster(tmp_path, nano_run(num_shards=8, round_timeout_s=45.0)) as cluster:
-        for i in range(2):
-            cluster.add_peer(f"honest{i}")
-        for attack in attacks:
-            cluster.add_peer(attack, program=(*HOSTILE, attack))
-        wait_for(lambda: len(rows(cluster)) >= 5, 480, "5 rounds", cluster)
-        coordinator = cluster.address.rsplit("/p2p/", 1)[1]
-        assert {r["leader"] for r in rows(cluster)} == {coordinator}, "only the coordinator closes rounds while it is live"
-        assert all(r["applied"] >= 2 for r in rows(cluster) if r["round"] >= 2), "honest payloads are in every round"
-        for attack in attacks:
-            assert "hostile:" in cluster.log(attack), f"the {attack} peer never attacked"
-        liar = cluster.peer_id("equivocate")[-8:]
-
-        def excluded(name: str) -> bool:
-            return any("[equivocation]" in line and f"{liar} " in line for line in cluster.log(name).splitlines())
-
-        for name in ("coordinator", "honest0", "honest1"):
-            wait_for(lambda: excluded(name), 120, f"{name} excluding the equivocator", cluster)  # noqa: B023
-        for r, by_peer in cluster.metrics_by_round().items():
-            assert len({row["hash"] for row in by_peer}) == 1, f"replicas differ after round {r}"
+def test_round_protocol_attacks_change_nothing() -> None:
+    sim = Simulation(SimConfig(seed=1, peers=2, rounds=ROUNDS, attackers=ATTACKS))
+    sim.loop.run_until_complete(sim.main())
+    result = sim.result()
+    assert result.ok, result.violations  # replicas bit-identical, no second manifest, fairness, liveness
+    honest = [p for p in sim.peers if p.honest]
+    rounds = [a for a in sim.ledger.applied if a.node == "coordinator" and a.round < ROUNDS]
+    assert len(rounds) == ROUNDS
+    assert all(a.leader == sim.coordinator.peer_id for a in rounds), "only the coordinator closes rounds while it is live"
+    assert all({p.peer_id for p in honest} <= set(a.entries) for a in rounds), "every honest payload is in every round"
+    liar = sim.by_name("equivocate").peer_id
+    for node in [sim.coordinator, *honest]:
+        assert liar in node.agreement.witness.equivocators, f"{node.name} did not exclude the equivocator"
+    wrote = {w for r in range(ROUNDS + 20) for w in sim.net.records.get(manifest_key(sim.run.run_id, r), {})}
+    for name in ("usurp", "stall", "junk-manifests", "equivocate"):  # each attack happened: its manifests are out
+        assert sim.by_name(name).peer_id in wrote, f"the {name} peer published no manifest"
+    assert sim.by_name("claim-coordinator").node.status.is_coordinator

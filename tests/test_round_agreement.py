@@ -132,6 +132,8 @@ def test_a_coordinator_that_fell_behind_takes_the_round_its_peers_already_applie
     node = SimpleNamespace(peer_id="c", run=SimpleNamespace(coordinator="c"))
     agreement = RoundAgreement(node, None, None, None)  # type: ignore[arg-type]
     me = beat("c", 5, "h")
+    assert agreement._peers_may_lead(5, [me], "h", started=None), "its first round after a (re)start: peers may have led it"
+    agreement.returning = False  # it has settled a round since
     moved_on = [me, beat("a", 6, "n"), beat("b", 6, "n"), beat("d", 5, "h"), beat("j", 0, "", phase="joining")]
     assert agreement._peers_may_lead(5, moved_on, "h", started=None)
     assert agreement._lookup_quorum(5, moved_on) == 2  # a majority of the 3 trainers around round 5

@@ -100,6 +100,9 @@ class RoundAgreement:
         self._admitted: set[str] = set()  # left the roster since, but the coordinator's role for them stands
         self._overruled = -1  # a round the coordinator leads although most trainers said they were past it
         self._disbelieved: set[str] = set()  # trainers that said so then: their word no longer counts
+        # Just (re)started into a running swarm: in its first round the coordinator takes a peer-led
+        # manifest that is already out (peers led while it was away; followers may have applied it).
+        self.returning = True
 
     @property
     def run(self) -> RunConfig:
@@ -237,13 +240,14 @@ class RoundAgreement:
         """Peers lead while the coordinator is away (no heartbeat at round r or r − 1: see
         `coordinator_present`), or once it has let a view timeout pass since the round's first
         submission without closing it. The coordinator itself takes a peer's manifest
-        once its own view timeout has passed (followers may have taken it by then), or once most peers
-        report having applied it (it fell behind and they went on without it): publishing its own
-        then would split the swarm."""
+        once its own view timeout has passed (followers may have taken it by then), once most peers
+        report having applied it (it fell behind and they went on without it), or in its first round
+        after a (re)start (peers led that round while it was away): publishing its own then would
+        split the swarm (seeds 6472 and 6625 of the simulator's sweep)."""
         timed_out = started is not None and monotonic() - started > self.run.leader_timeout_s
         if self.node.peer_id == self.run.coordinator:
             trainers = [b for b in beats if b.peer_id != self.run.coordinator and b.phase != "joining"]
-            return timed_out or 2 * sum(b.round > round_no for b in trainers) > len(trainers)
+            return timed_out or self.returning or 2 * sum(b.round > round_no for b in trainers) > len(trainers)
         return timed_out or not coordinator_present(round_no, beats, self.run.coordinator, agreed)
 
     def _behind(self, round_no: int, beats: list[Heartbeat]) -> bool:
@@ -514,6 +518,7 @@ class RoundAgreement:
                 manifest = await self.close_round(round_no)
                 applied = await self.apply(manifest)
                 self.validator.record(manifest)
+                self.returning = False
                 if self.node.peer_id == self.run.coordinator and manifest.leader == self.run.coordinator:
                     await self.node.dht.put(run_key(self.run.run_id, "ledger"), self.validator.ledger(), LEDGER_TTL_S)
                 return manifest, applied

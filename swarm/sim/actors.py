@@ -207,6 +207,7 @@ class SimCoordinator(Actor):
     async def restart(self) -> None:
         """As `Coordinator._obtain_state`: for SAVED_STATE_PATIENCE_S, look for a state in the swarm
         at least as new as the saved one and take it; else resume from the saved state."""
+        self.agreement.returning = True  # a new process would start so
         deadline = self.network.now() + SAVED_STATE_PATIENCE_S
         while self.network.now() < deadline:
             choice = pick_donors(await self.node.member_peers(), exclude=self.peer_id)

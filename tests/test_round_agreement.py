@@ -130,7 +130,7 @@ def test_a_coordinator_that_fell_behind_takes_the_round_its_peers_already_applie
     from swarm.round.agreement import RoundAgreement
 
     node = SimpleNamespace(peer_id="c", run=SimpleNamespace(coordinator="c"))
-    agreement = RoundAgreement(node, None, None, None)  # type: ignore[arg-type]
+    agreement = RoundAgreement(node, None, None, SimpleNamespace(scored=False))  # type: ignore[arg-type]  # no probation: all have standing
     me = beat("c", 5, "h")
     assert agreement._peers_may_lead(5, [me], "h", started=None), "its first round after a (re)start: peers may have led it"
     agreement.returning = False  # it has settled a round since

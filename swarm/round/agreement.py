@@ -280,12 +280,14 @@ class RoundAgreement:
 
     def _lookup_quorum(self, round_no: int, beats: list[Heartbeat]) -> int:
         """Contributions a peer-led manifest must list to be taken: a majority of the round's live
-        trainers (for the coordinator, which looks only when it fell behind, those already past the
-        round count too)."""
+        trainers with standing, as its leader and followers count them (for the coordinator, which
+        looks only when it fell behind or has just come back, those already past the round count
+        too). Counting newcomers here too made a returning coordinator refuse the manifest its
+        followers had applied, and lead the round again (a real-process test forked so)."""
         if self.node.peer_id != self.run.coordinator:
             return peer_quorum(len(self._expected(round_no, beats)))
         around = [b for b in beats if b.peer_id != self.run.coordinator and b.phase != "joining" and abs(b.round - round_no) <= 1]
-        return peer_quorum(sum(not self.validator.banned(b.peer_id) for b in around))
+        return peer_quorum(sum(self.validator.standing(b.peer_id) for b in around))
 
     async def _view(self, round_no: int) -> tuple[list[Heartbeat], str | None]:
         """Live admitted peers (ourselves included, as we are now) and the agreed state of round r."""

@@ -159,3 +159,52 @@ def test_peers_give_a_coordinator_one_round_behind_the_view_timeout_before_leadi
     assert agreement._peers_may_lead(5, [*peers, beat("c", 3, "f")], "h", started=None)  # fell behind
     assert agreement._peers_may_lead(5, [*peers, beat("c", 5, "x")], "h", started=None)  # on another state
     assert agreement._peers_may_lead(5, [*peers, beat("c", 4, "g")], "h", started=time.monotonic() - 30)
+
+
+def test_a_peer_led_manifest_counts_once_a_majority_endorses_it_and_two_faced_endorsers_do_not_count():
+    """Consent, not a majority of payloads: a peer cut off from the rest can still list most payloads
+    (it saw them before the cut). An endorser seen endorsing two manifests of a round counts for
+    neither; ours counts at once; only members with standing count (docs/security.md)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from swarm.net.records import Endorsement
+    from swarm.round.agreement import RoundAgreement
+
+    shown: list[Signed[Endorsement]] = []
+
+    async def get_all(key, cls):
+        return list(shown)
+
+    events: list[str] = []
+    node = SimpleNamespace(
+        peer_id="a",
+        run=SimpleNamespace(coordinator="c", run_id="r"),
+        dht=SimpleNamespace(get_all=get_all),
+        log_event=lambda kind, text: events.append(text),
+    )
+    agreement = RoundAgreement(node, None, None, SimpleNamespace(scored=False))  # type: ignore[arg-type]
+    x, y = "1" * 64, "2" * 64
+
+    def endorse(signer: str, digest: str) -> Signed[Endorsement]:
+        return Signed(signer, Endorsement(round=5, peer_id=signer, leader="p", digest=digest), 0.0)
+
+    electorate = agreement._electorate({"a", "b", "d", "e", "c"})
+    assert electorate == {"a", "b", "d", "e"}  # the coordinator's manifests need no endorsement; it casts none
+    shown[:] = [endorse("b", x), endorse("d", y), endorse("z", x), Signed("e", Endorsement(5, "b", "p", x), 0.0)]
+    assert asyncio.run(agreement._endorsements(5, electorate)) == {x: 1, y: 1}  # z is no member; e signed as b
+    agreement._endorsed[5] = x
+    assert asyncio.run(agreement._endorsements(5, electorate)) == {x: 2, y: 1}
+    shown[:] = [endorse("b", x), endorse("d", x)]  # d changed its endorsement: neither counts
+    assert asyncio.run(agreement._endorsements(5, electorate)) == {x: 2}
+    assert any("endorsed two manifests" in e for e in events)
+
+    def listing(leader: str) -> Signed[Manifest]:
+        return Signed(leader, Manifest(5, leader, "good", [], [], 0.0), 0.0)
+
+    found = [listing("p1"), listing("p2")]
+    first = canonical_manifest(found, 5, coordinator="c", agreed="good")
+    assert leader_of(first) in ("p1", "p2")
+    other = next(m for m in found if m.record is not first)
+    assert canonical_manifest(found, 5, coordinator="c", agreed="good", endorsed=lambda m: m is other) is other.record
+    assert canonical_manifest(found, 5, coordinator="c", agreed="good", endorsed=lambda m: False) is None

@@ -39,6 +39,10 @@ def manifest_key(run_id: str, round_no: int) -> str:
     return run_key(run_id, f"round/{round_no}/manifest")
 
 
+def endorse_key(run_id: str, round_no: int) -> str:
+    return run_key(run_id, f"round/{round_no}/endorse")
+
+
 @dataclass
 class Capacity:
     """What a joining peer offers: announced under run_key(run, 'peers')."""
@@ -196,6 +200,22 @@ class Manifest:
 
 
 @dataclass
+class Endorsement:
+    """'I take this peer-led manifest of round r': a member's one consent per round. A manifest led
+    by a peer counts once a strict majority of the members with standing endorse it, so two
+    manifests of one round cannot both count, even when the swarm is cut in two."""
+
+    round: int
+    peer_id: str
+    leader: str
+    digest: str  # sha256 hex of the manifest as encoded (its proof included)
+
+    def __post_init__(self) -> None:
+        if not _SHA256_HEX.match(self.digest):
+            raise ValueError("an endorsement names a manifest by its sha256 (64 hex digits)")
+
+
+@dataclass
 class Equivocation:
     """Proof that `accused` signed two different manifests for one round: both manifests as encoded
     (each carrying the accused's signature in `proof`) and the accused's public key (its DHT owner
@@ -282,6 +302,7 @@ RECORD_TYPES: tuple[type, ...] = (
     Heartbeat,
     Submission,
     Manifest,
+    Endorsement,
     Evidence,
     EventLog,
     FileHolder,

@@ -18,17 +18,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+
 from swarm.codec import slot_aggregator
 from swarm.log import get_logger
 from swarm.modes.base import TrainingMode
 from swarm.net.dht import Signed
 from swarm.net.records import (
+    Endorsement,
     Heartbeat,
     Ledger,
     Manifest,
     ManifestEntry,
     Role,
     Submission,
+    endorse_key,
     manifest_key,
     role_key,
     run_key,
@@ -57,7 +61,9 @@ T = TypeVar("T")
 logger = get_logger(__name__)
 MANIFEST_TTL_S = 6 * 3600
 LEDGER_TTL_S = 7 * 24 * 3600.0
-SETTLE_S = 2.0  # a peer leader's wait before applying its own manifest (records' travel time)  # standing must outlive any coordinator outage
+# A peer-led manifest is endorsed only once it has been in view this long and is still the best-ranked
+# (records' travel time: a better-ranked leader's manifest of the same moment shows up meanwhile).
+SETTLE_S = 2.0
 
 
 def _cpu_timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
@@ -96,7 +102,14 @@ class RoundAgreement:
         self.validator = Validator(self.node, self.store, self.mode, probe=self.probe)
         self.witness = EquivocationWitness()
         self._proofs_ok: dict[tuple[str, str], bool] = {}
-        self._checked: dict[int, tuple[Manifest, str, bool]] = {}  # id(record) -> (record, signer, proof ok)
+        self._checked: dict[int, tuple[Manifest, str, bool, str]] = {}  # id(record) -> (record, signer, proof ok, digest)
+        self._led = -1  # the last round we published a manifest of as a peer (we wait for its endorsements)
+        self._endorsed: dict[int, str] = {}  # round -> the peer-led manifest we endorsed (one per round, for good)
+        self._in_view_since: dict[tuple[int, str], float] = {}  # (round, manifest digest) -> first seen
+        self._endorsements_seen: dict[tuple[int, str], str] = {}  # (round, endorser) -> the digest it endorsed
+        self._two_faced: set[tuple[int, str]] = set()  # (round, endorser) seen endorsing two manifests
+        # The last manifest fetched and checked: with its base state, mean, coverage, CPU and wall seconds (`verify`).
+        self._verified: tuple[Manifest, str, dict[str, torch.Tensor] | None, dict[str, int], float, float] | None = None
         self._admitted: set[str] = set()  # left the roster since, but the coordinator's role for them stands
         self._overruled = -1  # a round the coordinator leads although most trainers said they were past it
         self._disbelieved: set[str] = set()  # trainers that said so then: their word no longer counts
@@ -111,9 +124,11 @@ class RoundAgreement:
     # ----- following -------------------------------------------------------------------------
 
     async def find_manifest(
-        self, round_no: int, agreed: str | None = None, *, peers_may_lead: bool = True, quorum: int = 0
+        self, round_no: int, agreed: str | None = None, *, peers_may_lead: bool = True, quorum: int = 0, past: bool = False
     ) -> Manifest | None:
-        """The canonical manifest of a round, if one has been published (see leadership.py)."""
+        """The canonical manifest of a round, if one has been published (see leadership.py); a
+        peer-led one once a strict majority of the members with standing endorse it (`_consented`;
+        `past`: the swarm settled the round already, so most of those who endorsed any will do)."""
         found = await self.node.dht.get_all(manifest_key(self.run.run_id, round_no), Manifest)
         found = [m for m in found if self._signed_by_leader(m)]
         for m in found:
@@ -125,16 +140,88 @@ class RoundAgreement:
         for signer in {m.signer for m in found} - members:  # a leader that has left since (a node replaying old rounds)
             if await self._was_admitted(signer):
                 members = members | {signer}
-        return canonical_manifest(
+        rules: dict[str, Any] = {"agreed": agreed, "members": members, "peers_may_lead": peers_may_lead, "quorum": quorum}
+        best = canonical_manifest(found, round_no, self.run.coordinator, standing=self.validator.standing, **rules)
+        if best is None or best.leader == self.run.coordinator:
+            return best
+        return await self._consented(round_no, found, best, members, past, rules)
+
+    async def _consented(
+        self, round_no: int, found: list[Signed[Manifest]], best: Manifest, members: set[str], past: bool, rules: dict[str, Any]
+    ) -> Manifest | None:
+        """The peer-led manifest a strict majority of the members with standing endorsed, if any.
+
+        A leader's manifest listing a majority of payloads is not consent: a peer cut off from the
+        rest, holding every submission from before the cut, closed the round alone while the others
+        closed it without its payload (seeds 5845, 6581, 7206 and 8771 of the simulator's sweep). So
+        each member endorses one peer-led manifest per round, for good: the best-ranked one once it
+        has been in view for SETTLE_S. Two strict majorities of one electorate share a member, so
+        two manifests of a round cannot both be taken while nobody endorses twice (an endorser seen
+        endorsing two is not counted). Votes can split so that none gets a majority: the round then
+        waits for the coordinator, whose own manifest needs no endorsement."""
+        me, now = self.node.peer_id, monotonic()
+        chosen = next(m for m in found if m.record is best)
+        digest = self._digest(chosen)
+        since = self._in_view_since.setdefault((round_no, digest), now)
+        electorate = self._electorate(members)
+        mine = best.base_hash == self.state.hash  # a node not on the manifest's base could not apply it
+        if round_no not in self._endorsed and now - since >= SETTLE_S and me in electorate and mine:
+            try:
+                await self.verify(best)
+            except BadManifest as e:  # nobody honest endorses it: the next leader's manifest will do
+                self.ignored.add((round_no, chosen.signer))
+                self.node.log_event("reject", f"manifest of round {round_no} by {chosen.signer[-8:]} not endorsed: {e}")
+                return None
+            endorsement = Endorsement(round=round_no, peer_id=me, leader=chosen.signer, digest=digest)
+            if await put_surely(self.node.dht, endorse_key(self.run.run_id, round_no), endorsement, MANIFEST_TTL_S):
+                self._endorsed[round_no] = digest
+        votes = await self._endorsements(round_no, electorate)
+        needed = peer_quorum(sum(votes.values()) if past else len(electorate))
+        taken = canonical_manifest(
             found,
             round_no,
             self.run.coordinator,
-            agreed,
-            members=members,
-            peers_may_lead=peers_may_lead,
-            quorum=quorum,
             standing=self.validator.standing,
+            endorsed=lambda m: votes.get(self._digest(m), 0) >= needed,
+            **rules,
         )
+        self._forget_before(round_no - 16)
+        return taken
+
+    def _electorate(self, members: set[str]) -> set[str]:
+        """Whose endorsements count, and whose majority a peer-led round needs: the members with
+        standing, the coordinator and proven equivocators aside."""
+        return {p for p in members - {self.run.coordinator} - self.witness.equivocators if self.validator.standing(p)}
+
+    async def _endorsements(self, round_no: int, electorate: set[str]) -> dict[str, int]:
+        """Endorsers per manifest digest among the electorate; ours counts at once (our record may
+        still be on its way to where we read it)."""
+        by: dict[str, str] = {}
+        for item in await self.node.dht.get_all(endorse_key(self.run.run_id, round_no), Endorsement):
+            e = item.record
+            if item.signer != e.peer_id or e.round != round_no or item.signer not in electorate:
+                continue
+            first = self._endorsements_seen.setdefault((round_no, item.signer), e.digest)
+            if first != e.digest and (round_no, item.signer) not in self._two_faced:
+                self._two_faced.add((round_no, item.signer))
+                self.node.log_event("reject", f"{item.signer[-8:]} endorsed two manifests of round {round_no}; neither counts")
+            by[item.signer] = e.digest
+        if round_no in self._endorsed:
+            by[self.node.peer_id] = self._endorsed[round_no]
+        votes: dict[str, int] = {}
+        for signer, digest in by.items():
+            if (round_no, signer) not in self._two_faced:
+                votes[digest] = votes.get(digest, 0) + 1
+        return votes
+
+    def _forget_before(self, round_no: int) -> None:
+        """Bounded memory over a long run: what we saw of rounds long settled."""
+        if len(self._in_view_since) + len(self._endorsements_seen) + len(self._endorsed) < 4096:
+            return
+        self._in_view_since = {k: v for k, v in self._in_view_since.items() if k[0] >= round_no}
+        self._endorsements_seen = {k: v for k, v in self._endorsements_seen.items() if k[0] >= round_no}
+        self._endorsed = {k: v for k, v in self._endorsed.items() if k >= round_no}
+        self._two_faced = {k for k in self._two_faced if k[0] >= round_no}
 
     async def _was_admitted(self, peer_id: str) -> bool:
         """Whether the coordinator admitted this peer (its signed role lives 24 h): a manifest it led
@@ -164,8 +251,20 @@ class RoundAgreement:
                 logger.warning("ignoring a manifest of round %d from %s: bad signature", signed.record.round, signed.signer[-8:])
         if len(self._checked) > 4096:
             self._checked.clear()
-        self._checked[id(signed.record)] = (signed.record, signed.signer, self._proofs_ok[key])  # holds it: the id stays its
+        self._checked[id(signed.record)] = (
+            signed.record,
+            signed.signer,
+            self._proofs_ok[key],
+            key[1],
+        )  # holds it: the id stays its
         return self._proofs_ok[key]
+
+    def _digest(self, signed: Signed[Manifest]) -> str:
+        """sha256 of the manifest as encoded (what endorsements name); known from its proof check."""
+        known = self._checked.get(id(signed.record))
+        if known is not None and known[0] is signed.record:
+            return known[3]
+        return hashlib.sha256(encode_record(signed.record)).hexdigest()
 
     async def closed(self, round_no: int) -> bool:
         """Whether round r already has a manifest on the agreed state (we are behind: don't train),
@@ -200,24 +299,13 @@ class RoundAgreement:
                     self.node.log_event(
                         "round", f"round {round_no}: most peers say they are past it; no manifest of theirs in view"
                     )
-            elif await self._should_lead(round_no, beats, agreed, may_lead):
+            elif self._led != round_no and await self._should_lead(round_no, beats, agreed, may_lead):
                 manifest = await self._lead(round_no, started)
-                if manifest is not None:
-                    return await self._settled_lead(round_no, manifest)
+                if manifest is not None and (manifest.leader != self.node.peer_id or self.node.peer_id == self.run.coordinator):
+                    return manifest
+                if manifest is not None:  # ours, as a peer: it counts once most members endorse it (or another does)
+                    self._led = round_no
             await asyncio.sleep(self.poll_s)
-
-    async def _settled_lead(self, round_no: int, ours: Manifest) -> Manifest:
-        """A peer that led looks once more, after records have had time to travel, before applying
-        its own manifest: a coordinator that closed the round meanwhile wins it for everyone (its
-        manifest is canonical), and applying ours would fork us off (found by the simulator)."""
-        if self.node.peer_id == self.run.coordinator:
-            return ours
-        await asyncio.sleep(SETTLE_S)
-        found = await self.find_manifest(round_no, ours.base_hash, peers_may_lead=True, quorum=0)
-        if found is not None and found.leader == self.run.coordinator and found != ours:
-            self.node.log_event("round", f"round {round_no}: the coordinator closed it too; taking its manifest")
-            return found
-        return ours
 
     async def _look(self, round_no: int, started: float | None) -> tuple[list[Heartbeat], str | None, bool, Manifest | None]:
         """The view of round r (live members, agreed state, whether peers may lead) and the manifest
@@ -225,7 +313,13 @@ class RoundAgreement:
         beats, agreed = await self._view(round_no)
         may_lead = self._peers_may_lead(round_no, beats, agreed, started)
         quorum = max(self._lookup_quorum(round_no, beats), await self._member_floor())
-        return beats, agreed, may_lead, await self.find_manifest(round_no, agreed, peers_may_lead=may_lead, quorum=quorum)
+        past = self._behind(round_no, beats)
+        return (
+            beats,
+            agreed,
+            may_lead,
+            await self.find_manifest(round_no, agreed, peers_may_lead=may_lead, quorum=quorum, past=past),
+        )
 
     async def _member_floor(self) -> int:
         """The least a peer-led manifest lists however few members are in view: a strict majority
@@ -233,8 +327,7 @@ class RoundAgreement:
         cannot both reach it, so a minority cut off from the rest (a peer alone, say) cannot settle
         a round of its own; the price: once most members with standing are gone, peers alone close
         no round (the run waits for the coordinator). Found by the simulator (docs/simulation.md)."""
-        members = await self.node.members() - {self.run.coordinator} - self.witness.equivocators
-        return peer_quorum(sum(self.validator.standing(p) for p in members))
+        return peer_quorum(len(self._electorate(await self.node.members())))
 
     def _peers_may_lead(self, round_no: int, beats: list[Heartbeat], agreed: str | None, started: float | None) -> bool:
         """Peers lead while the coordinator is away (no heartbeat at round r or r − 1: see
@@ -320,7 +413,14 @@ class RoundAgreement:
             return False
         if me != self.run.coordinator and (me not in await self.node.members() or not self.validator.standing(me)):
             return False
-        candidates = [b for b in beats if b.peer_id == self.run.coordinator or self.validator.standing(b.peer_id)]
+        # A peer whose manifest of this round we refused has had its turn (its bad manifest takes no
+        # endorsement): the next-ranked leads, else a best-ranked usurper would stall the round.
+        candidates = [
+            b
+            for b in beats
+            if b.peer_id == self.run.coordinator
+            or (self.validator.standing(b.peer_id) and (round_no, b.peer_id) not in self.ignored)
+        ]
         return should_lead(me, round_no, candidates, agreed, self.run.coordinator, peers_may_lead)
 
     # ----- leading ---------------------------------------------------------------------------
@@ -432,22 +532,54 @@ class RoundAgreement:
 
     async def apply(self, manifest: Manifest) -> int:
         """Fetch the manifest's payloads, then decode and accumulate them one at a time in manifest
-        order (memory O(params)), and let the mode take the outer step on the per-slot mean."""
+        order (memory O(params)), and let the mode take the outer step on the per-slot mean (checked
+        once: a peer-led manifest was checked before we endorsed it)."""
         if manifest.base_hash != self.state.hash:
             raise Diverged(f"round {manifest.round} applies to state {manifest.base_hash[:12]}, ours is {self.state.hash[:12]}")
         if self.mode.inline_payload:
             return await self._apply_inline(manifest)
-        blobs = await asyncio.gather(*(self._fetch(manifest, e) for e in manifest.entries))
+        checked = self._verified
+        if checked is None or checked[0] != manifest or checked[1] != self.state.hash:
+            await self.verify(manifest)
+            checked = self._verified
+        assert checked is not None
+        _, _, mean, coverage, cpu_s, wall_s = checked
         async with self.lock:
             started = time.perf_counter()
-            self.apply_cpu_s = 0.0
-            if blobs:
-                _, self.apply_cpu_s = await asyncio.to_thread(_cpu_timed, self._apply_blobs, manifest, list(blobs))
+            self.apply_cpu_s = cpu_s
+            if mean is not None:
+                _, step_cpu_s = await asyncio.to_thread(_cpu_timed, self.mode.outer_step, self.state, mean)
+                self.apply_cpu_s += step_cpu_s
             else:
                 self.state.advance_without_update()
-                self.coverage = {}
-            self.apply_s = time.perf_counter() - started
-        return len(blobs)
+            self.coverage = coverage
+            self.apply_s = wall_s + time.perf_counter() - started
+        self._verified = None
+        return len(manifest.entries)
+
+    async def verify(self, manifest: Manifest) -> None:
+        """Fetch and check everything a manifest lists, and keep the mean it yields (without taking
+        the outer step): BadManifest if a payload cannot be had or decoded, or the round fails a
+        check every node makes alike. Done before endorsing a peer-led manifest, so that no honest
+        node endorses one it would refuse (every node endorses one manifest a round, for good)."""
+        if self.mode.inline_payload:
+            for e in manifest.entries:
+                if (problem := self.validator.inline_problem(e.inline, e.digest, e.size)) is not None:
+                    raise BadManifest(f"entry of {e.peer_id[-8:]}: {problem}")
+            return
+        base = self.state.hash
+        blobs = await asyncio.gather(*(self._fetch(manifest, e) for e in manifest.entries))
+        mean: dict[str, torch.Tensor] | None = None
+        coverage: dict[str, int] = {}
+        cpu_s = wall_s = 0.0
+        if blobs:
+            async with self.lock:
+                if self.state.hash != base:
+                    raise Diverged(f"our state moved to {self.state.hash[:12]} while fetching round {manifest.round}")
+                started = time.perf_counter()
+                (mean, coverage), cpu_s = await asyncio.to_thread(_cpu_timed, self._mean_of, manifest, list(blobs))
+                wall_s = time.perf_counter() - started
+        self._verified = (manifest, base, mean, coverage, cpu_s, wall_s)
 
     async def _apply_inline(self, manifest: Manifest) -> int:
         """A mode whose payloads travel in the records: nothing to fetch; each entry is checked as the
@@ -471,7 +603,9 @@ class RoundAgreement:
             self.coverage = {"all": len(contributions)} if contributions else {}
         return len(contributions)
 
-    def _apply_blobs(self, manifest: Manifest, blobs: list[bytes]) -> None:
+    def _mean_of(self, manifest: Manifest, blobs: list[bytes]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """The per-slot mean of the listed payloads, and how many contributions each slot group had;
+        BadManifest if the round fails a check (the state is not touched here)."""
         acc = slot_aggregator(self.store.shapes, self.run.outer.trim)
         norms: list[dict[str, float]] = []  # of each clipped contribution, to check the leader clipped
         unscored = manifest.leader != self.run.coordinator  # nobody measured its usefulness: check its geometry
@@ -501,8 +635,7 @@ class RoundAgreement:
         for name, count in acc.counts.items():
             group = self.mode.slot_group(name)
             coverage[group] = max(coverage.get(group, 0), count)
-        self.mode.outer_step(self.state, mean)  # the state is untouched until every payload decoded and the mean passed
-        self.coverage = coverage
+        return mean, coverage  # the state is untouched until every payload decoded and the mean passed
 
     async def settle_round(
         self, round_no: int, reload: Callable[[], Awaitable[GlobalState]]

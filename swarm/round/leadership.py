@@ -58,13 +58,16 @@ def canonical_manifest(
     peers_may_lead: bool = True,
     quorum: int = 0,
     standing: Callable[[str], bool] | None = None,
+    endorsed: Callable[[Signed[Manifest]], bool] | None = None,
 ) -> Manifest | None:
     """Of the manifests published for a round, the one to apply: the coordinator's if there is one;
     else, when peers may lead (the coordinator is away or its view timed out), the best-ranked
     admitted leader's that lists at least `quorum` contributions (so a peer that leads cannot decide
     a round alone) and, given `standing`, whose leader and every contribution have standing (no
-    newcomer's unscored work, no newcomer leading). Only manifests signed by their leader and built
-    on the agreed state count."""
+    newcomer's unscored work, no newcomer leading). Given `endorsed`, a peer's manifest counts only
+    once endorsed (by a strict majority of the members with standing: agreement.py), and the
+    best-ranked endorsed one is taken. Only manifests signed by their leader and built on the agreed
+    state count."""
     valid = [m for m in found if m.record.leader == m.signer and m.record.round == round_no]
     if members is not None:
         valid = [m for m in valid if m.signer in members or m.signer == coordinator]
@@ -76,6 +79,8 @@ def canonical_manifest(
     valid = [m for m in valid if len(m.record.entries) >= quorum]
     if standing is not None:
         valid = [m for m in valid if standing(m.signer) and all(standing(e.peer_id) for e in m.record.entries)]
+    if endorsed is not None:
+        valid = [m for m in valid if endorsed(m)]
     if not valid or not peers_may_lead:
         return None
     return min(valid, key=lambda m: leader_rank(round_no, m.signer, coordinator)).record

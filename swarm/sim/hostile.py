@@ -12,7 +12,8 @@ import hashlib
 
 import torch
 
-from swarm.net.records import Manifest, ManifestEntry, manifest_key
+from swarm.net.records import Endorsement, Manifest, ManifestEntry, endorse_key, manifest_key
+from swarm.net.schema import encode_record
 from swarm.round.evidence import sign_manifest
 from swarm.round.leadership import peer_quorum
 from swarm.round.payloads import Encoded, PayloadEncoder
@@ -271,7 +272,36 @@ class ClaimCoordinator(SimPeer):
         self.agreement._should_lead = never_lead  # type: ignore[method-assign,assignment]
 
 
+class TwoFaced(Usurp):
+    """A usurper (its own manifest every round, honest work otherwise) that also endorses every
+    peer-led manifest of the round it sees, switching its endorsement among them every 0.5 s: to
+    make two manifests of one round each look endorsed by a majority to different nodes. Whoever
+    reads two of its endorsements of a round counts neither."""
+
+    endorsing: asyncio.Future[None] | None = None
+
+    async def main(self, rounds: int) -> None:
+        if self.endorsing is None or self.endorsing.done():  # once, and again after a restart
+            self.endorsing = asyncio.ensure_future(self._endorse_all())
+            self.background.add(self.endorsing)
+        await super().main(rounds)
+
+    async def _endorse_all(self) -> None:
+        flips = 0
+        while True:
+            await asyncio.sleep(0.5)
+            r = self.agreement.state.round
+            found = await self.node.dht.get_all(manifest_key(self.run.run_id, r), Manifest)
+            peer_led = sorted((m for m in found if m.signer != self.run.coordinator), key=lambda m: m.signer)
+            if peer_led:
+                m = peer_led[flips % len(peer_led)]
+                digest = hashlib.sha256(encode_record(m.record)).hexdigest()
+                await self.node.dht.put(endorse_key(self.run.run_id, r), Endorsement(r, self.peer_id, m.signer, digest), 3600.0)
+                flips += 1
+
+
 ATTACKS: dict[str, type[SimPeer]] = {
+    "two-faced": TwoFaced,
     "stall": Stall,
     "junk-manifests": JunkManifests,
     "equivocate": Equivocate,

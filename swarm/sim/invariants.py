@@ -34,7 +34,7 @@ EXCUSED = (NOT_DELIVERED, "on probation", "deferred")  # refusals of honest work
 MAX_RECORDS_PER_NODE = 64  # heartbeats, capacities, roles, events, the ledger, evidence
 # A round's records (submissions, manifests) are kept a while after it (manifests for hours: joiners
 # replay rounds from them), so they are bounded per round and per node, not in total.
-MAX_ROUND_RECORDS_PER_NODE = 2  # a submission, and a manifest when it leads (an equivocator's second is the excess)
+MAX_ROUND_RECORDS_PER_NODE = 3  # a submission, its endorsement of a peer-led manifest, and a manifest when it leads
 
 
 @dataclass(frozen=True)

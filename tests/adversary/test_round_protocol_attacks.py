@@ -35,3 +35,31 @@ def test_round_protocol_attacks_change_nothing() -> None:
     for name in ("usurp", "stall", "junk-manifests", "equivocate"):  # each attack happened: its manifests are out
         assert sim.by_name(name).peer_id in wrote, f"the {name} peer published no manifest"
     assert sim.by_name("claim-coordinator").node.status.is_coordinator
+
+
+def test_endorsing_two_manifests_of_a_round_counts_for_neither() -> None:
+    """With the coordinator gone, a peer-led manifest counts once most members with standing endorse
+    it. Two usurpers (each its own manifest every round) that also endorse every peer-led manifest
+    they see, switching among them, try to make two manifests of one round each look endorsed to
+    different nodes. Honest replicas stay identical, every round closes, and the honest nodes that
+    read two endorsements from one of them count neither."""
+    from swarm.sim.faults import Fault
+
+    sim = Simulation(
+        SimConfig(
+            seed=3,
+            peers=4,
+            rounds=6,
+            attackers=["two-faced", "two-faced"],
+            schedule=[Fault(25.0, "coordinator-leave", "coordinator", 0.0)],
+        )
+    )
+    sim.loop.run_until_complete(sim.main())
+    result = sim.result()
+    assert result.ok, result.violations
+    honest = [p for p in sim.peers if p.honest]
+    assert all(p.agreement.state.round >= 6 for p in honest)
+    peer_led = [a for a in sim.ledger.applied if a.leader != sim.coordinator.peer_id]
+    assert peer_led, "peers led rounds after the coordinator left"
+    caught = [p for p in honest if p.agreement._two_faced]
+    assert caught, "no honest node saw a two-faced endorsement"

@@ -94,6 +94,8 @@ class Validator:
     credit: dict[str, float] = field(default_factory=dict)  # measured gains it may spend (CREDIT_DECAY)
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(16), repr=False)  # seeds the probe's batches
     counted_to: int = 0  # manifests of rounds below this are in the ledger
+    _probation_of: object = field(default=None, repr=False, compare=False)
+    _probation: int = field(default=0, repr=False, compare=False)
 
     def ledger(self) -> Ledger:
         """The counts as a record (useful work capped at the probation: all that decides standing)."""
@@ -121,14 +123,18 @@ class Validator:
     @property
     def probation_rounds(self) -> int:
         """Useful contributions a newcomer must show; 0 when the mode's work is not scored."""
-        return self.node.run.admission.probation_rounds if self.mode.scored else 0
+        run = self.node.run
+        if run is not self._probation_of:  # read once per run description, not on every member's look
+            self._probation_of, self._probation = run, run.admission.probation_rounds if self.mode.scored else 0
+        return self._probation
 
     def banned(self, peer_id: str) -> bool:
         return peer_id in self.banned_until
 
     def standing(self, peer_id: str) -> bool:
-        """Past probation: its votes, leadership and unscored work count."""
-        return self.useful.get(peer_id, 0) >= self.probation_rounds and not self.banned(peer_id)
+        """Past probation: its votes, leadership and unscored work count. (Asked for every member on
+        every look at a round: the unbanned, no-probation case answers without the run's settings.)"""
+        return peer_id not in self.banned_until and (self.useful.get(peer_id, 0) >= self.probation_rounds)
 
     def waited_for(self, peer_id: str) -> bool:
         """Whether a leader waits for this peer's submission: not after it said it was training and

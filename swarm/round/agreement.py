@@ -91,7 +91,11 @@ class RoundAgreement:
     state: GlobalState
     mode: TrainingMode
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    poll_s: float = 0.25
+    poll_s: float = 0.25  # how often a node that may lead the round reads the records
+    # How often a node that cannot lead it (a peer while the coordinator leads) looks for its
+    # manifest: up to this much later to apply, for a quarter of the reads of the round's records
+    # and of every member's heartbeat (what a node reads per look grows with the swarm).
+    follow_s: float = 1.0
     ignored: set[tuple[int, str]] = field(default_factory=set)  # (round, leader) of bad manifests
     coverage: dict[str, int] = field(default_factory=dict)  # slot group -> contributions, last round applied
     apply_s: float = 0.0  # seconds the last round took to decode and apply (SPSA: its replay cost)
@@ -187,6 +191,23 @@ class RoundAgreement:
         )
         self._forget_before(round_no - 16)
         return taken
+
+    async def _peers_closing(self, round_no: int, agreed: str | None) -> bool:
+        """For a coordinator just back: whether peers are closing round r among themselves (a peer's
+        manifest of it or an endorsement is out). It then takes theirs once most members endorse it,
+        rather than publish its own beside it (the one it publishes always wins, and peers that had
+        applied theirs forked: seeds 1332 and 6625 of the sweep), and leads only if theirs gets no
+        majority within a view timeout."""
+        electorate = self._electorate(await self.node.members())  # only members with standing can close one
+        found = await self.node.dht.get_all(manifest_key(self.run.run_id, round_no), Manifest)
+        peer_led = [m for m in found if m.signer in electorate and m.record.base_hash == agreed and self._signed_by_leader(m)]
+        endorsed = [
+            e for e in await self.node.dht.get_all(endorse_key(self.run.run_id, round_no), Endorsement) if e.signer in electorate
+        ]
+        if not peer_led and not endorsed:
+            return False
+        since = self._in_view_since.setdefault((round_no, "peers closing"), monotonic())
+        return monotonic() - since < self.run.leader_timeout_s
 
     def _electorate(self, members: set[str]) -> set[str]:
         """Whose endorsements count, and whose majority a peer-led round needs: the members with
@@ -305,7 +326,8 @@ class RoundAgreement:
                     return manifest
                 if manifest is not None:  # ours, as a peer: it counts once most members endorse it (or another does)
                     self._led = round_no
-            await asyncio.sleep(self.poll_s)
+            follower = not may_lead and self.node.peer_id != self.run.coordinator
+            await asyncio.sleep(self.follow_s if follower else self.poll_s)
 
     async def _look(self, round_no: int, started: float | None) -> tuple[list[Heartbeat], str | None, bool, Manifest | None]:
         """The view of round r (live members, agreed state, whether peers may lead) and the manifest
@@ -313,13 +335,9 @@ class RoundAgreement:
         beats, agreed = await self._view(round_no)
         may_lead = self._peers_may_lead(round_no, beats, agreed, started)
         quorum = max(self._lookup_quorum(round_no, beats), await self._member_floor())
-        past = self._behind(round_no, beats)
-        return (
-            beats,
-            agreed,
-            may_lead,
-            await self.find_manifest(round_no, agreed, peers_may_lead=may_lead, quorum=quorum, past=past),
-        )
+        past = self._behind(round_no, beats)  # the swarm settled it: a peer-led manifest it endorsed counts, whoever is in view
+        manifest = await self.find_manifest(round_no, agreed, peers_may_lead=may_lead or past, quorum=quorum, past=past)
+        return beats, agreed, may_lead, manifest
 
     async def _member_floor(self) -> int:
         """The least a peer-led manifest lists however few members are in view: a strict majority
@@ -413,6 +431,8 @@ class RoundAgreement:
             return False
         if me != self.run.coordinator and (me not in await self.node.members() or not self.validator.standing(me)):
             return False
+        if me == self.run.coordinator and self.returning and await self._peers_closing(round_no, agreed):
+            return False
         # A peer whose manifest of this round we refused has had its turn (its bad manifest takes no
         # endorsement): the next-ranked leads, else a best-ranked usurper would stall the round.
         candidates = [
@@ -450,16 +470,20 @@ class RoundAgreement:
                 return None  # a better-ranked leader has appeared
             everyone_in = expected <= set(subs) and len(subs) >= self.run.min_peers
             late = first_seen is not None and monotonic() - first_seen > self.run.round_timeout_s
-            if subs and (everyone_in or late) and len(subs) >= quorum:
+            # Back from a restart, the coordinator gives records written just before it a moment to arrive.
+            settled = not self.returning or monotonic() - leading_since > SETTLE_S
+            if subs and (everyone_in or late) and len(subs) >= quorum and settled:
                 break
             if not subs and self._nobody_admissible(beats) and monotonic() - leading_since > self.run.round_timeout_s:
                 logger.info("round %d: every live trainer is banned; closing it empty", round_no)
                 break
             await asyncio.sleep(self.poll_s)
         entries, rejected, scores = await self.validator.validate(self.state, subs, seen)
-        *_, other = await self._look(round_no, started)  # validating took a while: did the round close meanwhile?
+        *_, agreed, _, other = await self._look(round_no, started)  # validating took a while: did the round close meanwhile?
         if other is not None:
             return other
+        if self.node.peer_id == self.run.coordinator and self.returning and await self._peers_closing(round_no, agreed):
+            return None
         if len(entries) < quorum:  # followers would not take it; wait on (or for the next view)
             logger.info("round %d: %d valid contributions, below the quorum of %d", round_no, len(entries), quorum)
             await asyncio.sleep(self.poll_s * 8)

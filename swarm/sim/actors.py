@@ -87,6 +87,7 @@ class Actor:
         self.store.decode = functools.partial(network.decode, self.store.decode)  # type: ignore[method-assign]
         network.states[self.peer_id] = lambda: self.agreement.state
         self.agreement = RoundAgreement(self.node, self.store, state.copy(), self.mode)
+        self.agreement._mean_of = functools.partial(network.mean_of, self.agreement._mean_of)  # type: ignore[method-assign]
         self.task: asyncio.Task[None] | None = None
         if self.honest:
             ledger.honest.add(self.peer_id)

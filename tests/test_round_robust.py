@@ -111,3 +111,41 @@ def test_half_the_contributions_tiny_neither_set_the_clip_nor_pass_as_work():
     clipped = [s.norms["w"] * scale.get("w", 1.0) for s, scale in zip(summaries[:3], scales[:3])]
     assert all(c >= smallest_honest * (1 - 1e-6) for c in clipped), "honest work is clipped to an honest norm at most"
     assert tiny(summaries) == [False, False, False, True, True, True]
+
+
+def test_the_copy_checks_sketch_never_skips_a_copy_and_skips_unrelated_pairs():
+    """The first pass of the copy check (`may_copy` on bottom-k sketches) decides which pairs get
+    the exact comparison: every pair at or above COPY_OVERLAP must pass it, whatever the sizes;
+    pairs with honest overlaps (under 10%) should not, or it saves nothing."""
+    import torch
+
+    from swarm.round.robust import COPY_OVERLAP, may_copy, overlap, sketch
+
+    g = torch.Generator().manual_seed(7)
+    numel = 200_000
+
+    def payload(positions: torch.Tensor) -> Summary:
+        dense = torch.zeros(numel)
+        dense[positions] = 1.0
+        return summarise({"w": dense.reshape(400, 500)}, sparse=True)
+
+    def pick(n: int) -> torch.Tensor:
+        return torch.randperm(numel, generator=g)[:n]
+
+    caught = skipped = 0
+    for trial in range(40):
+        k = 3000
+        victim = pick(k)
+        share = [0.6, 0.65, 0.8, 1.0][trial % 4]
+        size = [k, k // 2 + 1, 2 * k, k][trial % 4]  # a copier may send fewer or more entries
+        copied = victim[torch.randperm(k, generator=g)[: int(share * min(size, k))]]
+        own = pick(size)
+        mixed = torch.unique(torch.cat([copied, own[: size - copied.numel()]]))
+        a, b = payload(victim), payload(mixed)
+        if overlap(a, b) >= COPY_OVERLAP:
+            assert may_copy(sketch(a), sketch(b)), f"trial {trial}: a copy skipped"
+            caught += 1
+        honest = payload(pick(k))
+        if not may_copy(sketch(a), sketch(honest)):
+            skipped += 1
+    assert caught >= 20 and skipped == 40

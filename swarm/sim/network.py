@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from swarm.net.schema import encode_record
 from swarm.sim.clock import VirtualLoop
 
 if TYPE_CHECKING:
@@ -128,7 +127,9 @@ class SimNetwork:
     sized: dict[str, int] = field(default_factory=dict)  # digest -> declared size (`sized` payloads)
     hanging: set[str] = field(default_factory=set)  # nodes that accept fetches and never answer them
     _decoded: dict[tuple[bytes, str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
-    _means: dict[tuple[bytes, tuple[bytes, ...]], tuple[dict[str, torch.Tensor], dict[str, int]]] = field(default_factory=dict)
+    _means: dict[tuple[int, tuple[bytes, ...]], tuple[Manifest, dict[str, torch.Tensor], dict[str, int]]] = field(
+        default_factory=dict
+    )
     _views: dict[str, tuple[float, dict[str, object]]] = field(default_factory=dict)  # key -> (valid until, writer -> record)
     payload_bytes: int = 0  # declared size of every payload (`sized` runs; 0: the real bytes)
     state_bytes: int = 0  # declared size of a state download (0: the real state's fp32 bytes)
@@ -224,12 +225,13 @@ class SimNetwork:
         node that applies it sums the same bytes in the same order to the same mean, so R nodes
         summing R payloads each, O(R²) a round, is the simulator's cost, not the protocol's). Each
         caller gets its own copy; a refusal is not kept (it raises again)."""
-        key = (encode_record(manifest), tuple(hashlib.sha256(b).digest() for b in blobs))
-        if key not in self._means:
+        key = (id(manifest), tuple(hashlib.sha256(b).digest() for b in blobs))  # readers share one decoded record
+        cached = self._means.get(key)
+        if cached is None or cached[0] is not manifest:
             if len(self._means) > 64:
                 self._means.clear()
-            self._means[key] = mean_of(manifest, blobs)
-        mean, coverage = self._means[key]
+            cached = self._means[key] = (manifest, *mean_of(manifest, blobs))  # holds it: the id stays its
+        _, mean, coverage = cached
         return {n: t.clone() for n, t in mean.items()}, dict(coverage)
 
     # ----- transfers ---------------------------------------------------------------------------

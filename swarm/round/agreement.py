@@ -197,7 +197,9 @@ class RoundAgreement:
         manifest of it or an endorsement is out). It then takes theirs once most members endorse it,
         rather than publish its own beside it (the one it publishes always wins, and peers that had
         applied theirs forked: seeds 1332 and 6625 of the sweep), and leads only if theirs gets no
-        majority within a view timeout."""
+        majority within two view timeouts. Two, not one: peers that see it back stop endorsing until
+        their own view timeout (from the round's first submission, before it came back) runs out,
+        then finish; leading at one view timeout raced their last endorsements (seed 3593)."""
         electorate = self._electorate(await self.node.members())  # only members with standing can close one
         found = await self.node.dht.get_all(manifest_key(self.run.run_id, round_no), Manifest)
         peer_led = [m for m in found if m.signer in electorate and m.record.base_hash == agreed and self._signed_by_leader(m)]
@@ -207,7 +209,7 @@ class RoundAgreement:
         if not peer_led and not endorsed:
             return False
         since = self._in_view_since.setdefault((round_no, "peers closing"), monotonic())
-        return monotonic() - since < self.run.leader_timeout_s
+        return monotonic() - since < 2 * self.run.leader_timeout_s
 
     def _electorate(self, members: set[str]) -> set[str]:
         """Whose endorsements count, and whose majority a peer-led round needs: the members with
@@ -706,16 +708,24 @@ class RoundAgreement:
         holders = [entry.peer_id, manifest.leader] + [e.peer_id for e in manifest.entries if e is not entry]
         deadline = monotonic() + self.run.leader_timeout_s
         while True:
+            try:  # the listed holders first: the live members are read only if none of them has it
+                return await self.store.get(entry.digest, holders)  # (R fetches a round: reading R heartbeats for each cost R³)
+            except Exception as e:  # undeliverable so far
+                failure = e
             live = {b.peer_id for b in await self.node.member_peers()}
             others = sorted(live - set(holders) - {self.node.peer_id})
-            try:
-                return await self.store.get(entry.digest, holders + others)
-            except Exception as e:  # undeliverable: the manifest should never have listed it
-                # The coordinator holds every payload it listed (it fetched each to check it) and
-                # serves it while it is live: slow, not bad, for up to four view timeouts in all
-                # (1B-size payloads on slow links took longer than one, and followers reloaded
-                # whole states instead). Bounded: a payload it no longer keeps is not waited for ever.
-                slow = manifest.leader == self.run.coordinator and self.run.coordinator in live
-                if monotonic() > deadline + (3 * self.run.leader_timeout_s if slow else 0.0):
-                    raise BadManifest(f"payload of {entry.peer_id[-8:]}: {e}") from None
+            if others:
+                try:
+                    return await self.store.get(entry.digest, others)
+                except Exception as e:
+                    failure = e
+            # The coordinator holds every payload it listed (it fetched each to check it) and serves
+            # it while it is live: slow, not bad, for up to four view timeouts in all (1B-size
+            # payloads on slow links took longer than one, and followers reloaded whole states
+            # instead). Bounded: a payload it no longer keeps is not waited for ever.
+            slow = manifest.leader == self.run.coordinator and self.run.coordinator in live
+            if monotonic() > deadline + (3 * self.run.leader_timeout_s if slow else 0.0):
+                raise BadManifest(
+                    f"payload of {entry.peer_id[-8:]}: {failure}"
+                ) from None  # undeliverable: it should not be listed
             await asyncio.sleep(2.0)

@@ -119,7 +119,7 @@ def test_the_copy_checks_sketch_never_skips_a_copy_and_skips_unrelated_pairs():
     pairs with honest overlaps (under 10%) should not, or it saves nothing."""
     import torch
 
-    from swarm.round.robust import COPY_OVERLAP, may_copy, overlap, sketch
+    from swarm.round.robust import COPY_OVERLAP, Summary, may_copy, overlap, sketch
 
     g = torch.Generator().manual_seed(7)
     numel = 200_000

@@ -12,6 +12,9 @@ submission to manifest), all-applied latency (last submission to the last peer h
 and the leader's bytes per round in and out. All peers share this machine's cores and loopback,
 so the absolute numbers are those of one small box; the growth with R is the point. With `--link`
 every process sits in its own network namespace behind that shaped link (launch/testbed.py).
+Peers start from θ(0) written to the work directory (`join-swarm --start-from`), not a download
+through their links: a join is not what this measures, and on slow links a big preset's state
+would take minutes per peer.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ from launch.cluster import LocalCluster
 from launch.testbed import placement
 from models import count_parameters, get_preset
 from swarm.modes import default_outer
-from swarm.net.schema import to_plain
+from swarm.modes.replica import initial_state
+from swarm.net.schema import from_plain, to_plain
+from swarm.run import RunConfig
+from swarm.state import save_state
 
 HELP = "round-close latency and the leader's bytes against peers (4, 8, 16), short rounds"
 DEFAULT_TEXT = Path(__file__).resolve().parents[3] / "shared/data/tinyshakespeare.txt"
@@ -103,19 +109,26 @@ def measure(args: argparse.Namespace, peers: int, workdir: Path) -> dict:
         "eval_batches": 1,
         "outer": outer,
     }
+    start_from = workdir / "initial"  # θ(0), the run's own initial weights: every peer starts from it
+    save_state(initial_state(from_plain(RunConfig, dict(run_))), start_from, run_id="initial")
     started = time.perf_counter()
     with (
         placement(args.link, peers, tag="scale") as place,
         LocalCluster(workdir, run_, coordinator_args=("--stop-after", str(args.rounds)), **place.coordinator) as cluster,
     ):
         for i in range(peers):
-            cluster.add_peer(f"p{i}", threads=1, max_rounds=args.rounds, **place.peer(i))
+            cluster.add_peer(f"p{i}", threads=1, max_rounds=args.rounds, extra=["--start-from", str(start_from)], **place.peer(i))
         rounds_file = workdir / "coordinator" / "rounds.jsonl"
         deadline = time.monotonic() + 600 + 60 * peers
         while time.monotonic() < deadline:
             if cluster.failed():
                 raise RuntimeError(f"a swarm process failed; logs in {workdir}")
-            if cluster.rounds_completed(peers) >= args.rounds:
+            complete = cluster.rounds_completed(peers)
+            closed = sum("closed_at" in line for line in rounds_file.read_text().splitlines()) if rounds_file.exists() else 0
+            # Done when every peer finished every round; or when the coordinator has closed them all
+            # and every peer finished all but the last (on slow links a straggler may still be
+            # fetching the last round's payloads from peers that have left: that round is not measured).
+            if complete >= args.rounds or (closed >= args.rounds and complete >= args.rounds - 1):
                 break
             time.sleep(1.0)
         else:

@@ -610,12 +610,8 @@ class RoundAgreement:
     async def _apply_inline(self, manifest: Manifest) -> int:
         """A mode whose payloads travel in the records: nothing to fetch; each entry is checked as the
         leader checked it, then the mode applies them all in manifest order (timed: `apply_s`)."""
-        contributions = []
-        for e in manifest.entries:
-            problem = self.validator.inline_problem(e.inline, e.digest, e.size)
-            if problem is not None:
-                raise BadManifest(f"entry of {e.peer_id[-8:]}: {problem}")
-            contributions.append((e.peer_id, e.inline))
+        await self.verify(manifest)  # each entry checked as the leader checked it
+        contributions = [(e.peer_id, e.inline) for e in manifest.entries]
         async with self.lock:
             started = time.perf_counter()
             self.apply_cpu_s = 0.0

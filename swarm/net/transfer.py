@@ -24,7 +24,15 @@ logger = get_logger(__name__)
 PROTOCOL = "/swarm/transfer/1"
 MAX_HEADER_BYTES = 64 * 1024
 CHUNK_BYTES = 64 * 1024
-HANDLER_TIMEOUT_S = 600.0
+HEADER_TIMEOUT_S = 30.0  # a request's header, once the stream is open
+HANDLER_TIMEOUT_S = 600.0  # a provider's answer (a state request may wait for a free reader)
+# A body's deadline grows with its size: the caller's fixed allowance (dialling, the request, the
+# first byte) plus the body at MIN_RATE. Honest links are slower than any fixed deadline assumes
+# (a 43 MB state over 2 Mbit/s takes three minutes; a sender's uplink is shared by everyone fetching
+# from it), while a donor trickling bytes to hold a fetcher is cut off at MIN_RATE, or after STALL_S
+# with no byte at all. 32 KiB/s is 256 kbit/s: a 10 Mbit/s uplink shared by 40 fetchers.
+MIN_RATE = 32 * 1024  # bytes per second, on average over the body
+STALL_S = 30.0  # seconds without a byte of the body
 OK, NOT_FOUND, ERROR = 0, 1, 2
 _LEN = struct.Struct("!I")
 _BODY = struct.Struct("!BQ")
@@ -38,6 +46,11 @@ class TransferError(RuntimeError):
 
 class StreamBroken(TransferError):
     """The stream ended or was reset mid-answer: on a real link this happens to honest peers too."""
+
+
+def transfer_deadline_s(timeout_s: float, nbytes: int, *, min_rate: float = MIN_RATE) -> float:
+    """How long a fetch of `nbytes` may take in all: `timeout_s` plus the body at `min_rate`."""
+    return timeout_s + nbytes / min_rate
 
 
 @dataclass
@@ -89,8 +102,7 @@ class TransferServer:
 
     async def _handle(self, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            # A reader that stops reading must not pin a body in memory forever.
-            await asyncio.wait_for(self._answer(reader, writer), timeout=HANDLER_TIMEOUT_S)
+            await self._answer(reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
             pass
         except Exception as e:
@@ -99,11 +111,13 @@ class TransferServer:
             writer.close()
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        request = await asyncio.wait_for(_read_header(reader), timeout=30)
+        request = await asyncio.wait_for(_read_header(reader), timeout=HEADER_TIMEOUT_S)
         body = None
         if isinstance(request, dict) and isinstance(kind := request.get("kind"), str) and kind in self._providers:
-            body = await self._providers[kind](request)
-        await _write_body(writer, OK if body is not None else NOT_FOUND, body or b"")
+            body = await asyncio.wait_for(self._providers[kind](request), timeout=HANDLER_TIMEOUT_S)
+        # A reader that reads slower than MIN_RATE must not pin a body in memory for long.
+        deadline = transfer_deadline_s(HEADER_TIMEOUT_S, len(body or b""))
+        await asyncio.wait_for(_write_body(writer, OK if body is not None else NOT_FOUND, body or b""), timeout=deadline)
         self.traffic.sent += len(body or b"")
 
 
@@ -115,37 +129,76 @@ async def fetch(
     max_bytes: int,
     timeout_s: float,
     traffic: Traffic | None = None,
+    min_rate: float = MIN_RATE,
+    stall_s: float = STALL_S,
 ) -> bytes | None:
-    """Ask one peer for content; None if it does not have it, TransferError if the fetch failed."""
+    """Ask one peer for content; None if it does not have it, TransferError if the fetch failed.
 
-    async def go() -> bytes | None:
+    `timeout_s` bounds everything up to the answer's header; the body then has
+    `transfer_deadline_s(timeout_s, length)` from the start in all, and `stall_s` between bytes.
+    """
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+
+    async def answer() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int, int]:
         _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), PROTOCOL)
         try:
             header = msgpack.packb(request, use_bin_type=True)
             writer.write(_LEN.pack(len(header)) + header)
             await writer.drain()
             status, length = _BODY.unpack(await reader.readexactly(_BODY.size))
-            if status != OK:
-                return None
-            if length > max_bytes:
-                raise TransferError(f"peer offered {length} bytes, limit is {max_bytes}")
-            body = await reader.readexactly(length)
-            if traffic is not None:
-                traffic.received += len(body)
-            return body
-        finally:
+        except BaseException:
             writer.close()
+            raise
+        return reader, writer, status, length
+
+    async def body(reader: asyncio.StreamReader, length: int) -> bytes:
+        deadline = start + transfer_deadline_s(timeout_s, length, min_rate=min_rate)
+        pieces, left = [], length
+        while left:
+            wait = min(stall_s, deadline - loop.time())
+            try:
+                if wait <= 0:
+                    raise asyncio.TimeoutError
+                piece = await asyncio.wait_for(reader.read(min(left, CHUNK_BYTES)), timeout=wait)
+            except asyncio.TimeoutError:
+                if loop.time() < deadline:
+                    raise TransferError(f"stalled at {length - left} of {length} bytes") from None
+                elapsed = loop.time() - start
+                raise TransferError(
+                    f"{length - left} of {length} bytes in {elapsed:.0f}s: slower than {min_rate:.0f} B/s"
+                ) from None
+            if not piece:
+                raise asyncio.IncompleteReadError(b"", left)
+            pieces.append(piece)
+            left -= len(piece)
+        return b"".join(pieces)
 
     try:
-        return await asyncio.wait_for(go(), timeout=timeout_s)
-    except TransferError:
-        raise
+        reader, writer, status, length = await asyncio.wait_for(answer(), timeout=timeout_s)
     except asyncio.TimeoutError:
         raise TransferError(f"fetch from {peer_id[-8:]} timed out after {timeout_s:.0f}s") from None
     except (asyncio.IncompleteReadError, ConnectionError) as e:
         raise StreamBroken(f"fetch from {peer_id[-8:]} broke off: {type(e).__name__}: {e}") from None
     except Exception as e:
         raise TransferError(f"fetch from {peer_id[-8:]} failed: {type(e).__name__}: {e}") from None
+    try:
+        if status != OK:
+            return None
+        if length > max_bytes:
+            raise TransferError(f"peer offered {length} bytes, limit is {max_bytes}")
+        data = await body(reader, length)
+        if traffic is not None:
+            traffic.received += len(data)
+        return data
+    except TransferError as e:
+        raise TransferError(f"fetch from {peer_id[-8:]}: {e}") from None
+    except (asyncio.IncompleteReadError, ConnectionError) as e:
+        raise StreamBroken(f"fetch from {peer_id[-8:]} broke off: {type(e).__name__}: {e}") from None
+    except Exception as e:
+        raise TransferError(f"fetch from {peer_id[-8:]} failed: {type(e).__name__}: {e}") from None
+    finally:
+        writer.close()
 
 
 async def _read_header(reader: asyncio.StreamReader) -> object:

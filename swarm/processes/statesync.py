@@ -121,7 +121,11 @@ def pick_donors(beats: list[Heartbeat], exclude: str) -> tuple[int, str, list[st
 async def download_state(
     p2p: P2P, donors: list[str], *, expected_hash: str, traffic: Traffic, timeout_s: float = 120.0, max_bytes: int = 2**34
 ) -> GlobalState:
-    """Fetch the state with the given hash from several donors in parallel; verify everything."""
+    """Fetch the state with the given hash from several donors in parallel; verify everything.
+
+    `timeout_s` is each part's fixed allowance; its body then has as long as it takes at the rate
+    floor (swarm/net/transfer.py), so a big state downloads over a slow link, while a donor that
+    stalls or trickles is dropped for the next one."""
     index = None
     for donor in donors:
         try:

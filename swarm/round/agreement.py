@@ -703,16 +703,20 @@ class RoundAgreement:
         nobody honest could get it within the view timeout is the manifest bad, and then for everyone."""
         holders = [entry.peer_id, manifest.leader] + [e.peer_id for e in manifest.entries if e is not entry]
         deadline = monotonic() + self.run.leader_timeout_s
+        # A body's own deadline grows with its size (swarm/net/transfer.py): holders that trickle
+        # bytes are cut off here, at the longest this loop waits for a payload at all.
+        give_up = deadline + 3 * self.run.leader_timeout_s
         while True:
             try:  # the listed holders first: the live members are read only if none of them has it
-                return await self.store.get(entry.digest, holders)  # (R fetches a round: reading R heartbeats for each cost R³)
+                # (R fetches a round: reading R heartbeats for each cost R³)
+                return await asyncio.wait_for(self.store.get(entry.digest, holders), max(1.0, give_up - monotonic()))
             except Exception as e:  # undeliverable so far
                 failure = e
             live = {b.peer_id for b in await self.node.member_peers()}
             others = sorted(live - set(holders) - {self.node.peer_id})
             if others:
                 try:
-                    return await self.store.get(entry.digest, others)
+                    return await asyncio.wait_for(self.store.get(entry.digest, others), max(1.0, give_up - monotonic()))
                 except Exception as e:
                     failure = e
             # The coordinator holds every payload it listed (it fetched each to check it) and serves
@@ -722,6 +726,6 @@ class RoundAgreement:
             slow = manifest.leader == self.run.coordinator and self.run.coordinator in live
             if monotonic() > deadline + (3 * self.run.leader_timeout_s if slow else 0.0):
                 raise BadManifest(
-                    f"payload of {entry.peer_id[-8:]}: {failure}"
+                    f"payload of {entry.peer_id[-8:]}: {failure or type(failure).__name__}"
                 ) from None  # undeliverable: it should not be listed
             await asyncio.sleep(2.0)

@@ -19,7 +19,7 @@ from typing import Any
 from swarm.modes import mode_for
 from swarm.modes.base import TrainingMode
 from swarm.net.records import Manifest, Submission
-from swarm.net.transfer import TransferError
+from swarm.net.transfer import TransferError, transfer_deadline_s
 from swarm.processes.coordinator import SAVED_STATE_PATIENCE_S
 from swarm.processes.roles import RoleKeeper
 from swarm.processes.statesync import pick_donors
@@ -128,9 +128,11 @@ class Actor:
         if data is None:
             await asyncio.sleep(net.links[self.peer_id].latency_s + net.links[holder].latency_s)
             return None
-        done = net.transfer_time(holder, self.peer_id, net.sized.get(request.get("digest", ""), len(data)), within_s=timeout_s)
-        if done is None:  # would not finish in time: the fetcher waits out its timeout and gives up
-            await asyncio.sleep(timeout_s)
+        nbytes = net.sized.get(request.get("digest", ""), len(data))
+        deadline_s = transfer_deadline_s(timeout_s, nbytes)  # production's rule (swarm/net/transfer.py)
+        done = net.transfer_time(holder, self.peer_id, nbytes, within_s=deadline_s)
+        if done is None:  # would not finish in time: the fetcher waits out its deadline and gives up
+            await asyncio.sleep(deadline_s)
             raise TransferError(f"{holder[-8:]}: timed out")
         await asyncio.sleep(done - net.now())
         if not net.reachable(self.peer_id, holder):  # crashed or cut off meanwhile

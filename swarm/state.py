@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,14 +25,35 @@ class NonFiniteUpdateError(RuntimeError):
     """An aggregated pseudo-gradient or a resulting weight that is NaN or infinite."""
 
 
+class PartialStateError(RuntimeError):
+    """A partial state's hash asked for after an outer step, before it adopted the new round's leaves."""
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """What a node knows of a tensor it does not hold: its shape and its leaf digest."""
+
+    shape: tuple[int, ...]
+    digest: bytes
+
+
 @dataclass
 class GlobalState:
-    """θ(round) plus the outer optimiser's momentum (dense DiLoCo only)."""
+    """θ(round) plus the outer optimiser's momentum (dense DiLoCo only), whole or in part.
+
+    A node may hold only part of θ (a pipeline stage: its blocks). It keeps the leaves of the
+    tensors it does not hold (`foreign`), so its hash is the agreed state's. After an outer step it
+    cannot compute the new leaves of what it does not hold: it adopts them from the agreed index of
+    the new round (`adopt`), which also checks its own part against them.
+    """
 
     round: int
     params: dict[str, torch.Tensor]  # name -> fp32 CPU tensor, sorted by name
     momentum: dict[str, torch.Tensor] = field(default_factory=dict)
     _hash: str | None = field(default=None, repr=False)  # of the tensors alone (the round is mixed in by .hash)
+    foreign: dict[str, Leaf] = field(default_factory=dict)  # by leaf key: the tensors held elsewhere
+    partial: bool = False  # holds part of θ (with `foreign` current, or stale after an outer step)
+    _stale: bool = field(default=False, repr=False)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, round_no: int = 0) -> GlobalState:
@@ -44,15 +66,69 @@ class GlobalState:
             params={n: t.clone() for n, t in self.params.items()},
             momentum={n: t.clone() for n, t in self.momentum.items()},
             _hash=self._hash,
+            foreign=dict(self.foreign),
+            partial=self.partial,
+            _stale=self._stale,
         )
+
+    def part(self, names: Iterable[str]) -> GlobalState:
+        """A partial copy holding the named parameters (and their momentum) only."""
+        keep = set(names)
+        if missing := keep - set(self.params):
+            raise KeyError(f"not held here: {sorted(missing)[:3]}")
+        leaves = self.leaves()
+        state = GlobalState(
+            round=self.round,
+            params={n: t.clone() for n, t in self.params.items() if n in keep},
+            momentum={n: t.clone() for n, t in self.momentum.items() if n in keep},
+            partial=True,
+        )
+        held = state.held_keys()
+        shapes = self.shapes()
+        state.foreign = {k: Leaf(shapes[k], d) for k, d in leaves.items() if k not in held}
+        state._hash = leaves_root(leaves)
+        return state
+
+    def held_keys(self) -> set[str]:
+        return {leaf_key(n) for n in self.params} | {leaf_key(n, momentum=True) for n in self.momentum}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape by leaf key, held or not."""
+        out = {leaf_key(n): tuple(t.shape) for n, t in self.params.items()}
+        out.update({leaf_key(n, momentum=True): tuple(t.shape) for n, t in self.momentum.items()})
+        out.update({k: leaf.shape for k, leaf in self.foreign.items()})
+        return out
+
+    def leaves(self) -> dict[str, bytes]:
+        """Every leaf of the hash tree, held tensors' computed here, the others' as adopted."""
+        if self._stale:
+            raise PartialStateError(f"round {self.round}: the leaves of the tensors held elsewhere are not adopted yet")
+        leaves = state_leaves(self.params, self.momentum)
+        leaves.update({k: leaf.digest for k, leaf in self.foreign.items()})
+        return leaves
+
+    def adopt(self, round_no: int, leaves: dict[str, Leaf]) -> None:
+        """Take the leaves of the agreed state of this round (from an index whose root was checked
+        against the agreed hash) for the tensors held elsewhere, after checking the held ones
+        against theirs. ValueError if this part is not the agreed one (the node reloads it)."""
+        if round_no != self.round:
+            raise ValueError(f"leaves of round {round_no} offered for a state at round {self.round}")
+        mine = state_leaves(self.params, self.momentum)
+        if missing := set(mine) - set(leaves):
+            raise ValueError(f"the agreed state has no tensor {sorted(missing)[0]!r}")
+        if wrong := sorted(k for k, d in mine.items() if leaves[k].digest != d):
+            raise ValueError(f"{len(wrong)} held tensor(s) differ from the agreed state's, e.g. {wrong[0]!r}")
+        self.foreign = {k: leaf for k, leaf in leaves.items() if k not in mine}
+        self._stale = False
+        self._hash = leaves_root({**mine, **{k: leaf.digest for k, leaf in self.foreign.items()}})
 
     @property
     def hash(self) -> str:
-        """sha256 of the round number and every tensor's name, shape and bytes, in name order: a state
-        announced for another round is another state, even with the same weights."""
+        """The root of a hash tree whose leaves are the tensors (name, shape, bytes), with the round
+        mixed in: a state announced for another round is another state, even with the same weights."""
         if self._hash is None:
-            self._hash = state_hash(self.params, self.momentum)
-        return hashlib.sha256(f"{self.round}:{self._hash}".encode()).hexdigest()[:32]
+            self._hash = leaves_root(self.leaves())
+        return round_hash(self.round, self._hash)
 
     def load_into(self, model: torch.nn.Module) -> None:
         """Copy the global weights into a (possibly GPU, possibly bf16-autocast) training model."""
@@ -72,6 +148,8 @@ class GlobalState:
             if not torch.isfinite(delta).all():
                 raise NonFiniteUpdateError(f"round {self.round}: aggregated update of {name} is not finite")
         for name in sorted(mean_delta):
+            if self.partial and name not in self.params:
+                continue  # held elsewhere
             delta = mean_delta[name]
             if outer.momentum > 0:
                 buf = self.momentum.setdefault(name, torch.zeros_like(delta))
@@ -84,10 +162,12 @@ class GlobalState:
             self.params[name].sub_(step)
         self.round += 1
         self._hash = None
+        self._stale = self.partial  # the others' new leaves come from the agreed index
 
     def invalidate_hash(self) -> None:
         """Call after changing tensors in place outside the outer step."""
         self._hash = None
+        self._stale = self.partial
 
     def advance_without_update(self) -> None:
         """A round in which no valid payload arrived: the weights stay, the round counter moves."""
@@ -97,20 +177,49 @@ class GlobalState:
         return sum(t.numel() for t in self.params.values())
 
 
-def tensor_digest(name: str, tensor: torch.Tensor) -> bytes:
+def leaf_digest(key: str, shape: tuple[int, ...], data: bytes | memoryview) -> bytes:
+    """One leaf of the state's hash tree: a tensor's key ("p:name" for a parameter, "m:name" for
+    its outer momentum), shape and fp32 bytes."""
     h = hashlib.sha256()
-    h.update(name.encode())
-    h.update(repr(tuple(tensor.shape)).encode())
-    h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    h.update(key.encode())
+    h.update(repr(tuple(shape)).encode())
+    h.update(data)
     return h.digest()
 
 
-def state_hash(params: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor]) -> str:
+def tensor_digest(key: str, tensor: torch.Tensor) -> bytes:
+    return leaf_digest(key, tuple(tensor.shape), tensor.detach().contiguous().cpu().numpy().tobytes())
+
+
+def leaf_key(name: str, *, momentum: bool = False) -> str:
+    return ("m:" if momentum else "p:") + name
+
+
+def state_leaves(params: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor]) -> dict[str, bytes]:
+    """Every leaf of the hash tree, by key."""
+    leaves = {leaf_key(n): tensor_digest(leaf_key(n), t) for n, t in params.items()}
+    leaves.update({leaf_key(n, momentum=True): tensor_digest(leaf_key(n, momentum=True), t) for n, t in momentum.items()})
+    return leaves
+
+
+def leaves_root(leaves: dict[str, bytes]) -> str:
+    """The root over the leaves: parameters in name order, then momentum in name order. A node that
+    holds some tensors checks them against the leaves of an index whose root is the agreed one,
+    without the rest (swarm/processes/statesync.py)."""
     h = hashlib.sha256()
-    for prefix, tensors in (("p:", params), ("m:", momentum)):
-        for name in sorted(tensors):
-            h.update(tensor_digest(prefix + name, tensors[name]))
+    for prefix in ("p:", "m:"):
+        for key in sorted(k for k in leaves if k.startswith(prefix)):
+            h.update(leaves[key])
     return h.hexdigest()[:32]
+
+
+def round_hash(round_no: int, root: str) -> str:
+    """The state hash announced for a round: the round mixed into the root."""
+    return hashlib.sha256(f"{round_no}:{root}".encode()).hexdigest()[:32]
+
+
+def state_hash(params: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor]) -> str:
+    return leaves_root(state_leaves(params, momentum))
 
 
 STATE_FORMAT = "swarm-state"

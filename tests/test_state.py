@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
 from swarm.modes import default_outer
 from swarm.net.records import Heartbeat, Phase
+from swarm.net.transfer import Traffic
+from swarm.processes import statesync
 from swarm.processes.statesync import (
     StateError,
     StateSnapshot,
     _split_work,
     build_index,
+    download_state,
     parse_index,
     pick_donors,
     split_chunk,
 )
 from swarm.run import OuterConfig
-from swarm.state import GlobalState, NonFiniteUpdateError, load_state, save_state
+from swarm.state import GlobalState, NonFiniteUpdateError, PartialStateError, load_state, save_state
 
 
 def make_state(seed: int = 0) -> GlobalState:
@@ -83,7 +88,7 @@ def test_state_transfer_round_trip_and_tampering():
     assert torch.equal(tensors["momentum/a.weight"], state.momentum["a.weight"])
     tampered = bytearray(chunk)
     tampered[5] ^= 1
-    with pytest.raises(StateError, match="sha256"):
+    with pytest.raises(StateError, match="leaf"):
         split_chunk(bytes(tampered), infos)
     with pytest.raises(StateError, match="bytes"):
         split_chunk(chunk[:-4], infos)
@@ -141,3 +146,94 @@ def test_snapshot_serves_contiguous_parts_as_views_of_one_buffer():
     shuffled = [i.name for i in reversed(infos)]
     assert isinstance(snap.chunk(shuffled), bytes)  # any order still works, as a copy
     assert snap.chunk(["nope"]) is None and snap.chunk([]) is None
+
+
+def make_big_state(seed: int = 0) -> GlobalState:
+    g = torch.Generator().manual_seed(seed)
+    names = ["blocks.0.w", "blocks.1.w", "blocks.2.w", "emb.weight", "head.weight"]
+    params = {n: torch.randn(6, 4, generator=g) for n in names}
+    return GlobalState(round=5, params=params, momentum={n: torch.randn(6, 4, generator=g) for n in names[:2]})
+
+
+def test_a_part_has_the_agreed_hash_and_checks_itself_against_the_next_rounds_leaves():
+    full = make_big_state()
+    part = full.part(["blocks.1.w", "head.weight"])
+    assert part.hash == full.hash and set(part.params) == {"blocks.1.w", "head.weight"} and set(part.momentum) == {"blocks.1.w"}
+    g = torch.Generator().manual_seed(1)
+    mean = {n: torch.randn(6, 4, generator=g) for n in full.params}
+    outer = OuterConfig(outer_lr=0.7, momentum=0.9, nesterov=True)
+    full.apply_outer_step(mean, outer)
+    part.apply_outer_step(mean, outer)  # only its own tensors; the others' leaves are now unknown
+    with pytest.raises(PartialStateError):
+        _ = part.hash
+    index = parse_index(build_index(full))
+    part.adopt(full.round, index.leaves())
+    assert part.hash == full.hash
+    assert all(torch.equal(part.params[n], full.params[n]) for n in part.params)
+    # a part that applied anything else finds out from the agreed leaves
+    other = make_big_state().part(["blocks.1.w"])
+    other.apply_outer_step({n: 2 * t for n, t in mean.items()}, outer)
+    with pytest.raises(ValueError, match="differ"):
+        other.adopt(full.round, index.leaves())
+    with pytest.raises(ValueError, match="round"):
+        other.adopt(full.round + 1, index.leaves())
+
+
+def test_an_index_must_hash_to_the_hash_it_names():
+    import msgpack
+
+    raw = msgpack.unpackb(build_index(make_big_state()), raw=False)
+    raw["tensors"][0][2] = "00" * 32  # a donor lying about one leaf (to make a bad part pass)
+    with pytest.raises(StateError, match="does not hash"):
+        parse_index(msgpack.packb(raw))
+
+
+def test_a_part_serves_what_it_holds_with_the_index_of_everything():
+    full = make_big_state()
+    part = full.part(["blocks.0.w", "blocks.1.w"])
+    snap = StateSnapshot(part)
+    index = parse_index(snap.index)
+    assert index.hash == full.hash and len(index.tensors) == 7
+    assert {t.name for t in index.tensors if t.held} == {"blocks.0.w", "blocks.1.w", "momentum/blocks.0.w", "momentum/blocks.1.w"}
+    assert snap.chunk(["blocks.0.w"]) is not None and snap.chunk(["emb.weight"]) is None
+
+
+def test_a_joiner_downloads_its_part_or_all_from_donors_holding_parts(monkeypatch):
+    """Donors: two parts that together hold θ, and a liar whose bytes do not match the leaves."""
+    full = make_big_state()
+    liar = full.copy()
+    for t in liar.params.values():
+        t.add_(1.0)
+    snaps = {
+        "early": StateSnapshot(full.part(["blocks.0.w", "blocks.1.w", "emb.weight"])),
+        "late": StateSnapshot(full.part(["blocks.2.w", "head.weight"])),
+        "liar": StateSnapshot(liar),
+    }
+    assert parse_index(snaps["liar"].index).hash != full.hash  # its own index names its own hash ...
+    snaps["liar"].index = build_index(full)  # ... so it sends the agreed index, and other bytes
+    asked: list[tuple[str, tuple[str, ...]]] = []
+
+    async def fake_fetch(p2p, donor, request, *, max_bytes, timeout_s, traffic=None):
+        snap = snaps[donor]
+        if request["kind"] == "state-index":
+            return snap.index
+        asked.append((donor, tuple(request["names"])))
+        body = snap.chunk(request["names"])
+        return bytes(body) if body is not None else None
+
+    monkeypatch.setattr(statesync, "fetch", fake_fetch)
+    get = lambda names=None: asyncio.run(  # noqa: E731
+        download_state(None, ["liar", "early", "late"], expected_hash=full.hash, traffic=Traffic(), names=names)
+    )
+    whole = get()
+    assert whole.hash == full.hash and not whole.partial
+    assert any(d == "liar" for d, _ in asked)  # it was asked, its bytes refused, another donor gave them
+    asked.clear()
+    stage = get(["blocks.2.w", "head.weight"])
+    assert stage.partial and set(stage.params) == {"blocks.2.w", "head.weight"} and stage.hash == full.hash
+    assert {n for _, names in asked for n in names} == {"blocks.2.w", "head.weight"}  # nothing else downloaded
+    with pytest.raises(StateError, match="no tensor"):
+        get(["nope"])
+    del snaps["late"], snaps["liar"]
+    with pytest.raises(StateError, match="no donor holds"):
+        asyncio.run(download_state(None, ["early"], expected_hash=full.hash, traffic=Traffic(), names=["head.weight"]))

@@ -10,8 +10,8 @@ Wire layout: docs/wire-format.md, "State transfer".
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections import Counter
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,7 +22,7 @@ import torch
 from swarm.log import get_logger
 from swarm.net.records import Heartbeat
 from swarm.net.transfer import Traffic, TransferError, fetch
-from swarm.state import GlobalState
+from swarm.state import GlobalState, Leaf, PartialStateError, leaf_digest, leaf_key, leaves_root, round_hash
 
 if TYPE_CHECKING:
     from hivemind.p2p import P2P
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from swarm.round.agreement import RoundAgreement
 
 logger = get_logger(__name__)
-STATE_FORMAT_VERSION = 1
+STATE_FORMAT_VERSION = 2  # 2: the index carries leaf digests (a hash tree) and what its donor holds
 MOMENTUM_PREFIX = "momentum/"
 RELOAD_DEADLINE_S = 600.0
 MAX_STATE_READERS = 4  # state requests answered at once; the rest wait their turn  # a diverged node that cannot get the agreed state in this long stops
@@ -44,9 +44,18 @@ class StateError(ValueError):
 
 @dataclass
 class TensorInfo:
-    name: str
+    name: str  # a parameter's name, or MOMENTUM_PREFIX + a parameter's name
     shape: tuple[int, ...]
-    sha256: str
+    leaf: str  # hex leaf digest of the state's hash tree (swarm/state.py)
+    held: bool = True  # the donor that sent the index holds it (a partial holder does not hold all)
+
+    @property
+    def key(self) -> str:
+        return _key(self.name)
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * int(np.prod(self.shape, dtype=np.int64))
 
 
 @dataclass
@@ -54,6 +63,25 @@ class StateIndex:
     round: int
     hash: str
     tensors: list[TensorInfo]
+    _held: set[str] | None = None
+
+    def leaves(self) -> dict[str, Leaf]:
+        return {t.key: Leaf(t.shape, bytes.fromhex(t.leaf)) for t in self.tensors}
+
+    def held(self, name: str) -> bool:
+        if self._held is None:
+            self._held = {t.name for t in self.tensors if t.held}
+        return name in self._held
+
+
+def _key(name: str) -> str:
+    if name.startswith(MOMENTUM_PREFIX):
+        return leaf_key(name[len(MOMENTUM_PREFIX) :], momentum=True)
+    return leaf_key(name)
+
+
+def _name(key: str) -> str:
+    return MOMENTUM_PREFIX + key[2:] if key.startswith("m:") else key[2:]
 
 
 def _all_tensors(state: GlobalState) -> dict[str, torch.Tensor]:
@@ -62,41 +90,51 @@ def _all_tensors(state: GlobalState) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _sha(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
-
-
 def build_index(state: GlobalState) -> bytes:
-    tensors = [[n, list(t.shape), _sha(t)] for n, t in _all_tensors(state).items()]
+    """Every tensor of θ with its leaf, held by this node or not: whoever has the index checks it
+    against the agreed hash (its root) and any part it holds against its leaves."""
+    leaves, shapes, held = state.leaves(), state.shapes(), state.held_keys()
+    tensors = [[_name(k), list(shapes[k]), leaves[k].hex(), k in held] for k in _leaf_order(leaves)]
     return msgpack.packb({"v": STATE_FORMAT_VERSION, "round": state.round, "hash": state.hash, "tensors": tensors})
 
 
+def _leaf_order(keys: Iterable[str]) -> list[str]:
+    keys = list(keys)
+    return sorted(k for k in keys if k.startswith("p:")) + sorted(k for k in keys if k.startswith("m:"))
+
+
 def parse_index(data: bytes) -> StateIndex:
+    """A donor's index, checked to hash to the state hash it names (StateError otherwise): its
+    leaves are then the agreed state's whenever that hash is the agreed one."""
     try:
         raw = msgpack.unpackb(data, raw=False)
         if raw["v"] != STATE_FORMAT_VERSION:
             raise StateError(f"unsupported state format version {raw['v']!r}")
-        tensors = [TensorInfo(str(n), tuple(int(d) for d in s), str(h)) for n, s, h in raw["tensors"]]
+        tensors = [TensorInfo(str(n), tuple(int(d) for d in s), str(h), bool(held)) for n, s, h, held in raw["tensors"]]
         if any(d < 0 or d > 2**40 for t in tensors for d in t.shape) or len({t.name for t in tensors}) != len(tensors):
             raise StateError("state index has impossible shapes or repeated names")
-        return StateIndex(int(raw["round"]), str(raw["hash"]), tensors)
+        index = StateIndex(int(raw["round"]), str(raw["hash"]), tensors)
+        leaves = {t.key: bytes.fromhex(t.leaf) for t in tensors}
     except StateError:
         raise
     except Exception as e:
         raise StateError(f"malformed state index: {type(e).__name__}") from None
+    if any(len(d) != 32 for d in leaves.values()) or round_hash(index.round, leaves_root(leaves)) != index.hash:
+        raise StateError("state index does not hash to the state hash it names")
+    return index
 
 
 def split_chunk(data: bytes, infos: list[TensorInfo]) -> dict[str, torch.Tensor]:
-    """Cut a chunk into tensors and check each one's sha256 against the index."""
-    sizes = [4 * int(np.prod(i.shape, dtype=np.int64)) for i in infos]
+    """Cut a chunk into tensors and check each one against its leaf in the index."""
+    sizes = [i.nbytes for i in infos]
     if len(data) != sum(sizes):
         raise StateError(f"state chunk has {len(data)} bytes, expected {sum(sizes)}")
     out, offset = {}, 0
     for info, size in zip(infos, sizes):
         piece = data[offset : offset + size]
         offset += size
-        if hashlib.sha256(piece).hexdigest() != info.sha256:
-            raise StateError(f"tensor {info.name} does not match its announced sha256")
+        if leaf_digest(info.key, info.shape, piece).hex() != info.leaf:
+            raise StateError(f"tensor {info.name} does not match its leaf in the index")
         out[info.name] = torch.from_numpy(np.frombuffer(piece, dtype=np.float32).copy()).reshape(info.shape)
     return out
 
@@ -119,49 +157,87 @@ def pick_donors(beats: list[Heartbeat], exclude: str) -> tuple[int, str, list[st
 
 
 async def download_state(
-    p2p: P2P, donors: list[str], *, expected_hash: str, traffic: Traffic, timeout_s: float = 120.0, max_bytes: int = 2**34
+    p2p: P2P,
+    donors: list[str],
+    *,
+    expected_hash: str,
+    traffic: Traffic,
+    timeout_s: float = 120.0,
+    max_bytes: int = 2**34,
+    names: Collection[str] | None = None,
 ) -> GlobalState:
     """Fetch the state with the given hash from several donors in parallel; verify everything.
+
+    `names`: only these parameters (and their momentum), for a node that holds part of θ; the
+    result is a partial state (`GlobalState.part`) that knows the other tensors' leaves, so its hash
+    is the agreed one. Donors may hold parts: each tensor is asked of the donors whose index says
+    they hold it.
 
     `timeout_s` is each part's fixed allowance; its body then has as long as it takes at the rate
     floor (swarm/net/transfer.py), so a big state downloads over a slow link, while a donor that
     stalls or trickles is dropped for the next one."""
-    index = None
-    for donor in donors:
-        try:
-            raw = await fetch(p2p, donor, {"kind": "state-index"}, max_bytes=2**24, timeout_s=30, traffic=traffic)
-        except TransferError as e:
-            logger.info("state index from %s failed: %s", donor[-8:], e)
-            continue
-        if raw is not None:
-            try:
-                index = parse_index(raw)
-            except StateError as e:
-                logger.info("state index from %s rejected: %s", donor[-8:], e)
-                continue
-            if index.hash == expected_hash:
-                break
-    if index is None or index.hash != expected_hash:
+    indexes = await asyncio.gather(*(_index_of(p2p, donor, expected_hash, traffic) for donor in donors))
+    holding = {donor: index for donor, index in zip(donors, indexes) if index is not None}
+    if not holding:
         raise StateError("no donor offered the agreed state")
-    parts = _split_work(index.tensors, len(donors))
+    index = next(iter(holding.values()))  # every one hashes to the agreed root: they list the same leaves
+    wanted = [t for t in index.tensors if names is None or _param_name(t.name) in names]
+    if names is not None and (unknown := set(names) - {_param_name(t.name) for t in index.tensors}):
+        raise StateError(f"the agreed state has no tensor {sorted(unknown)[0]!r}")
+    holders = {t.name: [d for d, i in holding.items() if i.held(t.name)] for t in wanted}
+    if unheld := [n for n, h in holders.items() if not h]:
+        raise StateError(f"no donor holds {len(unheld)} of the tensors asked for, e.g. {unheld[0]!r}")
+    jobs = _assign(wanted, holders)
     results = await asyncio.gather(
-        *(_fetch_part(p2p, donors, i, part, index, traffic, timeout_s, max_bytes) for i, part in enumerate(parts))
+        *(_fetch_part(p2p, order, part, index, traffic, timeout_s, max_bytes) for order, part in jobs)
     )
     tensors: dict[str, torch.Tensor] = {}
     for chunk in results:
         tensors.update(chunk)
     params = {n: t for n, t in sorted(tensors.items()) if not n.startswith(MOMENTUM_PREFIX)}
     momentum = {n[len(MOMENTUM_PREFIX) :]: t for n, t in sorted(tensors.items()) if n.startswith(MOMENTUM_PREFIX)}
-    state = GlobalState(round=index.round, params=params, momentum=momentum)
+    state = GlobalState(round=index.round, params=params, momentum=momentum, partial=names is not None)
+    if names is not None:
+        try:
+            state.adopt(index.round, index.leaves())
+        except ValueError as e:
+            raise StateError(f"downloaded part does not match the agreed state: {e}") from None
     if state.hash != expected_hash:
         raise StateError("downloaded state does not match the agreed hash")
     return state
 
 
+def _param_name(name: str) -> str:
+    return name[len(MOMENTUM_PREFIX) :] if name.startswith(MOMENTUM_PREFIX) else name
+
+
+async def _index_of(p2p: P2P, donor: str, expected_hash: str, traffic: Traffic) -> StateIndex | None:
+    try:
+        raw = await fetch(p2p, donor, {"kind": "state-index"}, max_bytes=2**24, timeout_s=30, traffic=traffic)
+        index = parse_index(raw) if raw is not None else None
+    except (TransferError, StateError) as e:
+        logger.info("state index from %s failed: %s", donor[-8:], e)
+        return None
+    return index if index is not None and index.hash == expected_hash else None
+
+
+def _assign(wanted: list[TensorInfo], holders: dict[str, list[str]]) -> list[tuple[list[str], list[TensorInfo]]]:
+    """Jobs of (donors to try in order, tensors): the tensors that the same donors hold are cut into
+    one contiguous run per donor of about equal bytes (a donor serves a contiguous run straight from
+    its snapshot, without copying); each run falls back to the others holding it."""
+    groups: dict[tuple[str, ...], list[TensorInfo]] = {}
+    for info in wanted:
+        groups.setdefault(tuple(holders[info.name]), []).append(info)
+    jobs = []
+    for donors, infos in groups.items():
+        for i, part in enumerate(_split_work(infos, len(donors))):
+            jobs.append((list(donors[i:] + donors[:i]), part))
+    return jobs
+
+
 def _split_work(infos: list[TensorInfo], num_donors: int) -> list[list[TensorInfo]]:
-    """Cut the index into one contiguous run of tensors per donor, of about equal bytes (a donor
-    serves a contiguous run straight from its snapshot, without copying)."""
-    sizes = [int(np.prod(i.shape, dtype=np.int64)) for i in infos]
+    """Cut the index into one contiguous run of tensors per donor, of about equal bytes."""
+    sizes = [i.nbytes for i in infos]
     target = sum(sizes) / max(1, num_donors)
     parts: list[list[TensorInfo]] = [[]]
     filled = 0
@@ -175,18 +251,16 @@ def _split_work(infos: list[TensorInfo], num_donors: int) -> list[list[TensorInf
 
 async def _fetch_part(
     p2p: P2P,
-    donors: list[str],
-    first: int,
+    order: list[str],
     part: list[TensorInfo],
     index: StateIndex,
     traffic: Traffic,
     timeout_s: float,
     max_bytes: int,
 ) -> dict[str, torch.Tensor]:
-    """Fetch one part, starting with its own donor and falling back to the others."""
-    order = donors[first % len(donors) :] + donors[: first % len(donors)]
+    """Fetch one part from the first donor in `order` that delivers it whole and correct."""
     request = {"kind": "state", "round": index.round, "names": [i.name for i in part]}
-    expected = 4 * sum(int(np.prod(i.shape, dtype=np.int64)) for i in part)  # a bigger answer is refused unread
+    expected = sum(i.nbytes for i in part)  # a bigger answer is refused unread
     for donor in order:
         try:
             raw = await fetch(p2p, donor, request, max_bytes=min(max_bytes, expected), timeout_s=timeout_s, traffic=traffic)
@@ -198,7 +272,8 @@ async def _fetch_part(
 
 
 class StateSnapshot:
-    """The state of one round as one read-only buffer, tensors in index order, built once per round.
+    """The state of one round as one read-only buffer, tensors in index order, built once per round
+    (of a partial holder: the tensors it holds, with the index of them all).
 
     Requests are answered from it without the round lock and, for a contiguous run of tensors (what
     joiners ask for), without copying: the answer is a view into the buffer.
@@ -233,16 +308,20 @@ def serve_state(server: TransferServer, agreement: RoundAgreement) -> None:
     busy = asyncio.Semaphore(MAX_STATE_READERS)
     latest: list[StateSnapshot] = []
 
-    async def snapshot() -> StateSnapshot:
+    async def snapshot() -> StateSnapshot | None:
         async with agreement.lock:
             state = agreement.state
-            if not latest or (latest[0].round, latest[0].hash) != (state.round, state.hash):
-                latest[:] = [await asyncio.to_thread(StateSnapshot, state)]
+            try:
+                if not latest or (latest[0].round, latest[0].hash) != (state.round, state.hash):
+                    latest[:] = [await asyncio.to_thread(StateSnapshot, state)]
+            except PartialStateError:  # a part between its outer step and the agreed index: nothing to serve
+                return None
             return latest[0]
 
     async def index(request: dict) -> bytes | None:
         async with busy:
-            return (await snapshot()).index
+            snap = await snapshot()
+            return snap.index if snap is not None else None
 
     async def chunk(request: dict) -> memoryview | bytes | None:
         names = request.get("names")
@@ -250,7 +329,7 @@ def serve_state(server: TransferServer, agreement: RoundAgreement) -> None:
             return None  # duplicates would let one small request make us build a huge body
         async with busy:
             snap = await snapshot()
-            return snap.chunk(names) if request.get("round") == snap.round else None
+            return snap.chunk(names) if snap is not None and request.get("round") == snap.round else None
 
     server.register("state-index", index)
     server.register("state", chunk)

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgpack
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -134,6 +136,8 @@ class GlobalState:
         """Copy the global weights into a (possibly GPU, possibly bf16-autocast) training model."""
         with torch.no_grad():
             for name, param in model.named_parameters():
+                if self.partial and name not in self.params:
+                    continue  # held elsewhere: a part trains only what it holds
                 param.copy_(self.params[name])
 
     def pseudo_gradient(self, model: torch.nn.Module, names: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -260,3 +264,110 @@ def load_state(directory: str | Path, *, run_id: str) -> GlobalState | None:
     if state.hash != meta["hash"]:
         raise ValueError(f"{directory}: tensors do not match the recorded state hash (corrupted?)")
     return state
+
+
+# ----- the state index: what a donor holds, and the hash tree's leaves ------------------------------
+
+INDEX_VERSION = 2  # 2: the index carries leaf digests (a hash tree) and what its donor holds
+MOMENTUM_PREFIX = "momentum/"  # a momentum tensor's name in the index and in state transfers
+
+
+class StateError(ValueError):
+    """State bytes from a donor that do not match what was asked for or announced."""
+
+
+@dataclass
+class TensorInfo:
+    name: str  # a parameter's name, or MOMENTUM_PREFIX + a parameter's name
+    shape: tuple[int, ...]
+    leaf: str  # hex leaf digest of the state's hash tree (swarm/state.py)
+    held: bool = True  # the donor that sent the index holds it (a partial holder does not hold all)
+
+    @property
+    def key(self) -> str:
+        return _key(self.name)
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclass
+class StateIndex:
+    round: int
+    hash: str
+    tensors: list[TensorInfo]
+    _held: set[str] | None = None
+
+    def leaves(self) -> dict[str, Leaf]:
+        return {t.key: Leaf(t.shape, bytes.fromhex(t.leaf)) for t in self.tensors}
+
+    def held(self, name: str) -> bool:
+        if self._held is None:
+            self._held = {t.name for t in self.tensors if t.held}
+        return name in self._held
+
+
+def _key(name: str) -> str:
+    if name.startswith(MOMENTUM_PREFIX):
+        return leaf_key(name[len(MOMENTUM_PREFIX) :], momentum=True)
+    return leaf_key(name)
+
+
+def _name(key: str) -> str:
+    return MOMENTUM_PREFIX + key[2:] if key.startswith("m:") else key[2:]
+
+
+def all_tensors(state: GlobalState) -> dict[str, torch.Tensor]:
+    tensors = dict(state.params)
+    tensors.update({MOMENTUM_PREFIX + n: t for n, t in state.momentum.items()})
+    return tensors
+
+
+def build_index(state: GlobalState) -> bytes:
+    """Every tensor of θ with its leaf, held by this node or not: whoever has the index checks it
+    against the agreed hash (its root) and any part it holds against its leaves."""
+    leaves, shapes, held = state.leaves(), state.shapes(), state.held_keys()
+    tensors = [[_name(k), list(shapes[k]), leaves[k].hex(), k in held] for k in _leaf_order(leaves)]
+    return msgpack.packb({"v": INDEX_VERSION, "round": state.round, "hash": state.hash, "tensors": tensors})
+
+
+def _leaf_order(keys: Iterable[str]) -> list[str]:
+    keys = list(keys)
+    return sorted(k for k in keys if k.startswith("p:")) + sorted(k for k in keys if k.startswith("m:"))
+
+
+def parse_index(data: bytes) -> StateIndex:
+    """A donor's index, checked to hash to the state hash it names (StateError otherwise): its
+    leaves are then the agreed state's whenever that hash is the agreed one."""
+    try:
+        raw = msgpack.unpackb(data, raw=False)
+        if raw["v"] != INDEX_VERSION:
+            raise StateError(f"unsupported state format version {raw['v']!r}")
+        tensors = [TensorInfo(str(n), tuple(int(d) for d in s), str(h), bool(held)) for n, s, h, held in raw["tensors"]]
+        if any(d < 0 or d > 2**40 for t in tensors for d in t.shape) or len({t.name for t in tensors}) != len(tensors):
+            raise StateError("state index has impossible shapes or repeated names")
+        index = StateIndex(int(raw["round"]), str(raw["hash"]), tensors)
+        leaves = {t.key: bytes.fromhex(t.leaf) for t in tensors}
+    except StateError:
+        raise
+    except Exception as e:
+        raise StateError(f"malformed state index: {type(e).__name__}") from None
+    if any(len(d) != 32 for d in leaves.values()) or round_hash(index.round, leaves_root(leaves)) != index.hash:
+        raise StateError("state index does not hash to the state hash it names")
+    return index
+
+
+def split_chunk(data: bytes, infos: list[TensorInfo]) -> dict[str, torch.Tensor]:
+    """Cut a chunk into tensors and check each one against its leaf in the index."""
+    sizes = [i.nbytes for i in infos]
+    if len(data) != sum(sizes):
+        raise StateError(f"state chunk has {len(data)} bytes, expected {sum(sizes)}")
+    out, offset = {}, 0
+    for info, size in zip(infos, sizes):
+        piece = data[offset : offset + size]
+        offset += size
+        if leaf_digest(info.key, info.shape, piece).hex() != info.leaf:
+            raise StateError(f"tensor {info.name} does not match its leaf in the index")
+        out[info.name] = torch.from_numpy(np.frombuffer(piece, dtype=np.float32).copy()).reshape(info.shape)
+    return out

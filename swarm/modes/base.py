@@ -167,6 +167,12 @@ class TrainingMode:
         """Tensors a peer in `role` sends each round (and the only ones a leader accepts from it)."""
         return list(names)
 
+    def held_names(self, role: Role, names: list[str]) -> list[str] | None:
+        """The part of the agreed state a peer in `role` holds, downloads and applies (None: all of
+        it, as full replicas and the coordinator do). A partial holder checks its part against the
+        agreed state's hash tree after every round (swarm/state.py). Default: all."""
+        return None
+
     def incomplete_contributions(self, roles: dict[str, Role]) -> dict[str, str]:
         """Of the contributions a leader is about to accept (peer -> signed role), those that only
         count together with others missing this round, with the reason (no strike). Default: none."""

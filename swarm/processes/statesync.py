@@ -11,18 +11,27 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
-import msgpack
 import numpy as np
 import torch
 
 from swarm.log import get_logger
 from swarm.net.records import Heartbeat
 from swarm.net.transfer import Traffic, TransferError, fetch
-from swarm.state import GlobalState, Leaf, PartialStateError, leaf_digest, leaf_key, leaves_root, round_hash
+from swarm.state import (
+    MOMENTUM_PREFIX,
+    GlobalState,
+    PartialStateError,
+    StateError,
+    StateIndex,
+    TensorInfo,
+    all_tensors,
+    build_index,
+    parse_index,
+    split_chunk,
+)
 
 if TYPE_CHECKING:
     from hivemind.p2p import P2P
@@ -32,111 +41,8 @@ if TYPE_CHECKING:
     from swarm.round.agreement import RoundAgreement
 
 logger = get_logger(__name__)
-STATE_FORMAT_VERSION = 2  # 2: the index carries leaf digests (a hash tree) and what its donor holds
-MOMENTUM_PREFIX = "momentum/"
 RELOAD_DEADLINE_S = 600.0
 MAX_STATE_READERS = 4  # state requests answered at once; the rest wait their turn  # a diverged node that cannot get the agreed state in this long stops
-
-
-class StateError(ValueError):
-    """State bytes from a donor that do not match what was asked for or announced."""
-
-
-@dataclass
-class TensorInfo:
-    name: str  # a parameter's name, or MOMENTUM_PREFIX + a parameter's name
-    shape: tuple[int, ...]
-    leaf: str  # hex leaf digest of the state's hash tree (swarm/state.py)
-    held: bool = True  # the donor that sent the index holds it (a partial holder does not hold all)
-
-    @property
-    def key(self) -> str:
-        return _key(self.name)
-
-    @property
-    def nbytes(self) -> int:
-        return 4 * int(np.prod(self.shape, dtype=np.int64))
-
-
-@dataclass
-class StateIndex:
-    round: int
-    hash: str
-    tensors: list[TensorInfo]
-    _held: set[str] | None = None
-
-    def leaves(self) -> dict[str, Leaf]:
-        return {t.key: Leaf(t.shape, bytes.fromhex(t.leaf)) for t in self.tensors}
-
-    def held(self, name: str) -> bool:
-        if self._held is None:
-            self._held = {t.name for t in self.tensors if t.held}
-        return name in self._held
-
-
-def _key(name: str) -> str:
-    if name.startswith(MOMENTUM_PREFIX):
-        return leaf_key(name[len(MOMENTUM_PREFIX) :], momentum=True)
-    return leaf_key(name)
-
-
-def _name(key: str) -> str:
-    return MOMENTUM_PREFIX + key[2:] if key.startswith("m:") else key[2:]
-
-
-def _all_tensors(state: GlobalState) -> dict[str, torch.Tensor]:
-    tensors = dict(state.params)
-    tensors.update({MOMENTUM_PREFIX + n: t for n, t in state.momentum.items()})
-    return tensors
-
-
-def build_index(state: GlobalState) -> bytes:
-    """Every tensor of θ with its leaf, held by this node or not: whoever has the index checks it
-    against the agreed hash (its root) and any part it holds against its leaves."""
-    leaves, shapes, held = state.leaves(), state.shapes(), state.held_keys()
-    tensors = [[_name(k), list(shapes[k]), leaves[k].hex(), k in held] for k in _leaf_order(leaves)]
-    return msgpack.packb({"v": STATE_FORMAT_VERSION, "round": state.round, "hash": state.hash, "tensors": tensors})
-
-
-def _leaf_order(keys: Iterable[str]) -> list[str]:
-    keys = list(keys)
-    return sorted(k for k in keys if k.startswith("p:")) + sorted(k for k in keys if k.startswith("m:"))
-
-
-def parse_index(data: bytes) -> StateIndex:
-    """A donor's index, checked to hash to the state hash it names (StateError otherwise): its
-    leaves are then the agreed state's whenever that hash is the agreed one."""
-    try:
-        raw = msgpack.unpackb(data, raw=False)
-        if raw["v"] != STATE_FORMAT_VERSION:
-            raise StateError(f"unsupported state format version {raw['v']!r}")
-        tensors = [TensorInfo(str(n), tuple(int(d) for d in s), str(h), bool(held)) for n, s, h, held in raw["tensors"]]
-        if any(d < 0 or d > 2**40 for t in tensors for d in t.shape) or len({t.name for t in tensors}) != len(tensors):
-            raise StateError("state index has impossible shapes or repeated names")
-        index = StateIndex(int(raw["round"]), str(raw["hash"]), tensors)
-        leaves = {t.key: bytes.fromhex(t.leaf) for t in tensors}
-    except StateError:
-        raise
-    except Exception as e:
-        raise StateError(f"malformed state index: {type(e).__name__}") from None
-    if any(len(d) != 32 for d in leaves.values()) or round_hash(index.round, leaves_root(leaves)) != index.hash:
-        raise StateError("state index does not hash to the state hash it names")
-    return index
-
-
-def split_chunk(data: bytes, infos: list[TensorInfo]) -> dict[str, torch.Tensor]:
-    """Cut a chunk into tensors and check each one against its leaf in the index."""
-    sizes = [i.nbytes for i in infos]
-    if len(data) != sum(sizes):
-        raise StateError(f"state chunk has {len(data)} bytes, expected {sum(sizes)}")
-    out, offset = {}, 0
-    for info, size in zip(infos, sizes):
-        piece = data[offset : offset + size]
-        offset += size
-        if leaf_digest(info.key, info.shape, piece).hex() != info.leaf:
-            raise StateError(f"tensor {info.name} does not match its leaf in the index")
-        out[info.name] = torch.from_numpy(np.frombuffer(piece, dtype=np.float32).copy()).reshape(info.shape)
-    return out
 
 
 def pick_donors(beats: list[Heartbeat], exclude: str) -> tuple[int, str, list[str]] | None:
@@ -188,9 +94,7 @@ async def download_state(
     if unheld := [n for n, h in holders.items() if not h]:
         raise StateError(f"no donor holds {len(unheld)} of the tensors asked for, e.g. {unheld[0]!r}")
     jobs = _assign(wanted, holders)
-    results = await asyncio.gather(
-        *(_fetch_part(p2p, order, part, index, traffic, timeout_s, max_bytes) for order, part in jobs)
-    )
+    results = await asyncio.gather(*(_fetch_part(p2p, order, part, index, traffic, timeout_s, max_bytes) for order, part in jobs))
     tensors: dict[str, torch.Tensor] = {}
     for chunk in results:
         tensors.update(chunk)
@@ -281,7 +185,7 @@ class StateSnapshot:
 
     def __init__(self, state: GlobalState) -> None:
         self.round, self.hash = state.round, state.hash
-        tensors = _all_tensors(state)
+        tensors = all_tensors(state)
         self.names = list(tensors)
         self.position = {n: i for i, n in enumerate(self.names)}
         pieces = [tensors[n].contiguous().numpy().tobytes() for n in self.names]
@@ -335,22 +239,29 @@ def serve_state(server: TransferServer, agreement: RoundAgreement) -> None:
     server.register("state", chunk)
 
 
-async def reload_state(node: SwarmNode, deadline_s: float = RELOAD_DEADLINE_S) -> GlobalState:
-    """After divergence: the agreed state from the swarm (never θ(0), which would fork the run).
-    StateError if it cannot be had within deadline_s: the node then stops with that message rather
-    than wait for ever."""
+async def reload_state(
+    node: SwarmNode, deadline_s: float = RELOAD_DEADLINE_S, *, names: Collection[str] | None = None
+) -> GlobalState:
+    """After divergence: the agreed state from the swarm (never θ(0), which would fork the run), or
+    the part of it named. StateError if it cannot be had within deadline_s: the node then stops with
+    that message rather than wait for ever."""
     node.status.phase = "joining"
-    state = await catch_up(node, patience_s=deadline_s, deadline_s=deadline_s)
+    state = await catch_up(node, patience_s=deadline_s, deadline_s=deadline_s, names=names)
     if state is None:
         raise StateError(f"could not download the swarm's agreed state within {deadline_s:.0f}s")
     return state
 
 
 async def catch_up(
-    node: SwarmNode, *, patience_s: float, retry_s: float = 1.0, deadline_s: float = float("inf")
+    node: SwarmNode,
+    *,
+    patience_s: float,
+    retry_s: float = 1.0,
+    deadline_s: float = float("inf"),
+    names: Collection[str] | None = None,
 ) -> GlobalState | None:
-    """Download the newest agreed state from live members; None if for patience_s nobody holds one,
-    or if deadline_s passes.
+    """Download the newest agreed state from live members (`names`: only that part); None if for
+    patience_s nobody holds one, or if deadline_s passes.
 
     Once some member holds state, keeps trying until the deadline (donors may move on mid-download)
     rather than falling back to θ(0), which would fork the run. So while the run's coordinator is
@@ -371,8 +282,9 @@ async def catch_up(
             seen_holders = True
             round_no, state_hash, donors = choice
             try:
-                state = await download_state(node.server.p2p, donors, expected_hash=state_hash, traffic=node.traffic)
-                logger.info("downloaded the state of round %d from %d donor(s)", round_no, len(donors))
+                state = await download_state(node.server.p2p, donors, expected_hash=state_hash, traffic=node.traffic, names=names)
+                what = "the state" if names is None else f"{len(state.params)} tensors of the state"
+                logger.info("downloaded %s of round %d from %d donor(s)", what, round_no, len(donors))
                 return state
             except Exception as e:  # whatever a donor sent, we retry rather than crash
                 logger.warning("state download failed (%s); retrying", e)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,7 @@ class Peer(AgreedNode):
             corpus = await self._corpus(role.data_shard) if moved else None  # None: the same file
             await asyncio.to_thread(self.worker.read_shard, role.data_shard, corpus)
         await asyncio.to_thread(self.mode.update_worker, self.worker, role)
+        await self._hold_part(role)
         self.log_event("role", f"{self.status.name}: {self.mode.describe_role(self.role)} -> {self.mode.describe_role(role)}")
         self.role = role
         self.status.role = self.mode.describe_role(role)
@@ -204,15 +206,41 @@ class Peer(AgreedNode):
         does not start from a checkpoint). With `start_from`, a state on disk instead: the round loop
         then applies the manifests since (a replay, cheap on the wire in modes with inline payloads)."""
         self.status.phase = "joining"
+        held = self._held()
         if self.cfg.start_from:
             saved = await asyncio.to_thread(start_state, self.run, self.cfg.start_from)
             self.log_event("start", f"{self.status.name} starts from round {saved.round} ({saved.hash[:10]}) on disk")
-            return saved
-        state = await catch_up(self, patience_s=float("inf") if self.run.init_hash else 6.0)
+            return saved if held is None else saved.part(held)
+        state = await catch_up(self, patience_s=float("inf") if self.run.init_hash else 6.0, names=held)
         if state is None:
             logger.info("no peer holds any state: starting from the run's initial weights")
             state = await asyncio.to_thread(initial_state, self.run)
+            state = state if held is None else state.part(held)
         return state
+
+    def _held(self, role: Role | None = None) -> list[str] | None:
+        """The part of the agreed state our role holds (None: all of it): swarm/modes/base.py."""
+        return self.mode.held_names(role or self.role, list(self.store.shapes))
+
+    def _reload(self) -> Awaitable[GlobalState]:
+        return reload_state(self, names=self._held())
+
+    async def _hold_part(self, role: Role) -> None:
+        """Hold the part of the state a new role needs: cut from what we hold if it is inside it,
+        else downloaded (the old part is freed with the old state)."""
+        want, state = self._held(role), self.agreement.state
+        have = set(state.params) if state.partial else None
+        if (None if want is None else set(want)) == have:
+            return
+        if want is not None and (have is None or set(want) <= have) and self.agreement.known_hash():
+            async with self.agreement.lock:
+                self.agreement.state = await asyncio.to_thread(state.part, want)
+        else:
+            fresh = await reload_state(self, names=want)
+            async with self.agreement.lock:
+                self.agreement.state = fresh
+        held = "all of it" if want is None else f"{len(want)} tensors"
+        self.log_event("part", f"{self.status.name} holds {held} of the state at round {self.agreement.state.round}")
 
     # ----- rounds ----------------------------------------------------------------------------
 
@@ -255,6 +283,8 @@ class Peer(AgreedNode):
                 # Overlapped, the role was fetched while the last round trained; in step (pipeline
                 # groups, which must follow a replacement at once) it is fetched right now.
                 await self._refresh_role(await role_fetch if role_fetch is not None else await self._signed_role())
+                if flight is None and base is not self.agreement.state:
+                    continue  # our part of the state was cut or downloaded for a new role: start over from it
                 steady = self._overlap and self.status.phase in ("training", "exchanging")
                 self.status.phase = "training"
                 if steady:
@@ -351,7 +381,7 @@ class Peer(AgreedNode):
         return next_base(state, tensors, self.mode)
 
     def _settle(self, r: int, work: RoundWork | None, encoded: Encoded | None, base: GlobalState | None) -> _InFlight:
-        task = asyncio.create_task(self.agreement.settle_round(r, lambda: reload_state(self)))
+        task = asyncio.create_task(self.agreement.settle_round(r, self._reload))
         return _InFlight(r, work, encoded, task, base, time.time() if encoded is not None else None)
 
     async def _land(self, flight: _InFlight, metrics: _MetricsFile) -> bool:
@@ -386,7 +416,7 @@ class Peer(AgreedNode):
         apply the round's manifest like everyone else."""
         self.status.phase = "joining"
         await self.publish_heartbeat()
-        _, applied = await self.agreement.settle_round(r, lambda: reload_state(self))
+        _, applied = await self.agreement.settle_round(r, self._reload)
         if applied is not None:
             self.rounds_done += 1
         state = self.agreement.state
@@ -396,7 +426,7 @@ class Peer(AgreedNode):
         r, work, encoded = flight.round, flight.work, flight.encoded
         state = self.agreement.state
         self.status.round, self.status.param_hash, self.status.phase = state.round, state.hash, "idle"
-        dense_bytes = 4 * state.numel()
+        dense_bytes = 4 * sum(math.prod(shape) for shape in self.store.shapes.values())
         row: dict[str, object] = {
             "round": r,
             "applied": applied,

@@ -39,6 +39,7 @@ from swarm.net.records import (
     submit_key,
 )
 from swarm.net.schema import encode_record
+from swarm.net.transfer import TransferError
 from swarm.round.admission import NOT_DELIVERED, Validator
 from swarm.round.evidence import EquivocationWitness, proof_ok, sign_manifest
 from swarm.round.leadership import agreed_hash, canonical_manifest, coordinator_present, peer_quorum, should_lead
@@ -55,7 +56,7 @@ from swarm.round.robust import (
 from swarm.round.usefulness import Probe
 from swarm.round.world import World, monotonic, put_surely
 from swarm.run import RunConfig
-from swarm.state import GlobalState, save_state
+from swarm.state import GlobalState, PartialStateError, StateError, parse_index, save_state
 
 T = TypeVar("T")
 logger = get_logger(__name__)
@@ -168,7 +169,8 @@ class RoundAgreement:
         digest = self._digest(chosen)
         since = self._in_view_since.setdefault((round_no, digest), now)
         electorate = self._electorate(members)
-        mine = best.base_hash == self.state.hash  # a node not on the manifest's base could not apply it
+        # A node not on the manifest's base could not apply it; a partial holder cannot check it whole.
+        mine = not self.state.partial and best.base_hash == self.state.hash
         if round_no not in self._endorsed and now - since >= SETTLE_S and me in electorate and mine:
             try:
                 await self.verify(best)
@@ -418,7 +420,7 @@ class RoundAgreement:
                 loss=None,
                 bytes_sent=0,
                 bytes_received=0,
-                param_hash=self.state.hash,
+                param_hash=self.known_hash(),
                 version="",
                 time=0,
                 reachable=self.node.dht.reachable,
@@ -429,6 +431,8 @@ class RoundAgreement:
     async def _should_lead(self, round_no: int, beats: list[Heartbeat], agreed: str | None, peers_may_lead: bool) -> bool:
         """Lead if we are admitted, hold the agreed state of round r, and it is our turn."""
         me = self.node.peer_id
+        if self.state.partial:  # a leader checks every payload whole against the whole state
+            return False
         if self.state.round != round_no or self.state.hash != agreed or self._behind(round_no, beats):
             return False
         if me != self.run.coordinator and (me not in await self.node.members() or not self.validator.standing(me)):
@@ -549,7 +553,10 @@ class RoundAgreement:
         return subs
 
     async def save(self, directory: str | Path) -> None:
-        """Write the current global state to disk (safetensors + JSON), never a half-applied one."""
+        """Write the current global state to disk (safetensors + JSON), never a half-applied one.
+        A partial holder keeps nothing on disk: back from a restart it downloads its part."""
+        if self.state.partial:
+            return
         async with self.lock:
             await asyncio.to_thread(save_state, self.state, directory, run_id=self.run.run_id)
         logger.info("saved the state of round %d (%s) to %s", self.state.round, self.state.hash[:10], directory)
@@ -560,6 +567,8 @@ class RoundAgreement:
         """Fetch the manifest's payloads, then decode and accumulate them one at a time in manifest
         order (memory O(params)), and let the mode take the outer step on the per-slot mean (checked
         once: a peer-led manifest was checked before we endorsed it)."""
+        if self.state.partial:
+            return await self._apply_part(manifest)
         if manifest.base_hash != self.state.hash:
             raise Diverged(f"round {manifest.round} applies to state {manifest.base_hash[:12]}, ours is {self.state.hash[:12]}")
         if self.mode.inline_payload:
@@ -606,6 +615,102 @@ class RoundAgreement:
                 (mean, coverage), cpu_s = await asyncio.to_thread(_cpu_timed, self._mean_of, manifest, list(blobs))
                 wall_s = time.perf_counter() - started
         self._verified = (manifest, base, mean, coverage, cpu_s, wall_s)
+
+    # ----- holding part of the state -----------------------------------------------------------
+
+    def known_hash(self) -> str:
+        """Our state's hash, or "" while a partial holder has not adopted its round's leaves (no vote)."""
+        try:
+            return self.state.hash
+        except PartialStateError:
+            return ""
+
+    async def _apply_part(self, manifest: Manifest) -> int:
+        """A partial holder's apply: the mean and outer step of the slots it holds, then the check
+        that decides: the leaves of the agreed state of the next round, which full holders computed,
+        must match its own part bit for bit (`adopt_agreed`; Diverged otherwise, and the part is
+        reloaded). It cannot make the whole-model checks a full holder makes (the update's length
+        over all weights, clipping, direction): it takes only a manifest the coordinator signed or
+        most members endorsed, and a round the full holders refused never becomes the agreed state
+        it checks against."""
+        if not self.known_hash():
+            await self.adopt_agreed(want=manifest.base_hash)
+        base = self.state.hash
+        if manifest.base_hash != base:
+            raise Diverged(f"round {manifest.round} applies to state {manifest.base_hash[:12]}, ours is {base[:12]}")
+        blobs = await asyncio.gather(*(self._fetch(manifest, e) for e in manifest.entries))
+        async with self.lock:
+            if self.known_hash() != base:
+                raise Diverged(f"our state moved while fetching round {manifest.round}")
+            started = time.perf_counter()
+            (mean, self.coverage), cpu_s = await asyncio.to_thread(_cpu_timed, self._part_mean, manifest, list(blobs))
+            self.apply_cpu_s = cpu_s
+            if manifest.entries:  # our slots may have no contribution, others' do: their leaves change
+                _, step_cpu_s = await asyncio.to_thread(_cpu_timed, self.mode.outer_step, self.state, mean)
+                self.apply_cpu_s += step_cpu_s
+            else:
+                self.state.advance_without_update()
+            self.apply_s = time.perf_counter() - started
+        await self.adopt_agreed()
+        return len(manifest.entries)
+
+    def _part_mean(self, manifest: Manifest, blobs: list[bytes]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """The per-slot mean of the listed payloads over the slots we hold (BadManifest if a payload
+        does not decode or the mean is not finite: every full holder refuses such a round too)."""
+        held = set(self.state.params)
+        acc = slot_aggregator({n: s for n, s in self.store.shapes.items() if n in held}, self.run.outer.trim)
+        for entry, data in zip(manifest.entries, blobs):
+            try:
+                tensors = self.store.decode(data, sender=entry.peer_id, round_no=manifest.round)
+            except Exception as e:
+                raise BadManifest(f"payload of {entry.peer_id[-8:]}: {e}") from None
+            if (problem := check_scales(entry.scales, set(tensors))) is not None:
+                raise BadManifest(f"entry of {entry.peer_id[-8:]}: {problem}")
+            if part := {n: t for n, t in tensors.items() if n in held}:
+                acc.add(part, entry.scales)
+        mean = acc.mean()
+        if bad := [n for n, m in mean.items() if not bool(torch.isfinite(m).all())]:
+            raise BadManifest(f"the round's mean of {bad[0]} is not finite")
+        coverage: dict[str, int] = {}
+        for name, count in acc.counts.items():
+            group = self.mode.slot_group(name)
+            coverage[group] = max(coverage.get(group, 0), count)
+        return mean, coverage
+
+    async def adopt_agreed(self, want: str | None = None) -> None:
+        """For a partial holder: the leaves of the tensors it does not hold, from the index of the
+        agreed state of its round (`want`, else the one the coordinator or most live holders report),
+        fetched from a node that holds that state; the index must hash to it, and our own part must
+        match its leaves. Diverged if our part differs or no such index comes within the bound."""
+        if self.known_hash():
+            return
+        me, r = self.node.peer_id, self.state.round
+        deadline = monotonic() + self.run.round_timeout_s + 2 * self.run.leader_timeout_s
+        tried: set[str] = set()
+        while True:
+            beats, agreed = await self._view(r)
+            target = want or agreed
+            holders = [b.peer_id for b in beats if target and b.round == r and b.param_hash == target and b.peer_id != me]
+            for holder in [h for h in holders if h not in tried]:
+                tried.add(holder)
+                try:
+                    raw = await self.store.fetch(holder, {"kind": "state-index"}, 1 << 24, 30.0) if self.store.fetch else None
+                    index = parse_index(raw) if raw is not None else None
+                except (TransferError, StateError) as e:
+                    logger.info("state index of round %d from %s failed: %s", r, holder[-8:], e)
+                    continue
+                if index is None or (index.round, index.hash) != (r, target):
+                    continue  # moved on, or another state: the next holder
+                try:
+                    self.state.adopt(r, index.leaves())
+                except ValueError as e:
+                    raise Diverged(f"our part of round {r} is not the agreed state's: {e}") from None
+                return
+            if monotonic() > deadline:
+                raise Diverged(f"no holder of round {r}'s agreed state served its index")
+            if len(tried) >= len(holders):
+                tried.clear()  # holders may serve it later (one still applying): ask again
+            await asyncio.sleep(1.0)
 
     async def _apply_inline(self, manifest: Manifest) -> int:
         """A mode whose payloads travel in the records: nothing to fetch; each entry is checked as the

@@ -133,6 +133,16 @@ class PipelineMode(TrainingMode):
         last = role.stage == len(role.group_peers) - 1
         return [n for n in names if _in_stage(n, start, end, first=role.stage == 0, last=last)]
 
+    def held_names(self, role: Role, names: list[str]) -> list[str] | None:
+        """A stage holds its blocks (and the embedding its subspace is built from); a spare holds
+        nothing until it becomes a stage; a full replica holds all."""
+        if role.kind == "replica":
+            return None
+        held = set(self.contribution_names(role, names))
+        if held and self.subspace is not None and "tok_emb.weight" in names:
+            held.add("tok_emb.weight")  # every stage projects onto span(U), computed from E each round
+        return sorted(held)
+
     def incomplete_contributions(self, roles: dict[str, Role]) -> dict[str, str]:
         return incomplete_groups(roles)
 
@@ -153,9 +163,12 @@ class PipelineMode(TrainingMode):
 def project_state(subspace: Subspace, params: dict[str, torch.Tensor], n_layers: int) -> None:
     """Project the global weights the subspace holds (the writers, and E unless it is folded) onto
     span(U) in float64 and round once to float32, so a BLAS kernel's summation order (it differs
-    between machines) almost never changes a bit."""
+    between machines) almost never changes a bit. Each tensor on its own: a partial holder
+    projects the ones it holds."""
     u = subspace.U.double().cpu()
     for name in subspace.held_names(n_layers):
+        if name not in params:
+            continue  # held elsewhere
         w = params[name].double()
         projected = (w @ u) @ u.T if name == "tok_emb.weight" else u @ (u.T @ w)
         params[name].copy_(projected.to(torch.float32))

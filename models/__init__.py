@@ -4,7 +4,7 @@
 - ``layers``: RMSNorm, RoPE, causal self-attention, SwiGLU.
 - ``moe``: top-k router, MoE layer, aux losses, expert naming/freezing helpers.
 - ``transformer``: ``LanguageModel`` and ``ModelOutput``.
-- ``stages``: ``split_stages`` into parameter-sharing pipeline stages.
+- ``stages``: ``split_stages`` into parameter-sharing pipeline stages; ``build_stage`` holds one alone.
 - ``generate``: sampling.
 
 See docs/models.md.
@@ -22,7 +22,7 @@ from models.moe import (
     route,
     router_z_loss,
 )
-from models.stages import Stage, split_stages
+from models.stages import Stage, build_stage, split_stages
 from models.transformer import IGNORE_INDEX, LanguageModel, ModelOutput, build_model
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "ModelOutput",
     "Stage",
     "build_model",
+    "build_stage",
     "count_active_parameters",
     "count_parameters",
     "dense_parameter_names",

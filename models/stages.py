@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.config import ModelConfig
+from models.layers import RotaryEmbedding
 from models.transformer import LanguageModel, check_tokens, run_blocks
 
 
@@ -90,3 +92,25 @@ def split_stages(model: LanguageModel, boundaries: Sequence[int]) -> list[Stage]
     edges = [0, *cuts, n]
     last = len(edges) - 2
     return [Stage(model, edges[i], edges[i + 1], first=i == 0, last=i == last) for i in range(len(edges) - 1)]
+
+
+def build_stage(
+    cfg: ModelConfig, boundaries: Sequence[int], index: int, *, device: torch.device | str = "cpu"
+) -> tuple[LanguageModel, Stage]:
+    """Stage ``index`` of a model cut at ``boundaries``, with only the stage's own tensors in memory.
+
+    The rest of the model is a skeleton on the meta device (every name and shape, no storage), so a
+    peer holding one stage of a model larger than its memory never builds the whole. The stage's
+    parameters are allocated on ``device`` uninitialised: load its weights before use (a swarm stage
+    loads the agreed state's part every round). Returns ``(skeleton, stage)``; the skeleton's
+    parameters outside the stage stay on the meta device.
+    """
+    with torch.device("meta"):
+        model = LanguageModel(cfg)
+    stage = split_stages(model, boundaries)[index]
+    stage.to_empty(device=device)
+    rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta).to(device)
+    model.rope = stage.rope = rope
+    zero = torch.zeros((), device=device)
+    stage._aux = (zero, zero)
+    return model, stage

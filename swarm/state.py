@@ -136,8 +136,8 @@ class GlobalState:
         """Copy the global weights into a (possibly GPU, possibly bf16-autocast) training model."""
         with torch.no_grad():
             for name, param in model.named_parameters():
-                if self.partial and name not in self.params:
-                    continue  # held elsewhere: a part trains only what it holds
+                if param.is_meta or (self.partial and name not in self.params):
+                    continue  # not built here (a stage's skeleton), or held elsewhere
                 param.copy_(self.params[name])
 
     def pseudo_gradient(self, model: torch.nn.Module, names: list[str] | None = None) -> dict[str, torch.Tensor]:

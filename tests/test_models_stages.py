@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models import build_model, freeze_experts, get_preset, is_expert_parameter, split_stages
+from models import build_model, build_stage, freeze_experts, get_preset, is_expert_parameter, split_stages
 
 
 def _run(stages: list, tokens: torch.Tensor) -> torch.Tensor:
@@ -121,3 +121,25 @@ def test_pipeline_backward_recipe_from_the_docs() -> None:
         twin_grad = twin_params[name].grad
         if param.grad is not None:
             assert twin_grad is not None and torch.allclose(param.grad, twin_grad, atol=1e-6), name
+
+
+@pytest.mark.parametrize("name, tie", CASES)
+def test_a_stage_built_alone_holds_only_its_tensors_and_computes_what_the_full_models_stage_does(name: str, tie: bool) -> None:
+    cfg = get_preset(name, tie_embeddings=tie)
+    model = build_model(cfg, seed=0)
+    tokens = torch.randint(0, 260, (2, 24), generator=torch.Generator().manual_seed(0))
+    full_stages = split_stages(model, [1, 3])
+    x = tokens
+    for index, reference in enumerate(full_stages):
+        skeleton, stage = build_stage(cfg, [1, 3], index)
+        own = {n for n, _ in stage.named_parameters()}
+        assert own == {n for n, _ in reference.named_parameters()}
+        real = {n for n, p in skeleton.named_parameters() if not p.is_meta}
+        assert real == own  # the rest of the model has names and shapes, no storage
+        assert {n: p.shape for n, p in skeleton.named_parameters()} == {n: p.shape for n, p in model.named_parameters()}
+        with torch.no_grad():
+            for n, p in stage.named_parameters():
+                p.copy_(dict(model.named_parameters())[n])
+        out = stage(x)
+        assert torch.equal(out, reference(x))
+        x = out

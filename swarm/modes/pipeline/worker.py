@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from models import build_model, split_stages
+from models import build_model, build_stage
 from models.subspace import Subspace
 from swarm.data.corpus import Corpus, load_corpus
 from swarm.log import get_logger
@@ -51,11 +51,11 @@ class StageTrainer:
         assert role.stage is not None
         self.run, self.options, self.role, self.device, self.link = run, options, role, device, link
         self.subspace = subspace
-        cfg = model_config(run)
-        self.model = build_model(cfg, seed=run.seed)  # CPU; only the stage's slice moves to the device
+        # Only the stage's own tensors exist, on the device; the rest of the model is a skeleton of
+        # names and shapes (the meta device): a stage of a model larger than this peer never builds it.
+        self.model, self.stage = build_stage(model_config(run), role.layer_cuts, role.stage, device=device)
         if subspace is not None:
             subspace.attach(self.model)
-        self.stage = split_stages(self.model, role.layer_cuts)[role.stage].to(device)
         names = {id(p) for p in self.stage.parameters()}
         for p in self.model.parameters():
             p.requires_grad_(id(p) in names)
@@ -157,7 +157,8 @@ class PipelineWorker:
         self.subspace = options.subspace(model_config(run), run.seed)
         self.link: StageLink | None = None
         self.inner: Replica | StageTrainer | None = None
-        self._spare_model = build_model(model_config(run), seed=run.seed)
+        with torch.device("meta"):  # names and shapes only: a spare holds no weights
+            self._spare_model = build_model(model_config(run))
         self.role = role
         self._configure(role)
 

@@ -9,6 +9,7 @@ that are not trained (other peers' experts) have no gradient and no optimizer st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from models import ModelConfig, build_model, get_preset
+from models import ModelConfig, build_model, count_active_parameters, count_parameters, get_preset
 from models.moe import freeze_experts
 from swarm.data.corpus import Corpus, DataConfig, load_corpus
 from swarm.data.sampler import BatchStream, eval_batches
@@ -119,9 +120,24 @@ def start_state(run: RunConfig, directory: str | Path) -> GlobalState:
     return state
 
 
+MEASURE_WHOLE_BELOW = 50_000_000  # parameters: a bigger model is measured on two of its layers
+
+
 def measure_tokens_per_s(run: RunConfig, device: torch.device, steps: int = 2) -> float:
-    """Forward+backward speed of this machine on the run's model and batch (announced on joining)."""
-    model = build_model(model_config(run), seed=run.seed).to(device)
+    """Forward+backward speed of this machine on the run's model and batch (announced on joining).
+
+    A model above MEASURE_WHOLE_BELOW parameters is measured on a two-layer model of the same width
+    and scaled by the ratio of parameters a token passes through: a peer that will hold one stage
+    of a model too big for it must not build the whole model to say how fast it is."""
+    cfg = model_config(run)
+    if count_parameters(cfg) > MEASURE_WHOLE_BELOW and cfg.n_layers > 2:
+        small = dataclasses.replace(cfg, n_layers=2)
+        return _measure(small, run, device, steps) * count_active_parameters(small) / count_active_parameters(cfg)
+    return _measure(cfg, run, device, steps)
+
+
+def _measure(cfg: ModelConfig, run: RunConfig, device: torch.device, steps: int) -> float:
+    model = build_model(cfg, seed=run.seed).to(device)
     tokens = torch.randint(0, model.cfg.vocab_size, (run.batch_size, run.seq_len + 1), device=device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each
     elapsed = []

@@ -17,13 +17,18 @@ from swarm.codec import (
     PayloadMeta,
     SparseLoCoCompressor,
     SparseLoCoConfig,
+    decode_part,
     decode_payload,
     decode_tensor,
     encode_dense,
     encode_payload,
+    matches_digest,
+    part_digest,
     payload_digest,
+    payload_part,
     payload_size,
 )
+from swarm.codec.header import FORMAT_VERSION
 from swarm.codec.indexcode import encode_indices
 from swarm.codec.quant import pack_codes, table_to_bytes
 
@@ -53,7 +58,7 @@ def _split(data: bytes) -> tuple[dict, bytes]:
     return msgpack.unpackb(data[8 : 8 + header_len], raw=False), data[8 + header_len :]
 
 
-def _build(header: object, body: bytes, magic: bytes = b"SWP", version: int = 1) -> bytes:
+def _build(header: object, body: bytes, magic: bytes = b"SWP", version: int = FORMAT_VERSION) -> bytes:
     raw = msgpack.packb(header, use_bin_type=True)
     return magic + bytes([version]) + struct.pack("<I", len(raw)) + raw + body
 
@@ -129,6 +134,41 @@ def test_encoding_is_canonical_and_digest_is_content_address():
     assert payload_digest(data) != payload_digest(_sparse(SparseLoCoConfig(index_coding="fixed"))[2])
 
 
+@pytest.mark.parametrize("names", [["blocks.0.w"], ["embed", "scalar"], [], sorted(SHAPES), ["blocks.0.w", "not there"]])
+def test_a_part_carries_the_named_tensors_and_checks_against_the_whole_payloads_digest(names):
+    meta, _, data = _sparse()
+    digest = payload_digest(data)
+    part = payload_part(data, names)
+    assert part_digest(part) == digest and matches_digest(part, digest) and matches_digest(data, digest)
+    got_meta, tensors = decode_part(part, digest, expected=SHAPES)
+    _, whole = decode_payload(data)
+    assert got_meta == meta and set(tensors) == set(names) & set(SHAPES)
+    assert all(torch.equal(t, whole[n]) for n, t in tensors.items())
+    if names == ["blocks.0.w"]:
+        assert len(part) < len(data)  # the other tensors travel as 32-byte hashes
+
+
+def test_a_tampered_part_is_refused():
+    _, _, data = _sparse()
+    digest = payload_digest(data)
+    part = bytearray(payload_part(data, ["blocks.0.w"]))
+    for where in (-1, len(part) // 2, 20):  # a tensor's bytes, a hash of another, the header
+        bad = bytearray(part)
+        bad[where] ^= 1
+        assert not matches_digest(bytes(bad), digest)
+        with pytest.raises(PayloadError):
+            decode_part(bytes(bad), digest)
+    with pytest.raises(PayloadError, match="garbage|truncated"):
+        decode_part(bytes(part) + b"\x00", digest)
+    with pytest.raises(PayloadError, match="not a part"):
+        decode_part(data, digest)
+    other = payload_digest(_sparse(SparseLoCoConfig(index_coding="fixed"))[2])
+    with pytest.raises(PayloadError, match="does not hash"):
+        decode_part(bytes(part), other)
+    # bytes that are no payload at all match the sha256 they were announced under (refused later as malformed)
+    assert matches_digest(b"junk", __import__("hashlib").sha256(b"junk").hexdigest())
+
+
 def test_encode_rejects_tensors_that_do_not_match_the_meta():
     meta, encoded, _ = _sparse()
     with pytest.raises(ValueError, match="encoded as"):
@@ -177,7 +217,7 @@ HEADER_CASES = {
     "negative round": (_set(("round",), -1), "round"),
     "run id not str": (_set(("run_id",), 5), "run_id"),
     "sender bytes": (_set(("sender",), b"peer"), "sender"),
-    "version in header": (_set(("version",), 2), "version"),
+    "version in header": (_set(("version",), FORMAT_VERSION + 1), "version"),
     "unknown codec": (_set(("codec",), "topk-8bit"), "unknown codec"),
     "codec not str": (_set(("codec",), 3), "unknown codec"),
     "params not map": (_set(("params",), [1]), "params"),
@@ -219,8 +259,8 @@ def test_framing_errors():
             decode_payload(data[:cut])
     with pytest.raises(PayloadError, match="bad magic"):
         decode_payload(b"XYZ" + data[3:])
-    with pytest.raises(PayloadError, match="unknown format version 2"):
-        decode_payload(data[:3] + b"\x02" + data[4:])
+    with pytest.raises(PayloadError, match=f"unknown format version {FORMAT_VERSION + 1}"):
+        decode_payload(data[:3] + bytes([FORMAT_VERSION + 1]) + data[4:])
     with pytest.raises(PayloadError, match="trailing garbage"):
         decode_payload(data + b"\x00")
     with pytest.raises(PayloadError, match="exceeds the limit"):
@@ -236,7 +276,7 @@ def test_framing_errors():
 def test_header_that_is_not_msgpack():
     body = _split(_valid())[1]
     for raw in (b"\xc1", b"\x81\xa1", msgpack.packb({}) + b"\x00", b"\xa2\xff\xfe"):
-        data = b"SWP\x01" + struct.pack("<I", len(raw)) + raw + body
+        data = b"SWP" + bytes([FORMAT_VERSION]) + struct.pack("<I", len(raw)) + raw + body
         with pytest.raises(PayloadError, match="msgpack"):
             decode_payload(data)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models import build_model
-from swarm.codec import payload_digest
+from swarm.codec import inline_digest
 from swarm.data.corpus import load_corpus
 from swarm.modes import mode_for
 from swarm.modes.replica import data_config, initial_state, model_config, start_state
@@ -62,9 +62,9 @@ def test_inline_payloads_are_checked_by_length_digest_and_size():
     assert "3 per peer" in (mode.check_inline(b"\x01\x02") or "")
     validator = Validator(node=cast(Any, None), store=cast(Any, None), mode=mode)
     data = b"\x10\x90\x7f"
-    assert validator.inline_problem(data, payload_digest(data), 3) is None
-    assert validator.inline_problem(data, payload_digest(b"xyz"), 3) is not None
-    assert validator.inline_problem(b"", payload_digest(b""), 0) is not None
+    assert validator.inline_problem(data, inline_digest(data), 3) is None
+    assert validator.inline_problem(data, inline_digest(b"xyz"), 3) is not None
+    assert validator.inline_problem(b"", inline_digest(b""), 0) is not None
     with pytest.raises(ValueError):
         Submission("p", 0, "d", 2000, "h", 0, None, inline=b"x" * (MAX_INLINE_BYTES + 1))
     other = mode_for(RunConfig())
@@ -104,7 +104,7 @@ def test_replaying_a_recorded_log_from_a_saved_state_reproduces_the_swarm(tmp_pa
             for p in PEERS:
                 mode.apply_inline(replicas[p], r, payloads)
             assert len({s.hash for s in replicas.values()}) == 1, f"replicas differ after round {r}"
-            entries = [ManifestEntry(p, payload_digest(b), len(b), inline=b) for p, b in payloads]
+            entries = [ManifestEntry(p, inline_digest(b), len(b), inline=b) for p, b in payloads]
             log.write(json.dumps({"round": r, "inline": inline_entries(entries), "hash": replicas[PEERS[0]].hash}) + "\n")
     rows = read_rows(tmp_path / "rounds.jsonl")
     start = load_state(tmp_path / "round0", run_id=run.run_id)

@@ -19,11 +19,17 @@ from swarm.codec.base import (
 from swarm.codec.dense import encode_dense
 from swarm.codec.header import FORMAT_VERSION, PayloadMeta
 from swarm.codec.payload import (
+    decode_part,
     decode_payload,
     decode_tensor,
     encode_payload,
+    inline_digest,
+    matches_digest,
+    part_digest,
     payload_digest,
+    payload_part,
     payload_size,
+    tensor_hashes,
 )
 from swarm.codec.sparseloco import SparseLoCoCompressor, SparseLoCoConfig, decode_sparse, encode_sparse
 
@@ -41,14 +47,20 @@ __all__ = [
     "SlotTrimmedMean",
     "SparseLoCoCompressor",
     "SparseLoCoConfig",
+    "decode_part",
     "decode_payload",
     "decode_sparse",
     "decode_tensor",
     "encode_dense",
     "encode_payload",
     "encode_sparse",
+    "inline_digest",
+    "matches_digest",
     "mean_of_payloads",
+    "part_digest",
     "payload_digest",
+    "payload_part",
     "payload_size",
     "slot_aggregator",
+    "tensor_hashes",
 ]

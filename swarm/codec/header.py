@@ -14,9 +14,11 @@ from swarm.codec.base import CODEC_KINDS, SPARSELOCO, ParamValue, PayloadError
 from swarm.codec.dense import dense_section_nbytes
 from swarm.codec.sparseloco import SparseLoCoConfig, sparse_section_nbytes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the content address is a hash tree over the header and each tensor (a part is checkable)
 MAGIC = b"SWP"
 PREFIX = struct.Struct("<3sBI")  # magic, format version (u8), header length (u32 LE)
+PART_MAGIC = b"SWp"  # a part of a payload: some of its tensors, with the hashes of the others
+PART_PREFIX = struct.Struct("<3sBII")  # magic, format version, header length, tensors included (u32 LE)
 MAX_HEADER_BYTES = 16 << 20
 MAX_ID_CHARS = 256
 MAX_NAME_CHARS = 512

@@ -5,12 +5,22 @@ tensor in header order, each tensor's sections in codec order. Tensors are sorte
 equal content gives equal bytes (and digests). decode_payload turns any hostile input into a
 PayloadError with a reason and never allocates more than the formula allows for the bytes
 actually received.
+
+Its content address (`payload_digest`) is the root of a two-level hash tree: sha256 over the
+sha256 of prefix + header and the sha256 of each tensor's bytes, in header order. So a node that
+needs some tensors only (a pipeline stage) fetches a *part*: the header, the hashes of the tensors
+it leaves out and the bytes of those it wants, and checks them against the same digest
+(`payload_part`, `decode_part`). Part layout: b"SWp" | version u8 | header length u32 LE |
+tensors included u32 LE | header | their indices in header order (u32 LE each) | a 32-byte sha256
+per tensor left out, in header order | the included tensors' bytes, in header order.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+import itertools
+import struct
+from collections.abc import Collection, Mapping, Sequence
 
 import msgpack
 import torch
@@ -21,6 +31,8 @@ from swarm.codec.header import (
     FORMAT_VERSION,
     MAGIC,
     MAX_HEADER_BYTES,
+    PART_MAGIC,
+    PART_PREFIX,
     PREFIX,
     PayloadMeta,
     TensorEntry,
@@ -38,11 +50,17 @@ __all__ = [
     "DEFAULT_MAX_NUMEL",
     "DEFAULT_MAX_PAYLOAD_BYTES",
     "PayloadMeta",
+    "decode_part",
     "decode_payload",
     "decode_tensor",
     "encode_payload",
+    "inline_digest",
+    "matches_digest",
+    "part_digest",
     "payload_digest",
+    "payload_part",
     "payload_size",
+    "tensor_hashes",
 ]
 
 
@@ -96,9 +114,185 @@ def payload_size(meta_or_config: PayloadMeta | SparseLoCoConfig | str, shapes: M
     return PREFIX.size + len(_pack_header(meta, entries)) + body
 
 
-def payload_digest(data: bytes) -> str:
-    """Content address of a payload: sha256 of its bytes, hex."""
+def inline_digest(data: bytes) -> str:
+    """Content address of an inline payload (bytes a mode carries in the submission record): sha256, hex."""
     return hashlib.sha256(data).hexdigest()
+
+
+def _spans(
+    data: bytes | bytearray | memoryview, max_bytes: int
+) -> tuple[memoryview, int, list[TensorEntry], list[tuple[int, int]]]:
+    """A whole payload's framing checked: (view, header length, entries, each tensor's byte span)."""
+    view = _as_view(data)
+    header_len = _read_prefix(view, max_bytes)
+    _, entries = parse_header(_unpack_header(view[PREFIX.size : PREFIX.size + header_len]))
+    spans, offset = [], PREFIX.size + header_len
+    for entry in entries:
+        spans.append((offset, offset + sum(entry.lens)))
+        offset += sum(entry.lens)
+    if offset != view.nbytes:
+        raise PayloadError(f"sections need {offset} bytes, the payload has {view.nbytes}")
+    return view, header_len, entries, spans
+
+
+def tensor_hashes(data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> tuple[bytes, list[bytes]]:
+    """The leaves of a payload's hash tree: sha256 of prefix + header, and of each tensor's bytes."""
+    view, header_len, _, spans = _spans(data, max_bytes)
+    head = hashlib.sha256(view[: PREFIX.size + header_len]).digest()
+    return head, [hashlib.sha256(view[a:b]).digest() for a, b in spans]
+
+
+def _root(head: bytes, leaves: Sequence[bytes]) -> str:
+    h = hashlib.sha256(head)
+    for leaf in leaves:
+        h.update(leaf)
+    return h.hexdigest()
+
+
+def payload_digest(data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> str:
+    """Content address of a payload: the root of its hash tree, hex (PayloadError if the bytes are
+    not a well-framed payload)."""
+    return _root(*tensor_hashes(data, max_bytes))
+
+
+def payload_part(
+    data: bytes | bytearray | memoryview, names: Collection[str], hashes: tuple[bytes, list[bytes]] | None = None
+) -> bytes:
+    """The part of a payload a fetcher of `names` needs (those of its tensors it carries, and the
+    hashes of the rest); `hashes`: its `tensor_hashes`, if known."""
+    view, header_len, entries, spans = _spans(data, DEFAULT_MAX_PAYLOAD_BYTES)
+    _, leaves = hashes if hashes is not None else tensor_hashes(view)
+    wanted = set(names)
+    included = [i for i, e in enumerate(entries) if e.name in wanted]
+    kept = set(included)
+    return b"".join(
+        [
+            PART_PREFIX.pack(PART_MAGIC, FORMAT_VERSION, header_len, len(included)),
+            view[PREFIX.size : PREFIX.size + header_len],
+            b"".join(struct.pack("<I", i) for i in included),
+            b"".join(leaf for i, leaf in enumerate(leaves) if i not in kept),
+            *(view[spans[i][0] : spans[i][1]] for i in included),
+        ]
+    )
+
+
+def _parse_part(
+    data: bytes | bytearray | memoryview, max_bytes: int
+) -> tuple[PayloadMeta, list[TensorEntry], dict[int, memoryview], str]:
+    """A part's framing checked: (meta, every entry, the included tensors' bytes by index, the root
+    it hashes to)."""
+    view = _as_view(data)
+    if view.nbytes > max_bytes:
+        raise PayloadError(f"part of {view.nbytes} bytes exceeds the limit of {max_bytes}")
+    if view.nbytes < PART_PREFIX.size:
+        raise PayloadError("truncated part prefix")
+    magic, version, header_len, count = PART_PREFIX.unpack_from(view)
+    if magic != PART_MAGIC or version != FORMAT_VERSION:
+        raise PayloadError(f"not a part of a version {FORMAT_VERSION} payload ({bytes(magic)!r}, version {version})")
+    if header_len > MAX_HEADER_BYTES or PART_PREFIX.size + header_len > view.nbytes:
+        raise PayloadError("part header truncated or too long")
+    header = view[PART_PREFIX.size : PART_PREFIX.size + header_len]
+    meta, entries = parse_header(_unpack_header(header))
+    offset = PART_PREFIX.size + header_len
+    if count > len(entries) or offset + 4 * count + 32 * (len(entries) - count) > view.nbytes:
+        raise PayloadError("part truncated in its index or hashes")
+    included = list(struct.unpack_from(f"<{count}I", view, offset))
+    offset += 4 * count
+    if any(b <= a for a, b in itertools.pairwise(included)) or (included and included[-1] >= len(entries)):
+        raise PayloadError("part indices are not ascending tensor indices")
+    kept = set(included)
+    leaves: list[bytes] = []
+    bodies: dict[int, memoryview] = {}
+    body_at, given = offset + 32 * (len(entries) - count), 0
+    for i, entry in enumerate(entries):
+        if i in kept:
+            size = sum(entry.lens)
+            if body_at + size > view.nbytes:
+                raise PayloadError(f"part truncated in tensor {entry.name!r}")
+            bodies[i] = view[body_at : body_at + size]
+            leaves.append(hashlib.sha256(bodies[i]).digest())
+            body_at += size
+        else:
+            leaves.append(bytes(view[offset + 32 * given : offset + 32 * (given + 1)]))
+            given += 1
+    if body_at != view.nbytes:
+        raise PayloadError(f"{view.nbytes - body_at} bytes of trailing garbage in a part")
+    head = hashlib.sha256(PREFIX.pack(MAGIC, FORMAT_VERSION, header_len) + bytes(header)).digest()
+    return meta, entries, bodies, _root(head, leaves)
+
+
+def part_digest(data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> str:
+    """The digest of the payload a part was cut from (PayloadError if it is not a well-framed part)."""
+    return _parse_part(data, max_bytes)[3]
+
+
+def matches_digest(data: bytes | bytearray | memoryview, digest: str) -> bool:
+    """Whether bytes a holder sent are those `digest` names: a payload or a part of one whose hash
+    tree has that root, or other bytes whose sha256 it is (a sender's malformed payload: what it
+    announced, to be refused as malformed when decoded)."""
+    try:
+        view = _as_view(data)
+        if bytes(view[:3]) == PART_MAGIC:
+            return part_digest(view) == digest
+        return payload_digest(view) == digest
+    except PayloadError:
+        return inline_digest(bytes(data)) == digest
+
+
+def decode_part(
+    data: bytes | bytearray | memoryview,
+    digest: str,
+    *,
+    expected: Mapping[str, Sequence[int]] | None = None,
+    max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    max_numel: int = DEFAULT_MAX_NUMEL,
+    max_abs: float = MAX_ABS_VALUE,
+    expected_codec: tuple[str, Mapping[str, ParamValue]] | None = None,
+) -> tuple[PayloadMeta, dict[str, torch.Tensor]]:
+    """Check a part against the payload's digest and decode the tensors it carries (PayloadError
+    on anything else: a part that does not hash to `digest` is not that payload's)."""
+    meta, entries, bodies, root = _parse_part(data, max_bytes)
+    if root != digest:
+        raise PayloadError("part does not hash to the payload's digest")
+    meta, config = _check_meta(meta, entries, expected, max_numel, expected_codec)
+    return meta, {entries[i].name: _decode_entry(entries[i], body, meta, config, max_abs) for i, body in bodies.items()}
+
+
+def _as_view(data: bytes | bytearray | memoryview) -> memoryview:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
+    try:
+        return memoryview(data).cast("B")
+    except TypeError:
+        raise PayloadError("payload buffer is not contiguous bytes") from None
+
+
+def _check_meta(
+    meta: PayloadMeta,
+    entries: list[TensorEntry],
+    expected: Mapping[str, Sequence[int]] | None,
+    max_numel: int,
+    expected_codec: tuple[str, Mapping[str, ParamValue]] | None,
+) -> tuple[PayloadMeta, SparseLoCoConfig | None]:
+    if expected_codec is not None:
+        want_codec, want_params = expected_codec[0], dict(expected_codec[1])
+        if (meta.codec, dict(meta.params)) != (want_codec, want_params):
+            raise PayloadError(f"codec {meta.codec} {dict(meta.params)} is not the run's {want_codec} {want_params}")
+    config = codec_config(meta.codec, meta.params)  # valid: parse_header checked it
+    _check_entries(entries, meta, config, expected, max_numel)
+    return meta, config
+
+
+def _decode_entry(
+    entry: TensorEntry, body: memoryview, meta: PayloadMeta, config: SparseLoCoConfig | None, max_abs: float
+) -> torch.Tensor:
+    sections, offset = [], 0
+    for length in entry.lens:
+        sections.append(body[offset : offset + length])
+        offset += length
+    if config is not None:
+        return sparseloco.decode_sparse(entry.shape, tuple(sections), config, max_abs)
+    return dense.decode_dense(entry.shape, tuple(sections), meta.codec, max_abs)
 
 
 def decode_tensor(encoded: EncodedTensor, max_abs: float = MAX_ABS_VALUE) -> torch.Tensor:
@@ -171,20 +365,10 @@ def decode_payload(
     `expected` maps the names a payload may carry to their shapes (a payload may carry a
     subset); `expected_codec` pins (codec, params) to the run's. Raises PayloadError only.
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
-    try:
-        view = memoryview(data).cast("B")
-    except TypeError:
-        raise PayloadError("payload buffer is not contiguous bytes") from None
+    view = _as_view(data)
     header_len = _read_prefix(view, max_bytes)
     meta, entries = parse_header(_unpack_header(view[PREFIX.size : PREFIX.size + header_len]))
-    if expected_codec is not None:
-        want_codec, want_params = expected_codec[0], dict(expected_codec[1])
-        if (meta.codec, dict(meta.params)) != (want_codec, want_params):
-            raise PayloadError(f"codec {meta.codec} {dict(meta.params)} is not the run's {want_codec} {want_params}")
-    config = codec_config(meta.codec, meta.params)  # valid: parse_header checked it
-    _check_entries(entries, meta, config, expected, max_numel)
+    meta, config = _check_meta(meta, entries, expected, max_numel, expected_codec)
     offset = PREFIX.size + header_len
     end = offset + sum(sum(e.lens) for e in entries)
     if end > view.nbytes:
@@ -193,12 +377,7 @@ def decode_payload(
         raise PayloadError(f"{view.nbytes - end} bytes of trailing garbage")
     tensors = {}
     for entry in entries:
-        sections = []
-        for length in entry.lens:
-            sections.append(view[offset : offset + length])
-            offset += length
-        if config is not None:
-            tensors[entry.name] = sparseloco.decode_sparse(entry.shape, tuple(sections), config, max_abs)
-        else:
-            tensors[entry.name] = dense.decode_dense(entry.shape, tuple(sections), meta.codec, max_abs)
+        size = sum(entry.lens)
+        tensors[entry.name] = _decode_entry(entry, view[offset : offset + size], meta, config, max_abs)
+        offset += size
     return meta, tensors

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from swarm import __version__
-from swarm.codec import PayloadError, payload_digest
+from swarm.codec import PayloadError, inline_digest
 from swarm.data.corpus import Corpus
 from swarm.data.fetch import RunData, ShardFetcher, shard_file
 from swarm.data.tokenizer import obtain_run_tokenizer
@@ -330,7 +330,7 @@ class Peer(AgreedNode):
         steps: the DHT records go out in the background (the settle task does not need them)."""
         state = self.agreement.state
         if work.inline is not None:  # a mode whose payload rides in the submission record
-            encoded = Encoded(work.inline, payload_digest(work.inline))
+            encoded = Encoded(work.inline, inline_digest(work.inline))
         else:
             encoded = await asyncio.to_thread(self.encoder.encode, work.delta, r)
         if late is not None and await late:

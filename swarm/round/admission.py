@@ -29,7 +29,7 @@ import secrets
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from swarm.codec import PayloadError, payload_digest
+from swarm.codec import PayloadError, inline_digest
 from swarm.log import get_logger
 from swarm.modes.base import TrainingMode
 from swarm.net.records import MAX_LEDGER_PEERS, Ledger, Manifest, ManifestEntry, Rejection, Role, Submission, role_key
@@ -293,7 +293,7 @@ class Validator:
         """What is wrong with an inline payload as a submission or manifest entry names it (None: fine)."""
         if not data:
             return "no inline payload"
-        if size != len(data) or digest != payload_digest(data):
+        if size != len(data) or digest != inline_digest(data):
             return "inline payload does not match its digest or size"
         problem = self.mode.check_inline(data)
         return f"malformed payload: {problem}" if problem else None

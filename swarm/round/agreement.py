@@ -638,7 +638,8 @@ class RoundAgreement:
         base = self.state.hash
         if manifest.base_hash != base:
             raise Diverged(f"round {manifest.round} applies to state {manifest.base_hash[:12]}, ours is {base[:12]}")
-        blobs = await asyncio.gather(*(self._fetch(manifest, e) for e in manifest.entries))
+        held = sorted(self.state.params)  # of each payload, the part carrying the tensors we hold
+        blobs = await asyncio.gather(*(self._fetch(manifest, e, held) for e in manifest.entries))
         async with self.lock:
             if self.known_hash() != base:
                 raise Diverged(f"our state moved while fetching round {manifest.round}")
@@ -661,10 +662,10 @@ class RoundAgreement:
         acc = slot_aggregator({n: s for n, s in self.store.shapes.items() if n in held}, self.run.outer.trim)
         for entry, data in zip(manifest.entries, blobs):
             try:
-                tensors = self.store.decode(data, sender=entry.peer_id, round_no=manifest.round)
+                tensors = self.store.decode_any(data, entry.digest, sender=entry.peer_id, round_no=manifest.round)
             except Exception as e:
                 raise BadManifest(f"payload of {entry.peer_id[-8:]}: {e}") from None
-            if (problem := check_scales(entry.scales, set(tensors))) is not None:
+            if (problem := check_scales({n: c for n, c in entry.scales.items() if n in held}, set(tensors))) is not None:
                 raise BadManifest(f"entry of {entry.peer_id[-8:]}: {problem}")
             if part := {n: t for n, t in tensors.items() if n in held}:
                 acc.add(part, entry.scales)
@@ -801,7 +802,7 @@ class RoundAgreement:
         if item is not None and self.validator.adopt(item.record):
             logger.info("adopted the coordinator's ledger as of round %d", item.record.round)
 
-    async def _fetch(self, manifest: Manifest, entry: ManifestEntry) -> bytes:
+    async def _fetch(self, manifest: Manifest, entry: ManifestEntry, names: list[str] | None = None) -> bytes:
         """A listed payload from its sender, the leader, the other senders, or any member that has
         applied the round already (they keep what they fetched). A leader that serves a payload to
         some followers only cannot split the swarm: an honest peer that got it passes it on; only if
@@ -814,14 +815,14 @@ class RoundAgreement:
         while True:
             try:  # the listed holders first: the live members are read only if none of them has it
                 # (R fetches a round: reading R heartbeats for each cost R³)
-                return await asyncio.wait_for(self.store.get(entry.digest, holders), max(1.0, give_up - monotonic()))
+                return await asyncio.wait_for(self.store.get(entry.digest, holders, names), max(1.0, give_up - monotonic()))
             except Exception as e:  # undeliverable so far
                 failure = e
             live = {b.peer_id for b in await self.node.member_peers()}
             others = sorted(live - set(holders) - {self.node.peer_id})
             if others:
                 try:
-                    return await asyncio.wait_for(self.store.get(entry.digest, others), max(1.0, give_up - monotonic()))
+                    return await asyncio.wait_for(self.store.get(entry.digest, others, names), max(1.0, give_up - monotonic()))
                 except Exception as e:
                     failure = e
             # The coordinator holds every payload it listed (it fetched each to check it) and serves

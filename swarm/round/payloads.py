@@ -8,8 +8,9 @@ Decoding validates everything (codec/payload.py); a bad payload raises PayloadEr
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,11 +19,16 @@ from swarm.codec import (
     PayloadMeta,
     SparseLoCoCompressor,
     SparseLoCoConfig,
+    decode_part,
     decode_payload,
     encode_dense,
     encode_payload,
+    matches_digest,
     payload_digest,
+    payload_part,
+    tensor_hashes,
 )
+from swarm.codec.header import PART_MAGIC
 from swarm.log import get_logger
 from swarm.net.transfer import BlobCache, Traffic, TransferError
 from swarm.run import RunConfig
@@ -109,6 +115,7 @@ class PayloadStore:
         self.traffic = traffic
         self.blobs = BlobCache(max_bytes=max(256 << 20, 8 * dense_bytes(shapes)))
         self._reveal_at: dict[str, float] = {}  # our own payloads' digests: when they may be served
+        self._hashes: dict[str, tuple[bytes, list[bytes]]] = {}  # digest -> its hash tree's leaves (serving parts)
         self.max_bytes = max_payload_bytes(shapes)
         codec = run.outer.codec
         self.codec = (codec, codec_config(run).wire_params() if codec == "sparseloco" else {})
@@ -123,33 +130,60 @@ class PayloadStore:
         self.blobs.put(digest, data)
 
     async def serve(self, request: dict) -> bytes | None:
-        digest = request.get("digest")
+        """A payload by digest, or with "names" the part of it that carries those tensors (built
+        from the whole payload, or a part held for exactly those names)."""
+        digest, names = request.get("digest"), request.get("names")
         if not isinstance(digest, str):
+            return None
+        if names is not None and not (
+            isinstance(names, list) and len(names) <= MAX_PART_NAMES and all(isinstance(n, str) for n in names)
+        ):
             return None
         if (wait := self._reveal_at.get(digest, 0.0) - asyncio.get_running_loop().time()) > 0:
             await asyncio.sleep(wait)  # a slower answer, not a refusal: fetchers wait far longer than this
-        return self.blobs.get(digest)
+        if names is None:
+            return self.blobs.get(digest)
+        if (part := self.blobs.get(_part_key(digest, names))) is not None:
+            return part
+        whole = self.blobs.get(digest)
+        if whole is None:
+            return None
+        try:
+            if digest not in self._hashes:
+                self._hashes = dict(list(self._hashes.items())[-63:])  # the last rounds' payloads only
+                self._hashes[digest] = await asyncio.to_thread(tensor_hashes, whole)
+            return await asyncio.to_thread(payload_part, whole, names, self._hashes[digest])
+        except PayloadError:  # a malformed payload we hold (to refuse it): no part of it
+            return None
 
-    async def get(self, digest: str, holders: list[str]) -> bytes:
-        """The bytes with this digest, from our cache or the first holder that has them."""
+    async def get(self, digest: str, holders: list[str], names: list[str] | None = None) -> bytes:
+        """The bytes with this digest, from our cache or the first holder that has them; with
+        `names`, a part carrying those of its tensors (or the whole payload if we hold it):
+        `decode` takes either."""
         cached = self.blobs.get(digest)
+        key = digest if names is None else _part_key(digest, names)
+        if cached is None and names is not None:
+            cached = self.blobs.get(key)
         if cached is not None:
             return cached
         if self.fetch is None:
             raise TransferError(f"payload {digest[:12]} is not here and this store fetches nothing")
+        request: dict[str, Any] = {"kind": "payload", "digest": digest}
+        if names is not None:
+            request["names"] = sorted(names)
         errors = []
         for holder in holders + holders[:1]:  # the first holder gets a second chance (transient stream errors)
             try:
-                data = await self.fetch(holder, {"kind": "payload", "digest": digest}, self.max_bytes, 60.0)
+                data = await self.fetch(holder, request, self.max_bytes, 60.0)
             except TransferError as e:
                 errors.append(str(e))
                 continue
             if data is None:
                 errors.append(f"{holder[-8:]} does not have it")
-            elif payload_digest(data) != digest:
+            elif not matches_digest(data, digest):
                 errors.append(f"{holder[-8:]} sent bytes with another digest")
             else:
-                self.blobs.put(digest, data)
+                self.blobs.put(key, data)
                 return data
         raise TransferError(f"payload {digest[:12]} unavailable: " + "; ".join(errors[-3:]))
 
@@ -161,6 +195,18 @@ class PayloadStore:
         decoded payload at a time.
         """
         meta, tensors = decode_payload(data, expected=self.shapes, max_bytes=self.max_bytes, expected_codec=self.codec)
+        return self._checked(meta, tensors, sender, round_no)
+
+    def decode_any(self, data: bytes, digest: str, *, sender: str, round_no: int) -> dict[str, torch.Tensor]:
+        """`decode`, for a whole payload or a part of the payload named by `digest` (its tensors only)."""
+        if bytes(data[:3]) != PART_MAGIC:
+            return self.decode(data, sender=sender, round_no=round_no)
+        meta, tensors = decode_part(data, digest, expected=self.shapes, max_bytes=self.max_bytes, expected_codec=self.codec)
+        return self._checked(meta, tensors, sender, round_no, part=True)
+
+    def _checked(
+        self, meta: PayloadMeta, tensors: dict[str, torch.Tensor], sender: str, round_no: int, *, part: bool = False
+    ) -> dict[str, torch.Tensor]:
         if meta.run_id != self.run.run_id:
             raise PayloadError(f"payload is for run {meta.run_id!r}")
         if meta.round != round_no:
@@ -169,6 +215,14 @@ class PayloadStore:
             raise PayloadError("payload sender field does not match the submitting peer")
         if meta.codec != self.run.outer.codec:
             raise PayloadError(f"payload codec {meta.codec!r} is not the run's {self.run.outer.codec!r}")
-        if not tensors:
+        if not tensors and not part:  # a part may carry none of a payload's tensors
             raise PayloadError("payload carries no tensor")
         return tensors
+
+
+MAX_PART_NAMES = 1 << 16  # tensors a part request may name
+
+
+def _part_key(digest: str, names: list[str]) -> str:
+    """Where a part is cached: the payload's digest and the names it was cut for."""
+    return f"{digest}/" + hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:16]

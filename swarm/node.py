@@ -8,6 +8,8 @@ heartbeats and transfers are served on time while a peer computes.
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 import time
 from collections import deque
 from collections.abc import Coroutine
@@ -50,6 +52,23 @@ class NodeStatus:
     steps: int = 0
     is_coordinator: bool = False
     links: dict[str, float] = field(default_factory=dict)  # peer id -> activation bytes/s (pipeline stages)
+    device_bytes: int = 0  # accelerator memory at its peak in the last round
+    round_bytes_in: int = 0  # transfer bytes of the last round
+    round_bytes_out: int = 0
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc; 0 where it cannot be read)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (ru_maxrss: KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class SwarmNode:
@@ -164,6 +183,10 @@ class SwarmNode:
             addrs=self.dht.visible_maddrs()[:4],
             reachable=self.dht.reachable,
             links=dict(s.links),
+            ram_bytes=rss_bytes(),
+            device_bytes=s.device_bytes,
+            round_bytes_in=s.round_bytes_in,
+            round_bytes_out=s.round_bytes_out,
         )
         await self.dht.put(run_key(self.run.run_id, "heartbeat"), beat, self.run.heartbeat_ttl_s)
 

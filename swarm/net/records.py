@@ -129,6 +129,10 @@ class Heartbeat:
     addrs: list[str] = field(default_factory=list)
     reachable: bool = True  # others can dial it (False: behind NAT; never leads or donates state)
     links: dict[str, float] = field(default_factory=dict)  # activation bytes/s to + from each link neighbour, last round
+    ram_bytes: int = 0  # the process's resident memory now
+    device_bytes: int = 0  # accelerator memory at its peak in the last round (0 on the CPU)
+    round_bytes_in: int = 0  # bytes received over transfers in the last round (payloads, state)
+    round_bytes_out: int = 0
 
 
 @dataclass

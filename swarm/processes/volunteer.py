@@ -32,7 +32,7 @@ from swarm.modes.replica import RoundWork, initial_state, measure_tokens_per_s, 
 from swarm.net.dht import DHTOptions
 from swarm.net.records import Capacity, Manifest, Role, Submission, role_key, run_key, submit_key
 from swarm.net.schema import to_plain
-from swarm.node import fetch_run_description
+from swarm.node import fetch_run_description, peak_rss_bytes, rss_bytes
 from swarm.processes.admission import (
     AdmissionRefused,
     check_token,
@@ -95,6 +95,7 @@ class Peer(AgreedNode):
         self.rounds_done = 0
         self.sinks = MetricSinks()  # opened when rounds start (the run is known then)
         self._background: set[asyncio.Task[None]] = set()  # DHT writes not waited for (see _in_background)
+        self._traffic_reported = (0, 0)  # transfer bytes (sent, received) at the last round's report
 
     async def main(self) -> None:
         if self.cfg.threads:
@@ -447,6 +448,7 @@ class Peer(AgreedNode):
             "bytes_sent": self.traffic.sent,
             "bytes_received": self.traffic.received,
             "role": self.status.role,
+            **self._memory_and_bytes(state),
             **self.worker.memory_bytes(),
         }
         metrics.write(row)
@@ -463,6 +465,26 @@ class Peer(AgreedNode):
             self.agreement.apply_s,
             state.hash[:10],
         )
+
+    def _memory_and_bytes(self, state: GlobalState) -> dict[str, int]:
+        """This round's transfer bytes and the memory held now (also put in the heartbeat, so the
+        status page shows them beside the peer's role)."""
+        last_sent, last_received = self._traffic_reported
+        self._traffic_reported = (self.traffic.sent, self.traffic.received)
+        s = self.status
+        s.round_bytes_out, s.round_bytes_in = self.traffic.sent - last_sent, self.traffic.received - last_received
+        if self.device.type == "cuda":
+            s.device_bytes = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        held = sum(t.numel() * t.element_size() for part in (state.params, state.momentum) for t in part.values())
+        return {
+            "round_bytes_in": s.round_bytes_in,
+            "round_bytes_out": s.round_bytes_out,
+            "rss_bytes": rss_bytes(),
+            "rss_peak_bytes": peak_rss_bytes(),
+            "device_bytes": s.device_bytes,
+            "state_bytes": held,  # the agreed state (or the part of it) this peer holds
+        }
 
     async def stop(self, *, announce_leave: bool = True) -> None:
         if self.cfg.save_dir:

@@ -167,6 +167,10 @@ def peer_json(entry: PeerEntry, state: PeerState, now: float) -> dict:
         "addrs": [clean_text(a, 200) for a in b.addrs[:4]],  # where `join-swarm`/`swarm-status` can reach it
         "reachable": b.reachable,  # False: behind NAT, dials out and is reached over its own connections or relays
         "links": {short_id(p): clean_number(v) for p, v in sorted(b.links.items())[:8]},  # activation bytes/s per neighbour
+        "ram_bytes": b.ram_bytes,  # what its role costs it: resident memory, accelerator memory, bytes a round
+        "device_bytes": b.device_bytes,
+        "round_bytes_in": b.round_bytes_in,
+        "round_bytes_out": b.round_bytes_out,
     }
 
 

@@ -114,7 +114,12 @@ function renderPeers(peers) {
     tr.dataset.state = p.state;
     tr.className = `state-${p.state === "live" || p.state === "stale" ? p.state : "departed"}`;
     tr.append(
-      peerCell(p), el("td", "role", p.role), el("td", "device", p.device), stateCell(p),
+      peerCell(p), el("td", "role", p.role),
+      el("td", "num ram", p.ram_bytes ? fmtBytes(p.ram_bytes) : "–"),
+      el("td", "num devmem", p.device_bytes ? fmtBytes(p.device_bytes) : "–"),
+      el("td", "num round-bytes", p.round_bytes_in || p.round_bytes_out
+        ? `${fmtBytes(p.round_bytes_in)} in / ${fmtBytes(p.round_bytes_out)} out` : "–"),
+      el("td", "device", p.device), stateCell(p),
       el("td", "reach", p.reachable === false ? "behind NAT (relayed)" : "public"),
       el("td", "num round", p.round), el("td", "num", isNum(p.tokens_per_s) ? Math.round(p.tokens_per_s) : "–"),
       el("td", "num", fmtLoss(p.loss)), el("td", "num", fmtBytes(p.bytes_sent)),

@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, str] = {
     "quality": "launch.benchmarks.quality",
     "scale": "launch.benchmarks.scale",
     "trust": "launch.benchmarks.trust",
+    "memory": "launch.benchmarks.memory",
 }
 
 

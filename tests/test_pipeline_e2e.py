@@ -6,6 +6,7 @@ replica's update), the full replicas go on, and a spare weak peer takes over the
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,35 @@ def test_pipeline_group_trains_with_full_replicas_and_survives_a_dead_stage(tmp_
         assert not any(r in included_rounds(cluster, first) for r in gap)
         assert cluster.procs[first].poll() is None and not cluster.failed()
         assert_identical(cluster)
+
+
+def test_a_group_of_stages_each_holding_under_a_third_of_the_model_trains_it(tmp_path):
+    """Four weak peers, no full replica: each holds, fetches and applies its stage's part of the
+    state only (under a third of the model), and after every round each part is the same part of the
+    coordinator's full state, bit for bit (a part's hash is the agreed state's hash only if every
+    tensor it holds matches the agreed leaves)."""
+    run = {**RUN, "mode_options": {"stages": 4, "micro_batches": 1, "link_timeout_s": 6.0}}
+    with LocalCluster(tmp_path, run) as cluster:
+        names = [f"w{i}" for i in range(4)]
+        for name in names:
+            cluster.add_peer(name, extra=WEAK)
+
+        def trained() -> list[int]:
+            rounds = [included_rounds(cluster, n) for n in names]
+            return sorted(set.intersection(*rounds))
+
+        wait_for(lambda: len(trained()) >= 2, 300, "2 rounds trained by the group", cluster)
+        full = 4 * sum(math.prod(shape) for shape in _shapes(cluster))
+        for name in names:
+            rows = rows_of(cluster, name)
+            assert rows and all(row["state_bytes"] < full / 3 for row in rows.values()), f"{name} holds too much"
+        last = max(trained())
+        assert {rows_of(cluster, n)[last]["role"].split(" (")[0] for n in names} == {f"stage {s} of group 0" for s in range(4)}
+        assert not cluster.failed()
+        assert_identical(cluster)
+
+
+def _shapes(cluster: LocalCluster) -> list[tuple[int, ...]]:
+    from models import build_model, get_preset
+
+    return [tuple(p.shape) for p in build_model(get_preset(str(RUN["preset"]))).parameters()]

@@ -208,3 +208,25 @@ def test_a_peer_led_manifest_counts_once_a_majority_endorses_it_and_two_faced_en
     other = next(m for m in found if m.record is not first)
     assert canonical_manifest(found, 5, coordinator="c", agreed="good", endorsed=lambda m: m is other) is other.record
     assert canonical_manifest(found, 5, coordinator="c", agreed="good", endorsed=lambda m: False) is None
+
+
+def test_the_coordinator_closes_a_round_empty_when_no_live_peer_can_contribute():
+    """A pipeline group alone that gave a round up sits it out (phase "joining") and waits for its
+    manifest; the coordinator, seeing nobody who could still submit, closes it empty after the round
+    timeout instead of waiting for ever. Banned trainers count as unable; anyone training does not."""
+    from types import SimpleNamespace
+
+    from swarm.round.agreement import RoundAgreement
+
+    banned = {"x"}
+    node = SimpleNamespace(peer_id="c", run=SimpleNamespace(coordinator="c"))
+    agreement = RoundAgreement(node, None, None, SimpleNamespace(scored=False))  # type: ignore[arg-type]
+    agreement.validator = SimpleNamespace(banned=lambda p: p in banned)  # type: ignore[assignment]
+    me = beat("c", 5, "h")
+    sitting = [beat(p, 5, "h", phase="joining") for p in ("s0", "s1", "s2", "s3")]
+    assert agreement._nobody_admissible([me, *sitting])
+    assert agreement._nobody_admissible([me, *sitting, beat("x", 5, "h")])  # and one banned trainer
+    assert not agreement._nobody_admissible([me, *sitting, beat("f", 5, "h")])  # someone trains: wait for it
+    assert not agreement._nobody_admissible([me])  # nobody at all: nothing to close a round for
+    node.peer_id = "a"
+    assert not agreement._nobody_admissible([me, *sitting])  # peers never close a round empty

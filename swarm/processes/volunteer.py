@@ -96,6 +96,7 @@ class Peer(AgreedNode):
         self.sinks = MetricSinks()  # opened when rounds start (the run is known then)
         self._background: set[asyncio.Task[None]] = set()  # DHT writes not waited for (see _in_background)
         self._traffic_reported = (0, 0)  # transfer bytes (sent, received) at the last round's report
+        self._state_held_at = 0.0
 
     async def main(self) -> None:
         if self.cfg.threads:
@@ -119,6 +120,7 @@ class Peer(AgreedNode):
         self.encoder = PayloadEncoder(self.run, self.peer_id)
         self.server.register("payload", self.store.serve)
         state = await self._obtain_state()
+        self._state_held_at = time.time()  # joining: the agreed state (or our part) is here
         self.hold(RoundAgreement(self, self.store, state, self.mode))
         serve_state(self.server, self.agreement)
         await self.agreement.adopt_ledger()  # standing earned before we joined (or restarted)
@@ -466,7 +468,7 @@ class Peer(AgreedNode):
             state.hash[:10],
         )
 
-    def _memory_and_bytes(self, state: GlobalState) -> dict[str, int]:
+    def _memory_and_bytes(self, state: GlobalState) -> dict[str, int | float]:
         """This round's transfer bytes and the memory held now (also put in the heartbeat, so the
         status page shows them beside the peer's role)."""
         last_sent, last_received = self._traffic_reported
@@ -484,6 +486,7 @@ class Peer(AgreedNode):
             "rss_peak_bytes": peak_rss_bytes(),
             "device_bytes": s.device_bytes,
             "state_bytes": held,  # the agreed state (or the part of it) this peer holds
+            "state_held_at": self._state_held_at,  # wall time it first held the state, joining
         }
 
     async def stop(self, *, announce_leave: bool = True) -> None:

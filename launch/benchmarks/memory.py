@@ -1,0 +1,161 @@
+"""What a peer that holds part of the model costs against a full replica: memory, bytes, join time.
+
+Pipeline: a local swarm of a coordinator, `--full` full replicas and one `--stages`-stage group of
+weak peers (`--memory-gb`, so the coordinator makes them stages), `--rounds` rounds. A stage holds,
+downloads and applies its part of the state only (docs/modes/pipeline.md). SPES (`--spes-preset`):
+a swarm of `--spes-peers` expert owners, against a SparseLoCo swarm of as many full replicas of the
+same model. Printed per role, each the median over its peers: peak resident memory (ru_maxrss,
+whole process: Python, torch, the DHT client), the agreed state it holds, bytes in per round
+(rounds after the first; payloads or their parts, and state), start to holding the state, start to
+its first contribution applied (its join), and each figure's ratio to the full replica's.
+
+The issue's targets are for `1b` and 4 stages (RSS and bytes in at most 35% of a full replica's,
+join at most 40%). On a CPU machine a small preset shows the same split of bytes, while its RSS and
+join are dominated by what does not grow with the model (the interpreter, torch, the corpus).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from launch.cluster import LocalCluster
+from models import count_parameters, get_preset
+from swarm.modes import default_outer
+from swarm.net.schema import to_plain
+
+HELP = "a pipeline stage and an SPES owner against a full replica: peak RSS, state held, bytes in per round, join time"
+DEFAULT_TEXT = Path(__file__).resolve().parents[3] / "shared/data/tinyshakespeare.txt"
+WEAK = ("--memory-gb", "0.001")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    default_data = str(DEFAULT_TEXT) if DEFAULT_TEXT.is_file() else "stdlib"
+    parser.add_argument("--data", default=default_data, help="corpus (default %(default)s)")
+    parser.add_argument("--preset", default="tiny", help="pipeline model (default %(default)s; the targets are for 1b)")
+    parser.add_argument("--stages", type=int, default=4, help="stages of the group (default %(default)s)")
+    parser.add_argument("--full", type=int, default=1, help="full replicas beside the group (default %(default)s)")
+    parser.add_argument("--spes-preset", default="moe-tiny", help="SPES model; 'none' skips SPES (default %(default)s)")
+    parser.add_argument(
+        "--spes-peers", type=int, default=4, help="expert owners, and full replicas to compare (default %(default)s)"
+    )
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--inner-steps", type=int, default=2, help="H (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--workdir", default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    base = Path(args.workdir or tempfile.mkdtemp(prefix="swarm-bench-memory-"))
+    print(f"workdir {base}", flush=True)
+    cfg = get_preset(args.preset)
+    print(
+        f"pipeline: {args.preset} ({count_parameters(cfg) / 1e6:.1f}M params), {args.full} full + 1 group of {args.stages} stages"
+    )
+    stages = {"stages": args.stages, "micro_batches": 1, "link_timeout_s": 60.0}
+    roles = swarm_figures(base / "pipeline", run_description(args, "pipeline", args.preset, stages), args, pipeline=True)
+    print_table(roles, reference="full replica")
+    if args.spes_preset != "none":
+        cfg = get_preset(args.spes_preset)
+        print(
+            f"\nSPES: {args.spes_preset} ({count_parameters(cfg) / 1e6:.1f}M params), {args.spes_peers} owners vs as many replicas"
+        )
+        spes = swarm_figures(base / "spes", run_description(args, "spes", args.spes_preset), args, pipeline=False)
+        replicas = swarm_figures(base / "sparseloco", run_description(args, "sparseloco", args.spes_preset), args, pipeline=False)
+        print_table({"full replica": replicas["full replica"], "expert owner": spes["full replica"]}, reference="full replica")
+    return 0
+
+
+def run_description(args: argparse.Namespace, mode: str, preset: str, options: dict | None = None) -> dict:
+    run = {
+        "preset": preset,
+        "mode": mode,
+        "data_source": args.data,
+        "inner_steps": args.inner_steps,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "warmup_steps": args.inner_steps,
+        "max_rounds": args.rounds,
+        "round_timeout_s": 300.0,
+        "heartbeat_interval_s": 2.0,
+        "heartbeat_ttl_s": 20.0,
+        "num_shards": 8,
+        "eval_batches": 2,
+        "outer": to_plain(default_outer(mode)),
+    }
+    if options:
+        run["mode_options"] = options
+    return run
+
+
+def swarm_figures(workdir: Path, run: dict, args: argparse.Namespace, *, pipeline: bool) -> dict[str, dict[str, float]]:
+    """Run one swarm to its last round; each role's median figures ("full replica", "stage")."""
+    started: dict[str, float] = {}
+    peers = args.full + args.stages if pipeline else args.spes_peers
+    with LocalCluster(workdir, run, coordinator_args=("--stop-after", str(args.rounds))) as cluster:
+        for i in range(peers):
+            name = f"p{i}"
+            started[name] = time.time()
+            weak = pipeline and i >= args.full
+            cluster.add_peer(name, max_rounds=args.rounds, extra=WEAK if weak else ())
+        rounds_file = workdir / "coordinator" / "rounds.jsonl"
+        deadline = time.monotonic() + 600 + 300 * args.rounds
+        while time.monotonic() < deadline:
+            if cluster.failed():
+                raise RuntimeError(f"a swarm process failed; logs in {workdir}")
+            rows = [json.loads(line) for line in rounds_file.read_text().splitlines()] if rounds_file.exists() else []
+            if any(r.get("final") for r in rows):
+                break
+            time.sleep(1.0)
+        else:
+            raise RuntimeError(f"the swarm did not finish {args.rounds} rounds; logs in {workdir}")
+        time.sleep(3.0)  # the last rows
+        by_peer: dict[str, list[dict]] = {}
+        for rows_ in cluster.metrics_by_round().values():
+            for row in rows_:
+                by_peer.setdefault(row["peer"], []).append(row)
+        names = {f"peer-{cluster.peer_id(n)[-8:]}": n for n in started}
+    figures: dict[str, list[dict[str, float]]] = {}
+    for stem, rows in by_peer.items():
+        rows.sort(key=lambda r: r["round"])
+        name = names[stem]
+        role = "stage" if rows[-1]["role"].startswith("stage") else "full replica"
+        first = next((r for r in rows if r["included"]), None)
+        later = [r["round_bytes_in"] for r in rows[1:]] or [rows[-1]["round_bytes_in"]]
+        figures.setdefault(role, []).append(
+            {
+                "rss_peak": max(r["rss_peak_bytes"] for r in rows),
+                "state": rows[-1]["state_bytes"],
+                "bytes_in": statistics.median(later),
+                "held_s": rows[-1]["state_held_at"] - started[name],
+                "join_s": first["time"] - started[name] if first else float("nan"),
+            }
+        )
+    return {role: {k: statistics.median(f[k] for f in fs) for k in fs[0]} for role, fs in figures.items()}
+
+
+def print_table(roles: dict[str, dict[str, Any]], *, reference: str) -> None:
+    ref = roles.get(reference)
+    print(f"{'role':<16}{'peak RSS':>12}{'state held':>12}{'bytes in/round':>16}{'state held at':>15}{'join':>9}")
+    for role, f in roles.items():
+        print(
+            f"{role:<16}{_mb(f['rss_peak']):>12}{_mb(f['state']):>12}{_mb(f['bytes_in']):>16}"
+            f"{f['held_s']:>13.1f} s{f['join_s']:>7.1f} s"
+        )
+        if ref is not None and role != reference:
+            ratios = [_ratio(f[k], ref[k]) for k in ("rss_peak", "state", "bytes_in", "held_s", "join_s")]
+            print(f"{'  vs ' + reference:<16}{ratios[0]:>12}{ratios[1]:>12}{ratios[2]:>16}{ratios[3]:>15}{ratios[4]:>9}")
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.0%}" if b and a == a and b == b else "-"

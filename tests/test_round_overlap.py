@@ -106,3 +106,33 @@ def test_the_default_sparseloco_settings_train_identical_replicas_and_beat_the_s
     untrained = Replica(run, shard=0, device=torch.device("cpu"), corpus=corpus).evaluate(initial_state(run))
     assert result.eval_loss < untrained
     assert [r for r, _ in result.curve] == [2, 4]
+
+
+def test_a_second_compression_of_the_mean_applies_one_payloads_density_and_returns_the_rest() -> None:
+    """Issue 21's aggregate (the round's mean compressed again, `reduce=topk`): what is applied has
+    at most one payload's density, replicas stay identical, and each sender's values at the
+    coordinates that dropped wait in its error buffer."""
+    from launch.benchmarks.quality import second_compression
+    from swarm.net.transfer import Traffic
+    from swarm.round.payloads import PayloadStore
+
+    run = tiny_run(outer_lr=2.0)
+    torch.manual_seed(0)
+    shapes = {"w": (64, 64), "b": (64,)}
+    encoders = [PayloadEncoder(run, f"sim-{i}") for i in range(4)]
+    store = PayloadStore(run, shapes, Traffic())
+    deltas = [{n: torch.randn(s) for n, s in shapes.items()} for _ in encoders]
+    payloads = [(enc.sender, enc.encode(d, 0).data) for enc, d in zip(encoders, deltas)]
+    before = [enc.compressor.state_dict() for enc in encoders if enc.compressor is not None]
+    applied = second_compression(run, shapes, store, payloads, encoders, 0)
+    k = codec_config(run).topk_per_chunk
+    assert int((applied["w"] != 0).sum()) <= k  # one 64 x 64 chunk: one payload's top-k
+    own = store.decode(payloads[0][1], sender="sim-0", round_no=0)
+    after = encoders[0].compressor.state_dict() if encoders[0].compressor is not None else {}
+    returned = after["w"] - before[0]["w"]
+    assert torch.equal(returned, own["w"] * (applied["w"] == 0))  # exactly its dropped values
+    assert int((returned != 0).sum()) > 0
+
+    corpus = load_corpus(data_config(run))
+    result = simulate(dataclasses.replace(run, max_rounds=3), 2, corpus=corpus, reduce="topk")
+    assert all(len(set(round_hashes)) == 1 for round_hashes in result.hashes)

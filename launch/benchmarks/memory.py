@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--spes-peers", type=int, default=4, help="expert owners, and full replicas to compare (default %(default)s)"
     )
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=6, help="rounds (a stage's first rows may be its group forming)")
     parser.add_argument("--inner-steps", type=int, default=2, help="H (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=64)
@@ -127,17 +127,22 @@ def swarm_figures(workdir: Path, run: dict, args: argparse.Namespace, *, pipelin
         name = names[stem]
         role = "stage" if rows[-1]["role"].startswith("stage") else "full replica"
         first = next((r for r in rows if r["included"]), None)
-        later = [r["round_bytes_in"] for r in rows[1:]] or [rows[-1]["round_bytes_in"]]
+        later = [r["round_bytes_in"] for r in rows[1:]]  # its first row holds its join's download
         figures.setdefault(role, []).append(
             {
                 "rss_peak": max(r["rss_peak_bytes"] for r in rows),
                 "state": rows[-1]["state_bytes"],
-                "bytes_in": statistics.median(later),
+                "bytes_in": statistics.median(later) if later else float("nan"),
                 "held_s": rows[-1]["state_held_at"] - started[name],
                 "join_s": first["time"] - started[name] if first else float("nan"),
             }
         )
-    return {role: {k: statistics.median(f[k] for f in fs) for k in fs[0]} for role, fs in figures.items()}
+    return {role: {k: _median([f[k] for f in fs]) for k in fs[0]} for role, fs in figures.items()}
+
+
+def _median(values: list[float]) -> float:
+    known = [v for v in values if v == v]
+    return statistics.median(known) if known else float("nan")
 
 
 def print_table(roles: dict[str, dict[str, Any]], *, reference: str) -> None:
@@ -154,6 +159,8 @@ def print_table(roles: dict[str, dict[str, Any]], *, reference: str) -> None:
 
 
 def _mb(n: float) -> str:
+    if n != n:
+        return "-"
     return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
 
 

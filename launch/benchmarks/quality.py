@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 
 from models import count_parameters, get_preset
-from swarm.codec import SlotMean
+from swarm.codec import SlotMean, SparseLoCoCompressor, decode_tensor
 from swarm.data.corpus import load_corpus
 from swarm.modes import default_outer, mode_for
 from swarm.modes.replica import Replica, data_config, initial_state
 from swarm.net.transfer import Traffic
 from swarm.round.overlap import next_base
-from swarm.round.payloads import PayloadEncoder, PayloadStore
+from swarm.round.payloads import PayloadEncoder, PayloadStore, codec_config
 from swarm.run import OuterConfig, RunConfig
 from swarm.state import GlobalState
 
@@ -54,15 +54,28 @@ class SimResult:
 
 
 BASES = ("payload", "share", "agreed", "own")
+REDUCE = ("all", "topk")
 
 
 def simulate(
-    run: RunConfig, replicas: int, *, corpus: object | None = None, base: str = "payload", eval_every: int = 0
+    run: RunConfig,
+    replicas: int,
+    *,
+    corpus: object | None = None,
+    base: str = "payload",
+    eval_every: int = 0,
+    reduce: str = "all",
 ) -> SimResult:
     """`run.max_rounds` rounds of `replicas` replicas; every replica applies every payload itself.
     `base` (with overlap) is where round r+1's inner steps start: θ(r) advanced by the replica's own
     payload as the mean ("payload"), by its 1/R share of the mean ("share"), θ(r) itself ("agreed"),
-    or θ(r) − Δ_r, the whole local progress ("own", kept to show why not, see overlap.py)."""
+    or θ(r) − Δ_r, the whole local progress ("own", kept to show why not, see overlap.py).
+    `reduce`: "all" applies the mean of every payload; "topk" applies the mean compressed again to
+    one payload's density (top-k per chunk, 2-bit values), what issue 21's aggregators would publish,
+    and each replica puts back into its error buffer its own sent values at the coordinates the
+    second compression dropped (docs/performance.md, "The plan for issue 21")."""
+    if reduce not in REDUCE:
+        raise ValueError(f"reduce must be one of {', '.join(REDUCE)}, got {reduce!r}")
     if base not in BASES:
         raise ValueError(f"base must be one of {', '.join(BASES)}, got {base!r}")
     started = time.perf_counter()
@@ -90,7 +103,11 @@ def simulate(
             own = [store.decode(data, sender=sender, round_no=r) for sender, data in payloads]
             weight = {"payload": 1.0, "share": 1.0 / replicas, "agreed": 0.0}[base]
             bases = [next_base(s, o, mode, weight) for s, o in zip(states, own)]
-        for state in states:  # every replica decodes and applies the same payloads in the same order
+        if reduce == "topk":
+            mean = second_compression(run, shapes, store, payloads, encoders, r)
+            for state in states:
+                mode.outer_step(state, mean)
+        for state in states if reduce == "all" else ():  # every replica decodes and applies the same payloads in order
             acc = SlotMean(shapes)
             for sender, data in payloads:
                 acc.add(store.decode(data, sender=sender, round_no=r))
@@ -103,6 +120,33 @@ def simulate(
     loss = evaluator.evaluate(states[0])
     curve.append((run.max_rounds, loss))
     return SimResult(loss, statistics.median(sizes), hashes, time.perf_counter() - started, curve)
+
+
+def second_compression(
+    run: RunConfig,
+    shapes: dict[str, tuple[int, ...]],
+    store: PayloadStore,
+    payloads: list[tuple[str, bytes]],
+    encoders: list[PayloadEncoder],
+    round_no: int,
+) -> dict[str, torch.Tensor]:
+    """The round's mean compressed again to one payload's density; each sender's values at the
+    coordinates that dropped go back into its error buffer (they wait there, as unsent work does)."""
+    decoded = [store.decode(data, sender=sender, round_no=round_no) for sender, data in payloads]
+    acc = SlotMean(shapes)
+    for tensors in decoded:
+        acc.add(tensors)
+    mean = acc.mean()
+    fresh = SparseLoCoCompressor(codec_config(run))  # no error buffer of its own: what it drops goes back to the senders
+    applied = {name: decode_tensor(fresh.compress(name, m)) for name, m in mean.items()}
+    for tensors, encoder in zip(decoded, encoders):
+        assert encoder.compressor is not None
+        errors = encoder.compressor.state_dict()
+        for name, own in tensors.items():
+            dropped = own * (applied[name] == 0)
+            errors[name] = errors[name] + dropped if name in errors else dropped
+        encoder.compressor.load_state_dict(errors)
+    return applied
 
 
 def simulate_solo(run: RunConfig, replicas: int, *, corpus: object | None = None, eval_every: int = 0) -> SimResult:
@@ -140,17 +184,17 @@ def own_progress_base(state: GlobalState, delta: dict[str, torch.Tensor]) -> Glo
     return GlobalState(round=state.round + 1, params=params, momentum={n: m.clone() for n, m in state.momentum.items()})
 
 
-def parse_row(spec: str, base: RunConfig) -> tuple[RunConfig, str]:
-    """'mode[:field=value,...]' -> (RunConfig, overlap base): OuterConfig fields, H (inner steps), H0
-    and ramp (H's ramp: H0 steps at round 0, H from round `ramp` on), lr (the inner peak learning
-    rate), or base= (where an overlapped round starts, see `simulate`)."""
+def parse_row(spec: str, base: RunConfig) -> tuple[RunConfig, str, str]:
+    """'mode[:field=value,...]' -> (RunConfig, overlap base, reduce): OuterConfig fields, H (inner
+    steps), H0 and ramp (H's ramp: H0 steps at round 0, H from round `ramp` on), lr (the inner peak
+    learning rate), base= (where an overlapped round starts) or reduce= (all, topk: see `simulate`)."""
     mode, _, rest = spec.partition(":")
     if mode == "solo":  # one machine: the replica's optimiser over the whole data; outer fields do not apply
         mode = "diloco"
     outer = dataclasses.asdict(default_outer(mode))
     inner_steps, inner_lr, start_steps, ramp = base.inner_steps, base.inner_lr, base.inner_steps_start, base.inner_steps_ramp
     fields = {f.name: f.type for f in dataclasses.fields(OuterConfig)}
-    start = "payload"
+    start, reduce = "payload", "all"
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
         if key == "H":
@@ -163,11 +207,13 @@ def parse_row(spec: str, base: RunConfig) -> tuple[RunConfig, str]:
             ramp = int(value)
         elif key == "base" and value in BASES:
             start = value
+        elif key == "reduce" and value in REDUCE:
+            reduce = value
         elif key in fields:
             current = outer[key]
             outer[key] = bool(int(value)) if isinstance(current, bool) else type(current)(value)
         else:
-            raise ValueError(f"{spec}: unknown setting {key!r} (OuterConfig fields, H, H0, ramp or lr)")
+            raise ValueError(f"{spec}: unknown setting {key!r} (OuterConfig fields, H, H0, ramp, lr, base or reduce)")
     run_ = dataclasses.replace(
         base,
         mode=mode,
@@ -181,7 +227,7 @@ def parse_row(spec: str, base: RunConfig) -> tuple[RunConfig, str]:
     tokens = base.steps_before(base.max_rounds)  # equal tokens whatever H: the most rounds that fit
     rounds = max(r for r in range(1, tokens + 1) if run_.steps_before(r) <= tokens or r == 1)
     run_ = dataclasses.replace(run_, max_rounds=rounds)
-    return run_, start
+    return run_, start, reduce
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -243,12 +289,12 @@ def run(args: argparse.Namespace) -> int:
 
 def run_row(spec: str, base: RunConfig, replicas: int, corpus: object | None = None, eval_every: int = 0) -> SimResult:
     """One row; `eval_every` counts rounds at the default H (tokens, whatever the row's H)."""
-    cfg, start = parse_row(spec, base)
+    cfg, start, reduce = parse_row(spec, base)
     every = eval_every * base.inner_steps // cfg.inner_steps
     if spec.partition(":")[0] == "solo":
         res = simulate_solo(cfg, replicas, corpus=corpus, eval_every=every)
     else:
-        res = simulate(cfg, replicas, corpus=corpus, base=start, eval_every=every)
+        res = simulate(cfg, replicas, corpus=corpus, base=start, eval_every=every, reduce=reduce)
     res.curve = [(r * cfg.inner_steps // base.inner_steps, loss) for r, loss in res.curve]
     return res
 

@@ -68,7 +68,7 @@ class OuterConfig:
     """How pseudo-gradients are compressed, averaged and applied each round."""
 
     codec: Codec = "sparseloco"
-    outer_lr: float = 1.0  # alpha; the modes recommend theirs (SparseLoCo 2.0, dense DiLoCo 0.7)
+    outer_lr: float = 1.0  # alpha; the modes recommend theirs (SparseLoCo 2.5, dense DiLoCo 0.7)
     # alpha at the run's last round (max_rounds), reached linearly from outer_lr; 0 = constant alpha
     outer_lr_final: float = 0.0
     momentum: float = 0.0  # SparseLoCo needs none: the decayed error buffer plays that part

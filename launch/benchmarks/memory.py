@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     default_data = str(DEFAULT_TEXT) if DEFAULT_TEXT.is_file() else "stdlib"
     parser.add_argument("--data", default=default_data, help="corpus (default %(default)s)")
     parser.add_argument("--preset", default="tiny", help="pipeline model (default %(default)s; the targets are for 1b)")
+    parser.add_argument(
+        "--layers", type=int, default=None, help="override the pipeline preset's layer count (to fit this machine's memory)"
+    )
     parser.add_argument("--stages", type=int, default=4, help="stages of the group (default %(default)s)")
     parser.add_argument("--full", type=int, default=1, help="full replicas beside the group (default %(default)s)")
     parser.add_argument("--spes-preset", default="moe-tiny", help="SPES model; 'none' skips SPES (default %(default)s)")
@@ -54,12 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     base = Path(args.workdir or tempfile.mkdtemp(prefix="swarm-bench-memory-"))
     print(f"workdir {base}", flush=True)
-    cfg = get_preset(args.preset)
-    print(
-        f"pipeline: {args.preset} ({count_parameters(cfg) / 1e6:.1f}M params), {args.full} full + 1 group of {args.stages} stages"
-    )
+    overrides = {"n_layers": args.layers} if args.layers else {}
+    cfg = get_preset(args.preset, **overrides)
+    shape = f"{args.preset}, {cfg.n_layers} layers" if overrides else args.preset
+    print(f"pipeline: {shape} ({count_parameters(cfg) / 1e6:.1f}M params), {args.full} full + 1 group of {args.stages} stages")
     stages = {"stages": args.stages, "micro_batches": 1, "link_timeout_s": 60.0}
-    roles = swarm_figures(base / "pipeline", run_description(args, "pipeline", args.preset, stages), args, pipeline=True)
+    pipeline = run_description(args, "pipeline", args.preset, stages)
+    if overrides:
+        pipeline["model_overrides"] = overrides
+    roles = swarm_figures(base / "pipeline", pipeline, args, pipeline=True)
     print_table(roles, reference="full replica")
     if args.spes_preset != "none":
         cfg = get_preset(args.spes_preset)

@@ -127,10 +127,14 @@ def swarm_figures(workdir: Path, run: dict, args: argparse.Namespace, *, pipelin
             for row in rows_:
                 by_peer.setdefault(row["peer"], []).append(row)
         names = {f"peer-{cluster.peer_id(n)[-8:]}": n for n in started}
+    return role_figures(by_peer, {stem: started[name] for stem, name in names.items()})
+
+
+def role_figures(by_peer: dict[str, list[dict]], started: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Each role's median figures from its peers' metrics rows (`started`: each peer's start time)."""
     figures: dict[str, list[dict[str, float]]] = {}
-    for stem, rows in by_peer.items():
-        rows.sort(key=lambda r: r["round"])
-        name = names[stem]
+    for peer, rows in by_peer.items():
+        rows = sorted(rows, key=lambda r: r["round"])
         role = "stage" if rows[-1]["role"].startswith("stage") else "full replica"
         first = next((r for r in rows if r["included"]), None)
         later = [r["round_bytes_in"] for r in rows[1:]]  # its first row holds its join's download
@@ -139,8 +143,8 @@ def swarm_figures(workdir: Path, run: dict, args: argparse.Namespace, *, pipelin
                 "rss_peak": max(r["rss_peak_bytes"] for r in rows),
                 "state": rows[-1]["state_bytes"],
                 "bytes_in": statistics.median(later) if later else float("nan"),
-                "held_s": rows[-1]["state_held_at"] - started[name],
-                "join_s": first["time"] - started[name] if first else float("nan"),
+                "held_s": rows[-1]["state_held_at"] - started[peer],
+                "join_s": first["time"] - started[peer] if first else float("nan"),
             }
         )
     return {role: {k: _median([f[k] for f in fs]) for k in fs[0]} for role, fs in figures.items()}

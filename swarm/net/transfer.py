@@ -178,10 +178,8 @@ async def fetch(
         reader, writer, status, length = await asyncio.wait_for(answer(), timeout=timeout_s)
     except asyncio.TimeoutError:
         raise TransferError(f"fetch from {peer_id[-8:]} timed out after {timeout_s:.0f}s") from None
-    except (asyncio.IncompleteReadError, ConnectionError) as e:
-        raise StreamBroken(f"fetch from {peer_id[-8:]} broke off: {type(e).__name__}: {e}") from None
     except Exception as e:
-        raise TransferError(f"fetch from {peer_id[-8:]} failed: {type(e).__name__}: {e}") from None
+        raise _failed(peer_id, e) from None
     try:
         if status != OK:
             return None
@@ -191,14 +189,19 @@ async def fetch(
         if traffic is not None:
             traffic.received += len(data)
         return data
-    except TransferError as e:
-        raise TransferError(f"fetch from {peer_id[-8:]}: {e}") from None
-    except (asyncio.IncompleteReadError, ConnectionError) as e:
-        raise StreamBroken(f"fetch from {peer_id[-8:]} broke off: {type(e).__name__}: {e}") from None
     except Exception as e:
-        raise TransferError(f"fetch from {peer_id[-8:]} failed: {type(e).__name__}: {e}") from None
+        raise _failed(peer_id, e) from None
     finally:
         writer.close()
+
+
+def _failed(peer_id: str, e: Exception) -> TransferError:
+    """What a failed fetch raises: StreamBroken when the stream ended (it happens to honest peers)."""
+    if isinstance(e, (asyncio.IncompleteReadError, ConnectionError)):
+        return StreamBroken(f"fetch from {peer_id[-8:]} broke off: {type(e).__name__}: {e}")
+    if isinstance(e, TransferError):
+        return TransferError(f"fetch from {peer_id[-8:]}: {e}")
+    return TransferError(f"fetch from {peer_id[-8:]} failed: {type(e).__name__}: {e}")
 
 
 async def _read_header(reader: asyncio.StreamReader) -> object:

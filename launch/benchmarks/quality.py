@@ -54,7 +54,7 @@ class SimResult:
 
 
 BASES = ("payload", "share", "agreed", "own")
-REDUCE = ("all", "topk")
+REDUCE = ("all", "topk", "topk2", "topk4")  # topkN: the aggregate at N times one payload's density
 
 
 def simulate(
@@ -103,8 +103,8 @@ def simulate(
             own = [store.decode(data, sender=sender, round_no=r) for sender, data in payloads]
             weight = {"payload": 1.0, "share": 1.0 / replicas, "agreed": 0.0}[base]
             bases = [next_base(s, o, mode, weight) for s, o in zip(states, own)]
-        if reduce == "topk":
-            mean = second_compression(run, shapes, store, payloads, encoders, r)
+        if reduce != "all":
+            mean = second_compression(run, shapes, store, payloads, encoders, r, reduce)
             for state in states:
                 mode.outer_step(state, mean)
         for state in states if reduce == "all" else ():  # every replica decodes and applies the same payloads in order
@@ -129,6 +129,7 @@ def second_compression(
     payloads: list[tuple[str, bytes]],
     encoders: list[PayloadEncoder],
     round_no: int,
+    reduce: str = "topk",
 ) -> dict[str, torch.Tensor]:
     """The round's mean compressed again to one payload's density; each sender's values at the
     coordinates that dropped go back into its error buffer (they wait there, as unsent work does)."""
@@ -137,7 +138,12 @@ def second_compression(
     for tensors in decoded:
         acc.add(tensors)
     mean = acc.mean()
-    fresh = SparseLoCoCompressor(codec_config(run))  # no error buffer of its own: what it drops goes back to the senders
+    config = codec_config(run)
+    denser = int(reduce[4:] or 1)
+    config = dataclasses.replace(
+        config, topk_per_chunk=min(denser * config.topk_per_chunk, config.chunk_rows * config.chunk_cols)
+    )
+    fresh = SparseLoCoCompressor(config)  # no error buffer of its own: what it drops goes back to the senders
     applied = {name: decode_tensor(fresh.compress(name, m)) for name, m in mean.items()}
     for tensors, encoder in zip(decoded, encoders):
         assert encoder.compressor is not None

@@ -55,6 +55,7 @@ class NodeStatus:
     device_bytes: int = 0  # accelerator memory at its peak in the last round
     round_bytes_in: int = 0  # transfer bytes of the last round
     round_bytes_out: int = 0
+    partial: bool = False  # holds part of the agreed state only
 
 
 def rss_bytes() -> int:
@@ -187,6 +188,7 @@ class SwarmNode:
             device_bytes=s.device_bytes,
             round_bytes_in=s.round_bytes_in,
             round_bytes_out=s.round_bytes_out,
+            partial=s.partial,
         )
         await self.dht.put(run_key(self.run.run_id, "heartbeat"), beat, self.run.heartbeat_ttl_s)
 

@@ -139,7 +139,7 @@ def test_a_part_carries_the_named_tensors_and_checks_against_the_whole_payloads_
     meta, _, data = _sparse()
     digest = payload_digest(data)
     part = payload_part(data, names)
-    assert part_digest(part) == digest and matches_digest(part, digest) and matches_digest(data, digest)
+    assert part_digest(part) == digest and matches_digest(part, digest, names) and matches_digest(data, digest)
     got_meta, tensors = decode_part(part, digest, expected=SHAPES)
     _, whole = decode_payload(data)
     assert got_meta == meta and set(tensors) == set(names) & set(SHAPES)
@@ -165,6 +165,11 @@ def test_a_tampered_part_is_refused():
     other = payload_digest(_sparse(SparseLoCoConfig(index_coding="fixed"))[2])
     with pytest.raises(PayloadError, match="does not hash"):
         decode_part(bytes(part), other)
+    # a part is never what a whole-payload fetch asked for, and must carry every tensor asked for
+    assert not matches_digest(bytes(part), digest)
+    assert matches_digest(bytes(part), digest, ["blocks.0.w", "not there"])
+    assert not matches_digest(bytes(part), digest, ["blocks.0.w", "embed"])  # "embed" left out
+    assert matches_digest(data, digest, ["embed"])  # the whole payload serves any names
     # bytes that are no payload at all match the sha256 they were announced under (refused later as malformed)
     assert matches_digest(b"junk", __import__("hashlib").sha256(b"junk").hexdigest())
 

@@ -191,6 +191,9 @@ def test_a_peer_led_manifest_counts_once_a_majority_endorses_it_and_two_faced_en
 
     electorate = agreement._electorate({"a", "b", "d", "e", "c"})
     assert electorate == {"a", "b", "d", "e"}  # the coordinator's manifests need no endorsement; it casts none
+    agreement._partial = {"e"}  # a pipeline stage's heartbeat says it holds part of the state: it never endorses
+    assert agreement._electorate({"a", "b", "d", "e", "c"}) == {"a", "b", "d"}
+    agreement._partial = set()
     shown[:] = [endorse("b", x), endorse("d", y), endorse("z", x), Signed("e", Endorsement(5, "b", "p", x), 0.0)]
     assert asyncio.run(agreement._endorsements(5, electorate)) == {x: 1, y: 1}  # z is no member; e signed as b
     agreement._endorsed[5] = x
@@ -224,9 +227,11 @@ def test_the_coordinator_closes_a_round_empty_when_no_live_peer_can_contribute()
     agreement.validator = SimpleNamespace(banned=lambda p: p in banned)  # type: ignore[assignment]
     me = beat("c", 5, "h")
     sitting = [beat(p, 5, "h", phase="joining") for p in ("s0", "s1", "s2", "s3")]
-    assert agreement._nobody_admissible([me, *sitting])
-    assert agreement._nobody_admissible([me, *sitting, beat("x", 5, "h")])  # and one banned trainer
-    assert not agreement._nobody_admissible([me, *sitting, beat("f", 5, "h")])  # someone trains: wait for it
-    assert not agreement._nobody_admissible([me])  # nobody at all: nothing to close a round for
+    assert agreement._nobody_admissible(5, [me, *sitting])
+    assert agreement._nobody_admissible(5, [me, *sitting, beat("x", 5, "h")])  # and one banned trainer
+    assert not agreement._nobody_admissible(5, [me, *sitting, beat("f", 5, "h")])  # someone trains: wait for it
+    assert not agreement._nobody_admissible(5, [me])  # nobody at all: nothing to close a round for
+    downloading = beat("j", -1, "", phase="joining")  # a joiner still fetching the state
+    assert not agreement._nobody_admissible(5, [me, *sitting, downloading])  # an empty round would move its download
     node.peer_id = "a"
-    assert not agreement._nobody_admissible([me, *sitting])  # peers never close a round empty
+    assert not agreement._nobody_admissible(5, [me, *sitting])  # peers never close a round empty

@@ -120,11 +120,12 @@ def inline_digest(data: bytes) -> str:
 
 
 def _spans(
-    data: bytes | bytearray | memoryview, max_bytes: int
+    data: bytes | bytearray | memoryview, max_bytes: int | None
 ) -> tuple[memoryview, int, list[TensorEntry], list[tuple[int, int]]]:
-    """A whole payload's framing checked: (view, header length, entries, each tensor's byte span)."""
+    """A whole payload's framing checked: (view, header length, entries, each tensor's byte span).
+    `max_bytes` None: no size limit (hashing bytes already in memory; fetches and decoding bound them)."""
     view = _as_view(data)
-    header_len = _read_prefix(view, max_bytes)
+    header_len = _read_prefix(view, view.nbytes if max_bytes is None else max_bytes)
     _, entries = parse_header(_unpack_header(view[PREFIX.size : PREFIX.size + header_len]))
     spans, offset = [], PREFIX.size + header_len
     for entry in entries:
@@ -135,7 +136,7 @@ def _spans(
     return view, header_len, entries, spans
 
 
-def tensor_hashes(data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> tuple[bytes, list[bytes]]:
+def tensor_hashes(data: bytes | bytearray | memoryview, max_bytes: int | None = None) -> tuple[bytes, list[bytes]]:
     """The leaves of a payload's hash tree: sha256 of prefix + header, and of each tensor's bytes."""
     view, header_len, _, spans = _spans(data, max_bytes)
     head = hashlib.sha256(view[: PREFIX.size + header_len]).digest()
@@ -149,7 +150,7 @@ def _root(head: bytes, leaves: Sequence[bytes]) -> str:
     return h.hexdigest()
 
 
-def payload_digest(data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> str:
+def payload_digest(data: bytes | bytearray | memoryview, max_bytes: int | None = None) -> str:
     """Content address of a payload: the root of its hash tree, hex (PayloadError if the bytes are
     not a well-framed payload)."""
     return _root(*tensor_hashes(data, max_bytes))
@@ -160,7 +161,7 @@ def payload_part(
 ) -> bytes:
     """The part of a payload a fetcher of `names` needs (those of its tensors it carries, and the
     hashes of the rest); `hashes`: its `tensor_hashes`, if known."""
-    view, header_len, entries, spans = _spans(data, DEFAULT_MAX_PAYLOAD_BYTES)
+    view, header_len, entries, spans = _spans(data, None)
     _, leaves = hashes if hashes is not None else tensor_hashes(view)
     wanted = set(names)
     included = [i for i, e in enumerate(entries) if e.name in wanted]
@@ -177,12 +178,12 @@ def payload_part(
 
 
 def _parse_part(
-    data: bytes | bytearray | memoryview, max_bytes: int
+    data: bytes | bytearray | memoryview, max_bytes: int | None
 ) -> tuple[PayloadMeta, list[TensorEntry], dict[int, memoryview], str]:
     """A part's framing checked: (meta, every entry, the included tensors' bytes by index, the root
     it hashes to)."""
     view = _as_view(data)
-    if view.nbytes > max_bytes:
+    if max_bytes is not None and view.nbytes > max_bytes:
         raise PayloadError(f"part of {view.nbytes} bytes exceeds the limit of {max_bytes}")
     if view.nbytes < PART_PREFIX.size:
         raise PayloadError("truncated part prefix")
@@ -221,22 +222,28 @@ def _parse_part(
     return meta, entries, bodies, _root(head, leaves)
 
 
-def part_digest(data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> str:
+def part_digest(data: bytes | bytearray | memoryview, max_bytes: int | None = None) -> str:
     """The digest of the payload a part was cut from (PayloadError if it is not a well-framed part)."""
     return _parse_part(data, max_bytes)[3]
 
 
-def matches_digest(data: bytes | bytearray | memoryview, digest: str) -> bool:
-    """Whether bytes a holder sent are those `digest` names: a payload or a part of one whose hash
-    tree has that root, or other bytes whose sha256 it is (a sender's malformed payload: what it
-    announced, to be refused as malformed when decoded)."""
+def matches_digest(data: bytes | bytearray | memoryview, digest: str, names: Collection[str] | None = None) -> bool:
+    """Whether bytes a holder sent are what was asked of the payload `digest` names. Whole
+    (`names` None): a payload whose hash tree has that root, or other bytes whose sha256 it is (a
+    sender's malformed payload: what it announced, to be refused as malformed when decoded), never
+    a part. With `names`: the whole payload, or a part of it carrying exactly those of its tensors
+    (a holder leaving some out would make the fetcher's mean wrong)."""
     try:
         view = _as_view(data)
-        if bytes(view[:3]) == PART_MAGIC:
-            return part_digest(view) == digest
-        return payload_digest(view) == digest
+        if bytes(view[:3]) != PART_MAGIC:
+            return payload_digest(view) == digest
+        if names is None:
+            return False
+        _, entries, bodies, root = _parse_part(view, None)
+        asked = set(names)
+        return root == digest and set(bodies) == {i for i, e in enumerate(entries) if e.name in asked}
     except PayloadError:
-        return inline_digest(bytes(data)) == digest
+        return names is None and inline_digest(bytes(data)) == digest
 
 
 def decode_part(

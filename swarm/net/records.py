@@ -133,6 +133,7 @@ class Heartbeat:
     device_bytes: int = 0  # accelerator memory at its peak in the last round (0 on the CPU)
     round_bytes_in: int = 0  # bytes received over transfers in the last round (payloads, state)
     round_bytes_out: int = 0
+    partial: bool = False  # holds part of the state (a pipeline stage): never leads or endorses
 
 
 @dataclass

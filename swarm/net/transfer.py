@@ -134,8 +134,8 @@ async def fetch(
 ) -> bytes | None:
     """Ask one peer for content; None if it does not have it, TransferError if the fetch failed.
 
-    `timeout_s` bounds everything up to the answer's header; the body then has
-    `transfer_deadline_s(timeout_s, length)` from the start in all, and `stall_s` between bytes.
+    `timeout_s` bounds everything up to the answer's header; the body's first n bytes are then due
+    by `transfer_deadline_s(timeout_s, n)` from the start, with at most `stall_s` between bytes.
     """
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -153,25 +153,27 @@ async def fetch(
         return reader, writer, status, length
 
     async def body(reader: asyncio.StreamReader, length: int) -> bytes:
-        deadline = start + transfer_deadline_s(timeout_s, length, min_rate=min_rate)
-        pieces, left = [], length
-        while left:
-            wait = min(stall_s, deadline - loop.time())
+        # The rate floor holds as bytes arrive: the body's first n bytes are due by
+        # start + timeout_s + n / min_rate, so a donor trickling a byte now and then is cut off as
+        # soon as it falls behind, not at the end of the whole body's deadline.
+        pieces, got = [], 0
+        while got < length:
+            size = min(length - got, CHUNK_BYTES)
+            due = start + transfer_deadline_s(timeout_s, got + size, min_rate=min_rate)
+            wait = min(stall_s, due - loop.time())
             try:
                 if wait <= 0:
                     raise asyncio.TimeoutError
-                piece = await asyncio.wait_for(reader.read(min(left, CHUNK_BYTES)), timeout=wait)
+                piece = await asyncio.wait_for(reader.read(size), timeout=wait)
             except asyncio.TimeoutError:
-                if loop.time() < deadline:
-                    raise TransferError(f"stalled at {length - left} of {length} bytes") from None
+                if loop.time() < due:
+                    raise TransferError(f"stalled at {got} of {length} bytes") from None
                 elapsed = loop.time() - start
-                raise TransferError(
-                    f"{length - left} of {length} bytes in {elapsed:.0f}s: slower than {min_rate:.0f} B/s"
-                ) from None
+                raise TransferError(f"{got} of {length} bytes in {elapsed:.0f}s: slower than {min_rate:.0f} B/s") from None
             if not piece:
-                raise asyncio.IncompleteReadError(b"", left)
+                raise asyncio.IncompleteReadError(b"", length - got)
             pieces.append(piece)
-            left -= len(piece)
+            got += len(piece)
         return b"".join(pieces)
 
     try:

@@ -86,7 +86,13 @@ async def download_state(
     holding = {donor: index for donor, index in zip(donors, indexes) if index is not None}
     if not holding:
         raise StateError("no donor offered the agreed state")
-    index = next(iter(holding.values()))  # every one hashes to the agreed root: they list the same leaves
+    # Every index hashes to the agreed root, so all list the same leaves; the shapes are not in the
+    # root, and a donor could list false ones (every honest chunk would then fail its leaf check):
+    # take the listing most donors agree on.
+    listings = Counter(tuple((t.name, t.shape) for t in i.tensors) for i in holding.values())
+    agreed = listings.most_common(1)[0][0]
+    index = next(i for i in holding.values() if tuple((t.name, t.shape) for t in i.tensors) == agreed)
+    holding = {d: i for d, i in holding.items() if tuple((t.name, t.shape) for t in i.tensors) == agreed}
     wanted = [t for t in index.tensors if names is None or _param_name(t.name) in names]
     if names is not None and (unknown := set(names) - {_param_name(t.name) for t in index.tensors}):
         raise StateError(f"the agreed state has no tensor {sorted(unknown)[0]!r}")

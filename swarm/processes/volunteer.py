@@ -121,6 +121,7 @@ class Peer(AgreedNode):
         self.server.register("payload", self.store.serve)
         state = await self._obtain_state()
         self._state_held_at = time.time()  # joining: the agreed state (or our part) is here
+        self.status.partial = state.partial
         self.hold(RoundAgreement(self, self.store, state, self.mode))
         serve_state(self.server, self.agreement)
         await self.agreement.adopt_ledger()  # standing earned before we joined (or restarted)
@@ -242,6 +243,7 @@ class Peer(AgreedNode):
             fresh = await reload_state(self, names=want)
             async with self.agreement.lock:
                 self.agreement.state = fresh
+        self.status.partial = self.agreement.state.partial
         held = "all of it" if want is None else f"{len(want)} tensors"
         self.log_event("part", f"{self.status.name} holds {held} of the state at round {self.agreement.state.round}")
 

@@ -113,6 +113,7 @@ class RoundAgreement:
         self._in_view_since: dict[tuple[int, str], float] = {}  # (round, manifest digest) -> first seen
         self._endorsements_seen: dict[tuple[int, str], str] = {}  # (round, endorser) -> the digest it endorsed
         self._two_faced: set[tuple[int, str]] = set()  # (round, endorser) seen endorsing two manifests
+        self._partial: set[str] = set()  # live peers whose heartbeat says they hold part of the state
         # The last manifest fetched and checked: with its base state, mean, coverage, CPU and wall seconds (`verify`).
         self._verified: tuple[Manifest, str, dict[str, torch.Tensor] | None, dict[str, int], float, float] | None = None
         self._admitted: set[str] = set()  # left the roster since, but the coordinator's role for them stands
@@ -215,8 +216,11 @@ class RoundAgreement:
 
     def _electorate(self, members: set[str]) -> set[str]:
         """Whose endorsements count, and whose majority a peer-led round needs: the members with
-        standing, the coordinator and proven equivocators aside."""
-        return {p for p in members - {self.run.coordinator} - self.witness.equivocators if self.validator.standing(p)}
+        standing, the coordinator, proven equivocators and partial holders aside (a pipeline stage
+        cannot check a manifest whole, so it never endorses one: counted, stages alone could keep
+        any peer-led round from a majority)."""
+        out = members - {self.run.coordinator} - self.witness.equivocators - self._partial
+        return {p for p in out if self.validator.standing(p)}
 
     async def _endorsements(self, round_no: int, electorate: set[str]) -> dict[str, int]:
         """Endorsers per manifest digest among the electorate; ours counts at once (our record may
@@ -424,8 +428,10 @@ class RoundAgreement:
                 version="",
                 time=0,
                 reachable=self.node.dht.reachable,
+                partial=self.state.partial,
             )
         )
+        self._partial = {b.peer_id for b in beats if b.partial}
         return beats, agreed_hash(round_no, beats, self.run.coordinator)
 
     async def _should_lead(self, round_no: int, beats: list[Heartbeat], agreed: str | None, peers_may_lead: bool) -> bool:
@@ -445,8 +451,8 @@ class RoundAgreement:
             b
             for b in beats
             if b.peer_id == self.run.coordinator
-            or (self.validator.standing(b.peer_id) and (round_no, b.peer_id) not in self.ignored)
-        ]
+            or (self.validator.standing(b.peer_id) and (round_no, b.peer_id) not in self.ignored and not b.partial)
+        ]  # a partial holder never leads: ranked first, it would leave the round without a leader
         return should_lead(me, round_no, candidates, agreed, self.run.coordinator, peers_may_lead)
 
     # ----- leading ---------------------------------------------------------------------------
@@ -480,7 +486,7 @@ class RoundAgreement:
             settled = not self.returning or monotonic() - leading_since > SETTLE_S
             if subs and (everyone_in or late) and len(subs) >= quorum and settled:
                 break
-            if not subs and self._nobody_admissible(beats) and monotonic() - leading_since > self.run.round_timeout_s:
+            if not subs and self._nobody_admissible(round_no, beats) and monotonic() - leading_since > self.run.round_timeout_s:
                 logger.info("round %d: no live peer can contribute (banned, or sitting it out); closing it empty", round_no)
                 break
             await asyncio.sleep(self.poll_s)
@@ -532,7 +538,7 @@ class RoundAgreement:
             and (coordinator or self.validator.standing(b.peer_id))
         }
 
-    def _nobody_admissible(self, beats: list[Heartbeat]) -> bool:
+    def _nobody_admissible(self, round_no: int, beats: list[Heartbeat]) -> bool:
         """Peers are live, and none of them can contribute to the round: each is banned or sits it
         out (phase "joining": a pipeline group that lost a message mid-round gives the round up and
         follows it, and with no full replica beside it nobody submits). The coordinator closes the
@@ -542,7 +548,11 @@ class RoundAgreement:
             return False
         peers = [b for b in beats if b.peer_id != self.run.coordinator]
         trainers = [b for b in peers if b.phase != "joining"]
-        return bool(peers) and all(self.validator.banned(b.peer_id) for b in trainers)
+        if trainers:
+            return all(self.validator.banned(b.peer_id) for b in trainers)
+        # Every peer sits this round out, holding its state: none is still downloading one (an
+        # empty round then would move the round its download asks donors for).
+        return bool(peers) and all(b.round == round_no for b in peers)
 
     async def _submissions(self, round_no: int) -> dict[str, Submission]:
         found = await self.node.dht.get_all(submit_key(self.run.run_id, round_no), Submission)
@@ -637,6 +647,8 @@ class RoundAgreement:
         over all weights, clipping, direction): it takes only a manifest the coordinator signed or
         most members endorsed, and a round the full holders refused never becomes the agreed state
         it checks against."""
+        if manifest.round != self.state.round:
+            raise Diverged(f"a manifest of round {manifest.round} for our state of round {self.state.round}")
         if not self.known_hash():
             await self.adopt_agreed(want=manifest.base_hash)
         base = self.state.hash
@@ -697,6 +709,8 @@ class RoundAgreement:
             target = want or agreed
             holders = [b.peer_id for b in beats if target and b.round == r and b.param_hash == target and b.peer_id != me]
             for holder in [h for h in holders if h not in tried]:
+                if monotonic() > deadline:
+                    break
                 tried.add(holder)
                 try:
                     raw = await self.store.fetch(holder, {"kind": "state-index"}, 1 << 24, 30.0) if self.store.fetch else None

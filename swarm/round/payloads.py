@@ -180,7 +180,7 @@ class PayloadStore:
                 continue
             if data is None:
                 errors.append(f"{holder[-8:]} does not have it")
-            elif not matches_digest(data, digest):
+            elif not matches_digest(data, digest, names):
                 errors.append(f"{holder[-8:]} sent bytes with another digest")
             else:
                 self.blobs.put(key, data)

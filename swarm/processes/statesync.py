@@ -89,10 +89,10 @@ async def download_state(
     # Every index hashes to the agreed root, so all list the same leaves; the shapes are not in the
     # root, and a donor could list false ones (every honest chunk would then fail its leaf check):
     # take the listing most donors agree on.
-    listings = Counter(tuple((t.name, t.shape) for t in i.tensors) for i in holding.values())
-    agreed = listings.most_common(1)[0][0]
-    index = next(i for i in holding.values() if tuple((t.name, t.shape) for t in i.tensors) == agreed)
-    holding = {d: i for d, i in holding.items() if tuple((t.name, t.shape) for t in i.tensors) == agreed}
+    listing = {d: tuple((t.name, t.shape) for t in i.tensors) for d, i in holding.items()}
+    agreed = Counter(listing.values()).most_common(1)[0][0]
+    holding = {d: i for d, i in holding.items() if listing[d] == agreed}
+    index = next(iter(holding.values()))
     wanted = [t for t in index.tensors if names is None or _param_name(t.name) in names]
     if names is not None and (unknown := set(names) - {_param_name(t.name) for t in index.tensors}):
         raise StateError(f"the agreed state has no tensor {sorted(unknown)[0]!r}")

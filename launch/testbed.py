@@ -40,7 +40,7 @@ import signal
 import subprocess
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,9 +151,12 @@ class Placement:
 
 
 @contextmanager
-def placement(link: str | None, num_peers: int, *, nat_peers: int = 0, tag: str = "bench") -> Iterator[Placement]:
+def placement(
+    link: str | None, num_peers: int, *, nat_peers: int = 0, tag: str = "bench", shaped_peers: Sequence[int] | None = None
+) -> Iterator[Placement]:
     """Every process on loopback (link None), or each in its own testbed host with this link
-    ('RATE:DELAY[:LOSS]'), the coordinator included; the last `nat_peers` peers behind NAT."""
+    ('RATE:DELAY[:LOSS]'), the coordinator included; the last `nat_peers` peers behind NAT.
+    `shaped_peers`: only these peers behind the link, the coordinator and the others unshaped."""
     if link is None and not nat_peers:
         yield Placement()
         return
@@ -162,14 +165,17 @@ def placement(link: str | None, num_peers: int, *, nat_peers: int = 0, tag: str 
     if why:
         raise TestbedError(f"a shaped or NAT'd swarm needs network namespaces: {why}")
     with Testbed(tag) as bed:
-        coord = bed.add_public("coord", shaped)
+        coord = bed.add_public("coord", shaped if shaped_peers is None else None)
         place = Placement(coordinator={"coordinator_host": coord.ip, "coordinator_prefix": coord.prefix}, hosts={"coord": coord})
         for i in range(num_peers):
             nat = i >= num_peers - nat_peers
-            host = (bed.add_nat if nat else bed.add_public)(f"{'n' if nat else 'p'}{i}", shaped)
+            behind = shaped if shaped_peers is None or i in shaped_peers else None
+            host = (bed.add_nat if nat else bed.add_public)(f"{'n' if nat else 'p'}{i}", behind)
             place.hosts[host.name] = host
             place.peers.append({"host": host.ip, "prefix": host.prefix})
         place.note = f"every process behind its own {link} link" if link else "unshaped namespaces"
+        if link and shaped_peers is not None:
+            place.note = f"peers {', '.join(map(str, shaped_peers))} behind their own {link} link, the others unshaped"
         if shaped and shaped.delay_s and not bed.netem:
             place.note += " (no sch_netem here: rate by tbf, delay by launch/netdelay.py)"
         if nat_peers:

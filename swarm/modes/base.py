@@ -145,6 +145,14 @@ class TrainingMode:
     def update_worker(self, worker: Worker, role: Role) -> None:
         """The coordinator changed this peer's role: adapt the local trainer (default: nothing)."""
 
+    def round_partners(self, role: Role) -> list[str]:
+        """Peers without whom a round of this role's work cannot finish (a pipeline stage's group).
+        A peer with partners watches, while it trains, its role and their heartbeats, and gives the
+        round up as soon as the coordinator changes its role, the round closes, or a partner sits
+        the round out, instead of waiting on them until its link's timeout. Default: none, the work
+        is the peer's own."""
+        return []
+
     async def attach_worker(self, worker: Worker, node: SwarmNode) -> None:
         """Give a new worker what it needs from its node's event loop, e.g. links to other peers
         over the node's libp2p host (default: nothing)."""

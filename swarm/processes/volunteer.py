@@ -298,7 +298,7 @@ class Peer(AgreedNode):
                     await self.publish_heartbeat()
                 links_before, started_at, trained_from = self._link_bytes(), time.perf_counter(), time.time()
                 role_fetch = asyncio.create_task(self._signed_role()) if self._overlap else None  # cancelled on exit
-                work = await asyncio.to_thread(self.worker.train_round, base, self.stopping)
+                work = await self._train(base)
                 self._note_link_rates(links_before, time.perf_counter() - started_at)
                 if work is None and self.stopping.is_set():
                     break
@@ -415,6 +415,50 @@ class Peer(AgreedNode):
     def _note_link_rates(self, before: dict[str, int], elapsed_s: float) -> None:
         after = self._link_bytes()
         self.status.links = {p: (n - before.get(p, 0)) / max(elapsed_s, 1e-9) for p, n in after.items()}
+
+    async def _train(self, base: GlobalState) -> RoundWork | None:
+        """The worker's round from `base`, in a thread. A role whose round needs partners (a pipeline
+        stage's group) is watched meanwhile (`_watch_round`), so that a round that cannot finish is
+        given up at once instead of after the link's timeout."""
+        partners = self.mode.round_partners(self.role)
+        if not partners:
+            return await asyncio.to_thread(self.worker.train_round, base, self.stopping)
+        halt = threading.Event()
+        watch = asyncio.create_task(self._watch_round(halt, base.round, set(partners)))
+        try:
+            return await asyncio.to_thread(self.worker.train_round, base, halt)
+        finally:
+            watch.cancel()
+
+    async def _watch_round(self, halt: threading.Event, r: int, partners: set[str]) -> None:
+        """Set `halt` when we leave, or round r cannot finish: the coordinator changed our role (our
+        group re-formed around a dead stage), the round closed without us, or a partner sits it out
+        or is past it (a stage that joined as its group gave round r up went on to train it alone)."""
+        every = max(1.0, self.run.heartbeat_interval_s)
+        looked = time.monotonic()
+        while not halt.is_set():
+            if self.stopping.is_set():
+                halt.set()
+                return
+            if time.monotonic() - looked >= every:
+                looked = time.monotonic()
+                why = await self._round_lost(r, partners)
+                if why is not None:
+                    logger.info("giving round %d up: %s", r, why)
+                    halt.set()
+                    return
+            await asyncio.sleep(0.25)
+
+    async def _round_lost(self, r: int, partners: set[str]) -> str | None:
+        role = await self._signed_role()
+        if role is not None and role != self.role:
+            return f"our role changed to {self.mode.describe_role(role)}"
+        for beat in await self.member_peers():
+            if beat.peer_id in partners and (beat.round > r or (beat.round == r and beat.phase == "joining")):
+                return f"{beat.peer_id[-8:]} sits it out"
+        if await self.agreement.closed(r):
+            return "it closed without us"
+        return None
 
     async def _sit_out(self, r: int) -> None:
         """Follow round r without contributing: say so (a "joining" peer is not waited for), then

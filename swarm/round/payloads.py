@@ -111,6 +111,7 @@ class PayloadStore:
         it the store only decodes and serves."""
         self.run = run
         self.fetch = fetch
+        self.matches = matches_digest  # checks fetched bytes against their digest (the simulator shares its answers)
         self.shapes = shapes
         self.traffic = traffic
         self.blobs = BlobCache(max_bytes=max(256 << 20, 8 * dense_bytes(shapes)))
@@ -180,7 +181,7 @@ class PayloadStore:
                 continue
             if data is None:
                 errors.append(f"{holder[-8:]} does not have it")
-            elif not matches_digest(data, digest, names):
+            elif not self.matches(data, digest, names):
                 errors.append(f"{holder[-8:]} sent bytes with another digest")
             else:
                 self.blobs.put(key, data)

@@ -85,6 +85,7 @@ class Actor:
         self.store = PayloadStore(run, shapes, self.node.traffic, fetch=self.fetch)
         network.stores[self.peer_id] = self.store
         self.store.decode = functools.partial(network.decode, self.store.decode)  # type: ignore[method-assign]
+        self.store.matches = network.matches
         network.states[self.peer_id] = lambda: self.agreement.state
         self.agreement = RoundAgreement(self.node, self.store, state.copy(), self.mode)
         self.agreement._mean_of = functools.partial(network.mean_of, self.agreement._mean_of)  # type: ignore[method-assign]

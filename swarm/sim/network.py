@@ -21,13 +21,14 @@ import hashlib
 import json
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from swarm.codec import matches_digest
 from swarm.sim.clock import VirtualLoop
 
 if TYPE_CHECKING:
@@ -127,6 +128,7 @@ class SimNetwork:
     sized: dict[str, int] = field(default_factory=dict)  # digest -> declared size (`sized` payloads)
     hanging: set[str] = field(default_factory=set)  # nodes that accept fetches and never answer them
     _decoded: dict[tuple[bytes, str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
+    _matched: dict[tuple[bytes, str, tuple[str, ...] | None], bool] = field(default_factory=dict)
     _means: dict[tuple[int, tuple[bytes, ...]], tuple[Manifest, dict[str, torch.Tensor], dict[str, int]]] = field(
         default_factory=dict
     )
@@ -214,6 +216,19 @@ class SimNetwork:
                 self._decoded.clear()
             self._decoded[key] = decode(data, sender=sender, round_no=round_no)
         return self._decoded[key]
+
+    def matches(self, data: bytes | bytearray | memoryview, digest: str, names: Collection[str] | None = None) -> bool:
+        """`matches_digest`, answered once per (bytes, digest, names) for the whole swarm: every node
+        that fetches a payload checks the same bytes against the same digest (R nodes parsing R
+        payloads' headers a round is the simulator's cost, not the protocol's). The key is the bytes'
+        own sha256, so bytes that differ (a hostile holder's) are checked on their own."""
+        key = (hashlib.sha256(data).digest(), digest, tuple(sorted(names)) if names is not None else None)
+        known = self._matched.get(key)
+        if known is None:
+            if len(self._matched) > 65536:
+                self._matched.clear()
+            known = self._matched[key] = matches_digest(data, digest, names)
+        return known
 
     def mean_of(
         self,

@@ -17,6 +17,7 @@ import struct
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hivemind.p2p import P2P, PeerID
@@ -36,6 +37,9 @@ _LEN = struct.Struct("!I")
 
 class LinkError(RuntimeError):
     """A message that could not be delivered or did not arrive in time: the group's round is lost."""
+
+
+STOP_POLL_S = 0.25  # how often a wait for a neighbour's message looks at its stop event
 
 
 @dataclass
@@ -105,11 +109,25 @@ class StageLink:
             self._cond.notify_all()
         return True
 
-    def receive(self, msg_id: MessageId, timeout_s: float) -> Message:
-        """The message with this id, waiting at most ``timeout_s``; LinkError when it does not come."""
+    def receive(
+        self,
+        msg_id: MessageId,
+        timeout_s: float,
+        stop: threading.Event | None = None,
+        sends: Sequence[concurrent.futures.Future[None]] = (),
+    ) -> Message:
+        """The message with this id, waiting at most ``timeout_s``; LinkError when it does not come,
+        as soon as `stop` is set, or as soon as one of our `sends` failed (no answer can come to a
+        message that never arrived); both looked at every STOP_POLL_S."""
         deadline = time.monotonic() + timeout_s
+        polled = stop is not None or bool(sends)
         with self._cond:
             while msg_id not in self._mail:
+                if stop is not None and stop.is_set():
+                    raise LinkError(f"stopped waiting for {msg_id.direction} of round {msg_id.round} step {msg_id.step}")
+                for future in sends:
+                    if future.done() and future.exception() is not None:
+                        raise LinkError(f"waiting for {msg_id.direction} of round {msg_id.round}: {future.exception()}")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     who = self.prev if msg_id.direction == "fwd" else self.next
@@ -117,7 +135,7 @@ class StageLink:
                         f"no {msg_id.direction} of round {msg_id.round} step {msg_id.step} micro-batch {msg_id.micro} "
                         f"from {(who or '?')[-8:]} within {timeout_s:.0f}s"
                     )
-                self._cond.wait(left)
+                self._cond.wait(min(left, STOP_POLL_S) if polled else left)
             return self._mail.pop(msg_id)
 
     # ----- sending (worker thread -> event loop) ------------------------------------------------
@@ -140,12 +158,14 @@ class StageLink:
         while True:
             try:
                 status = await asyncio.wait_for(go(), timeout=max(0.1, deadline - time.monotonic()))
+                why = "refused our message"
             except Exception as e:
-                raise LinkError(f"sending to stage peer {peer[-8:]} failed: {type(e).__name__}: {e}") from None
+                status, why = REFUSED, f"unreachable: {type(e).__name__}: {e}"
             if status == TAKEN:
                 break
-            # Refused: the neighbour may not have taken up its new role yet; try again until the deadline.
+            # Refused or unreachable: a neighbour that has just joined or taken up its new role may not
+            # listen for us yet; try again until the deadline.
             if time.monotonic() + REFUSED_RETRY_S > deadline:
-                raise LinkError(f"stage peer {peer[-8:]} refused our message")
+                raise LinkError(f"stage peer {peer[-8:]} {why}")
             await asyncio.sleep(REFUSED_RETRY_S)
         self.traffic.sent[peer] += len(data)

@@ -117,6 +117,9 @@ class PipelineMode(TrainingMode):
     def update_worker(self, worker: Worker, role: Role) -> None:
         _pipeline_worker(worker).update(role)
 
+    def round_partners(self, role: Role) -> list[str]:
+        return [p for p in role.group_peers if p != role.peer_id] if role.kind == "stage" else []
+
     async def attach_worker(self, worker: Worker, node: SwarmNode) -> None:
         link = StageLink(node.server.p2p, asyncio.get_running_loop())
         await link.start()

@@ -12,6 +12,7 @@ step equals one full-batch step of the composed model.
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,7 @@ class StageContext:
     micro_batches: int
     timeout_s: float
     device: torch.device
+    stop: threading.Event | None = None  # set: give the round up at once (our role changed, or we leave)
 
     def deadline_s(self, step: int, micro: int) -> float:
         """The first message of a round may wait twice as long: stages start a round when each has
@@ -75,7 +77,7 @@ def stage_step(ctx: StageContext, round_no: int, step: int, inputs: torch.Tensor
             saved.append((out, received))
     for m, (out, received) in enumerate(saved):
         msg_id = MessageId(round_no, step, m, "bwd")
-        msg = ctx.link.receive(msg_id, ctx.deadline_s(step, m))
+        msg = ctx.link.receive(msg_id, ctx.deadline_s(step, m), ctx.stop, sends)
         grad = check(msg, expect=msg_id, shape=tuple(out.shape), dtype=ctx.wire_dtype)  # type: ignore[arg-type]
         out.backward(grad.to(ctx.device))
         share = micro_in[m].shape[0] / batch
@@ -88,7 +90,7 @@ def stage_step(ctx: StageContext, round_no: int, step: int, inputs: torch.Tensor
 
 
 def _receive(ctx: StageContext, msg_id: MessageId, tokens: torch.Tensor) -> torch.Tensor:
-    msg = ctx.link.receive(msg_id, ctx.deadline_s(msg_id.step, msg_id.micro))
+    msg = ctx.link.receive(msg_id, ctx.deadline_s(msg_id.step, msg_id.micro), ctx.stop)
     shape = (tokens.shape[0], tokens.shape[1], ctx.width)
     return check(msg, expect=msg_id, shape=shape, dtype=ctx.wire_dtype).to(ctx.device)
 

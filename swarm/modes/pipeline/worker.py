@@ -87,6 +87,7 @@ class StageTrainer:
             self.options.micro_batches,
             self.options.link_timeout_s,
             self.device,
+            stop,
         )
         self.step = first = self.run.steps_before(state.round)
         start, losses, tokens = time.perf_counter(), [], 0
@@ -97,6 +98,9 @@ class StageTrainer:
             try:
                 losses.append(stage_step(ctx, state.round, h, inputs, targets))
             except (LinkError, concurrent.futures.TimeoutError) as e:
+                if stop is not None and stop.is_set():
+                    self.optimizer.zero_grad(set_to_none=True)
+                    return None
                 logger.warning(
                     "stage %d of group %s gives up round %d: %s", self.role.stage, self.role.replica_group, state.round, e
                 )

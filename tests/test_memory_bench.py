@@ -45,3 +45,18 @@ def test_figures_are_each_roles_median_and_leave_out_a_peers_first_row(capsys):
     print_table(figures, reference="full replica")
     out = capsys.readouterr().out
     assert "vs full replica" in out and "26%" in out  # 105 / 410
+    assert "join" not in out.splitlines()[0].split("first applied")[1]  # no joiners measured: no join columns
+
+
+def test_the_join_columns_print_each_joiners_figures_and_their_ratio(capsys):
+    full = {"rss_peak": 400, "state": 100, "bytes_in": 40, "held_s": 5.0, "join_s": 20.0}
+    figures = {
+        "stage": {**full, "rss_peak": 100, "state": 25, "late_download": 30 * 2**20, "late_join_s": 30.0},
+        "full replica": {**full, "late_download": 100 * 2**20, "late_join_s": 120.0},
+    }
+    print_table(figures, reference="full replica")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-3:] == ["join", "download", "join"]
+    assert lines[1].startswith("full replica") and lines[1].endswith("100.0 MB  120.0 s")  # the reference first
+    assert lines[2].startswith("stage") and lines[2].endswith("30.0 MB   30.0 s")
+    assert lines[3].split()[-2:] == ["30%", "25%"]  # its download and its join against the full replica's

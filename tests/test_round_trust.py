@@ -326,3 +326,30 @@ def test_beyond_max_scored_a_seeded_sample_is_scored_newcomers_first_the_rest_by
     assert len(scores) == 4 and {"new0", "new1"} <= set(scores), "newcomers are scored first"
     assert verdicts["flip"].fault, "scored or not, a flipped update is refused (by loss or by geometry)"
     assert all(verdicts[f"m{i}"].reason is None for i in range(6)), "honest members are kept either way"
+
+
+def test_a_pipeline_groups_stages_are_scored_as_one_update():
+    """A stage sends its blocks of one replica's update: alone, a newcomer stage's part barely moves
+    the loss and would never pass probation (and its whole group's work sat out with it). Scored
+    together, the group's summed share decides; when it hurts, only the stage whose own part hurts
+    is struck."""
+    top, bottom = torch.zeros(8, 8), torch.zeros(8, 8)
+    top[:4], bottom[4:] = 1.0, 1.0
+    along = GRADIENT.clone()
+    along[along.abs() < 0.5] = 0  # the rows near the middle move the loss least
+    v = validator(probation=2, probe=LinearProbe())
+    credit(v, "s0", 2)
+    group = [["s0", "s1"]]
+    idle = torch.zeros(8, 8)  # s1, a newcomer: a part of its blocks that moves the loss by nothing measurable
+    idle[4, 0], idle[4, 1] = GRADIENT[4, 1], -GRADIENT[4, 0]
+    for together, passes in (((), False), (group, True)):
+        verdicts = {"s0": verdict(along * top), "s1": verdict(idle)}
+        scores = asyncio.run(v._refuse_useless(state(), verdicts, together))
+        assert (verdicts["s1"].reason is None) is passes, verdicts["s1"].reason
+        if passes:
+            assert verdicts["s0"].reason is None and scores["s0"] == scores["s1"] > 0  # the gain, split
+    credit(v, "s1", 2)
+    verdicts = {"s0": verdict(along * top), "s1": verdict(-GRADIENT * bottom, 30.0)}  # s1 turned: its part hurts
+    asyncio.run(v._refuse_useless(state(), verdicts, group))
+    assert verdicts["s1"].fault and "raises the loss" in (verdicts["s1"].reason or "")
+    assert not verdicts["s0"].fault and "its pipeline group's update raises the loss" in (verdicts["s0"].reason or "")

@@ -186,6 +186,12 @@ class TrainingMode:
         count together with others missing this round, with the reason (no strike). Default: none."""
         return {}
 
+    def scored_together(self, roles: dict[str, Role]) -> list[list[str]]:
+        """Of the contributions a leader scores (peer -> signed role), the groups whose summed share
+        is judged as one contribution (swarm/round/admission.py): parts of one update that say
+        little alone. Default: none, each contribution is judged on its own."""
+        return []
+
     def slot_group(self, name: str) -> str:
         """A coarse name for reports of which slots a round covered."""
         return "all"

@@ -27,7 +27,10 @@ import asyncio
 import random
 import secrets
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+
+import torch
 
 from swarm.codec import PayloadError, inline_digest
 from swarm.log import get_logger
@@ -155,17 +158,19 @@ class Validator:
         when two are copies)."""
         round_no, base_hash = state.round, state.hash
         verdicts = dict(zip(subs, await asyncio.gather(*(self.check(round_no, base_hash, s) for s in subs.values()))))
-        await self._refuse_incomplete(verdicts)
+        roles = await self._roles(verdicts)
+        self._refuse_incomplete(verdicts, roles)
         self._refuse_zeros(verdicts)
         scores: dict[str, float] = {}
         if self.probe is not None and not self.mode.inline_payload:  # hurting work is out before copies are sought
-            scores = await self._refuse_useless(state, verdicts)
+            valid = {p: r for p, r in roles.items() if verdicts[p].reason is None}
+            scores = await self._refuse_useless(state, verdicts, self.mode.scored_together(valid))
             self._refuse_copies(verdicts, seen)
         else:
             self._refuse_copies(verdicts, seen)
             self._refuse_misaligned(verdicts)
             self._refuse_unproven(verdicts)
-        await self._refuse_incomplete(verdicts)  # a refusal above may have broken a group
+        self._refuse_incomplete(verdicts, roles)  # a refusal above may have broken a group
         accepted = sorted(p for p, v in verdicts.items() if v.reason is None)
         # Credit only for work applied: a copy scores like what it copied, and must earn nothing.
         scores = {p: value if p in accepted else min(value, 0.0) for p, value in scores.items()}
@@ -181,16 +186,26 @@ class Validator:
                 self.node.log_event("reject", f"round {round_no}: payload from {peer[-8:]} rejected: {verdict.reason}")
         return entries, rejected, scores
 
-    async def _refuse_useless(self, state: GlobalState, verdicts: dict[str, Verdict]) -> dict[str, float]:
+    async def _refuse_useless(
+        self, state: GlobalState, verdicts: dict[str, Verdict], together: Sequence[Sequence[str]] = ()
+    ) -> dict[str, float]:
         """Score each valid contribution's share of the round on the probe; refuse (and strike) the
-        ones that raise the loss, and a newcomer's that does not lower it (no strike)."""
+        ones that raise the loss, and a newcomer's that does not lower it (no strike).
+
+        `together`: contributions scored as one (the mode's `scored_together`: a pipeline group's
+        stages, each a part of one replica's update, whose parts alone say little). Their summed
+        share is judged as one contribution would be: a newcomer stage passes probation when its
+        group's update lowers the loss, each member is credited an equal part of the gain, and when
+        the group's share hurts, only the members whose own share hurts are struck (the others sit
+        the round out with it)."""
         assert self.probe is not None
         peers = sorted(p for p, v in verdicts.items() if v.reason is None and v.summary is not None)
         if not peers:
             return {}
         seed = probe_seed(self.secret, state.round, state.hash)
-        chosen = self._sample(peers, seed)
-        if unscored := set(peers) - set(chosen):  # judged by geometry this round; newcomers wait
+        units = _units(peers, together)
+        chosen = self._sample(units, seed)
+        if unscored := set(peers) - {p for unit in chosen for p in unit}:  # judged by geometry this round; newcomers wait
             for peer in sorted(unscored):
                 if not self.standing(peer):
                     verdicts[peer].reason = "on probation: not among the contributions scored this round"
@@ -199,54 +214,84 @@ class Validator:
         scales = dict(zip(summaries, clip_scales(list(summaries.values()))))
         outer_lr = self.node.run.outer_at(state.round).outer_lr
         cover = coverage(list(summaries.values()))  # every contribution's share is of the whole round
-        updates = shares([summaries[p] for p in chosen], [scales[p] for p in chosen], dict(self.store.shapes), outer_lr, cover)
-        found = await asyncio.to_thread(score_shares, self.probe, state, updates, seed)
+        members = [p for unit in chosen for p in unit]
+        each = shares([summaries[p] for p in members], [scales[p] for p in members], dict(self.store.shapes), outer_lr, cover)
+        found = await asyncio.to_thread(score_shares, self.probe, state, _summed(each, chosen), seed)
         scores = {}
         hurting = []
-        for peer, result in zip(chosen, found):
+        for unit, result in zip(chosen, found):
             # Recorded: the gain when it clearly helped (useful work, credit) or hurt (a strike, or
             # debited from the credit that paid for it); within the noise, 0: nobody's doing.
             # A newcomer must prove its work helps: one that clearly lowers nothing but raises the
             # loss, however little (noise at an honest size does), is struck as well as refused.
-            hurts = result.hurts or (not self.standing(peer) and result.gain < -HURT_SIGMAS * result.error)
-            scores[peer] = result.gain if result.helps or hurts else 0.0
+            standing = all(self.standing(p) for p in unit)
+            hurts = result.hurts or (not standing and result.gain < -HURT_SIGMAS * result.error)
+            for peer in unit:
+                scores[peer] = (result.gain if result.helps or hurts else 0.0) / len(unit)
             if hurts:
-                hurting.append((-result.gain, peer, result))
-            elif not self.standing(peer) and not result.helps:
-                verdicts[
-                    peer
-                ].reason = f"on probation: did not clearly lower the loss on the leader's data ({100 * result.gain:+.3f}% ± {100 * result.error:.3f}%)"
+                hurting.append((-result.gain, unit, result))
+            elif not standing and not result.helps:
+                whose = "its pipeline group's update" if len(unit) > 1 else "it"
+                for peer in unit:
+                    verdicts[peer].reason = (
+                        f"on probation: {whose} did not clearly lower the loss on the leader's data "
+                        f"({100 * result.gain:+.3f}% ± {100 * result.error:.3f}%)"
+                    )
         # The round's measured gain without the hurting shares (the kept shares' gains, within the
         # noise or not): what the harm paid for in it may not exceed.
-        hurt = {peer for _, peer, _ in hurting}
-        net = sum(result.gain for p, result in zip(chosen, found) if p not in hurt and verdicts[p].reason is None)
-        for harm, peer, result in sorted(hurting):
-            if self.standing(peer) and harm <= min(self.credit.get(peer, 0.0), MAX_PAID_HARM) and harm <= net:
+        hurt = {unit for _, unit, _ in hurting}
+        net = sum(result.gain for u, result in zip(chosen, found) if u not in hurt and verdicts[u[0]].reason is None)
+        for harm, unit, result in sorted(hurting):
+            standing = all(self.standing(p) for p in unit)
+            credit = len(unit) * min(self.credit.get(p, 0.0) for p in unit)  # each member pays its part
+            if standing and harm <= min(credit, MAX_PAID_HARM) and harm <= net:
                 net -= harm  # applied: it spends its credit (record() debits it from the manifest's score)
                 self.node.log_event(
                     "credit",
-                    f"round {state.round}: {peer[-8:]}'s share raises the loss by {100 * harm:.2f}%: applied on its credit",
+                    f"round {state.round}: {', '.join(p[-8:] for p in unit)}'s share raises the loss by {100 * harm:.2f}%: applied on its credit",
                 )
                 continue
             measured = f"raises the loss on the leader's data by {100 * harm:.2f}% (± {100 * result.error:.2f}%)"
-            if self.standing(peer) and self.credit.get(peer, 0.0) > 0 and harm <= MAX_PAID_HARM:
+            if standing and credit > 0 and harm <= MAX_PAID_HARM:
                 # Deferred: a member with credit, whose harm it (or the round) cannot cover. No
                 # strike; its credit is spent (record()) and its Δ returns to its error buffer.
-                left = 100 * self.credit[peer]
-                verdicts[peer].reason = f"deferred: {measured}, more than its credit ({left:.2f}%) or the round's gain covers"
+                for peer in unit:
+                    left = 100 * self.credit.get(peer, 0.0)
+                    verdicts[peer].reason = f"deferred: {measured}, more than its credit ({left:.2f}%) or the round's gain covers"
                 continue
-            verdicts[peer].reason = measured
-            verdicts[peer].fault = True
+            blamed = set(unit) if len(unit) == 1 else await self._blame(state, unit, summaries, scales, outer_lr, cover, seed)
+            for peer in unit:
+                if peer in blamed:
+                    verdicts[peer].reason, verdicts[peer].fault = measured, True
+                else:  # an honest stage of a group whose update hurt: out with it, not struck
+                    verdicts[peer].reason = f"its pipeline group's update {measured}"
+                    scores[peer] = 0.0
         return scores
 
-    def _sample(self, peers: list[str], seed: int) -> list[str]:
-        """The contributions scored this round: all, or MAX_SCORED drawn with the secret seed,
-        newcomers first (sorted)."""
-        if len(peers) <= MAX_SCORED:
-            return peers
+    async def _blame(
+        self,
+        state: GlobalState,
+        unit: tuple[str, ...],
+        summaries: dict[str, Summary],
+        scales: dict[str, dict[str, float]],
+        outer_lr: float,
+        cover: dict[str, int],
+        seed: int,
+    ) -> set[str]:
+        """Of a unit whose summed share hurts, the members whose own share hurts (scored alone)."""
+        assert self.probe is not None
+        each = shares([summaries[p] for p in unit], [scales[p] for p in unit], dict(self.store.shapes), outer_lr, cover)
+        found = await asyncio.to_thread(score_shares, self.probe, state, each, seed)
+        return {p for p, r in zip(unit, found) if r.hurts or r.gain < -HURT_SIGMAS * r.error}
+
+    def _sample(self, units: list[tuple[str, ...]], seed: int) -> list[tuple[str, ...]]:
+        """The contributions (units scored as one) scored this round: all, or MAX_SCORED drawn with
+        the secret seed, newcomers first (sorted)."""
+        if len(units) <= MAX_SCORED:
+            return units
         rng = random.Random(seed)
-        newcomers = [p for p in peers if not self.standing(p)]
-        members = [p for p in peers if self.standing(p)]
+        newcomers = [u for u in units if not all(self.standing(p) for p in u)]
+        members = [u for u in units if all(self.standing(p) for p in u)]
         rng.shuffle(newcomers)
         rng.shuffle(members)
         return sorted((newcomers + members)[:MAX_SCORED])
@@ -308,11 +353,15 @@ class Validator:
         """The tensors a peer's coordinator-signed role contributes (the mode's default role if none)."""
         return set(self.mode.contribution_names(await self.role_of(peer_id), sorted(self.store.shapes)))
 
-    async def _refuse_incomplete(self, verdicts: dict[str, Verdict]) -> None:
+    async def _roles(self, verdicts: dict[str, Verdict]) -> dict[str, Role]:
+        """The signed roles of the round's well-formed contributions."""
+        valid = sorted(p for p, v in verdicts.items() if v.reason is None)
+        return dict(zip(valid, await asyncio.gather(*(self.role_of(p) for p in valid))))
+
+    def _refuse_incomplete(self, verdicts: dict[str, Verdict], roles: dict[str, Role]) -> None:
         """Contributions that only count together (a pipeline group's stages) sit out together; no strike."""
-        accepted = sorted(p for p, v in verdicts.items() if v.reason is None)
-        roles = dict(zip(accepted, await asyncio.gather(*(self.role_of(p) for p in accepted))))
-        for peer, reason in self.mode.incomplete_contributions(roles).items():
+        accepted = {p: r for p, r in roles.items() if verdicts[p].reason is None}
+        for peer, reason in self.mode.incomplete_contributions(accepted).items():
             verdicts[peer].reason = reason
 
     @staticmethod
@@ -409,3 +458,22 @@ class Validator:
                 self.useful.pop(peer, None)
                 self.credit.pop(peer, None)
                 self.node.log_event("ban", f"{peer[-8:]}'s ban expired: on probation again")
+
+
+def _units(peers: list[str], together: Sequence[Sequence[str]]) -> list[tuple[str, ...]]:
+    """The round's contributions as scoring units: each group of `together` whose members are all
+    among `peers`, and every other peer alone; sorted."""
+    present = set(peers)
+    units = [tuple(sorted(g)) for g in together if g and set(g) <= present]
+    placed = {p for unit in units for p in unit}
+    return sorted(units + [(p,) for p in peers if p not in placed])
+
+
+def _summed(each: Iterator[dict[str, torch.Tensor]], units: list[tuple[str, ...]]) -> Iterator[dict[str, torch.Tensor]]:
+    """Each unit's share: its members' shares (`each`, in the units' order) added up."""
+    for unit in units:
+        total: dict[str, torch.Tensor] = {}
+        for _ in unit:
+            for name, t in next(each).items():
+                total[name] = total[name] + t if name in total else t
+        yield total

@@ -149,6 +149,16 @@ class PipelineMode(TrainingMode):
     def incomplete_contributions(self, roles: dict[str, Role]) -> dict[str, str]:
         return incomplete_groups(roles)
 
+    def scored_together(self, roles: dict[str, Role]) -> list[list[str]]:
+        """A group's stages: each sends its blocks of one replica's update, and a newcomer stage's
+        blocks alone barely move the loss (it would never pass probation, and its group's work
+        would sit out with it)."""
+        groups: dict[tuple[int | None, tuple[str, ...]], list[str]] = {}
+        for peer, role in roles.items():
+            if role.kind == "stage":
+                groups.setdefault((role.replica_group, tuple(role.group_peers)), []).append(peer)
+        return list(groups.values())
+
     def slot_group(self, name: str) -> str:
         if name.startswith("blocks."):
             return f"block {name.split('.')[1]}"

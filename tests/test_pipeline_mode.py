@@ -48,14 +48,26 @@ def test_weak_peers_form_groups_full_peers_replicas_and_the_rest_wait():
     assert _plan(live, roles, caps) == roles  # stable when nothing changes
 
 
-def test_a_dead_stage_is_filled_by_a_spare_or_the_group_dissolves():
-    caps = _caps(weak=["w1", "w2", "w3"], full=["f1"])
+def test_a_dead_stage_is_filled_by_a_spare_or_the_group_waits_for_one():
+    caps = _caps(weak=["w1", "w2", "w3", "w4"], full=["f1"], speeds={"w3": 300.0})
     roles = _plan(["f1", "w1", "w2", "w3"], {}, caps)
     after = _plan(["f1", "w1", "w3"], roles, caps)  # w2 (stage 1) died; w3 was waiting
     assert after["w3"].kind == "stage" and after["w3"].stage == 1 and after["w3"].replica_group == roles["w1"].replica_group
     assert after["w1"].group_peers == ["w1", "w3"] and after["w1"].data_shard == roles["w1"].data_shard
-    alone = _plan(["f1", "w1"], after, caps)  # no spare left: the group dissolves
-    assert alone["w1"].kind == "observer"
+    # The newcomer takes the dead stage's layers, although faster: the survivor keeps its part.
+    assert after["w1"].layer_cuts == roles["w1"].layer_cuts == [2]
+    alone = _plan(["f1", "w1"], after, caps)  # no spare, no group to form: the group waits as it is
+    assert alone["w1"] is after["w1"]
+    filled = _plan(["f1", "w1", "w4"], alone, caps)  # a newcomer fills it
+    assert filled["w4"].stage == 1 and filled["w1"].group_peers == ["w1", "w4"] and filled["w1"].layer_cuts == [2]
+
+
+def test_broken_groups_whose_survivors_can_form_a_whole_group_are_dissolved():
+    caps = _caps(weak=[f"w{i}" for i in range(6)], full=[])
+    roles = _plan([f"w{i}" for i in range(6)], {}, caps, stages=3, n_layers=6)
+    assert roles["w0"].group_peers == ["w0", "w1", "w2"] and roles["w3"].group_peers == ["w3", "w4", "w5"]
+    after = _plan(["w0", "w1", "w3"], roles, caps, stages=3, n_layers=6)  # w2 and w4, w5 died
+    assert {after[p].kind for p in ("w0", "w1", "w3")} == {"stage"} and after["w0"].group_peers == ["w0", "w1", "w3"]
 
 
 def test_incomplete_groups_sit_out_together():

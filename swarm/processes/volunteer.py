@@ -432,8 +432,9 @@ class Peer(AgreedNode):
 
     async def _watch_round(self, halt: threading.Event, r: int, partners: set[str]) -> None:
         """Set `halt` when we leave, or round r cannot finish: the coordinator changed our role (our
-        group re-formed around a dead stage), the round closed without us, or a partner sits it out
-        or is past it (a stage that joined as its group gave round r up went on to train it alone)."""
+        group re-formed around a dead stage), the round closed without us, a partner is gone (a dead
+        stage's group waits for a newcomer), or a partner sits it out or is past it (a stage that
+        joined as its group gave round r up went on to train it alone)."""
         every = max(1.0, self.run.heartbeat_interval_s)
         looked = time.monotonic()
         while not halt.is_set():
@@ -453,8 +454,11 @@ class Peer(AgreedNode):
         role = await self._signed_role()
         if role is not None and role != self.role:
             return f"our role changed to {self.mode.describe_role(role)}"
-        for beat in await self.member_peers():
-            if beat.peer_id in partners and (beat.round > r or (beat.round == r and beat.phase == "joining")):
+        beats = {b.peer_id: b for b in await self.member_peers() if b.peer_id in partners}
+        if gone := sorted(partners - set(beats)):
+            return f"{gone[0][-8:]} is gone (no heartbeat)"  # its group waits for a newcomer to take its place
+        for beat in beats.values():
+            if beat.round > r or (beat.round == r and beat.phase == "joining"):
                 return f"{beat.peer_id[-8:]} sits it out"
         if await self.agreement.closed(r):
             return "it closed without us"

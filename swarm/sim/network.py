@@ -129,6 +129,7 @@ class SimNetwork:
     hanging: set[str] = field(default_factory=set)  # nodes that accept fetches and never answer them
     _decoded: dict[tuple[bytes, str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
     _matched: dict[tuple[bytes, str, tuple[str, ...] | None], bool] = field(default_factory=dict)
+    signed_views: dict[tuple[str, str], tuple[dict[str, object], list]] = field(default_factory=dict)  # SimRecords.get_all's
     _means: dict[tuple[int, tuple[bytes, ...]], tuple[Manifest, dict[str, torch.Tensor], dict[str, int]]] = field(
         default_factory=dict
     )
@@ -163,15 +164,20 @@ class SimNetwork:
 
     def get(self, reader: str, key: str) -> dict[str, object]:
         """writer -> record of what `reader` can see under `key` now."""
-        now = self.now()
-        view = self._views.get(key)
-        if view is None or now >= view[0]:
-            view = self._views[key] = self._view(key, now)
-        latest = view[1]
+        latest = self.latest(key)
         if not self.groups:
             return dict(latest)
         group = self.groups.get(reader, 0)
         return {w: r for w, r in latest.items() if w == reader or self.groups.get(w, 0) == group}
+
+    def latest(self, key: str) -> dict[str, object]:
+        """writer -> latest visible record under `key` now, for every reader while the network is
+        whole (no partition): the same object until a record under `key` changes (do not modify)."""
+        now = self.now()
+        view = self._views.get(key)
+        if view is None or now >= view[0]:
+            view = self._views[key] = self._view(key, now)
+        return view[1]
 
     def _view(self, key: str, now: float) -> tuple[float, dict[str, object]]:
         """Every writer's latest visible record under `key`, and until when that stays so (the next

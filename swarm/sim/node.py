@@ -156,8 +156,18 @@ class SimRecords:
         return self.network.put(self.peer_id, key, Wire(tag, encode_record(record)), ttl_s)
 
     async def get_all(self, key: str, cls: type[T], *, latest: bool = True) -> list[Signed[T]]:
+        if self.network.groups:  # a partition: each side reads its own
+            return self._signed(self.network.get(self.peer_id, key), cls)
+        # Whole: every reader sees the same records until one changes; the list is built once for all.
+        view = self.network.latest(key)
+        cached = self.network.signed_views.get((key, cls.__name__))
+        if cached is None or cached[0] is not view:
+            cached = self.network.signed_views[(key, cls.__name__)] = (view, self._signed(view, cls))
+        return list(cached[1])
+
+    def _signed(self, records: dict[str, object], cls: type[T]) -> list[Signed[T]]:
         found = []
-        for writer, stored in self.network.get(self.peer_id, key).items():
+        for writer, stored in records.items():
             assert isinstance(stored, Wire)
             if stored.tag != cls.__name__:
                 continue

@@ -4,9 +4,12 @@ The rule (the coordinator runs it every second; pure and deterministic, so a res
 reproduces the table from the role records it signed before):
   * a peer whose announced memory (``join-swarm --memory-gb`` overrides the measured one) is below
     the threshold is weak; every other peer is a full replica on its own data shard;
-  * an existing group keeps its live members in their stages; a stage whose peer left is filled by
-    the oldest spare weak peer; a group that cannot be filled is dissolved and its members become
-    spares (its contribution was already dropped by the leader, see ``incomplete_groups``);
+  * an existing group keeps its live members in their stages and its layer cuts; a stage whose peer
+    left is filled by the oldest spare weak peer, which takes that stage's layers (the others keep
+    their parts: no download, no lost round); groups that cannot be filled are dissolved and their
+    members become spares when those and the spares can form a whole group now; otherwise they
+    wait as they are for a newcomer to fill them (their contributions are dropped by the leader
+    meanwhile, see ``incomplete_groups``, and their stages sit the rounds out);
   * spares, oldest first, form new groups of S stages; the rest wait as spares (they train nothing);
   * a group's layers are split so that each stage takes time in proportion to its speed: each stage
     gets at least one layer, and each further layer goes to the stage that would finish it soonest
@@ -67,23 +70,35 @@ def plan_roles(
     groups = _existing_groups(weak, current)
     grouped = {p for members in groups.values() for p in members if p}
     spares = [p for p in weak if p not in grouped]
+    unfilled = []
     for gid in sorted(groups):
         members = groups[gid]
         for i, member in enumerate(members):
             if member is None and spares:
                 members[i] = spares.pop(0)
-        if any(p is None for p in members):  # cannot be filled: dissolve
-            spares = sorted(spares + [p for p in members if p], key=weak.index)
-            del groups[gid]
+        if any(p is None for p in members):
+            unfilled.append(gid)
+    survivors = [p for gid in unfilled for p in groups[gid] if p]
+    waiting: dict[int, list[str]] = {}
+    if len(spares) + len(survivors) >= stages:  # a whole group can be formed now: dissolve them
+        spares = sorted(spares + survivors, key=weak.index)
+    else:  # nothing better to do with them: they wait, keeping their roles, for newcomers to fill them
+        waiting = {gid: [p for p in groups[gid] if p] for gid in unfilled}
+    for gid in unfilled:
+        del groups[gid]
     next_gid = max([*groups, *(r.replica_group for r in current.values() if r.replica_group is not None)], default=-1) + 1
     while len(spares) >= stages:
         groups[next_gid], spares = list(spares[:stages]), spares[stages:]
         next_gid += 1
+    for peers in waiting.values():
+        for peer in peers:
+            roles[peer] = current[peer]
     for gid, members in groups.items():
         full = [p for p in members if p]
-        old_shards = [current[p].data_shard for p in full if p in current and current[p].replica_group == gid]
-        shard = old_shards[0] if old_shards else shards[full[0]]
-        cuts = balance_layers(n_layers, [capacities[p].tokens_per_s for p in full])
+        before = [current[p] for p in full if p in current and current[p].replica_group == gid]
+        shard = before[0].data_shard if before else shards[full[0]]
+        kept = before[0].layer_cuts if before and len(before[0].group_peers) == len(full) else None
+        cuts = kept or balance_layers(n_layers, [capacities[p].tokens_per_s for p in full])
         for i, peer in enumerate(full):
             role = Role(
                 peer_id=peer,

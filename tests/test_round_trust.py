@@ -353,3 +353,21 @@ def test_a_pipeline_groups_stages_are_scored_as_one_update():
     asyncio.run(v._refuse_useless(state(), verdicts, group))
     assert verdicts["s1"].fault and "raises the loss" in (verdicts["s1"].reason or "")
     assert not verdicts["s0"].fault and "its pipeline group's update raises the loss" in (verdicts["s0"].reason or "")
+
+
+def test_a_stage_that_has_just_joined_is_sized_with_its_group():
+    """A newcomer stage's first update is far smaller than its partners' (their error buffers have
+    built up): alone it falls under a tenth of the round's median and would be refused as a free
+    rider, and its whole group's work with it; sized with its group, it is not."""
+    top, bottom = torch.zeros(8, 8), torch.zeros(8, 8)
+    top[:4], bottom[4:] = 1.0, 1.0
+    for together, refused in (((), True), ([["s0", "s1"]], False)):
+        verdicts = {f"r{i}": verdict(GRADIENT) for i in range(2)}
+        verdicts |= {"s0": verdict(GRADIENT * top), "s1": verdict(GRADIENT * bottom, 0.01)}
+        Validator._refuse_zeros(verdicts, together)
+        assert (verdicts["s1"].reason is not None) is refused
+        assert all(verdicts[p].reason is None for p in ("r0", "r1", "s0"))
+    verdicts = {f"r{i}": verdict(GRADIENT) for i in range(2)} | {"s0": verdict(GRADIENT * top, 0.01)}
+    verdicts["s1"] = verdict(GRADIENT * bottom, 0.01)
+    Validator._refuse_zeros(verdicts, [["s0", "s1"]])  # a group whose whole update is near zero is still refused
+    assert verdicts["s0"].fault and verdicts["s1"].fault

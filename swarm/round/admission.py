@@ -24,6 +24,7 @@ quorum, nor has its work applied in a round nobody scores. Votes follow measured
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import secrets
 from collections import defaultdict
@@ -49,7 +50,7 @@ from swarm.round.robust import (
     overlap,
     sketch,
     summarise,
-    tiny,
+    tiny_totals,
 )
 from swarm.round.usefulness import HURT_SIGMAS, MAX_SCORED, Probe, coverage, helps, probe_seed, score_shares, shares
 from swarm.round.world import World
@@ -160,11 +161,11 @@ class Validator:
         verdicts = dict(zip(subs, await asyncio.gather(*(self.check(round_no, base_hash, s) for s in subs.values()))))
         roles = await self._roles(verdicts)
         self._refuse_incomplete(verdicts, roles)
-        self._refuse_zeros(verdicts)
+        together = self.mode.scored_together({p: r for p, r in roles.items() if verdicts[p].reason is None})
+        self._refuse_zeros(verdicts, together)
         scores: dict[str, float] = {}
         if self.probe is not None and not self.mode.inline_payload:  # hurting work is out before copies are sought
-            valid = {p: r for p, r in roles.items() if verdicts[p].reason is None}
-            scores = await self._refuse_useless(state, verdicts, self.mode.scored_together(valid))
+            scores = await self._refuse_useless(state, verdicts, together)
             self._refuse_copies(verdicts, seen)
         else:
             self._refuse_copies(verdicts, seen)
@@ -365,15 +366,19 @@ class Validator:
             verdicts[peer].reason = reason
 
     @staticmethod
-    def _refuse_zeros(verdicts: dict[str, Verdict]) -> None:
-        """All-zero contributions, and near-zero ones beside the others (they would dilute the mean)."""
+    def _refuse_zeros(verdicts: dict[str, Verdict], together: Sequence[Sequence[str]] = ()) -> None:
+        """All-zero contributions, and near-zero ones beside the others (they would dilute the mean).
+        Contributions judged `together` (a pipeline group's stages) are sized together: a stage
+        that has just joined sends a first update far smaller than its partners', whose error
+        buffers have built up (a tenth of the round's median, and it cost its group the round)."""
         for verdict in verdicts.values():
             if verdict.summary is not None and verdict.summary.is_zero:
                 verdict.reason, verdict.fault = "all-zero update (contributes nothing)", True
         peers = sorted(p for p, v in verdicts.items() if v.reason is None and v.summary is not None)
-        summaries = [s for p in peers if (s := verdicts[p].summary) is not None]
-        for peer, small in zip(peers, tiny(summaries)):
-            if small:
+        units = _units(peers, together)
+        sizes = [sum(n * n for p in unit if (s := verdicts[p].summary) is not None for n in s.norms.values()) for unit in units]
+        for unit, small in zip(units, tiny_totals([math.sqrt(s) for s in sizes])):
+            for peer in unit if small else ():
                 verdicts[peer].reason = f"update under {TINY_FRACTION:g} × the round's median size (contributes next to nothing)"
                 verdicts[peer].fault = True
 

@@ -202,7 +202,11 @@ def tiny(summaries: list[Summary]) -> list[bool]:
     """Which contributions are near zero next to the round's median one (whole-contribution norm):
     they would dilute the mean (it divides by the count) while costing their sender nothing. Needs
     three contributions."""
-    totals = [math.sqrt(sum(n * n for n in s.norms.values())) for s in summaries]
+    return tiny_totals([math.sqrt(sum(n * n for n in s.norms.values())) for s in summaries])
+
+
+def tiny_totals(totals: list[float]) -> list[bool]:
+    """`tiny` over contributions' whole norms."""
     if len(totals) < 3:
         return [False] * len(totals)
     median = upper_median(totals)

@@ -237,3 +237,40 @@ def test_a_joiner_downloads_its_part_or_all_from_donors_holding_parts(monkeypatc
     del snaps["late"], snaps["liar"]
     with pytest.raises(StateError, match="no donor holds"):
         asyncio.run(download_state(None, ["early"], expected_hash=full.hash, traffic=Traffic(), names=["head.weight"]))
+
+
+def test_a_donor_serves_the_previous_rounds_snapshot_until_the_next_replaces_it():
+    """A joiner asks every donor at once; a part asked just before a round closes reaches a donor
+    that has applied it: the donor still answers from the round the joiner asked for."""
+
+    class Server:
+        def __init__(self) -> None:
+            self.handlers: dict = {}
+
+        def register(self, kind: str, handler) -> None:
+            self.handlers[kind] = handler
+
+    class Agreement:
+        def __init__(self) -> None:
+            self.lock = asyncio.Lock()
+            self.state = GlobalState(round=4, params={"a": torch.zeros(2, 2), "b": torch.ones(3)})
+
+    server, agreement = Server(), Agreement()
+    statesync.serve_state(server, agreement)  # type: ignore[arg-type]
+    chunk = server.handlers["state"]
+
+    async def main() -> list:
+        got = [await chunk({"round": 4, "names": ["a"]})]
+        agreement.state = GlobalState(round=5, params={"a": torch.full((2, 2), 5.0), "b": torch.ones(3)})
+        got.append(await chunk({"round": 4, "names": ["a"]}))  # asked before the donor built round 5's
+        got.append(await chunk({"round": 5, "names": ["a"]}))
+        got.append(await chunk({"round": 4, "names": ["a"]}))  # kept until round 6's replaces it
+        agreement.state = GlobalState(round=6, params={"a": torch.full((2, 2), 6.0), "b": torch.ones(3)})
+        got.append(await chunk({"round": 6, "names": ["a"]}))
+        got.append(await chunk({"round": 4, "names": ["a"]}))
+        got.append(await chunk({"round": 5, "names": ["a"]}))
+        return got
+
+    answers = asyncio.run(main())
+    values = [None if a is None else torch.frombuffer(bytearray(a), dtype=torch.float32)[0].item() for a in answers]
+    assert values == [0.0, 0.0, 5.0, 0.0, 6.0, None, 5.0]

@@ -100,7 +100,12 @@ async def download_state(
     if unheld := [n for n, h in holders.items() if not h]:
         raise StateError(f"no donor holds {len(unheld)} of the tensors asked for, e.g. {unheld[0]!r}")
     jobs = _assign(wanted, holders)
-    results = await asyncio.gather(*(_fetch_part(p2p, order, part, index, traffic, timeout_s, max_bytes) for order, part in jobs))
+    fetches = [asyncio.ensure_future(_fetch_part(p2p, order, part, index, traffic, timeout_s, max_bytes)) for order, part in jobs]
+    try:
+        results = await asyncio.gather(*fetches)
+    finally:  # one part failed (or we were cancelled): the others' transfers stop using the link now
+        for task in fetches:
+            task.cancel()
     tensors: dict[str, torch.Tensor] = {}
     for chunk in results:
         tensors.update(chunk)
@@ -212,20 +217,28 @@ def serve_state(server: TransferServer, agreement: RoundAgreement) -> None:
     """Answer 'state-index' and 'state' requests from a snapshot of the node's current global state.
 
     The snapshot is taken under the round lock (never half-updated) once per round, then served
-    without it; a request for a round the donor has left is answered 'not found' and the joiner
-    retries. At most MAX_STATE_READERS requests are answered at a time.
+    without it. The previous round's snapshot is kept until the next one replaces it: a joiner
+    asks every donor for its parts at once, and a part asked just before a round closes used to
+    reach a donor that had moved on (the apply holds the lock), failing the whole download, over a
+    slow link every time a round closed during it. A request for an older round is answered 'not
+    found' and the joiner retries. At most MAX_STATE_READERS requests are answered at a time.
     """
     busy = asyncio.Semaphore(MAX_STATE_READERS)
-    latest: list[StateSnapshot] = []
+    latest: list[StateSnapshot] = []  # the current round's snapshot, then the previous one's
 
-    async def snapshot() -> StateSnapshot | None:
+    async def snapshot(round_no: object = None) -> StateSnapshot | None:
+        """The snapshot of `round_no` if we still hold it, else the current one."""
+        if latest and isinstance(round_no, int) and round_no < latest[0].round:  # an older round: kept, or gone
+            return next((s for s in latest if s.round == round_no), None)
         async with agreement.lock:
             state = agreement.state
             try:
                 if not latest or (latest[0].round, latest[0].hash) != (state.round, state.hash):
-                    latest[:] = [await asyncio.to_thread(StateSnapshot, state)]
+                    latest[:] = [await asyncio.to_thread(StateSnapshot, state), *latest[:1]]
             except PartialStateError:  # a part between its outer step and the agreed index: nothing to serve
                 return None
+            if round_no is not None and round_no != latest[0].round:
+                return next((s for s in latest if s.round == round_no), None)
             return latest[0]
 
     async def index(request: dict) -> bytes | None:
@@ -238,7 +251,7 @@ def serve_state(server: TransferServer, agreement: RoundAgreement) -> None:
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
             return None  # duplicates would let one small request make us build a huge body
         async with busy:
-            snap = await snapshot()
+            snap = await snapshot(request.get("round"))
             return snap.chunk(names) if snap is not None and request.get("round") == snap.round else None
 
     server.register("state-index", index)

@@ -371,3 +371,15 @@ def test_a_stage_that_has_just_joined_is_sized_with_its_group():
     verdicts["s1"] = verdict(GRADIENT * bottom, 0.01)
     Validator._refuse_zeros(verdicts, [["s0", "s1"]])  # a group whose whole update is near zero is still refused
     assert verdicts["s0"].fault and verdicts["s1"].fault
+
+
+def test_a_newcomers_near_zero_update_is_refused_without_a_strike():
+    """A newcomer's first SparseLoCo payload (its error buffer empty) is far smaller than the
+    others': refused (it would dilute the mean), but not struck; a member's is struck."""
+    v = validator(probation=2)
+    credit(v, "member", 2)
+    verdicts = {f"r{i}": verdict(GRADIENT) for i in range(2)}
+    verdicts |= {"newcomer": verdict(GRADIENT, 0.01), "member": verdict(GRADIENT, 0.01)}
+    Validator._refuse_zeros(verdicts, (), v.standing)
+    assert verdicts["newcomer"].reason is not None and not verdicts["newcomer"].fault
+    assert verdicts["member"].reason is not None and verdicts["member"].fault

@@ -28,7 +28,7 @@ import math
 import random
 import secrets
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -162,7 +162,7 @@ class Validator:
         roles = await self._roles(verdicts)
         self._refuse_incomplete(verdicts, roles)
         together = self.mode.scored_together({p: r for p, r in roles.items() if verdicts[p].reason is None})
-        self._refuse_zeros(verdicts, together)
+        self._refuse_zeros(verdicts, together, self.standing)
         scores: dict[str, float] = {}
         if self.probe is not None and not self.mode.inline_payload:  # hurting work is out before copies are sought
             scores = await self._refuse_useless(state, verdicts, together)
@@ -366,11 +366,18 @@ class Validator:
             verdicts[peer].reason = reason
 
     @staticmethod
-    def _refuse_zeros(verdicts: dict[str, Verdict], together: Sequence[Sequence[str]] = ()) -> None:
+    def _refuse_zeros(
+        verdicts: dict[str, Verdict],
+        together: Sequence[Sequence[str]] = (),
+        standing: Callable[[str], bool] = lambda peer: True,
+    ) -> None:
         """All-zero contributions, and near-zero ones beside the others (they would dilute the mean).
         Contributions judged `together` (a pipeline group's stages) are sized together: a stage
         that has just joined sends a first update far smaller than its partners', whose error
-        buffers have built up (a tenth of the round's median, and it cost its group the round)."""
+        buffers have built up (a tenth of the round's median, and it cost its group the round).
+        A near-zero contribution is struck only from a peer with `standing`: a newcomer's first
+        SparseLoCo payload, its error buffer empty, falls under the cut too (honest work), and
+        probation keeps a newcomer's work out until it has measurably helped anyway."""
         for verdict in verdicts.values():
             if verdict.summary is not None and verdict.summary.is_zero:
                 verdict.reason, verdict.fault = "all-zero update (contributes nothing)", True
@@ -380,7 +387,7 @@ class Validator:
         for unit, small in zip(units, tiny_totals([math.sqrt(s) for s in sizes])):
             for peer in unit if small else ():
                 verdicts[peer].reason = f"update under {TINY_FRACTION:g} × the round's median size (contributes next to nothing)"
-                verdicts[peer].fault = True
+                verdicts[peer].fault = all(standing(p) for p in unit)
 
     @staticmethod
     def _refuse_misaligned(verdicts: dict[str, Verdict], only: set[str] | None = None) -> None:

@@ -247,7 +247,7 @@ def test_a_donor_serves_the_previous_rounds_snapshot_until_the_next_replaces_it(
         def __init__(self) -> None:
             self.handlers: dict = {}
 
-        def register(self, kind: str, handler) -> None:
+        def register(self, kind: str, handler: object) -> None:
             self.handlers[kind] = handler
 
     class Agreement:

@@ -226,10 +226,13 @@ def serve_state(server: TransferServer, agreement: RoundAgreement) -> None:
     busy = asyncio.Semaphore(MAX_STATE_READERS)
     latest: list[StateSnapshot] = []  # the current round's snapshot, then the previous one's
 
+    def kept(round_no: object) -> StateSnapshot | None:
+        return next((s for s in latest if s.round == round_no), None)
+
     async def snapshot(round_no: object = None) -> StateSnapshot | None:
-        """The snapshot of `round_no` if we still hold it, else the current one."""
-        if latest and isinstance(round_no, int) and round_no < latest[0].round:  # an older round: kept, or gone
-            return next((s for s in latest if s.round == round_no), None)
+        """The current round's snapshot, or with `round_no` that round's while we keep it."""
+        if latest and isinstance(round_no, int) and round_no < latest[0].round:  # older: kept or gone, no lock needed
+            return kept(round_no)
         async with agreement.lock:
             state = agreement.state
             try:
@@ -237,9 +240,7 @@ def serve_state(server: TransferServer, agreement: RoundAgreement) -> None:
                     latest[:] = [await asyncio.to_thread(StateSnapshot, state), *latest[:1]]
             except PartialStateError:  # a part between its outer step and the agreed index: nothing to serve
                 return None
-            if round_no is not None and round_no != latest[0].round:
-                return next((s for s in latest if s.round == round_no), None)
-            return latest[0]
+            return latest[0] if round_no is None else kept(round_no)
 
     async def index(request: dict) -> bytes | None:
         async with busy:

@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", action="append", default=[], help=f"add a hostile peer ({', '.join(sorted(ATTACKS))})")
     p.add_argument("--round-timeout", type=float, default=20.0, help="round_timeout_s of the run (default 20)")
     p.add_argument("--inner-steps", type=int, default=10, help="H (default 10)")
+    p.add_argument("--heartbeat-s", type=float, default=2.0, help="heartbeat interval (default 2; production's is 5), TTL 5× it")
     p.add_argument(
         "--step-s", type=float, nargs=2, default=(0.5, 1.5), metavar=("LOW", "HIGH"), help="range of a peer's inner-step time"
     )
@@ -54,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--payload-bytes", type=float, default=0, help="`sized` payloads: each travels as this many bytes (e.g. 20e6 for 1B)"
     )
     p.add_argument("--state-bytes", type=float, default=0, help="`sized` state downloads (e.g. 4e9 for 1B in fp32)")
+    p.add_argument(
+        "--cpu-s",
+        type=float,
+        nargs=2,
+        default=(0.0, 0.0),
+        metavar=("CHECK", "APPLY"),
+        help="compute per payload: a leader's checks of a submission, a node's apply of one (`swarm-bench scale` measures both)",
+    )
     p.add_argument("--trace", action="store_true", help="print every seed's event trace")
     return p
 
@@ -97,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                 faults=args.faults,
                 attackers=args.attack,
                 round_timeout_s=args.round_timeout,
+                heartbeat_s=args.heartbeat_s,
+                cpu_s=(args.cpu_s[0], args.cpu_s[1]),
                 inner_steps=args.inner_steps,
                 step_s=(args.step_s[0], args.step_s[1]),
                 overlap=args.overlap,
@@ -122,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
 def _flags(args: argparse.Namespace) -> list[str]:
     flags = [f"--peers {args.peers}", f"--rounds {args.rounds}", f"--profile {args.profile}"]
     flags += [f"--round-timeout {args.round_timeout:g}", f"--inner-steps {args.inner_steps}"]
+    flags += [f"--heartbeat-s {args.heartbeat_s:g}"] if args.heartbeat_s != 2.0 else []
+    flags += [f"--cpu-s {args.cpu_s[0]:g} {args.cpu_s[1]:g}"] if any(args.cpu_s) else []
     flags += [f"--step-s {args.step_s[0]:g} {args.step_s[1]:g}"] + (["--overlap"] if args.overlap else [])
     flags += [f"--payload-bytes {args.payload_bytes:g}"] if args.payload_bytes else []
     flags += [f"--state-bytes {args.state_bytes:g}"] if args.state_bytes else []

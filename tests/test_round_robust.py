@@ -149,3 +149,46 @@ def test_the_copy_checks_sketch_never_skips_a_copy_and_skips_unrelated_pairs():
         if not may_copy(sketch(a), sketch(honest)):
             skipped += 1
     assert caught >= 20 and skipped == 40
+
+
+def test_the_sketch_checks_set_shortcut_decides_as_the_whole_union_does():
+    """`may_copy` rejects a pair from the count of hashes its two sketches share before it builds
+    their union's bottom-k (the count bounds what the union can hold); the shortcut must never
+    change a decision. The reference below is the union computation alone."""
+    import random
+
+    import torch
+
+    from swarm.round.robust import COPY_OVERLAP, SKETCH, Sketch, may_copy, sketch
+
+    def reference(a: Sketch, b: Sketch) -> bool:
+        small, large = sorted((a.size, b.size))
+        if small == 0:
+            return False
+        if 2 * small < large:
+            return True
+        union = torch.unique(torch.cat([a.hashes, b.hashes]))[: min(SKETCH, a.hashes.numel(), b.hashes.numel())]
+        both = torch.isin(union, a.hashes) & torch.isin(union, b.hashes)
+        jaccard = float(both.sum()) / union.numel()
+        return jaccard * (a.size + b.size) / (1 + jaccard) >= 0.6 * COPY_OVERLAP * small
+
+    rng = random.Random(3)
+    decided = {True: 0, False: 0}
+    for _ in range(600):
+        numel = rng.choice([500, 5000, 50_000])
+        k = rng.randint(1, numel // 8)
+        first = rng.sample(range(numel), k)
+        share = rng.uniform(0.0, 0.8)  # from unrelated to mostly a copy, around the threshold
+        kept = [p for p in first if rng.random() < share]
+        second = kept + rng.sample(range(numel), max(1, k - len(kept)))  # about as many positions
+
+        def one(positions: list[int], numel: int = numel) -> Sketch:
+            dense = torch.zeros(numel)
+            dense[sorted(set(positions))] = 1.0
+            return sketch(summarise({"w": dense}, sparse=True))
+
+        a, b = one(first), one(second)
+        expected = reference(a, b)
+        assert may_copy(a, b) == expected
+        decided[expected] += 1
+    assert min(decided.values()) > 50, decided

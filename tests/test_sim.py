@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -280,3 +281,27 @@ def test_swarm_sim_prints_each_seed_and_fails_on_a_bad_argument(capsys):
         sim_cli.main(["--attack", "teleport"])
     with pytest.raises(SystemExit):
         sim_cli.main(["--seeds", "5..2"])
+
+
+def test_many_transfers_into_one_downlink_lose_goodput_by_the_profiles_fan_in():
+    """A transfer booked behind j others into the same downlink takes 1 + fan_in·j times as long
+    (the testbed's measured loss); uplinks and the default profile are unaffected."""
+    ideal = _network(downlink_mbps=(8, 8), uplink_mbps=(80, 80))
+    lossy = _network(downlink_mbps=(8, 8), uplink_mbps=(80, 80), fan_in=0.5)
+    for net in (ideal, lossy):
+        net.add_node("d")
+    ends = {id(net): [net.transfer_time(src, "d", 1_000_000) for src in ("a", "b", "c")] for net in (ideal, lossy)}
+    assert ends[id(ideal)] == pytest.approx([1.1, 2.1, 3.1])  # 1 s each, one after the other
+    assert ends[id(lossy)] == pytest.approx([1.1, 2.6, 4.6])  # 1, 1.5 and 2 s: one and two flows ahead
+    lossy.loop.advance(10)
+    assert lossy.transfer_time("a", "d", 1_000_000) == pytest.approx(11.1), "the earlier flows have ended"
+    with pytest.raises(ValueError, match="fan_in"):
+        _network(fan_in=2.0)
+
+
+def test_compute_per_payload_delays_a_rounds_close_and_apply():
+    """`cpu_s`: a leader's checks and every node's apply take virtual time per payload."""
+    quick = simulate(SimConfig(seed=2, peers=3, rounds=2))
+    slow = simulate(SimConfig(seed=2, peers=3, rounds=2, cpu_s=(0.5, 0.4)))
+    assert quick.ok and slow.ok
+    assert statistics.median(slow.all_applied_s) >= statistics.median(quick.all_applied_s) + 1.0

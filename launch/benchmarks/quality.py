@@ -55,7 +55,8 @@ class SimResult:
 
 
 BASES = ("payload", "share", "agreed", "own")
-REDUCE = ("all", "topk", "topk2", "topk4")  # topkN: the aggregate at N times one payload's density
+REDUCE = ("all", "topk", "topk2", "topk4", "count")  # topkN: the aggregate at N times one payload's density;
+# count: each coordinate averaged over the payloads that selected it, not over all R
 
 
 def simulate(
@@ -66,6 +67,7 @@ def simulate(
     base: str = "payload",
     eval_every: int = 0,
     reduce: str = "all",
+    reset_adam: bool = False,
 ) -> SimResult:
     """`run.max_rounds` rounds of `replicas` replicas; every replica applies every payload itself.
     `base` (with overlap) is where round r+1's inner steps start: θ(r) advanced by the replica's own
@@ -92,6 +94,9 @@ def simulate(
     sizes, hashes, curve = [], [], []
     evaluator = Replica(run, shard=0, device=cpu, corpus=corpus)  # type: ignore[arg-type]
     for r in range(run.max_rounds):
+        if reset_adam:  # the inner optimiser starts every round afresh (DiLoCo carries it over)
+            for w in workers:
+                w.optimizer.state.clear()
         works = [w.train_round(b) for w, b in zip(workers, bases)]
         payloads = []
         for i, (enc, work) in enumerate(zip(encoders, works)):
@@ -104,8 +109,12 @@ def simulate(
             own = [store.decode(data, sender=sender, round_no=r) for sender, data in payloads]
             weight = {"payload": 1.0, "share": 1.0 / replicas, "agreed": 0.0}[base]
             bases = [next_base(s, o, mode, weight) for s, o in zip(states, own)]
-        if reduce != "all":
+        if reduce.startswith("topk"):
             mean = second_compression(run, shapes, store, payloads, encoders, r, reduce)
+            for state in states:
+                mode.outer_step(state, mean)
+        if reduce == "count":
+            mean = contributor_mean(shapes, [store.decode(data, sender=sender, round_no=r) for sender, data in payloads])
             for state in states:
                 mode.outer_step(state, mean)
         for state in states if reduce == "all" else ():  # every replica decodes and applies the same payloads in order
@@ -154,6 +163,17 @@ def second_compression(
             errors[name] = errors[name] + dropped if name in errors else dropped
         encoder.compressor.load_state_dict(errors)
     return applied
+
+
+def contributor_mean(shapes: dict[str, tuple[int, ...]], decoded: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Each coordinate's mean over the payloads that selected it (non-zero there), in payload order."""
+    sums = {name: torch.zeros(shape) for name, shape in shapes.items()}
+    counts = {name: torch.zeros(shape) for name, shape in shapes.items()}
+    for tensors in decoded:
+        for name, t in sorted(tensors.items()):
+            sums[name].add_(t)
+            counts[name].add_((t != 0).float())
+    return {name: sums[name] / counts[name].clamp(min=1) for name in sorted(shapes)}
 
 
 def simulate_solo(run: RunConfig, replicas: int, *, corpus: object | None = None, eval_every: int = 0) -> SimResult:
@@ -216,6 +236,8 @@ def parse_row(spec: str, base: RunConfig) -> tuple[RunConfig, str, str]:
             start = value
         elif key == "reduce" and value in REDUCE:
             reduce = value
+        elif key == "adam" and value in ("reset", "keep"):
+            pass  # run_row's: whether the inner optimiser's state is cleared every round
         elif key in fields:
             current = outer[key]
             outer[key] = bool(int(value)) if isinstance(current, bool) else type(current)(value)
@@ -297,11 +319,12 @@ def run(args: argparse.Namespace) -> int:
 def run_row(spec: str, base: RunConfig, replicas: int, corpus: object | None = None, eval_every: int = 0) -> SimResult:
     """One row; `eval_every` counts rounds at the default H (tokens, whatever the row's H)."""
     cfg, start, reduce = parse_row(spec, base)
+    reset_adam = "adam=reset" in spec.partition(":")[2].split(",")  # the inner optimiser starts each round afresh
     every = eval_every * base.inner_steps // cfg.inner_steps
     if spec.partition(":")[0] == "solo":
         res = simulate_solo(cfg, replicas, corpus=corpus, eval_every=every)
     else:
-        res = simulate(cfg, replicas, corpus=corpus, base=start, eval_every=every, reduce=reduce)
+        res = simulate(cfg, replicas, corpus=corpus, base=start, eval_every=every, reduce=reduce, reset_adam=reset_adam)
     res.curve = [(r * cfg.inner_steps // base.inner_steps, loss) for r, loss in res.curve]
     return res
 

@@ -70,6 +70,12 @@ def run(args: argparse.Namespace) -> int:
         rows.append(measure(args, peers, workdir / f"peers-{peers}"))
         r = rows[-1]
         print(f"  {peers} peers: close {r['close_s']:.2f}s, all applied {r['applied_s']:.2f}s ({r['wall_s']:.0f}s)", flush=True)
+        print(
+            f"    CPU per round: the leader's checks {r['validate_s']:.2f}s wall, {r['validate_cpu_s']:.2f}s CPU;"
+            f" a peer's apply {r['apply_s']:.2f}s wall, {r['apply_cpu_s']:.2f}s CPU (medians; `swarm-sim --cpu-s`"
+            f" takes them per payload: {r['validate_cpu_s'] / peers:.3f} {r['apply_cpu_s'] / peers:.3f})",
+            flush=True,
+        )
     print(
         f"\n{'peers':>5} {'close (s)':>10} {'all applied (s)':>16} {'leader in/round':>16} {'leader out/round':>17} "
         f"{'payloads/round':>15} {'per peer in':>12}"
@@ -136,6 +142,7 @@ def measure(args: argparse.Namespace, peers: int, workdir: Path) -> dict:
         by_round = cluster.metrics_by_round()
     leader = {row["round"]: row for row in map(json.loads, rounds_file.read_text().splitlines()) if "closed_at" in row}
     close, applied, leader_in, leader_out, payloads, peer_in = [], [], [], [], [], []
+    validate, validate_cpu, apply, apply_cpu = [], [], [], []
     for r in range(1, args.rounds):
         rows = by_round.get(r, [])
         if len(rows) < peers or r not in leader or r - 1 not in leader:
@@ -148,6 +155,10 @@ def measure(args: argparse.Namespace, peers: int, workdir: Path) -> dict:
         payloads.append(leader[r]["payload_bytes"])
         before = {row["peer"]: row["bytes_received"] for row in by_round.get(r - 1, [])}
         peer_in.append(statistics.median(row["bytes_received"] - before.get(row["peer"], 0) for row in rows))
+        validate.append(leader[r].get("validate_s", 0.0))
+        validate_cpu.append(leader[r].get("validate_cpu_s", 0.0))
+        apply.append(statistics.median(row["apply_s"] for row in rows))
+        apply_cpu.append(statistics.median(row["apply_cpu_s"] for row in rows))
     if not close:
         raise RuntimeError(f"no complete round to measure; logs in {workdir}")
     med = statistics.median
@@ -158,6 +169,10 @@ def measure(args: argparse.Namespace, peers: int, workdir: Path) -> dict:
         "leader_out": med(leader_out),
         "payloads": med(payloads),
         "peer_in": med(peer_in),
+        "validate_s": med(validate),
+        "validate_cpu_s": med(validate_cpu),
+        "apply_s": med(apply),
+        "apply_cpu_s": med(apply_cpu),
         "wall_s": time.perf_counter() - started,
     }
 

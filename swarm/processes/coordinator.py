@@ -239,6 +239,8 @@ class Coordinator(AgreedNode):
                 "payload_bytes": sum(e.size for e in manifest.entries),
                 "coverage": self.agreement.coverage,
                 "apply_s": self.agreement.apply_s,
+                "validate_s": self.agreement.validate_s if manifest.leader == self.peer_id else 0.0,
+                "validate_cpu_s": self.agreement.validate_cpu_s if manifest.leader == self.peer_id else 0.0,
                 **self.mode.round_metrics([(e.peer_id, e.inline) for e in manifest.entries]),
                 **({"inline": inline_entries(manifest.entries)} if self.mode.inline_payload else {}),
                 "leader": manifest.leader,

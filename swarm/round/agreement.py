@@ -65,6 +65,11 @@ LEDGER_TTL_S = 7 * 24 * 3600.0
 # A peer-led manifest is endorsed only once it has been in view this long and is still the best-ranked
 # (records' travel time: a better-ranked leader's manifest of the same moment shows up meanwhile).
 SETTLE_S = 2.0
+# Manifest proof checks, shared by every node of this process: a check is a pure function of the
+# record, its owner and its signer, and the simulator runs a thousand nodes reading the same records
+# (each encoding an R-entry manifest twice to check it was most of a 1,000-peer round).
+_PROOFS_OK: dict[tuple[str, str], bool] = {}  # (signer, sha256 of the manifest) -> proof ok
+_CHECKED: dict[int, tuple[Manifest, str, bool, str]] = {}  # id(record) -> (record, signer, proof ok, digest)
 
 
 def _cpu_timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
@@ -101,13 +106,15 @@ class RoundAgreement:
     coverage: dict[str, int] = field(default_factory=dict)  # slot group -> contributions, last round applied
     apply_s: float = 0.0  # seconds the last round took to decode and apply (SPSA: its replay cost)
     apply_cpu_s: float = 0.0  # CPU time of that work: what it takes on a core of its own
+    validate_s: float = 0.0  # seconds the last round we led took to check its submissions (fetch included)
+    validate_cpu_s: float = 0.0  # this process's CPU time meanwhile (the checks, not the fetches' waiting)
     probe: Probe | None = None  # scores contributions by loss when we lead (the coordinator's)
 
     def __post_init__(self) -> None:
         self.validator = Validator(self.node, self.store, self.mode, probe=self.probe)
         self.witness = EquivocationWitness()
-        self._proofs_ok: dict[tuple[str, str], bool] = {}
-        self._checked: dict[int, tuple[Manifest, str, bool, str]] = {}  # id(record) -> (record, signer, proof ok, digest)
+        self._proofs_ok = _PROOFS_OK
+        self._checked = _CHECKED
         self._led = -1  # the last round we published a manifest of as a peer (we wait for its endorsements)
         self._endorsed: dict[int, str] = {}  # round -> the peer-led manifest we endorsed (one per round, for good)
         self._in_view_since: dict[tuple[int, str], float] = {}  # (round, manifest digest) -> first seen
@@ -266,8 +273,9 @@ class RoundAgreement:
 
     def _signed_by_leader(self, signed: Signed[Manifest]) -> bool:
         """A manifest counts only with a valid proof by its signer (verified once per version). The
-        same record object read again (the simulator hands out one per stored version) is known
-        without encoding it: a manifest of R entries encodes in O(R), read every poll by every node."""
+        same record object read again (the simulator hands out one per stored version, to all its
+        nodes) is known without encoding it: a manifest of R entries encodes in O(R), read every
+        poll by every node."""
         known = self._checked.get(id(signed.record))
         if known is not None and known[0] is signed.record and known[1] == signed.signer:
             return known[2]
@@ -490,7 +498,9 @@ class RoundAgreement:
                 logger.info("round %d: no live peer can contribute (banned, or sitting it out); closing it empty", round_no)
                 break
             await asyncio.sleep(self.poll_s)
+        checking, cpu = time.perf_counter(), time.process_time()
         entries, rejected, scores = await self.validator.validate(self.state, subs, seen)
+        self.validate_s, self.validate_cpu_s = time.perf_counter() - checking, time.process_time() - cpu
         *_, agreed, _, other = await self._look(round_no, started)  # validating took a while: did the round close meanwhile?
         if other is not None:
             return other

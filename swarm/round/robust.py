@@ -128,6 +128,7 @@ class Sketch:
 
     hashes: torch.Tensor  # sorted, unique, int64
     size: int
+    members: frozenset[int] = frozenset()  # the same hashes as Python ints: pairs are compared as sets
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +148,8 @@ def sketch(summary: Summary) -> Sketch:
         return Sketch(torch.empty(0, dtype=torch.int64), 0)
     hashed = torch.cat(keys)  # (tensor, position) pairs are distinct: so are their hashes, but for collisions
     smallest = torch.topk(hashed, min(SKETCH, hashed.numel()), largest=False).values
-    return Sketch(torch.unique(smallest), hashed.numel())  # sorted; O(positions), no full sort
+    hashes = torch.unique(smallest)  # sorted; O(positions), no full sort
+    return Sketch(hashes, hashed.numel(), frozenset(hashes.tolist()))
 
 
 def may_copy(a: Sketch, b: Sketch) -> bool:
@@ -159,13 +161,19 @@ def may_copy(a: Sketch, b: Sketch) -> bool:
         return False
     if 2 * small < large:
         return True
-    union = torch.unique(torch.cat([a.hashes, b.hashes]))[: min(SKETCH, a.hashes.numel(), b.hashes.numel())]
-    if union.numel() == 0:
+    kept = min(SKETCH, len(a.members), len(b.members))
+    if kept == 0:
         return True
-    both = torch.isin(union, a.hashes) & torch.isin(union, b.hashes)
-    jaccard = float(both.sum()) / union.numel()
+    need = 0.6 * COPY_OVERLAP * small  # |A ∩ B| at the threshold
+    common = a.members & b.members
+    # The union's `kept` smallest hashes hold at most the common ones: too few common hashes decide
+    # it without the union (most pairs, in O(SKETCH) set operations: R²/2 pairs a round).
+    if len(common) < need / (a.size + b.size - need) * kept - 1e-9:
+        return False
+    union = sorted(a.members | b.members)[:kept]
+    jaccard = sum(h in common for h in union) / kept
     shared = jaccard * (a.size + b.size) / (1 + jaccard)  # |A ∩ B| from the Jaccard index and the sizes
-    return shared >= 0.6 * COPY_OVERLAP * small
+    return shared >= need
 
 
 def lower_median(values: list[float]) -> float:

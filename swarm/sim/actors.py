@@ -18,7 +18,7 @@ from typing import Any
 
 from swarm.modes import mode_for
 from swarm.modes.base import TrainingMode
-from swarm.net.records import Manifest, Submission
+from swarm.net.records import Manifest, ManifestEntry, Rejection, Submission
 from swarm.net.transfer import TransferError, transfer_deadline_s
 from swarm.processes.coordinator import SAVED_STATE_PATIENCE_S
 from swarm.processes.roles import RoleKeeper
@@ -89,6 +89,7 @@ class Actor:
         network.states[self.peer_id] = lambda: self.agreement.state
         self.agreement = RoundAgreement(self.node, self.store, state.copy(), self.mode)
         self.agreement._mean_of = functools.partial(network.mean_of, self.agreement._mean_of)  # type: ignore[method-assign]
+        self._charge_compute()
         self.task: asyncio.Task[None] | None = None
         if self.honest:
             ledger.honest.add(self.peer_id)
@@ -103,6 +104,28 @@ class Actor:
 
         self.agreement._submissions = submissions  # type: ignore[method-assign]
         self.background: set[asyncio.Future[Any]] = set()  # records written without waiting, rounds settling
+
+    def _charge_compute(self) -> None:
+        """The virtual time a leader's checks and a node's apply take, per payload (`SimConfig.cpu_s`):
+        the round code's own work runs at once here; a real node spends it between transfers."""
+        validate, apply, (check_s, apply_s) = self.agreement.validator.validate, self.agreement.apply, self.network.cpu_s
+
+        async def timed_validate(
+            state: GlobalState, subs: dict[str, Submission], seen: dict[str, int]
+        ) -> tuple[list[ManifestEntry], list[Rejection], dict[str, float]]:
+            found = await validate(state, subs, seen)
+            await asyncio.sleep(check_s * len(subs))
+            return found
+
+        async def timed_apply(manifest: Manifest) -> int:
+            applied = await apply(manifest)
+            await asyncio.sleep(apply_s * len(manifest.entries))
+            return applied
+
+        if check_s:
+            self.agreement.validator.validate = timed_validate  # type: ignore[method-assign]
+        if apply_s:
+            self.agreement.apply = timed_apply  # type: ignore[method-assign]
 
     @property
     def peer_id(self) -> str:

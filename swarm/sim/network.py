@@ -6,7 +6,11 @@ A transfer of n bytes from a to b waits for a's uplink and b's downlink to be fr
 one transfer at a time per direction, so a sender serving many fetchers serves them one after the
 other), then takes latency + 8n / min(up_a, down_b). That is pessimistic against real TCP, which
 shares a link between flows, but it gives the same total time per link, and the same per-link
-bytes.
+bytes. Except for the goodput many flows into one downlink lose: a profile's `fan_in` c makes a
+transfer booked behind j others into the same downlink, not yet done, take 1 + c·j times as long
+(measured on the testbed: k TCP senders of 210 KB each into one 2 Mbit/s receiver finish 1.16,
+1.25, 1.46 and 1.51 × the ideal k·n/rate for k = 2, 4, 7, 8, while k receivers from one sender
+finish within 1.07 × of it: c = 0.13; at 20 Mbit/s, 1.15 × at k = 8: c = 0.02; docs/performance.md).
 
 Records. A `put` is visible to everyone after a delay (the writer's latency plus a draw of the
 profile's `dht_delay_s`), to every node that is not partitioned from the writer, until it expires.
@@ -21,6 +25,7 @@ import hashlib
 import json
 import math
 import random
+from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +54,9 @@ class Profile:
     rtt_ms: tuple[float, float]
     dht_delay_s: tuple[float, float] = (0.05, 0.5)  # extra time before a record is visible to readers
     loss: float = 0.0  # probability that one message (a put, one fetch attempt) is lost
+    # Many senders into one shaped downlink lose goodput (drops at the shaper, retransmissions): a
+    # transfer booked behind j others not yet done takes 1 + fan_in·j times as long (0: ideal).
+    fan_in: float = 0.0
 
     def __post_init__(self) -> None:
         for field_name in ("uplink_mbps", "downlink_mbps", "rtt_ms", "dht_delay_s"):
@@ -57,6 +65,8 @@ class Profile:
                 raise ValueError(f"profile {self.name!r}: {field_name} must be 0 < low <= high, got {low}, {high}")
         if not 0 <= self.loss < 1:
             raise ValueError(f"profile {self.name!r}: loss must be in [0, 1), got {self.loss}")
+        if not 0 <= self.fan_in <= 1:
+            raise ValueError(f"profile {self.name!r}: fan_in must be in [0, 1], got {self.fan_in}")
 
     @classmethod
     def load(cls, name_or_path: str) -> Profile:
@@ -70,11 +80,12 @@ class Profile:
         raw = json.loads(path.read_text())
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: a profile is a JSON object")
-        known = {"name", "uplink_mbps", "downlink_mbps", "rtt_ms", "dht_delay_s", "loss"}
+        known = {"name", "uplink_mbps", "downlink_mbps", "rtt_ms", "dht_delay_s", "loss", "fan_in"}
         if unknown := set(raw) - known:
             raise ValueError(f"{path}: unknown profile field(s) {', '.join(sorted(unknown))}")
-        ranges = {k: tuple(float(x) for x in v) for k, v in raw.items() if k not in ("name", "loss")}
-        return cls(name=str(raw.get("name", path.stem)), loss=float(raw.get("loss", 0.0)), **ranges)  # type: ignore[arg-type]
+        ranges = {k: tuple(float(x) for x in v) for k, v in raw.items() if k not in ("name", "loss", "fan_in")}
+        scalars = {"loss": float(raw.get("loss", 0.0)), "fan_in": float(raw.get("fan_in", 0.0))}
+        return cls(name=str(raw.get("name", path.stem)), **scalars, **ranges)  # type: ignore[arg-type]
 
     def draw_link(self, rng: random.Random) -> Link:
         def draw(low: float, high: float) -> float:
@@ -98,6 +109,7 @@ class Link:
     down_free_at: float = 0.0
     sent: int = 0
     received: int = 0
+    inbound: deque[float] = field(default_factory=deque)  # when the transfers booked into the downlink end (ascending)
 
 
 @dataclass
@@ -127,6 +139,7 @@ class SimNetwork:
     states: dict[str, Callable[[], GlobalState]] = field(default_factory=dict)  # peer id -> its state now (donors)
     sized: dict[str, int] = field(default_factory=dict)  # digest -> declared size (`sized` payloads)
     hanging: set[str] = field(default_factory=set)  # nodes that accept fetches and never answer them
+    cpu_s: tuple[float, float] = (0.0, 0.0)  # per payload: a leader's checks, a node's apply (SimConfig.cpu_s)
     _decoded: dict[tuple[bytes, str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
     _matched: dict[tuple[bytes, str, tuple[str, ...] | None], bool] = field(default_factory=dict)
     signed_views: dict[tuple[str, str], tuple[dict[str, object], list]] = field(default_factory=dict)  # SimRecords.get_all's
@@ -261,11 +274,16 @@ class SimNetwork:
         """Book a transfer of nbytes from src to dst; returns when it completes (virtual time), or None
         without booking anything if it would not complete within `within_s` (the fetcher gives up)."""
         a, b = self.links[src], self.links[dst]
-        start = max(self.now() + a.latency_s + b.latency_s, a.up_free_at, b.down_free_at)  # request there, data starts
-        done = start + 8 * nbytes / min(a.up_bps, b.down_bps)
-        if done - self.now() > within_s:
+        now = self.now()
+        start = max(now + a.latency_s + b.latency_s, a.up_free_at, b.down_free_at)  # request there, data starts
+        while b.inbound and b.inbound[0] <= now:  # booked one after the other: they end in order
+            b.inbound.popleft()
+        waiting = len(b.inbound)  # flows into b's downlink at once, in reality
+        done = start + 8 * nbytes / min(a.up_bps, b.down_bps) * (1 + self.profile.fan_in * waiting)
+        if done - now > within_s:
             return None
         a.up_free_at = b.down_free_at = done
+        b.inbound.append(done)
         a.sent += nbytes
         b.received += nbytes
         return done

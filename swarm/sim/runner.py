@@ -45,6 +45,9 @@ class SimConfig:
     step_s: tuple[float, float] = (0.5, 1.5)  # each peer's inner-step time is drawn from this range
     inner_steps: int = 10
     round_timeout_s: float = 20.0
+    # How often a node publishes its heartbeat (a heartbeat lives 5× as long). 2 s stresses the
+    # rounds' timing; at hundreds of peers production's 5 s halves the simulator's record traffic.
+    heartbeat_s: float = 2.0
     attackers: list[str] = field(default_factory=list)  # one hostile peer per entry (swarm.sim.hostile.ATTACKS)
     faults: list[str] = field(default_factory=list)  # fault kinds drawn at random (swarm.sim.faults.KINDS), or "all"
     schedule: list[Fault] = field(default_factory=list)  # faults at given times (named scenarios)
@@ -52,6 +55,10 @@ class SimConfig:
     state_bytes: int = 0  # and a state download as if the state were this big (0: real size)
     overlap: bool = False  # peers train round r+1 while round r settles (the production default)
     coordinator_apply_s: float = 0.0  # the coordinator reports a round this long after applying it
+    # Compute the round code does between transfers, per payload: a leader's checks of a submission,
+    # and a node's decoding and applying of a listed payload (measured: `swarm-bench scale` prints
+    # both). 0: instant, as the simulator's own shortcuts make them.
+    cpu_s: tuple[float, float] = (0.0, 0.0)
     horizon_s: float = 0.0  # stop the run at this virtual time (0: derived from rounds and timeouts)
     # Real training: peers run H inner AdamW steps of this preset on `data` (a Replica each, CPU) and
     # the result carries the final eval loss. "" (default): seeded pseudo-gradients on a small model.
@@ -82,8 +89,8 @@ class SimConfig:
             min_peers=self.min_peers,
             inner_steps=self.inner_steps,
             round_timeout_s=self.round_timeout_s,
-            heartbeat_interval_s=2.0,
-            heartbeat_ttl_s=10.0,
+            heartbeat_interval_s=self.heartbeat_s,
+            heartbeat_ttl_s=5 * self.heartbeat_s,
             num_shards=max(16, self.peers),
             seed=self.seed,
             mode=self.mode,
@@ -120,6 +127,7 @@ class Simulation:
         self.loop = VirtualLoop()
         self.rng = random.Random(cfg.seed)
         self.net = SimNetwork(self.loop, Profile.load(cfg.profile), self.rng)
+        self.net.cpu_s = cfg.cpu_s
         self.net.payload_bytes, self.net.state_bytes = cfg.payload_bytes, cfg.state_bytes
         self.run = cfg.run_config()
         self.ledger = Ledger()

@@ -65,6 +65,7 @@ LEDGER_TTL_S = 7 * 24 * 3600.0
 # A peer-led manifest is endorsed only once it has been in view this long and is still the best-ranked
 # (records' travel time: a better-ranked leader's manifest of the same moment shows up meanwhile).
 SETTLE_S = 2.0
+FOLLOWER_LOOKS_PER_S = 250.0  # the swarm's followers' looks a second, in all, once it has more members
 # Manifest proof checks, shared by every node of this process: a check is a pure function of the
 # record, its owner and its signer, and the simulator runs a thousand nodes reading the same records
 # (each encoding an R-entry manifest twice to check it was most of a 1,000-peer round).
@@ -114,6 +115,7 @@ class RoundAgreement:
         self.validator = Validator(self.node, self.store, self.mode, probe=self.probe)
         self.witness = EquivocationWitness()
         self._proofs_ok = _PROOFS_OK
+        self._senders: tuple[Manifest, list[str], dict[str, int]] | None = None  # _other_senders' last manifest
         self._checked = _CHECKED
         self._led = -1  # the last round we published a manifest of as a peer (we wait for its endorsements)
         self._endorsed: dict[int, str] = {}  # round -> the peer-led manifest we endorsed (one per round, for good)
@@ -343,7 +345,15 @@ class RoundAgreement:
                 if manifest is not None:  # ours, as a peer: it counts once most members endorse it (or another does)
                     self._led = round_no
             follower = not may_lead and self.node.peer_id != self.run.coordinator
-            await asyncio.sleep(self.follow_s if follower else self.poll_s)
+            await asyncio.sleep(self._follow_every(len(beats)) if follower else self.poll_s)
+
+    def _follow_every(self, members: int) -> float:
+        """A follower's interval between looks. Each look reads every member's heartbeat, so R
+        followers looking once a second read R² heartbeats a second (at 1,000 members, about 150 KB
+        a second into every node): beyond FOLLOWER_LOOKS_PER_S members the interval grows with the
+        swarm and its looks stay near that many a second (at 1,000 members, one every 4 s: up to 3 s
+        later to apply, on rounds of minutes)."""
+        return max(self.follow_s, members / FOLLOWER_LOOKS_PER_S)
 
     async def _look(self, round_no: int, started: float | None) -> tuple[list[Heartbeat], str | None, bool, Manifest | None]:
         """The view of round r (live members, agreed state, whether peers may lead) and the manifest
@@ -830,27 +840,38 @@ class RoundAgreement:
         if item is not None and self.validator.adopt(item.record):
             logger.info("adopted the coordinator's ledger as of round %d", item.record.round)
 
+    def _other_senders(self, manifest: Manifest, entry: ManifestEntry) -> list[str]:
+        """The manifest's senders but this entry's, in order: from one list per manifest, by slicing
+        (built per fetch, a round's R fetches cost R² in Python)."""
+        if self._senders is None or self._senders[0] is not manifest:
+            ids = [e.peer_id for e in manifest.entries]
+            self._senders = (manifest, ids, {p: i for i, p in enumerate(ids)})
+        _, ids, index = self._senders
+        i = index.get(entry.peer_id)
+        return ids if i is None else ids[:i] + ids[i + 1 :]
+
     async def _fetch(self, manifest: Manifest, entry: ManifestEntry, names: list[str] | None = None) -> bytes:
         """A listed payload from its sender, the leader, the other senders, or any member that has
         applied the round already (they keep what they fetched). A leader that serves a payload to
         some followers only cannot split the swarm: an honest peer that got it passes it on; only if
         nobody honest could get it within the view timeout is the manifest bad, and then for everyone."""
-        holders = [entry.peer_id, manifest.leader] + [e.peer_id for e in manifest.entries if e is not entry]
+        holders = [entry.peer_id, manifest.leader, *self._other_senders(manifest, entry)]
         deadline = monotonic() + self.run.leader_timeout_s
-        # A body's own deadline grows with its size (swarm/net/transfer.py): holders that trickle
-        # bytes are cut off here, at the longest this loop waits for a payload at all.
+        # No holder is asked past `give_up`, the longest this loop waits for a payload at all, and
+        # none is given longer than what is left of it (plus a body's own allowance for its size,
+        # swarm/net/transfer.py: 30 s at most between bytes).
         give_up = deadline + 3 * self.run.leader_timeout_s
         while True:
             try:  # the listed holders first: the live members are read only if none of them has it
                 # (R fetches a round: reading R heartbeats for each cost R³)
-                return await asyncio.wait_for(self.store.get(entry.digest, holders, names), max(1.0, give_up - monotonic()))
+                return await self.store.get(entry.digest, holders, names, within_s=max(1.0, give_up - monotonic()))
             except Exception as e:  # undeliverable so far
                 failure = e
             live = {b.peer_id for b in await self.node.member_peers()}
             others = sorted(live - set(holders) - {self.node.peer_id})
             if others:
                 try:
-                    return await asyncio.wait_for(self.store.get(entry.digest, others, names), max(1.0, give_up - monotonic()))
+                    return await self.store.get(entry.digest, others, names, within_s=max(1.0, give_up - monotonic()))
                 except Exception as e:
                     failure = e
             # The coordinator holds every payload it listed (it fetched each to check it) and serves

@@ -100,6 +100,7 @@ class PayloadEncoder:
         self._saved_errors = None
 
 
+FETCH_TIMEOUT_S = 60.0  # the most one holder is given to answer a payload request
 REVEAL_S = 2.0  # a sender serves its payload this long after announcing it (leaders poll every 0.25 s)
 
 
@@ -157,10 +158,13 @@ class PayloadStore:
         except PayloadError:  # a malformed payload we hold (to refuse it): no part of it
             return None
 
-    async def get(self, digest: str, holders: list[str], names: list[str] | None = None) -> bytes:
+    async def get(
+        self, digest: str, holders: list[str], names: list[str] | None = None, *, within_s: float = FETCH_TIMEOUT_S
+    ) -> bytes:
         """The bytes with this digest, from our cache or the first holder that has them; with
         `names`, a part carrying those of its tensors (or the whole payload if we hold it):
-        `decode` takes either."""
+        `decode` takes either. No holder is asked once `within_s` has passed, and none is given
+        longer than what is left of it (a body's own allowance for its size aside: transfer.py)."""
         cached = self.blobs.get(digest)
         key = digest if names is None else _part_key(digest, names)
         if cached is None and names is not None:
@@ -173,9 +177,14 @@ class PayloadStore:
         if names is not None:
             request["names"] = sorted(names)
         errors = []
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + within_s
         for holder in holders + holders[:1]:  # the first holder gets a second chance (transient stream errors)
+            if (left := give_up - loop.time()) <= 0:
+                errors.append(f"no time left to ask {holder[-8:]}")
+                break
             try:
-                data = await self.fetch(holder, request, self.max_bytes, 60.0)
+                data = await self.fetch(holder, request, self.max_bytes, min(FETCH_TIMEOUT_S, left))
             except TransferError as e:
                 errors.append(str(e))
                 continue

@@ -141,8 +141,8 @@ class Actor:
 
     async def fetch(self, holder: str, request: dict, max_bytes: int, timeout_s: float) -> bytes | None:
         """One blob from one holder, in the time the network books for it."""
-        net = self.network
-        if not net.reachable(self.peer_id, holder) or net.lost():
+        net, me = self.network, self.node.dht.peer_id  # (R² calls a round: no property chains)
+        if not net.reachable(me, holder) or net.lost():
             await asyncio.sleep(min(timeout_s, 2 * net.links[holder].latency_s + 1.0))
             raise TransferError(f"{holder[-8:]} unreachable")
         if holder in net.hanging:  # accepts the request, never answers (a free delay)
@@ -150,16 +150,16 @@ class Actor:
             raise TransferError(f"{holder[-8:]}: timed out")
         data = await net.stores[holder].serve(request)
         if data is None:
-            await asyncio.sleep(net.links[self.peer_id].latency_s + net.links[holder].latency_s)
+            await asyncio.sleep(net.links[me].latency_s + net.links[holder].latency_s)
             return None
         nbytes = net.sized.get(request.get("digest", ""), len(data))
         deadline_s = transfer_deadline_s(timeout_s, nbytes)  # production's rule (swarm/net/transfer.py)
-        done = net.transfer_time(holder, self.peer_id, nbytes, within_s=deadline_s)
+        done = net.transfer_time(holder, me, nbytes, within_s=deadline_s)
         if done is None:  # would not finish in time: the fetcher waits out its deadline and gives up
             await asyncio.sleep(deadline_s)
             raise TransferError(f"{holder[-8:]}: timed out")
         await asyncio.sleep(done - net.now())
-        if not net.reachable(self.peer_id, holder):  # crashed or cut off meanwhile
+        if not net.reachable(me, holder):  # crashed or cut off meanwhile
             raise TransferError(f"{holder[-8:]} went away mid-transfer")
         return data
 

@@ -235,3 +235,25 @@ def test_the_coordinator_closes_a_round_empty_when_no_live_peer_can_contribute()
     assert not agreement._nobody_admissible(5, [me, *sitting, downloading])  # an empty round would move its download
     node.peer_id = "a"
     assert not agreement._nobody_admissible(5, [me, *sitting])  # peers never close a round empty
+
+
+def test_followers_look_less_often_as_the_swarm_grows_and_fetch_holders_skip_the_sender():
+    """Each look reads every member's heartbeat: beyond 250 members a follower's interval grows so
+    the swarm's looks stay near 250 a second. A payload's other holders are the manifest's other
+    senders, in order (sliced from one list per manifest)."""
+    from types import SimpleNamespace
+
+    from swarm.net.records import Manifest, ManifestEntry
+    from swarm.round.agreement import RoundAgreement
+
+    node = SimpleNamespace(peer_id="a", run=SimpleNamespace(coordinator="c", leader_timeout_s=27.5))
+    agreement = RoundAgreement(node, None, None, None)  # type: ignore[arg-type]
+    assert agreement._follow_every(16) == agreement.follow_s == 1.0
+    assert agreement._follow_every(250) == 1.0
+    assert agreement._follow_every(1000) == 4.0
+    entries = [ManifestEntry(p, f"d{p}", 10) for p in ("p1", "p2", "p3")]
+    manifest = Manifest(round=1, leader="c", base_hash="h", entries=entries, rejected=[], closed_at=0.0)
+    assert agreement._other_senders(manifest, entries[1]) == ["p1", "p3"]
+    assert agreement._other_senders(manifest, entries[0]) == ["p2", "p3"]
+    stranger = ManifestEntry("p9", "d9", 10)
+    assert agreement._other_senders(manifest, stranger) == ["p1", "p2", "p3"]

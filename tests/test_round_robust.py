@@ -167,8 +167,9 @@ def test_the_sketch_checks_set_shortcut_decides_as_the_whole_union_does():
             return False
         if 2 * small < large:
             return True
-        union = torch.unique(torch.cat([a.hashes, b.hashes]))[: min(SKETCH, a.hashes.numel(), b.hashes.numel())]
-        both = torch.isin(union, a.hashes) & torch.isin(union, b.hashes)
+        ha, hb = (torch.tensor(sorted(x.members), dtype=torch.int64) for x in (a, b))
+        union = torch.unique(torch.cat([ha, hb]))[: min(SKETCH, ha.numel(), hb.numel())]
+        both = torch.isin(union, ha) & torch.isin(union, hb)
         jaccard = float(both.sum()) / union.numel()
         return jaccard * (a.size + b.size) / (1 + jaccard) >= 0.6 * COPY_OVERLAP * small
 

@@ -126,9 +126,8 @@ class Sketch:
     so a round of R contributions needs the exact O(positions) comparison only for the pairs that
     may be copies, not for all R²/2 (at R = 1,000 that was most of a leader's round)."""
 
-    hashes: torch.Tensor  # sorted, unique, int64
+    members: frozenset[int]  # the hashes (pairs are compared as sets: R²/2 pairs a round)
     size: int
-    members: frozenset[int] = frozenset()  # the same hashes as Python ints: pairs are compared as sets
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -145,11 +144,10 @@ def sketch(summary: Summary) -> Sketch:
     for i, name in enumerate(sorted(summary.positions)):
         keys.append(_mix(summary.positions[name] + ((i + 1) << 40)))
     if not keys:
-        return Sketch(torch.empty(0, dtype=torch.int64), 0)
+        return Sketch(frozenset(), 0)
     hashed = torch.cat(keys)  # (tensor, position) pairs are distinct: so are their hashes, but for collisions
     smallest = torch.topk(hashed, min(SKETCH, hashed.numel()), largest=False).values
-    hashes = torch.unique(smallest)  # sorted; O(positions), no full sort
-    return Sketch(hashes, hashed.numel(), frozenset(hashes.tolist()))
+    return Sketch(frozenset(smallest.tolist()), hashed.numel())  # O(positions), no full sort
 
 
 def may_copy(a: Sketch, b: Sketch) -> bool:

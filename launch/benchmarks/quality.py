@@ -8,7 +8,9 @@ out, so a sweep over H, density, chunk size, beta and alpha takes minutes, not h
 figure is deterministic. Payload bytes are the real encoded sizes.
 
 Each row is one setting (`name=value,...` of OuterConfig fields, `H=` for inner steps, or
-`reduce=topk|topk2|topk4`: the round's mean compressed again, issue 21's aggregate); the
+`reduce=topk|topk2|topk4`: the round's mean compressed again, issue 21's aggregate; `reduce=count`:
+each coordinate averaged over the payloads that selected it; `adam=reset`: the inner AdamW state
+cleared every round); the
 table prints eval loss on the whole held-out split after the last round, bytes per round per
 replica, and both against the DiLoCo row. The `solo` row is one machine training on all the data:
 one model, batch R × B, the same number of inner steps, learning-rate schedule and tokens as every

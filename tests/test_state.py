@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import pytest
 import torch
@@ -80,9 +82,9 @@ def test_state_transfer_round_trip_and_tampering():
     index = parse_index(build_index(state))
     assert (index.round, index.hash) == (3, state.hash)
     infos = index.tensors
-    view = StateSnapshot(state).chunk([i.name for i in infos])
-    assert view is not None
-    chunk = bytes(view)
+    pieces = StateSnapshot(state).chunk([i.name for i in infos])
+    assert pieces is not None
+    chunk = b"".join(pieces)
     tensors = split_chunk(chunk, infos)
     assert torch.equal(tensors["a.weight"], state.params["a.weight"])
     assert torch.equal(tensors["momentum/a.weight"], state.momentum["a.weight"])
@@ -132,7 +134,9 @@ def test_saved_state_round_trips_and_refuses_other_runs_and_corruption(tmp_path)
         load_state(tmp_path / "s", run_id="r1")
 
 
-def test_snapshot_serves_contiguous_parts_as_views_of_one_buffer():
+def test_snapshot_serves_parts_as_views_that_pin_only_the_tensors_asked_for():
+    """A slow reader's answer must not keep a replaced round's whole state alive: the answer holds
+    the asked tensors' buffers, and the snapshot itself is freed once the server drops it."""
     state = make_state()
     state.momentum = {"a.weight": torch.ones(8, 4)}
     snap = StateSnapshot(state)
@@ -141,11 +145,20 @@ def test_snapshot_serves_contiguous_parts_as_views_of_one_buffer():
     assert [i.name for p in parts for i in p] == [i.name for i in infos]  # contiguous runs, in index order
     for part in parts:
         body = snap.chunk([i.name for i in part])
-        assert isinstance(body, memoryview)  # no copy
-        split_chunk(bytes(body), part)
+        assert body is not None and all(isinstance(v, memoryview) for v in body)  # no copy
+        split_chunk(b"".join(body), part)
     shuffled = [i.name for i in reversed(infos)]
-    assert isinstance(snap.chunk(shuffled), bytes)  # any order still works, as a copy
+    body = snap.chunk(shuffled)
+    assert body is not None and b"".join(body) == b"".join(b"".join(snap.chunk([n]) or []) for n in shuffled)
     assert snap.chunk(["nope"]) is None and snap.chunk([]) is None
+    first = next(i for i in infos if i.name in state.params)
+    one = snap.chunk([first.name])
+    assert one is not None and sum(v.nbytes for v in one) == first.nbytes
+    gone = weakref.ref(snap)
+    del snap, body
+    gc.collect()
+    assert gone() is None  # what a slow stream holds (`one`) is its tensor, not the snapshot
+    assert bytes(one[0]) == state.params[first.name].numpy().tobytes()
 
 
 def make_big_state(seed: int = 0) -> GlobalState:
@@ -219,7 +232,7 @@ def test_a_joiner_downloads_its_part_or_all_from_donors_holding_parts(monkeypatc
             return snap.index
         asked.append((donor, tuple(request["names"])))
         body = snap.chunk(request["names"])
-        return bytes(body) if body is not None else None
+        return b"".join(body) if body is not None else None
 
     monkeypatch.setattr(statesync, "fetch", fake_fetch)
     get = lambda names=None: asyncio.run(  # noqa: E731
@@ -247,7 +260,7 @@ def test_a_donor_serves_the_previous_rounds_snapshot_until_the_next_replaces_it(
         def __init__(self) -> None:
             self.handlers: dict = {}
 
-        def register(self, kind: str, handler: object) -> None:
+        def register(self, kind: str, handler: object, *, streams: int = 0) -> None:
             self.handlers[kind] = handler
 
     class Agreement:
@@ -272,5 +285,5 @@ def test_a_donor_serves_the_previous_rounds_snapshot_until_the_next_replaces_it(
         return got
 
     answers = asyncio.run(main())
-    values = [None if a is None else torch.frombuffer(bytearray(a), dtype=torch.float32)[0].item() for a in answers]
+    values = [None if a is None else torch.frombuffer(bytearray(b"".join(a)), dtype=torch.float32)[0].item() for a in answers]
     assert values == [0.0, 0.0, 5.0, 0.0, 6.0, None, 5.0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import msgpack
@@ -37,7 +37,11 @@ OK, NOT_FOUND, ERROR = 0, 1, 2
 _LEN = struct.Struct("!I")
 _BODY = struct.Struct("!BQ")
 
-Provider = Callable[[dict], Awaitable[bytes | memoryview | None]]  # a view is sent without copying
+# An answer: bytes, or pieces sent one after the other without copying (views into what the
+# provider keeps: a stream then holds only the pieces it sends, not what they were cut from).
+Body = bytes | memoryview | Sequence[bytes | memoryview]
+Provider = Callable[[dict], Awaitable[Body | None]]
+MAX_WAITING = 64  # requests of a limited kind waiting for a turn; beyond it they are answered 'not found'
 
 
 class TransferError(RuntimeError):
@@ -93,16 +97,28 @@ class TransferServer:
         self.p2p = p2p
         self.traffic = traffic
         self._providers: dict[str, Provider] = {}
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._waiting: dict[str, int] = {}
+        self._peer_turns: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
 
-    def register(self, kind: str, provider: Provider) -> None:
+    def register(self, kind: str, provider: Provider, *, streams: int = 0) -> None:
+        """Answer requests of `kind` with `provider`. `streams` > 0: at most that many answers of
+        this kind in progress at once, each holding its turn from the provider's call to the body's
+        last byte (a reader slower than MIN_RATE is cut off), one at a time per asking peer, and at
+        most MAX_WAITING waiting for a turn. A slow reader then holds a turn, not a donor's memory:
+        what the bodies in flight pin is bounded by `streams` (state answers are views into
+        snapshots that later rounds replace)."""
         self._providers[kind] = provider
+        if streams > 0:
+            self._slots[kind] = asyncio.Semaphore(streams)
+            self._waiting[kind] = 0
 
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(PROTOCOL, self._handle)
 
     async def _handle(self, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            await self._answer(reader, writer)
+            await self._answer(str(info.peer_id), reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
             pass
         except Exception as e:
@@ -110,15 +126,43 @@ class TransferServer:
         finally:
             writer.close()
 
-    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _answer(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request = await asyncio.wait_for(_read_header(reader), timeout=HEADER_TIMEOUT_S)
-        body = None
-        if isinstance(request, dict) and isinstance(kind := request.get("kind"), str) and kind in self._providers:
-            body = await asyncio.wait_for(self._providers[kind](request), timeout=HANDLER_TIMEOUT_S)
-        # A reader that reads slower than MIN_RATE must not pin a body in memory for long.
-        deadline = transfer_deadline_s(HEADER_TIMEOUT_S, len(body or b""))
-        await asyncio.wait_for(_write_body(writer, OK if body is not None else NOT_FOUND, body or b""), timeout=deadline)
-        self.traffic.sent += len(body or b"")
+        kind = request.get("kind") if isinstance(request, dict) else None
+        if not isinstance(request, dict) or not isinstance(kind, str) or kind not in self._providers:
+            await self._send(writer, None)
+            return
+        slots = self._slots.get(kind)
+        if slots is None:
+            await self._send(writer, await asyncio.wait_for(self._providers[kind](request), timeout=HANDLER_TIMEOUT_S))
+            return
+        if self._waiting[kind] >= MAX_WAITING:
+            await self._send(writer, None)
+            return
+        self._waiting[kind] += 1
+        waiting = True
+        lock, users = self._peer_turns.setdefault((kind, peer), (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock, slots:
+                self._waiting[kind] -= 1
+                waiting = False
+                await self._send(writer, await asyncio.wait_for(self._providers[kind](request), timeout=HANDLER_TIMEOUT_S))
+        finally:
+            if waiting:
+                self._waiting[kind] -= 1
+            users[0] -= 1
+            if not users[0]:
+                del self._peer_turns[(kind, peer)]
+
+    async def _send(self, writer: asyncio.StreamWriter, body: Body | None) -> None:
+        """The answer; a reader slower than MIN_RATE is cut off (it must not pin a body for long)."""
+        pieces = [] if body is None else [body] if isinstance(body, (bytes, memoryview)) else body
+        views = [memoryview(p).cast("B") for p in pieces]
+        size = sum(len(v) for v in views)
+        deadline = transfer_deadline_s(HEADER_TIMEOUT_S, size)
+        await asyncio.wait_for(_write_body(writer, OK if body is not None else NOT_FOUND, views, size), timeout=deadline)
+        self.traffic.sent += size
 
 
 async def fetch(
@@ -213,10 +257,10 @@ async def _read_header(reader: asyncio.StreamReader) -> object:
     return msgpack.unpackb(await reader.readexactly(length), raw=False)
 
 
-async def _write_body(writer: asyncio.StreamWriter, status: int, body: bytes | memoryview) -> None:
-    writer.write(_BODY.pack(status, len(body)))
-    view = memoryview(body)
-    for offset in range(0, len(view), CHUNK_BYTES):
-        writer.write(view[offset : offset + CHUNK_BYTES])
-        await writer.drain()
+async def _write_body(writer: asyncio.StreamWriter, status: int, views: list[memoryview], size: int) -> None:
+    writer.write(_BODY.pack(status, size))
+    for view in views:
+        for offset in range(0, len(view), CHUNK_BYTES):
+            writer.write(view[offset : offset + CHUNK_BYTES])
+            await writer.drain()
     await writer.drain()

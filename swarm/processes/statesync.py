@@ -14,7 +14,6 @@ from collections import Counter
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from swarm.log import get_logger
@@ -41,8 +40,8 @@ if TYPE_CHECKING:
     from swarm.round.agreement import RoundAgreement
 
 logger = get_logger(__name__)
-RELOAD_DEADLINE_S = 600.0
-MAX_STATE_READERS = 4  # state requests answered at once; the rest wait their turn  # a diverged node that cannot get the agreed state in this long stops
+RELOAD_DEADLINE_S = 600.0  # a diverged node that cannot get the agreed state in this long stops
+MAX_STATE_READERS = 4  # state answers in flight at once (each until its last byte); the rest wait their turn
 
 
 def pick_donors(beats: list[Heartbeat], exclude: str) -> tuple[int, str, list[str]] | None:
@@ -187,11 +186,13 @@ async def _fetch_part(
 
 
 class StateSnapshot:
-    """The state of one round as one read-only buffer, tensors in index order, built once per round
-    (of a partial holder: the tensors it holds, with the index of them all).
+    """The state of one round as read-only bytes, one buffer per tensor, built once per round (of a
+    partial holder: the tensors it holds, with the index of them all).
 
-    Requests are answered from it without the round lock and, for a contiguous run of tensors (what
-    joiners ask for), without copying: the answer is a view into the buffer.
+    Requests are answered from it without the round lock and without copying: an answer is the
+    list of the asked tensors' buffers, sent one after the other. A slow reader's stream keeps only
+    those buffers alive, not the whole snapshot, once a later round's replaces it (one buffer for
+    the whole state pinned all of it for as long as the reader took: a round's state per slow stream).
     """
 
     def __init__(self, state: GlobalState) -> None:
@@ -199,18 +200,13 @@ class StateSnapshot:
         tensors = all_tensors(state)
         self.names = list(tensors)
         self.position = {n: i for i, n in enumerate(self.names)}
-        pieces = [tensors[n].contiguous().numpy().tobytes() for n in self.names]
-        self.offsets = np.cumsum([0] + [len(p) for p in pieces]).tolist()
-        self.buffer = memoryview(b"".join(pieces))
+        self.pieces = [memoryview(tensors[n].contiguous().numpy().tobytes()) for n in self.names]
         self.index = build_index(state)
 
-    def chunk(self, names: list[str]) -> memoryview | bytes | None:
+    def chunk(self, names: list[str]) -> list[memoryview] | None:
         if not names or any(n not in self.position for n in names):
             return None
-        first = self.position[names[0]]
-        if [self.position[n] for n in names] == list(range(first, first + len(names))):
-            return self.buffer[self.offsets[first] : self.offsets[first + len(names)]]
-        return b"".join(self.buffer[self.offsets[self.position[n]] : self.offsets[self.position[n] + 1]] for n in names)
+        return [self.pieces[self.position[n]] for n in names]
 
 
 def serve_state(server: TransferServer, agreement: RoundAgreement) -> None:
@@ -221,9 +217,9 @@ def serve_state(server: TransferServer, agreement: RoundAgreement) -> None:
     asks every donor for its parts at once, and a part asked just before a round closes used to
     reach a donor that had moved on (the apply holds the lock), failing the whole download, over a
     slow link every time a round closed during it. A request for an older round is answered 'not
-    found' and the joiner retries. At most MAX_STATE_READERS requests are answered at a time.
+    found' and the joiner retries. At most MAX_STATE_READERS answers are in flight at a time, each
+    until its last byte has left (the server holds the turn: `TransferServer.register`).
     """
-    busy = asyncio.Semaphore(MAX_STATE_READERS)
     latest: list[StateSnapshot] = []  # the current round's snapshot, then the previous one's
 
     def kept(round_no: object) -> StateSnapshot | None:
@@ -243,20 +239,18 @@ def serve_state(server: TransferServer, agreement: RoundAgreement) -> None:
             return latest[0] if round_no is None else kept(round_no)
 
     async def index(request: dict) -> bytes | None:
-        async with busy:
-            snap = await snapshot()
-            return snap.index if snap is not None else None
+        snap = await snapshot()
+        return snap.index if snap is not None else None
 
-    async def chunk(request: dict) -> memoryview | bytes | None:
+    async def chunk(request: dict) -> list[memoryview] | None:
         names = request.get("names")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
-            return None  # duplicates would let one small request make us build a huge body
-        async with busy:
-            snap = await snapshot(request.get("round"))
-            return snap.chunk(names) if snap is not None and request.get("round") == snap.round else None
+            return None  # duplicates would let one small request make us send a huge body
+        snap = await snapshot(request.get("round"))
+        return snap.chunk(names) if snap is not None and request.get("round") == snap.round else None
 
-    server.register("state-index", index)
-    server.register("state", chunk)
+    server.register("state-index", index, streams=MAX_STATE_READERS)
+    server.register("state", chunk, streams=MAX_STATE_READERS)
 
 
 async def reload_state(

@@ -229,12 +229,9 @@ class SwarmNode:
 
     async def live_peers(self) -> list[Heartbeat]:
         """Heartbeats fresher than the run's TTL from peers that are not leaving."""
-        now = self.wall_time()
-        return [
-            b.record
-            for b in await self.heartbeats()
-            if now - b.record.time < self.run.heartbeat_ttl_s and b.record.phase != "leaving"
-        ]
+        now, ttl = self.wall_time(), self.run.heartbeat_ttl_s
+        records = [b.record for b in await self.heartbeats()]
+        return [r for r in records if now - r.time < ttl and r.phase != "leaving"]
 
     async def members(self) -> set[str]:
         """The coordinator and the peers it admitted (its signed roster); re-read every few seconds.

@@ -28,7 +28,7 @@ import math
 import random
 import secrets
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -141,6 +141,11 @@ class Validator:
         """Past probation: its votes, leadership and unscored work count. (Asked for every member on
         every look at a round: the unbanned, no-probation case answers without the run's settings.)"""
         return peer_id not in self.banned_until and (self.useful.get(peer_id, 0) >= self.probation_rounds)
+
+    def with_standing(self, peers: Iterable[str]) -> set[str]:
+        """`standing` of many peers at once (every look at a round asks it of every member)."""
+        banned, useful, need = self.banned_until, self.useful, self.probation_rounds
+        return {p for p in peers if p not in banned and useful.get(p, 0) >= need}
 
     def waited_for(self, peer_id: str) -> bool:
         """Whether a leader waits for this peer's submission: not after it said it was training and

@@ -228,8 +228,7 @@ class RoundAgreement:
         standing, the coordinator, proven equivocators and partial holders aside (a pipeline stage
         cannot check a manifest whole, so it never endorses one: counted, stages alone could keep
         any peer-led round from a majority)."""
-        out = members - {self.run.coordinator} - self.witness.equivocators - self._partial
-        return {p for p in out if self.validator.standing(p)}
+        return self.validator.with_standing(members - {self.run.coordinator} - self.witness.equivocators - self._partial)
 
     async def _endorsements(self, round_no: int, electorate: set[str]) -> dict[str, int]:
         """Endorsers per manifest digest among the electorate; ours counts at once (our record may
@@ -326,7 +325,7 @@ class RoundAgreement:
             beats, agreed, may_lead, manifest = await self._look(round_no, started)
             if manifest is not None:
                 return manifest
-            if self._behind(round_no, beats):
+            if self._behind(round_no, beats, agreed):
                 behind_since = monotonic() if behind_since is None else behind_since
                 if monotonic() - behind_since > self.run.leader_timeout_s:
                     if self.node.peer_id != self.run.coordinator:
@@ -361,7 +360,9 @@ class RoundAgreement:
         beats, agreed = await self._view(round_no)
         may_lead = self._peers_may_lead(round_no, beats, agreed, started)
         quorum = max(self._lookup_quorum(round_no, beats), await self._member_floor())
-        past = self._behind(round_no, beats)  # the swarm settled it: a peer-led manifest it endorsed counts, whoever is in view
+        past = self._behind(
+            round_no, beats, agreed
+        )  # the swarm settled it: a peer-led manifest it endorsed counts, whoever is in view
         manifest = await self.find_manifest(round_no, agreed, peers_may_lead=may_lead or past, quorum=quorum, past=past)
         return beats, agreed, may_lead, manifest
 
@@ -387,7 +388,7 @@ class RoundAgreement:
             return timed_out or self.returning or 2 * sum(b.round > round_no for b in trainers) > len(trainers)
         return timed_out or not coordinator_present(round_no, beats, self.run.coordinator, agreed)
 
-    def _behind(self, round_no: int, beats: list[Heartbeat]) -> bool:
+    def _behind(self, round_no: int, beats: list[Heartbeat], agreed: str | None) -> bool:
         """Whether the swarm has settled round r without us: the coordinator, or most live trainers
         with standing, report having applied it. A node behind never leads the round (a second
         manifest of a settled round forks whoever takes it); it takes the one the others applied.
@@ -396,23 +397,22 @@ class RoundAgreement:
         Trainers' claims are believed only while the coordinator is away (when peers lead, a
         majority of them decides anyway); the coordinator waits one view timeout for their manifest
         and then leads (`close_round`), and no longer counts those who said so: identities cannot
-        make it reload, only delay it once."""
+        make it reload, only delay it once. `agreed`: the agreed state of round r in `beats`."""
         me, coordinator = self.node.peer_id, self.run.coordinator
         if any(b.peer_id == coordinator != me and b.round > round_no for b in beats):
             return True
         if me == coordinator and self._overruled == round_no:
             return False
-        if me != coordinator and coordinator_present(round_no, beats, coordinator, agreed_hash(round_no, beats, coordinator)):
+        if me != coordinator and coordinator_present(round_no, beats, coordinator, agreed):
             return False  # the coordinator will close it: trainers claiming otherwise are not believed
-        trainers = [
+        disbelieved = self._disbelieved
+        heard = [
             b
             for b in beats
-            if b.peer_id not in (coordinator, me)
-            and b.peer_id not in self._disbelieved
-            and b.phase != "joining"
-            and self.validator.standing(b.peer_id)
-            and not self.validator.banned(b.peer_id)
+            if b.peer_id != coordinator and b.peer_id != me and b.peer_id not in disbelieved and b.phase != "joining"
         ]
+        standing = self.validator.with_standing(b.peer_id for b in heard)  # never a banned one
+        trainers = [b for b in heard if b.peer_id in standing]
         return 2 * sum(b.round > round_no for b in trainers) > len(trainers)
 
     def _lookup_quorum(self, round_no: int, beats: list[Heartbeat]) -> int:
@@ -457,7 +457,7 @@ class RoundAgreement:
         me = self.node.peer_id
         if self.state.partial:  # a leader checks every payload whole against the whole state
             return False
-        if self.state.round != round_no or self.state.hash != agreed or self._behind(round_no, beats):
+        if self.state.round != round_no or self.state.hash != agreed or self._behind(round_no, beats, agreed):
             return False
         if me != self.run.coordinator and (me not in await self.node.members() or not self.validator.standing(me)):
             return False
@@ -465,11 +465,12 @@ class RoundAgreement:
             return False
         # A peer whose manifest of this round we refused has had its turn (its bad manifest takes no
         # endorsement): the next-ranked leads, else a best-ranked usurper would stall the round.
+        coordinator, ignored = self.run.coordinator, self.ignored
+        standing = self.validator.with_standing(b.peer_id for b in beats)
         candidates = [
             b
             for b in beats
-            if b.peer_id == self.run.coordinator
-            or (self.validator.standing(b.peer_id) and (round_no, b.peer_id) not in self.ignored and not b.partial)
+            if b.peer_id == coordinator or (b.peer_id in standing and (round_no, b.peer_id) not in ignored and not b.partial)
         ]  # a partial holder never leads: ranked first, it would leave the round without a leader
         return should_lead(me, round_no, candidates, agreed, self.run.coordinator, peers_may_lead)
 
@@ -546,17 +547,11 @@ class RoundAgreement:
         one (a slower peer still applying round r−1 is counted, not left behind every round). A peer
         leader (which scores nothing) waits only for peers with standing: it could not apply the
         others' work, and they do not count toward its quorum."""
-        coordinator = self.node.peer_id == self.run.coordinator
-        return {
-            b.peer_id
-            for b in beats
-            if b.peer_id != self.run.coordinator
-            and b.round in (round_no - 1, round_no)
-            and b.phase in ("training", "exchanging", "idle")
-            and not self.validator.banned(b.peer_id)
-            and self.validator.waited_for(b.peer_id)
-            and (coordinator or self.validator.standing(b.peer_id))
-        }
+        leader_id, v = self.run.coordinator, self.validator
+        rounds, phases = (round_no - 1, round_no), ("training", "exchanging", "idle")
+        live = {b.peer_id for b in beats if b.peer_id != leader_id and b.round in rounds and b.phase in phases}
+        out = {p for p in live if not v.banned(p) and v.waited_for(p)}
+        return out if self.node.peer_id == leader_id else v.with_standing(out)
 
     def _nobody_admissible(self, round_no: int, beats: list[Heartbeat]) -> bool:
         """Peers are live, and none of them can contribute to the round: each is banned or sits it

@@ -14,6 +14,7 @@ import torch
 
 from swarm.net.records import Endorsement, Manifest, ManifestEntry, endorse_key, manifest_key
 from swarm.net.schema import encode_record
+from swarm.round.admission import MAX_PAID_HARM
 from swarm.round.evidence import sign_manifest
 from swarm.round.leadership import peer_quorum
 from swarm.round.payloads import Encoded, PayloadEncoder
@@ -158,6 +159,47 @@ class Copy(SimPeer):
                 break
             await asyncio.sleep(0.25)
         await super().submit(r, encoded, base)
+
+
+class SpendCredit(SimPeer):
+    """Earns credit with honest work, then spends it: whenever its ledger (every node counts credit
+    from the coordinator's manifests) shows credit, it sends its honest update flipped and scaled so
+    that the harm measured should just fit what a paid harm may be (its credit, at most 1% of the
+    loss), judged from the gain its last honest share was measured for. A harm within that is
+    applied and debited (swarm/round/admission.py): the rounds it spends in make less progress.
+    It waits for standing first (a newcomer's harm is never paid for). Refused once its credit is
+    gone, it turns honest again and earns anew."""
+
+    honest = False
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.last_gain = 0.0  # what its last applied honest share was measured to gain
+        self.spent: list[int] = []  # rounds it sent a harmful share in
+        self.scores: list[tuple[int, float, bool]] = []  # (round, its share's score, applied) from the manifests
+        self._spending = False
+
+    def work(self, r: int) -> dict[str, torch.Tensor] | None:
+        own = self.pseudo_gradient(r)
+        ledger = self.agreement.validator
+        credit = ledger.credit.get(self.peer_id, 0.0)  # a newcomer's harm is never paid for: standing first
+        self._spending = credit > 0 and self.last_gain > 0 and ledger.standing(self.peer_id)
+        if not self._spending:
+            return own
+        self.spent.append(r)
+        scale = 0.9 * min(credit, MAX_PAID_HARM) / self.last_gain  # harm grows about as the share's size
+        return {n: t.mul(-scale) for n, t in own.items()}
+
+    async def settle(self, r: int) -> tuple[Manifest | None, int | None]:
+        manifest, applied = await super().settle(r)
+        gain = manifest.scores.get(self.peer_id) if manifest is not None else None
+        if manifest is None or gain is None:
+            return manifest, applied
+        listed = any(e.peer_id == self.peer_id for e in manifest.entries)
+        self.scores.append((manifest.round, gain, listed))
+        if gain > 0 and listed and not self._spending:
+            self.last_gain = gain
+        return manifest, applied
 
 
 class Frame(SimPeer):
@@ -312,6 +354,7 @@ ATTACKS: dict[str, type[SimPeer]] = {
     "copy": Copy,
     "shrink": Shrink,
     "frame": Frame,
+    "spend-credit": SpendCredit,
     "idle": Idle,
     "slow-serve": SlowServe,
     "sign-flip": SignFlip,

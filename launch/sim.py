@@ -81,7 +81,9 @@ def describe(result: SimResult) -> str:
         f" {statistics.median(result.bytes_in[n] for n in peers) / rounds / 1e6:.2f}"
         f"/{statistics.median(result.bytes_out[n] for n in peers) / rounds / 1e6:.2f} MB/round"
     )
-    return f"seed {result.config.seed}: {result.rounds_closed} rounds, {close}; {traffic}; {result.virtual_s:.0f} virtual s"
+    short = result.honest_done < result.honest_up
+    done = f"; only {result.honest_done} of {result.honest_up} honest nodes up hold θ({result.config.rounds})" if short else ""
+    return f"seed {result.config.seed}: {result.rounds_closed} rounds, {close}; {traffic}; {result.virtual_s:.0f} virtual s{done}"
 
 
 def _p99(values: list[float]) -> float:

@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, str] = {
     "scale": "launch.benchmarks.scale",
     "trust": "launch.benchmarks.trust",
     "memory": "launch.benchmarks.memory",
+    "gpu": "launch.benchmarks.gpu",
 }
 
 

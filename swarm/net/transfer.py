@@ -12,12 +12,16 @@ import struct
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgpack
-from hivemind.p2p import P2P, PeerID
-from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 
 from swarm.log import get_logger
+
+if TYPE_CHECKING:  # hivemind is imported where bytes move, not where this module's caches are used:
+    # a payload store decodes and serves without it (the GPU check runs where hivemind is not installed)
+    from hivemind.p2p import P2P
+    from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 
 logger = get_logger(__name__)
 
@@ -185,6 +189,8 @@ async def fetch(
     start = loop.time()
 
     async def answer() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int, int]:
+        from hivemind.p2p import PeerID
+
         _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), PROTOCOL)
         try:
             header = msgpack.packb(request, use_bin_type=True)

@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("CHECK", "APPLY"),
         help="compute per payload: a leader's checks of a submission, a node's apply of one (`swarm-bench scale` measures both)",
     )
+    p.add_argument(
+        "--aggregate-from",
+        type=int,
+        default=0,
+        metavar="N",
+        help="coordinator-led rounds of N or more contributions carry their aggregate, which nodes apply instead of every payload (0: never)",
+    )
     p.add_argument("--trace", action="store_true", help="print every seed's event trace")
     return p
 
@@ -110,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 round_timeout_s=args.round_timeout,
                 heartbeat_s=args.heartbeat_s,
                 cpu_s=(args.cpu_s[0], args.cpu_s[1]),
+                aggregate_from=args.aggregate_from,
                 inner_steps=args.inner_steps,
                 step_s=(args.step_s[0], args.step_s[1]),
                 overlap=args.overlap,

@@ -185,6 +185,11 @@ class RunConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # who may join (the coordinator enforces it)
     round_timeout_s: float = 120.0  # a round closes this long after the previous one, whoever is missing
     min_peers: int = 1
+    # A coordinator-led round of at least this many contributions also carries their aggregate: the
+    # per-slot mean compressed again (SparseLoCo: 4× one payload's top-k; dense codecs: the mean),
+    # which every node fetches and applies instead of the R payloads (R × P in becomes about 4 P).
+    # 0: never (every node fetches every payload). Issue 21's first step: docs/performance.md.
+    aggregate_from: int = 0
     heartbeat_interval_s: float = 5.0
     heartbeat_ttl_s: float = 20.0  # a peer silent this long is stale: not waited for, not a leader
     num_shards: int = 1024  # data streams are disjoint for up to this many peers
@@ -212,6 +217,8 @@ class RunConfig:
             raise ValueError(f"inner_lr must be positive, got {self.inner_lr}")
         if self.max_rounds < 0:
             raise ValueError("max_rounds must be >= 0")
+        if self.aggregate_from < 0:
+            raise ValueError(f"aggregate_from must be >= 0 (0: no aggregate), got {self.aggregate_from}")
         if self.inner_steps_ramp < 0 or not 0 <= self.inner_steps_start <= self.inner_steps:
             raise ValueError(
                 f"inner_steps_ramp must be >= 0 and inner_steps_start in [0, inner_steps={self.inner_steps}],"

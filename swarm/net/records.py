@@ -192,6 +192,9 @@ class Manifest:
     # The leader's score of each contribution it measured: the share of the probe loss it removes
     # (swarm/round/usefulness.py; positive helps). Only the coordinator's count toward standing.
     scores: dict[str, float] = field(default_factory=dict)
+    # sha256 of the round's aggregate (the listed payloads' clipped mean, compressed again), which
+    # nodes apply instead of fetching every payload; "" when there is none. Only the coordinator's.
+    aggregate: str = ""
     proof: bytes = b""  # the leader's signature of the manifest without this field (swarm/round/evidence.py)
 
     def __post_init__(self) -> None:
@@ -202,6 +205,8 @@ class Manifest:
             raise ValueError("a manifest scores only the contributions it lists or rejects")
         if not all(math.isfinite(v) for v in self.scores.values()):
             raise ValueError("manifest scores must be finite")
+        if self.aggregate and not re.fullmatch(r"[0-9a-f]{64}", self.aggregate):
+            raise ValueError("a manifest's aggregate is a sha256 digest in hex")
 
 
 @dataclass

@@ -389,6 +389,14 @@ class Peer(AgreedNode):
         task = asyncio.create_task(self.agreement.settle_round(r, self._reload))
         return _InFlight(r, work, encoded, task, base, time.time() if encoded is not None else None)
 
+    def _returned(self, encoded: Encoded, r: int, kept: dict[str, torch.Tensor]) -> None:
+        """Round r applied an aggregate: what it dropped of our payload goes back to our error buffer."""
+        try:
+            sent = self.store.decode(encoded.data, sender=self.peer_id, round_no=r)
+        except PayloadError:
+            return  # our own payload does not decode (logged when it was encoded): nothing to return
+        self.encoder.returned(sent, kept)
+
     async def _land(self, flight: _InFlight, metrics: _MetricsFile) -> bool:
         """Wait for the round's manifest to be applied and report it; False if we had to reload."""
         manifest, applied = await flight.settle
@@ -398,6 +406,8 @@ class Peer(AgreedNode):
         if flight.encoded is not None and not included:
             self.encoder.excluded()  # before the next round is encoded: e is restored to a
             self.log_event("excluded", f"round {flight.round}: our payload missed the manifest")
+        elif flight.encoded is not None and (kept := self.agreement.applied_aggregate(flight.round)) is not None:
+            await asyncio.to_thread(self._returned, flight.encoded, flight.round, kept)
         if applied is None:
             return False
         self.rounds_done += 1

@@ -73,6 +73,9 @@ _PROOFS_OK: dict[tuple[str, str], bool] = {}  # (signer, sha256 of the manifest)
 _CHECKED: dict[int, tuple[Manifest, str, bool, str]] = {}  # id(record) -> (record, signer, proof ok, digest)
 
 
+RELAY_FANOUT = 4  # members a member relays a round's aggregate to (at most: others may ask it too)
+
+
 def _cpu_timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
     """fn(*args) and the CPU seconds this thread spent in it (torch runs its ops in the calling
     thread when it has one thread: that is the work's time on a core of its own)."""
@@ -125,6 +128,10 @@ class RoundAgreement:
         self._partial: set[str] = set()  # live peers whose heartbeat says they hold part of the state
         # The last manifest fetched and checked: with its base state, mean, coverage, CPU and wall seconds (`verify`).
         self._verified: tuple[Manifest, str, dict[str, torch.Tensor] | None, dict[str, int], float, float] | None = None
+        # The last round applied through an aggregate and what it applied (its senders return what
+        # the aggregate dropped to their error buffers: PayloadEncoder.returned).
+        self.last_aggregate: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._aggregate_coverage: tuple[int, dict[str, int]] = (-1, {})
         self._admitted: set[str] = set()  # left the roster since, but the coordinator's role for them stands
         self._overruled = -1  # a round the coordinator leads although most trainers said they were past it
         self._disbelieved: set[str] = set()  # trainers that said so then: their word no longer counts
@@ -523,6 +530,7 @@ class RoundAgreement:
             return None
         undelivered = {r.peer_id for r in rejected if r.reason.startswith(NOT_DELIVERED)}
         missing = sorted((expected - set(subs)) | undelivered)
+        aggregate = await self._aggregate(round_no, entries) if self._aggregates(entries) else ""
         manifest = Manifest(
             round=round_no,
             leader=self.node.peer_id,
@@ -533,6 +541,7 @@ class RoundAgreement:
             eval_loss=self.node.status.loss if self.node.status.is_coordinator else None,
             missing=missing,
             scores=scores,
+            aggregate=aggregate,
         )
         manifest = sign_manifest(self.node.dht.identity, manifest)
         if not await put_surely(self.node.dht, manifest_key(self.run.run_id, round_no), manifest, MANIFEST_TTL_S):
@@ -541,6 +550,39 @@ class RoundAgreement:
         if missing:
             self.node.log_event("timeout", f"round {round_no} closed without {', '.join(p[-8:] for p in missing)}")
         return manifest
+
+    def _aggregates(self, entries: list[ManifestEntry]) -> bool:
+        """Whether the manifest we lead carries an aggregate: we are the coordinator (nobody checks
+        an aggregate against the payloads: followers take it on the coordinator's word, as they take
+        its scores), the run asks for one at this many contributions, and every member in view holds
+        the whole state (a partial holder applies its part of each payload)."""
+        return (
+            self.node.peer_id == self.run.coordinator
+            and 0 < self.run.aggregate_from <= len(entries)
+            and not self.mode.inline_payload
+            and not self._partial
+        )
+
+    async def _aggregate(self, round_no: int, entries: list[ManifestEntry]) -> str:
+        """The round's aggregate, held for serving: the clipped per-slot mean of `entries`, with every
+        check a node makes on a mean, compressed again (`PayloadStore.encode_aggregate`). Its digest,
+        or "" if the mean fails a check (the manifest then goes out without one, as before)."""
+        me = self.node.peer_id
+        draft = Manifest(round=round_no, leader=me, base_hash=self.state.hash, entries=entries, rejected=[], closed_at=0.0)
+        try:
+            await self.verify(draft)  # the payloads are here already: we checked each
+        except BadManifest as e:
+            logger.warning("round %d: no aggregate (%s)", round_no, e)
+            return ""
+        assert self._verified is not None
+        _, _, mean, coverage, *_ = self._verified
+        self._verified = None
+        if mean is None:
+            return ""
+        encoded = await asyncio.to_thread(self.store.encode_aggregate, mean, leader=me, round_no=round_no)
+        self.store.hold(encoded.digest, encoded.data, reveal_s=0.0)
+        self._aggregate_coverage = (round_no, coverage)
+        return encoded.digest
 
     def _expected(self, round_no: int, beats: list[Heartbeat]) -> set[str]:
         """Replicas the round waits for: every live trainer at this round or just finishing the last
@@ -631,6 +673,9 @@ class RoundAgreement:
                 if (problem := self.validator.inline_problem(e.inline, e.digest, e.size)) is not None:
                     raise BadManifest(f"entry of {e.peer_id[-8:]}: {problem}")
             return
+        if manifest.aggregate:
+            await self._verify_aggregate(manifest)
+            return
         base = self.state.hash
         blobs = await asyncio.gather(*(self._fetch(manifest, e) for e in manifest.entries))
         mean: dict[str, torch.Tensor] | None = None
@@ -644,6 +689,74 @@ class RoundAgreement:
                 (mean, coverage), cpu_s = await asyncio.to_thread(_cpu_timed, self._mean_of, manifest, list(blobs))
                 wall_s = time.perf_counter() - started
         self._verified = (manifest, base, mean, coverage, cpu_s, wall_s)
+
+    async def _verify_aggregate(self, manifest: Manifest) -> None:
+        """`verify` for a manifest that carries an aggregate: fetch it (down a tree of the members
+        that relay it: `_fetch_aggregate`), decode it and make the checks every node makes on a
+        round's mean; the per-payload checks are the coordinator's, whose word it is."""
+        if manifest.leader != self.run.coordinator:
+            raise BadManifest("only the coordinator's manifest may carry an aggregate")
+        if self.state.partial:
+            raise BadManifest("a partial holder applies its part of each payload, not an aggregate")
+        base = self.state.hash
+        data = await self._fetch_aggregate(manifest)
+
+        def checked() -> dict[str, torch.Tensor]:
+            try:
+                mean = self.store.decode_aggregate(data, leader=manifest.leader, round_no=manifest.round)
+            except Exception as e:  # undecodable: it should never have been published
+                raise BadManifest(f"aggregate: {e}") from None
+            if not mean and manifest.entries:
+                raise BadManifest("the aggregate carries no tensor")
+            if (problem := check_update(self.state.params, mean, self.run.outer_at(manifest.round).outer_lr)) is not None:
+                raise BadManifest(problem)
+            return mean
+
+        async with self.lock:
+            if self.state.hash != base:
+                raise Diverged(f"our state moved to {self.state.hash[:12]} while fetching round {manifest.round}")
+            started = time.perf_counter()
+            mean, cpu_s = await asyncio.to_thread(_cpu_timed, checked)
+            wall_s = time.perf_counter() - started
+        at, coverage = self._aggregate_coverage
+        self._verified = (manifest, base, mean, coverage if at == manifest.round else {}, cpu_s, wall_s)
+        self.last_aggregate = (manifest.round, mean)
+
+    async def _fetch_aggregate(self, manifest: Manifest) -> bytes:
+        """A round's aggregate, down a tree of the live members ranked by sha256(round, digest,
+        member): each asks its parent first, then the parent's parent, up to the coordinator, and a
+        member asked while its own copy is on its way answers once it arrives (`PayloadStore.get`,
+        relay). Ranks are the same in every node's view, and a parent always ranks above its child,
+        so no two members wait on each other. The coordinator's uplink carries the aggregate a few
+        times, not once per member."""
+        me, digest, leader = self.node.peer_id, manifest.aggregate, manifest.leader
+        live = {b.peer_id for b in await self.node.member_peers()} | {me}
+        ranked = sorted(live - {leader}, key=lambda p: hashlib.sha256(f"{manifest.round}:{digest}:{p}".encode()).digest())
+        chain: list[str] = []
+        if me in ranked:
+            i = ranked.index(me)
+            while i > 0:
+                i = (i - 1) // RELAY_FANOUT
+                chain.append(ranked[i])
+        holders = [*chain, leader]
+        deadline = monotonic() + self.run.leader_timeout_s
+        give_up = deadline + 3 * self.run.leader_timeout_s
+        while True:
+            try:
+                return await self.store.get(digest, holders, within_s=max(1.0, give_up - monotonic()), relay=True)
+            except Exception as e:  # undeliverable so far
+                failure = e
+            slow = self.run.coordinator in {b.peer_id for b in await self.node.member_peers()}
+            if monotonic() > deadline + (3 * self.run.leader_timeout_s if slow else 0.0):
+                raise BadManifest(f"aggregate of round {manifest.round}: {failure}") from None
+            holders = [leader, *chain]  # the coordinator first from now on
+            await asyncio.sleep(2.0)
+
+    def applied_aggregate(self, round_no: int) -> dict[str, torch.Tensor] | None:
+        """What round r applied, if it was an aggregate (for its senders' error feedback)."""
+        if self.last_aggregate is None or self.last_aggregate[0] != round_no:
+            return None
+        return self.last_aggregate[1]
 
     # ----- holding part of the state -----------------------------------------------------------
 

@@ -8,6 +8,7 @@ Decoding validates everything (codec/payload.py); a bad payload raises PayloadEr
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,15 @@ def codec_config(run: RunConfig) -> SparseLoCoConfig:
     return SparseLoCoConfig(
         chunk_rows=o.chunk_size, chunk_cols=o.chunk_size, topk_per_chunk=o.topk_per_chunk, error_decay=o.error_decay
     )
+
+
+AGGREGATE_DENSITY = 4  # an aggregate keeps this many times one payload's top-k per chunk (docs/performance.md)
+
+
+def aggregate_config(run: RunConfig) -> SparseLoCoConfig:
+    """The codec settings of a round's aggregate: the run's, at AGGREGATE_DENSITY times the top-k."""
+    c = codec_config(run)
+    return dataclasses.replace(c, topk_per_chunk=min(AGGREGATE_DENSITY * c.topk_per_chunk, c.chunk_rows * c.chunk_cols))
 
 
 def dense_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
@@ -87,6 +97,19 @@ class PayloadEncoder:
         data = encode_payload(meta, tensors)
         return Encoded(data, payload_digest(data))
 
+    def returned(self, sent: dict[str, torch.Tensor], applied: dict[str, torch.Tensor]) -> None:
+        """Our payload was in a round whose aggregate (`applied`) dropped some of its coordinates:
+        what we sent there goes back into our error buffer and waits, as unsent work does (each
+        sender knows what it sent and which coordinates the aggregate kept)."""
+        if self.compressor is None:
+            return
+        errors = self.compressor.state_dict()
+        for name, own in sent.items():
+            kept = applied.get(name)
+            dropped = own if kept is None else own * (kept == 0)
+            errors[name] = errors[name] + dropped if name in errors else dropped
+        self.compressor.load_state_dict(errors)
+
     def excluded(self) -> None:
         """Our payload was not applied: nothing was transmitted, so e ← β·e_old + Δ (all of a)."""
         if self.compressor is None or self._saved_errors is None:
@@ -101,6 +124,7 @@ class PayloadEncoder:
 
 
 FETCH_TIMEOUT_S = 60.0  # the most one holder is given to answer a payload request
+RELAY_WAIT_S = 30.0  # the most a holder waits for a blob on its way to it before answering a request for it
 REVEAL_S = 2.0  # a sender serves its payload this long after announcing it (leaders poll every 0.25 s)
 
 
@@ -116,6 +140,7 @@ class PayloadStore:
         self.shapes = shapes
         self.traffic = traffic
         self.blobs = BlobCache(max_bytes=max(256 << 20, 8 * dense_bytes(shapes)))
+        self._fetching: dict[str, asyncio.Future[None]] = {}  # blobs being fetched: a request for one waits
         self._reveal_at: dict[str, float] = {}  # our own payloads' digests: when they may be served
         self._hashes: dict[str, tuple[bytes, list[bytes]]] = {}  # digest -> its hash tree's leaves (serving parts)
         self.max_bytes = max_payload_bytes(shapes)
@@ -143,6 +168,9 @@ class PayloadStore:
             return None
         if (wait := self._reveal_at.get(digest, 0.0) - asyncio.get_running_loop().time()) > 0:
             await asyncio.sleep(wait)  # a slower answer, not a refusal: fetchers wait far longer than this
+        if (fetching := self._fetching.get(digest)) is not None and digest not in self.blobs:
+            # On its way to us (an aggregate relayed down a tree of members): answer once it is here.
+            await asyncio.wait([fetching], timeout=RELAY_WAIT_S)
         if names is None:
             return self.blobs.get(digest)
         if (part := self.blobs.get(_part_key(digest, names))) is not None:
@@ -159,12 +187,21 @@ class PayloadStore:
             return None
 
     async def get(
-        self, digest: str, holders: list[str], names: list[str] | None = None, *, within_s: float = FETCH_TIMEOUT_S
+        self,
+        digest: str,
+        holders: list[str],
+        names: list[str] | None = None,
+        *,
+        within_s: float = FETCH_TIMEOUT_S,
+        relay: bool = False,
     ) -> bytes:
         """The bytes with this digest, from our cache or the first holder that has them; with
         `names`, a part carrying those of its tensors (or the whole payload if we hold it):
         `decode` takes either. No holder is asked once `within_s` has passed, and none is given
-        longer than what is left of it (a body's own allowance for its size aside: transfer.py)."""
+        longer than what is left of it (a body's own allowance for its size aside: transfer.py).
+        `relay` (a whole blob that others fetch from us in turn): a request for it that reaches us
+        while it is on its way waits for it (RELAY_WAIT_S at most) instead of being answered 'not
+        found'."""
         cached = self.blobs.get(digest)
         key = digest if names is None else _part_key(digest, names)
         if cached is None and names is not None:
@@ -173,6 +210,17 @@ class PayloadStore:
             return cached
         if self.fetch is None:
             raise TransferError(f"payload {digest[:12]} is not here and this store fetches nothing")
+        if relay and names is None and digest not in self._fetching:
+            self._fetching[digest] = asyncio.get_running_loop().create_future()
+            try:
+                return await self._get(digest, holders, key, within_s)
+            finally:
+                done = self._fetching.pop(digest)
+                done.set_result(None)
+        return await self._get(digest, holders, key, within_s, names)
+
+    async def _get(self, digest: str, holders: list[str], key: str, within_s: float, names: list[str] | None = None) -> bytes:
+        assert self.fetch is not None
         request: dict[str, Any] = {"kind": "payload", "digest": digest}
         if names is not None:
             request["names"] = sorted(names)
@@ -196,6 +244,29 @@ class PayloadStore:
                 self.blobs.put(key, data)
                 return data
         raise TransferError(f"payload {digest[:12]} unavailable: " + "; ".join(errors[-3:]))
+
+    def encode_aggregate(self, mean: dict[str, torch.Tensor], *, leader: str, round_no: int) -> Encoded:
+        """A round's aggregate as payload bytes, signed for by `leader` in its manifest: SparseLoCo's
+        mean compressed again at AGGREGATE_DENSITY times the top-k (a fresh compressor: what it
+        drops goes back to the senders, `PayloadEncoder.returned`), a dense codec's mean as it is."""
+        run = self.run
+        if run.outer.codec == "sparseloco":
+            config = aggregate_config(run)
+            fresh = SparseLoCoCompressor(config)
+            meta = PayloadMeta.for_sparseloco(config, run_id=run.run_id, round=round_no, sender=leader)
+            tensors = {n: fresh.compress(n, t) for n, t in sorted(mean.items())}
+        else:
+            meta = PayloadMeta.for_dense(run.outer.codec, run_id=run.run_id, round=round_no, sender=leader)
+            tensors = {n: encode_dense(t, run.outer.codec) for n, t in sorted(mean.items())}
+        data = encode_payload(meta, tensors)
+        return Encoded(data, payload_digest(data))
+
+    def decode_aggregate(self, data: bytes, *, leader: str, round_no: int) -> dict[str, torch.Tensor]:
+        """Validate and decode a round's aggregate (CPU-bound: call from a worker thread)."""
+        codec = self.run.outer.codec
+        expected = (codec, aggregate_config(self.run).wire_params()) if codec == "sparseloco" else self.codec
+        meta, tensors = decode_payload(data, expected=self.shapes, max_bytes=self.max_bytes, expected_codec=expected)
+        return self._checked(meta, tensors, leader, round_no)
 
     def decode(self, data: bytes, *, sender: str, round_no: int) -> dict[str, torch.Tensor]:
         """Validate and decode one payload (CPU-bound: call from a worker thread).

@@ -24,7 +24,7 @@ from swarm.processes.coordinator import SAVED_STATE_PATIENCE_S
 from swarm.processes.roles import RoleKeeper
 from swarm.processes.statesync import pick_donors
 from swarm.round.agreement import RoundAgreement
-from swarm.round.payloads import PayloadStore
+from swarm.round.payloads import AGGREGATE_DENSITY, REVEAL_S, Encoded, PayloadStore
 from swarm.run import RunConfig
 from swarm.sim.network import SimNetwork
 from swarm.sim.node import EPOCH, SimNode
@@ -56,6 +56,7 @@ class Flight:
     round: int
     settle: asyncio.Future[tuple[Manifest | None, int | None]]
     next_base: GlobalState
+    sent: Encoded | None = None  # our payload of the round (what an aggregate dropped of it comes back)
 
 
 @dataclass
@@ -230,6 +231,14 @@ class SimCoordinator(Actor):
         self.node.status.is_coordinator = True
         self.node.status.role = "coordinator"
         self.roles = RoleKeeper(self.node, self.mode)
+        if network.payload_bytes:  # `sized` payloads: a round's aggregate travels as AGGREGATE_DENSITY of them
+            hold = self.store.hold
+
+            def sized_hold(digest: str, data: bytes, *, reveal_s: float = REVEAL_S) -> None:
+                network.sized[digest] = AGGREGATE_DENSITY * network.payload_bytes  # the coordinator holds aggregates only
+                hold(digest, data, reveal_s=reveal_s)
+
+            self.store.hold = sized_hold  # type: ignore[method-assign]
 
     async def restart(self) -> None:
         """As `Coordinator._obtain_state`: for SAVED_STATE_PATIENCE_S, look for a state in the swarm

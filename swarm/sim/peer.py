@@ -97,7 +97,7 @@ class SimPeer(Actor):
             own = self.store.decode(encoded.data, sender=self.peer_id, round_no=r)
             settle = asyncio.ensure_future(self.settle(r))
             self.background.add(settle)
-            flight = Flight(r, settle, next_base(state, own, self.mode))
+            flight = Flight(r, settle, next_base(state, own, self.mode), encoded)
 
     async def land(self, flight: Flight) -> bool:
         """Wait for an overlapped round to be applied; False if we had to reload."""
@@ -108,7 +108,16 @@ class SimPeer(Actor):
             return False
         if all(e.peer_id != self.peer_id for e in manifest.entries):
             self.encoder.excluded()
+        elif flight.sent is not None:
+            self.returned(flight.sent, manifest.round)
         return True
+
+    def returned(self, sent: Encoded, r: int) -> None:
+        """Round r applied an aggregate: what it dropped of our payload goes back to our error
+        buffer (the volunteer's `_returned`)."""
+        kept = self.agreement.applied_aggregate(r)
+        if kept is not None:
+            self.encoder.returned(self.store.decode(sent.data, sender=self.peer_id, round_no=r), kept)
 
     def pseudo_gradient(self, r: int) -> dict[str, torch.Tensor]:
         """What H inner steps from θ(r) give this peer: real ones when it has a worker, else the
@@ -152,6 +161,8 @@ class SimPeer(Actor):
         manifest, applied = await self.settle(r)
         if manifest is not None and applied is not None and all(e.peer_id != self.peer_id for e in manifest.entries):
             self.encoder.excluded()
+        elif manifest is not None and applied is not None:
+            self.returned(encoded, r)
 
     async def submit(self, r: int, encoded: Encoded, base: str) -> None:
         self.store.hold(encoded.digest, encoded.data)

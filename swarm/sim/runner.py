@@ -71,6 +71,7 @@ class SimConfig:
     batch_size: int = 4
     seq_len: int = 64
     min_peers: int = 1
+    aggregate_from: int = 0  # the run's aggregate_from: coordinator-led rounds of this many contributions carry an aggregate
 
     def __post_init__(self) -> None:
         if self.peers < 1 or self.rounds < 1:
@@ -90,6 +91,7 @@ class SimConfig:
             warmup_steps=self.inner_steps,
             eval_batches=2,
             min_peers=self.min_peers,
+            aggregate_from=self.aggregate_from,
             inner_steps=self.inner_steps,
             round_timeout_s=self.round_timeout_s,
             heartbeat_interval_s=self.heartbeat_s,

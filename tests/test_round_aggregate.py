@@ -1,0 +1,90 @@
+"""A round's aggregate (issue 21's first step): the coordinator publishes the listed payloads'
+clipped mean compressed again, and every node applies that instead of fetching every payload.
+
+Bytes: a node fetches the aggregate (about AGGREGATE_DENSITY payloads) instead of R payloads, down a
+tree of members that relay it. Work: what the aggregate drops of a sender's payload goes back to
+its error buffer. Trust: only the coordinator's manifest may carry one."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from swarm.codec import PayloadError, SlotMean
+from swarm.net.records import Manifest, ManifestEntry
+from swarm.net.transfer import Traffic
+from swarm.round.agreement import BadManifest
+from swarm.round.payloads import AGGREGATE_DENSITY, PayloadEncoder, PayloadStore
+from swarm.run import RunConfig
+from swarm.sim.runner import SimConfig, Simulation, simulate
+
+SHAPES = {"a.weight": (64, 128), "b.bias": (100,)}
+
+
+def delta(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=g) * 1e-2 for n, s in SHAPES.items()}
+
+
+def test_an_aggregate_keeps_the_means_largest_values_and_its_senders_get_back_what_it_dropped() -> None:
+    run = RunConfig(run_id="r")
+    store = PayloadStore(run, SHAPES, Traffic())
+    encoders = [PayloadEncoder(run, f"peer{i}") for i in range(8)]
+    sent = [store.decode(enc.encode(delta(i), 2).data, sender=enc.sender, round_no=2) for i, enc in enumerate(encoders)]
+    acc = SlotMean(SHAPES)
+    for tensors in sent:
+        acc.add(tensors)
+    mean = acc.mean()
+    aggregate = store.encode_aggregate(mean, leader="coord", round_no=2)
+    applied = store.decode_aggregate(aggregate.data, leader="coord", round_no=2)
+    kept = applied["a.weight"] != 0
+    one = sent[0]["a.weight"] != 0
+    assert kept.sum() == AGGREGATE_DENSITY * one.sum()  # 4× one payload's top-k per chunk
+    union = torch.stack([s["a.weight"] != 0 for s in sent]).any(0)
+    assert kept.sum() < union.sum()  # 8 payloads' positions do not all fit: some are dropped
+    assert torch.allclose(applied["a.weight"][kept], mean["a.weight"][kept], rtol=0.5)  # 2-bit values of the mean
+    with pytest.raises(PayloadError, match="sender"):
+        store.decode_aggregate(aggregate.data, leader="someone", round_no=2)
+    with pytest.raises(PayloadError):  # an aggregate is not a payload of the run's density
+        store.decode(aggregate.data, sender="coord", round_no=2)
+
+    encoder = encoders[0]
+    assert encoder.compressor is not None
+    before = {n: t.clone() for n, t in encoder.compressor.state_dict().items()}
+    encoder.returned(sent[0], applied)
+    after = encoder.compressor.state_dict()
+    for name, own in sent[0].items():
+        torch.testing.assert_close(after[name] - before[name], own * (applied[name] == 0), rtol=0, atol=1e-7)
+
+
+def test_a_swarm_applying_aggregates_stays_identical_and_fetches_a_fraction_of_the_bytes() -> None:
+    common = {"seed": 2, "peers": 12, "rounds": 3, "profile": "volunteers", "payload_bytes": 20400}
+    every, aggregated = simulate(SimConfig(**common)), simulate(SimConfig(**common, aggregate_from=4))  # type: ignore[arg-type]
+    assert every.ok and aggregated.ok, aggregated.violations  # every honest node applies the same bytes
+    assert aggregated.honest_done == aggregated.honest_up
+
+    def peer_in(result: object) -> float:
+        values = sorted(v for k, v in result.bytes_in.items() if k != "coordinator")  # type: ignore[attr-defined]
+        return values[len(values) // 2] / result.rounds_closed  # type: ignore[attr-defined]
+
+    assert peer_in(every) > 10 * 20400  # every payload, from every sender
+    assert peer_in(aggregated) < 0.6 * peer_in(every)  # the aggregate (4 payloads' worth) instead of 12
+
+
+@pytest.mark.parametrize("seed", [3, 11])
+def test_aggregate_rounds_keep_every_invariant_under_faults(seed: int) -> None:
+    result = simulate(SimConfig(seed=seed, peers=5, rounds=4, faults=["all"], aggregate_from=2))
+    assert result.ok, (result.violations, result.trace)
+
+
+def test_only_the_coordinators_manifest_may_carry_an_aggregate() -> None:
+    sim = Simulation(SimConfig(seed=0, peers=2, rounds=1, aggregate_from=1))
+    peer = sim.peers[0]
+    state = peer.agreement.state
+    entry = ManifestEntry(sim.peers[1].peer_id, "0" * 64, 10)
+    forged = Manifest(state.round, peer.peer_id, state.hash, [entry], [], 0.0, aggregate="ab" * 32)
+    with pytest.raises(BadManifest, match="coordinator"):
+        sim.loop.run_until_complete(asyncio.wait_for(peer.agreement.verify(forged), timeout=30))
+    sim.loop.close()

@@ -53,6 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument(
         "--trim", type=float, help="coordinate-wise trimmed mean: fraction dropped at each end (dense codecs; default 0 = off)"
     )
+    run.add_argument(
+        "--aggregate-from",
+        type=int,
+        help="rounds of N or more contributions also carry their aggregate, which every node fetches and applies"
+        " instead of the N payloads (about 4 payloads' bytes; 0 = never, the default; docs/performance.md)",
+    )
     run.add_argument("--max-rounds", type=int, help="schedule horizon in rounds (0 = open-ended)")
     run.add_argument("--seed", type=int)
     admit = p.add_argument_group("admission (docs/running.md; on a restart these replace the saved run's)")
@@ -93,6 +99,7 @@ def build_run(args: argparse.Namespace) -> RunConfig:
         "seq_len": args.seq_len,
         "round_timeout_s": args.round_timeout,
         "min_peers": args.min_peers,
+        "aggregate_from": args.aggregate_from,
         "max_rounds": args.max_rounds,
         "seed": args.seed,
     }

@@ -6,6 +6,7 @@ per-round metrics files, and reaps every process in the end, whatever happens.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 from pathlib import Path
@@ -51,7 +52,10 @@ def assert_identical(cluster: LocalCluster, rounds: range | None = None) -> None
 
 
 def test_rounds_join_and_kill(tmp_path: Path) -> None:
-    with LocalCluster(tmp_path, run_config()) as cluster:
+    """Through rounds' aggregates (`aggregate_from` 2: the coordinator publishes each round's, and
+    every node fetches that, from the coordinator or a member relaying it, instead of every payload;
+    the other end-to-end swarms exchange every payload)."""
+    with LocalCluster(tmp_path, {**run_config(), "aggregate_from": 2}) as cluster:
         for i in range(3):
             cluster.add_peer(f"p{i}")
         wait_for(lambda: cluster.rounds_completed(3) >= 3, 240, "3 rounds by 3 peers", cluster)
@@ -59,6 +63,8 @@ def test_rounds_join_and_kill(tmp_path: Path) -> None:
         losses = mean_losses(cluster)
         first, last = losses[min(losses)], losses[max(losses)]
         assert last < first - 0.2, f"loss did not fall: {losses}"
+        rows = [json.loads(line) for line in (cluster.workdir / "coordinator" / "rounds.jsonl").read_text().splitlines()]
+        assert rows and all(row["aggregate"] for row in rows if row["applied"] >= 2), rows
 
         # A peer joining mid-run downloads the state and contributes from its next round.
         cluster.add_peer("late")

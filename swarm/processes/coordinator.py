@@ -237,6 +237,7 @@ class Coordinator(AgreedNode):
                 "applied": applied,
                 "rejected": len(manifest.rejected),
                 "payload_bytes": sum(e.size for e in manifest.entries),
+                "aggregate": manifest.aggregate,  # the digest nodes applied instead of the payloads ("": none)
                 "coverage": self.agreement.coverage,
                 "apply_s": self.agreement.apply_s,
                 "validate_s": self.agreement.validate_s if manifest.leader == self.peer_id else 0.0,

@@ -79,6 +79,17 @@ def test_aggregate_rounds_keep_every_invariant_under_faults(seed: int) -> None:
     assert result.ok, (result.violations, result.trace)
 
 
+def test_a_coordinator_that_crashes_right_after_applying_its_aggregate_does_not_split_the_swarm() -> None:
+    """Found by the simulator's sweep (seed 270): the coordinator and one peer applied round 0's
+    aggregate, the coordinator crashed, and the other peers, whose relay tree led to it, gave the
+    manifest up and led round 0 again: a fork. Now a node that cannot get the aggregate asks the
+    members past the round, and at last rebuilds it from the payloads (a pure function of them,
+    whose digest must be the manifest's)."""
+    cfg = SimConfig(seed=270, peers=4, rounds=4, profile="lan", round_timeout_s=20, faults=["all"], aggregate_from=2)
+    result = simulate(cfg)
+    assert result.ok, (result.violations, result.trace)
+
+
 def test_only_the_coordinators_manifest_may_carry_an_aggregate() -> None:
     sim = Simulation(SimConfig(seed=0, peers=2, rounds=1, aggregate_from=1))
     peer = sim.peers[0]

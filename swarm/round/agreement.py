@@ -11,6 +11,7 @@ it applies to; a node holding another hash has diverged and reloads (see peer.py
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
@@ -745,12 +746,37 @@ class RoundAgreement:
             try:
                 return await self.store.get(digest, holders, within_s=max(1.0, give_up - monotonic()), relay=True)
             except Exception as e:  # undeliverable so far
-                failure = e
-            slow = self.run.coordinator in {b.peer_id for b in await self.node.member_peers()}
-            if monotonic() > deadline + (3 * self.run.leader_timeout_s if slow else 0.0):
-                raise BadManifest(f"aggregate of round {manifest.round}: {failure}") from None
-            holders = [leader, *chain]  # the coordinator first from now on
+                logger.info("round %d: aggregate not fetched yet (%s)", manifest.round, e)
+            beats = await self.node.member_peers()
+            slow = self.run.coordinator in {b.peer_id for b in beats}
+            if not slow or monotonic() > deadline + 3 * self.run.leader_timeout_s:
+                # The coordinator is gone (or serves nobody): rebuild the aggregate from the payloads.
+                return await self._recompute_aggregate(manifest)
+            # Whoever has applied the round holds it (the coordinator may have gone meanwhile: the
+            # members that took its manifest must not be the only ones to, or the swarm splits).
+            past = sorted(b.peer_id for b in beats if b.round > manifest.round and b.peer_id not in (me, leader))
+            holders = [*past, leader, *(p for p in chain if p not in past)]
             await asyncio.sleep(2.0)
+
+    async def _recompute_aggregate(self, manifest: Manifest) -> bytes:
+        """A round's aggregate rebuilt from its listed payloads, when no holder serves it (the
+        coordinator went down right after applying it, say: the members that took its manifest
+        must not be the only ones able to). It is a pure function of the payloads, their scales and
+        the run (fixed order, fp32, a fresh compressor), so its digest must be the manifest's:
+        BadManifest if it is not (a coordinator's aggregate that is not its payloads' mean), or if
+        a payload cannot be had (as for a manifest without an aggregate)."""
+        draft = dataclasses.replace(manifest, aggregate="")
+        blobs = await asyncio.gather(*(self._fetch(draft, e) for e in manifest.entries))
+        async with self.lock:
+            if self.state.hash != manifest.base_hash:
+                raise Diverged(f"our state moved to {self.state.hash[:12]} while fetching round {manifest.round}")
+            (mean, _), _ = await asyncio.to_thread(_cpu_timed, self._mean_of, draft, list(blobs))
+        encoded = await asyncio.to_thread(self.store.encode_aggregate, mean, leader=manifest.leader, round_no=manifest.round)
+        if encoded.digest != manifest.aggregate:
+            raise BadManifest(f"the aggregate of round {manifest.round} is not the mean of its payloads")
+        self.store.hold(encoded.digest, encoded.data, reveal_s=0.0)
+        self.node.log_event("round", f"round {manifest.round}: rebuilt its aggregate from the payloads")
+        return encoded.data
 
     def applied_aggregate(self, round_no: int) -> dict[str, torch.Tensor] | None:
         """What round r applied, if it was an aggregate (for its senders' error feedback)."""

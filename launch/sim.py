@@ -64,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute per payload: a leader's checks of a submission, a node's apply of one (`swarm-bench scale` measures both)",
     )
     p.add_argument(
+        "--model",
+        default="",
+        metavar="PRESET",
+        help="peers train this preset for real (H inner AdamW steps on their shards, the real codec) and the line"
+        " ends with the eval loss; default: seeded pseudo-gradients on a small model",
+    )
+    p.add_argument("--data", default="stdlib", help="with --model: the corpus (default stdlib)")
+    p.add_argument("--batch-size", type=int, default=4, help="with --model: sequences per inner step")
+    p.add_argument("--seq-len", type=int, default=64, help="with --model: tokens per sequence")
+    p.add_argument(
         "--aggregate-from",
         type=int,
         default=0,
@@ -90,7 +100,8 @@ def describe(result: SimResult) -> str:
     )
     short = result.honest_done < result.honest_up
     done = f"; only {result.honest_done} of {result.honest_up} honest nodes up hold θ({result.config.rounds})" if short else ""
-    return f"seed {result.config.seed}: {result.rounds_closed} rounds, {close}; {traffic}; {result.virtual_s:.0f} virtual s{done}"
+    loss = f"; eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+    return f"seed {result.config.seed}: {result.rounds_closed} rounds, {close}; {traffic}; {result.virtual_s:.0f} virtual s{loss}{done}"
 
 
 def _p99(values: list[float]) -> float:
@@ -118,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
                 heartbeat_s=args.heartbeat_s,
                 cpu_s=(args.cpu_s[0], args.cpu_s[1]),
                 aggregate_from=args.aggregate_from,
+                model=args.model,
+                data=args.data,
+                batch_size=args.batch_size,
+                seq_len=args.seq_len,
                 inner_steps=args.inner_steps,
                 step_s=(args.step_s[0], args.step_s[1]),
                 overlap=args.overlap,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from launch.cluster import DATA, LocalCluster
+from swarm.sim.runner import SimConfig, Simulation
 
 HOSTILE = ("-m", "tests.adversary.hostile")
 
@@ -24,3 +25,11 @@ SMALL_TRAINING = {
 def rows(cluster: LocalCluster) -> list[dict]:
     path = cluster.workdir / "coordinator" / "rounds.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def run_attacked(base: dict, attackers: list[str]) -> Simulation:
+    """The simulated swarm of `base` with these hostile peers beside its honest ones, every round
+    waiting for all of them (or its timeout), as a run open to strangers should (docs/security.md)."""
+    sim = Simulation(SimConfig(**base, attackers=attackers, min_peers=base["peers"] + len(attackers)))
+    sim.loop.run_until_complete(sim.main())
+    return sim

@@ -15,17 +15,15 @@ from __future__ import annotations
 from itertools import accumulate
 
 from swarm.sim.hostile import SpendCredit
-from swarm.sim.runner import SimConfig, Simulation
-from tests.adversary.common import SMALL_TRAINING
+from swarm.sim.runner import Simulation
+from tests.adversary.common import SMALL_TRAINING, run_attacked
 
 ROUNDS = 12
 BASE = {"seed": 0, "peers": 3, "rounds": ROUNDS, **SMALL_TRAINING}
 
 
 def run(attackers: list[str]) -> Simulation:
-    sim = Simulation(SimConfig(**BASE, attackers=attackers, min_peers=3 + len(attackers)))  # type: ignore[arg-type]
-    sim.loop.run_until_complete(sim.main())
-    return sim
+    return run_attacked(BASE, attackers)
 
 
 def test_a_member_spending_its_credit_never_hurts_more_than_it_helped() -> None:

@@ -16,17 +16,15 @@ from __future__ import annotations
 import pytest
 
 from swarm.sim.hostile import Copy, Shrink
-from swarm.sim.runner import SimConfig, Simulation
-from tests.adversary.common import SMALL_TRAINING
+from swarm.sim.runner import Simulation
+from tests.adversary.common import SMALL_TRAINING, run_attacked
 
 ROUNDS = 4
 BASE = {"seed": 3, "peers": 3, "rounds": ROUNDS, **SMALL_TRAINING}
 
 
 def run(attackers: list[str]) -> Simulation:
-    sim = Simulation(SimConfig(**BASE, attackers=attackers, min_peers=3 + len(attackers)))  # type: ignore[arg-type]
-    sim.loop.run_until_complete(sim.main())
-    return sim
+    return run_attacked(BASE, attackers)
 
 
 @pytest.fixture(scope="module")

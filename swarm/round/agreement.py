@@ -44,7 +44,7 @@ from swarm.net.transfer import TransferError
 from swarm.round.admission import NOT_DELIVERED, Validator
 from swarm.round.evidence import EquivocationWitness, proof_ok, sign_manifest
 from swarm.round.leadership import agreed_hash, canonical_manifest, coordinator_present, peer_quorum, should_lead
-from swarm.round.payloads import PayloadStore
+from swarm.round.payloads import AGGREGATE_PARTS, PayloadStore, tensor_groups
 from swarm.round.robust import (
     Summary,
     against_the_rest,
@@ -700,11 +700,17 @@ class RoundAgreement:
         if self.state.partial:
             raise BadManifest("a partial holder applies its part of each payload, not an aggregate")
         base = self.state.hash
-        data = await self._fetch_aggregate(manifest)
+        blobs = await self._fetch_aggregate(manifest)
 
         def checked() -> dict[str, torch.Tensor]:
+            mean: dict[str, torch.Tensor] = {}
             try:
-                mean = self.store.decode_aggregate(data, leader=manifest.leader, round_no=manifest.round)
+                for data in blobs:  # the whole, or its parts (each checked against the digest when fetched)
+                    mean.update(
+                        self.store.decode_aggregate_part(
+                            data, manifest.aggregate, leader=manifest.leader, round_no=manifest.round
+                        )
+                    )
             except Exception as e:  # undecodable: it should never have been published
                 raise BadManifest(f"aggregate: {e}") from None
             if not mean and manifest.entries:
@@ -723,40 +729,64 @@ class RoundAgreement:
         self._verified = (manifest, base, mean, coverage if at == manifest.round else {}, cpu_s, wall_s)
         self.last_aggregate = (manifest.round, mean)
 
-    async def _fetch_aggregate(self, manifest: Manifest) -> bytes:
-        """A round's aggregate, down a tree of the live members ranked by sha256(round, digest,
-        member): each asks its parent first, then the parent's parent, up to the coordinator, and a
-        member asked while its own copy is on its way answers once it arrives (`PayloadStore.get`,
-        relay). Ranks are the same in every node's view, and a parent always ranks above its child,
-        so no two members wait on each other. The coordinator's uplink carries the aggregate a few
-        times, not once per member."""
-        me, digest, leader = self.node.peer_id, manifest.aggregate, manifest.leader
-        live = {b.peer_id for b in await self.node.member_peers()} | {me}
-        ranked = sorted(live - {leader}, key=lambda p: hashlib.sha256(f"{manifest.round}:{digest}:{p}".encode()).digest())
+    async def _fetch_aggregate(self, manifest: Manifest) -> list[bytes]:
+        """A round's aggregate, whole or as its parts (`tensor_groups`: AGGREGATE_PARTS runs of whole
+        tensors). Each part comes down its own tree of the live members, ranked by sha256(round,
+        digest, part, member): a member asks its parent first (rank (i − 1) / RELAY_FANOUT), then the
+        parent's parent, up to the coordinator, and a member asked while its copy is on its way
+        answers once it arrives (`PayloadStore.get`, relay). Ranks are the same in every node's
+        view and a parent ranks above its child, so no two members wait on each other; parts relay
+        as they arrive, and a member inside one part's tree is a leaf of most others, so what each
+        uploads is spread over the swarm. A part that does not come is asked of the members past
+        the round, then of the coordinator; if the coordinator is gone, the aggregate is rebuilt
+        from the payloads."""
+        digest, leader = manifest.aggregate, manifest.leader
+        if (whole := self.store.blobs.get(digest)) is not None:
+            return [whole]  # ours (we led the round, or rebuilt it)
+        live = {b.peer_id for b in await self.node.member_peers()} | {self.node.peer_id}
+        groups = tensor_groups(self.store.shapes, AGGREGATE_PARTS)
+        chains = [self._relay_chain(manifest, k, live) for k in range(len(groups))]
+        holders = [[*chain, leader] for chain in chains]
+        got: dict[int, bytes] = {}
+        deadline = monotonic() + self.run.leader_timeout_s
+        give_up = deadline + 3 * self.run.leader_timeout_s
+        while True:
+            wanted = [k for k in range(len(groups)) if k not in got]
+            within = max(1.0, give_up - monotonic())
+            answers = await asyncio.gather(
+                *(self.store.get(digest, holders[k], groups[k], within_s=within, relay=True) for k in wanted),
+                return_exceptions=True,
+            )
+            for k, answer in zip(wanted, answers):
+                if isinstance(answer, bytes):
+                    got[k] = answer
+                else:
+                    logger.info("round %d: part %d of the aggregate not fetched yet (%s)", manifest.round, k, answer)
+            if len(got) == len(groups):
+                return [got[k] for k in range(len(groups))]
+            beats = await self.node.member_peers()
+            slow = self.run.coordinator in {b.peer_id for b in beats}
+            if not slow or monotonic() > deadline + 3 * self.run.leader_timeout_s:
+                # The coordinator is gone (or serves nobody): rebuild the aggregate from the payloads.
+                return [await self._recompute_aggregate(manifest)]
+            # Whoever has applied the round holds it (the coordinator may have gone meanwhile: the
+            # members that took its manifest must not be the only ones to, or the swarm splits).
+            me = self.node.peer_id
+            past = sorted(b.peer_id for b in beats if b.round > manifest.round and b.peer_id not in (me, leader))
+            holders = [[*past, leader, *(p for p in chain if p not in past)] for chain in chains]
+            await asyncio.sleep(2.0)
+
+    def _relay_chain(self, manifest: Manifest, part: int, live: set[str]) -> list[str]:
+        """Our ancestors in the relay tree of one part of a round's aggregate, nearest first."""
+        me, key = self.node.peer_id, f"{manifest.round}:{manifest.aggregate}:{part}"
+        ranked = sorted(live - {manifest.leader}, key=lambda p: hashlib.sha256(f"{key}:{p}".encode()).digest())
         chain: list[str] = []
         if me in ranked:
             i = ranked.index(me)
             while i > 0:
                 i = (i - 1) // RELAY_FANOUT
                 chain.append(ranked[i])
-        holders = [*chain, leader]
-        deadline = monotonic() + self.run.leader_timeout_s
-        give_up = deadline + 3 * self.run.leader_timeout_s
-        while True:
-            try:
-                return await self.store.get(digest, holders, within_s=max(1.0, give_up - monotonic()), relay=True)
-            except Exception as e:  # undeliverable so far
-                logger.info("round %d: aggregate not fetched yet (%s)", manifest.round, e)
-            beats = await self.node.member_peers()
-            slow = self.run.coordinator in {b.peer_id for b in beats}
-            if not slow or monotonic() > deadline + 3 * self.run.leader_timeout_s:
-                # The coordinator is gone (or serves nobody): rebuild the aggregate from the payloads.
-                return await self._recompute_aggregate(manifest)
-            # Whoever has applied the round holds it (the coordinator may have gone meanwhile: the
-            # members that took its manifest must not be the only ones to, or the swarm splits).
-            past = sorted(b.peer_id for b in beats if b.round > manifest.round and b.peer_id not in (me, leader))
-            holders = [*past, leader, *(p for p in chain if p not in past)]
-            await asyncio.sleep(2.0)
+        return chain
 
     async def _recompute_aggregate(self, manifest: Manifest) -> bytes:
         """A round's aggregate rebuilt from its listed payloads, when no holder serves it (the

@@ -48,6 +48,7 @@ def codec_config(run: RunConfig) -> SparseLoCoConfig:
 
 
 AGGREGATE_DENSITY = 4  # an aggregate keeps this many times one payload's top-k per chunk (docs/performance.md)
+AGGREGATE_PARTS = 8  # an aggregate relays in this many parts of whole tensors, each down its own tree
 
 
 def aggregate_config(run: RunConfig) -> SparseLoCoConfig:
@@ -168,7 +169,8 @@ class PayloadStore:
             return None
         if (wait := self._reveal_at.get(digest, 0.0) - asyncio.get_running_loop().time()) > 0:
             await asyncio.sleep(wait)  # a slower answer, not a refusal: fetchers wait far longer than this
-        if (fetching := self._fetching.get(digest)) is not None and digest not in self.blobs:
+        key = digest if names is None else _part_key(digest, names)
+        if (fetching := self._fetching.get(key)) is not None and key not in self.blobs:
             # On its way to us (an aggregate relayed down a tree of members): answer once it is here.
             await asyncio.wait([fetching], timeout=RELAY_WAIT_S)
         if names is None:
@@ -210,12 +212,12 @@ class PayloadStore:
             return cached
         if self.fetch is None:
             raise TransferError(f"payload {digest[:12]} is not here and this store fetches nothing")
-        if relay and names is None and digest not in self._fetching:
-            self._fetching[digest] = asyncio.get_running_loop().create_future()
+        if relay and key not in self._fetching:
+            self._fetching[key] = asyncio.get_running_loop().create_future()
             try:
-                return await self._get(digest, holders, key, within_s)
+                return await self._get(digest, holders, key, within_s, names)
             finally:
-                done = self._fetching.pop(digest)
+                done = self._fetching.pop(key)
                 done.set_result(None)
         return await self._get(digest, holders, key, within_s, names)
 
@@ -268,6 +270,16 @@ class PayloadStore:
         meta, tensors = decode_payload(data, expected=self.shapes, max_bytes=self.max_bytes, expected_codec=expected)
         return self._checked(meta, tensors, leader, round_no)
 
+    def decode_aggregate_part(self, data: bytes, digest: str, *, leader: str, round_no: int) -> dict[str, torch.Tensor]:
+        """`decode_aggregate` for a part of an aggregate (its tensors only), checked against `digest`."""
+        codec = self.run.outer.codec
+        expected = (codec, aggregate_config(self.run).wire_params()) if codec == "sparseloco" else self.codec
+        if bytes(data[:3]) != PART_MAGIC:
+            meta, tensors = decode_payload(data, expected=self.shapes, max_bytes=self.max_bytes, expected_codec=expected)
+        else:
+            meta, tensors = decode_part(data, digest, expected=self.shapes, max_bytes=self.max_bytes, expected_codec=expected)
+        return self._checked(meta, tensors, leader, round_no, part=True)
+
     def decode(self, data: bytes, *, sender: str, round_no: int) -> dict[str, torch.Tensor]:
         """Validate and decode one payload (CPU-bound: call from a worker thread).
 
@@ -302,6 +314,25 @@ class PayloadStore:
 
 
 MAX_PART_NAMES = 1 << 16  # tensors a part request may name
+
+
+def tensor_groups(shapes: dict[str, tuple[int, ...]], parts: int) -> list[list[str]]:
+    """The model's tensors in name order, cut into at most `parts` runs of about equal size (whole
+    tensors: a part of a payload carries whole tensors). A pure function of the shapes."""
+    names = sorted(shapes)
+    sizes = [int(torch.Size(shapes[n]).numel()) for n in names]
+    groups: list[list[str]] = []
+    current: list[str] = []
+    total, filled = sum(sizes), 0
+    for name, size in zip(names, sizes):
+        current.append(name)
+        filled += size
+        if filled * parts >= total * (len(groups) + 1) and len(groups) < parts - 1:
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    return groups
 
 
 def _part_key(digest: str, names: list[str]) -> str:

@@ -153,7 +153,10 @@ class Actor:
         if data is None:
             await asyncio.sleep(net.links[me].latency_s + net.links[holder].latency_s)
             return None
-        nbytes = net.sized.get(request.get("digest", ""), len(data))
+        digest = request.get("digest", "")
+        nbytes = net.sized.get(digest, len(data))
+        if "names" in request and digest in net.sized:  # a part: its tensors' share of the declared size
+            nbytes = int(nbytes * net.share(request["names"], net.stores[holder].shapes))
         deadline_s = transfer_deadline_s(timeout_s, nbytes)  # production's rule (swarm/net/transfer.py)
         done = net.transfer_time(holder, me, nbytes, within_s=deadline_s)
         if done is None:  # would not finish in time: the fetcher waits out its deadline and gives up

@@ -138,6 +138,7 @@ class SimNetwork:
     stores: dict[str, PayloadStore] = field(default_factory=dict)  # peer id -> the payloads it serves
     states: dict[str, Callable[[], GlobalState]] = field(default_factory=dict)  # peer id -> its state now (donors)
     sized: dict[str, int] = field(default_factory=dict)  # digest -> declared size (`sized` payloads)
+    _shares: dict[tuple[int, tuple[str, ...]], float] = field(default_factory=dict, repr=False)
     hanging: set[str] = field(default_factory=set)  # nodes that accept fetches and never answer them
     cpu_s: tuple[float, float] = (0.0, 0.0)  # per payload: a leader's checks, a node's apply (SimConfig.cpu_s)
     _decoded: dict[tuple[bytes, str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
@@ -269,6 +270,15 @@ class SimNetwork:
         return {n: t.clone() for n, t in mean.items()}, dict(coverage)
 
     # ----- transfers ---------------------------------------------------------------------------
+
+    def share(self, names: Collection[str], shapes: dict[str, tuple[int, ...]]) -> float:
+        """The named tensors' share of a model's parameters: the part of a `sized` blob a fetch of
+        those tensors moves (a part's own hashes and header, a few hundred bytes, left out)."""
+        key = (id(shapes), tuple(sorted(names)))
+        if (known := self._shares.get(key)) is None:
+            numel = {n: math.prod(s) for n, s in shapes.items()}
+            known = self._shares[key] = sum(numel.get(n, 0) for n in names) / max(1, sum(numel.values()))
+        return known
 
     def transfer_time(self, src: str, dst: str, nbytes: int, *, within_s: float = math.inf) -> float | None:
         """Book a transfer of nbytes from src to dst; returns when it completes (virtual time), or None

@@ -8,15 +8,17 @@ its error buffer. Trust: only the coordinator's manifest may carry one."""
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 import torch
 
+from models import build_model, get_preset
 from swarm.codec import PayloadError, SlotMean
 from swarm.net.records import Manifest, ManifestEntry
 from swarm.net.transfer import Traffic
 from swarm.round.agreement import BadManifest
-from swarm.round.payloads import AGGREGATE_DENSITY, PayloadEncoder, PayloadStore
+from swarm.round.payloads import AGGREGATE_DENSITY, AGGREGATE_PARTS, PayloadEncoder, PayloadStore, tensor_groups
 from swarm.run import RunConfig
 from swarm.sim.runner import SimConfig, Simulation, simulate
 
@@ -57,6 +59,16 @@ def test_an_aggregate_keeps_the_means_largest_values_and_its_senders_get_back_wh
     after = encoder.compressor.state_dict()
     for name, own in sent[0].items():
         torch.testing.assert_close(after[name] - before[name], own * (applied[name] == 0), rtol=0, atol=1e-7)
+
+
+def test_an_aggregate_relays_in_parts_of_whole_tensors_of_about_equal_size() -> None:
+    shapes = {n: tuple(p.shape) for n, p in build_model(get_preset("tiny")).named_parameters()}
+    groups = tensor_groups(shapes, AGGREGATE_PARTS)
+    assert [n for g in groups for n in g] == sorted(shapes) and len(groups) == AGGREGATE_PARTS
+    sizes = [sum(math.prod(shapes[n]) for n in g) for g in groups]
+    assert max(sizes) < 2.5 * sum(sizes) / len(sizes), sizes  # whole tensors: a part holds one layer's at least
+    assert tensor_groups(shapes, AGGREGATE_PARTS) == groups  # the same cut on every node
+    assert tensor_groups({"a": (3,)}, AGGREGATE_PARTS) == [["a"]]
 
 
 def test_a_swarm_applying_aggregates_stays_identical_and_fetches_a_fraction_of_the_bytes() -> None:

@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         " ends with the eval loss; default: seeded pseudo-gradients on a small model",
     )
     p.add_argument("--data", default="stdlib", help="with --model: the corpus (default stdlib)")
+    p.add_argument("--min-peers", type=int, default=1, help="contributions a round waits for (the run's min_peers)")
     p.add_argument("--batch-size", type=int, default=4, help="with --model: sequences per inner step")
     p.add_argument("--seq-len", type=int, default=64, help="with --model: tokens per sequence")
     p.add_argument(
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 cpu_s=(args.cpu_s[0], args.cpu_s[1]),
                 aggregate_from=args.aggregate_from,
                 model=args.model,
+                min_peers=args.min_peers,
                 data=args.data,
                 batch_size=args.batch_size,
                 seq_len=args.seq_len,

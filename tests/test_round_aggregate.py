@@ -40,7 +40,7 @@ def test_an_aggregate_keeps_the_means_largest_values_and_its_senders_get_back_wh
         acc.add(tensors)
     mean = acc.mean()
     aggregate = store.encode_aggregate(mean, leader="coord", round_no=2)
-    applied = store.decode_aggregate(aggregate.data, leader="coord", round_no=2)
+    applied = store.decode_aggregate(aggregate.data, aggregate.digest, leader="coord", round_no=2)
     kept = applied["a.weight"] != 0
     one = sent[0]["a.weight"] != 0
     assert kept.sum() == AGGREGATE_DENSITY * one.sum()  # 4× one payload's top-k per chunk
@@ -48,7 +48,7 @@ def test_an_aggregate_keeps_the_means_largest_values_and_its_senders_get_back_wh
     assert kept.sum() < union.sum()  # 8 payloads' positions do not all fit: some are dropped
     assert torch.allclose(applied["a.weight"][kept], mean["a.weight"][kept], rtol=0.5)  # 2-bit values of the mean
     with pytest.raises(PayloadError, match="sender"):
-        store.decode_aggregate(aggregate.data, leader="someone", round_no=2)
+        store.decode_aggregate(aggregate.data, aggregate.digest, leader="someone", round_no=2)
     with pytest.raises(PayloadError):  # an aggregate is not a payload of the run's density
         store.decode(aggregate.data, sender="coord", round_no=2)
 

@@ -37,7 +37,7 @@ from swarm.modes import default_outer, mode_for
 from swarm.modes.replica import Replica, data_config, initial_state
 from swarm.net.transfer import Traffic
 from swarm.round.overlap import next_base
-from swarm.round.payloads import PayloadEncoder, PayloadStore, codec_config
+from swarm.round.payloads import PayloadEncoder, PayloadStore, aggregate_config
 from swarm.run import OuterConfig, RunConfig
 from swarm.state import GlobalState
 
@@ -150,20 +150,10 @@ def second_compression(
     for tensors in decoded:
         acc.add(tensors)
     mean = acc.mean()
-    config = codec_config(run)
-    denser = int(reduce[4:] or 1)
-    config = dataclasses.replace(
-        config, topk_per_chunk=min(denser * config.topk_per_chunk, config.chunk_rows * config.chunk_cols)
-    )
-    fresh = SparseLoCoCompressor(config)  # no error buffer of its own: what it drops goes back to the senders
+    fresh = SparseLoCoCompressor(aggregate_config(run, int(reduce[4:] or 1)))  # what it drops goes back to the senders
     applied = {name: decode_tensor(fresh.compress(name, m)) for name, m in mean.items()}
     for tensors, encoder in zip(decoded, encoders):
-        assert encoder.compressor is not None
-        errors = encoder.compressor.state_dict()
-        for name, own in tensors.items():
-            dropped = own * (applied[name] == 0)
-            errors[name] = errors[name] + dropped if name in errors else dropped
-        encoder.compressor.load_state_dict(errors)
+        encoder.returned(tensors, applied)
     return applied
 
 

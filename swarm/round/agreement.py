@@ -44,7 +44,7 @@ from swarm.net.transfer import TransferError
 from swarm.round.admission import NOT_DELIVERED, Validator
 from swarm.round.evidence import EquivocationWitness, proof_ok, sign_manifest
 from swarm.round.leadership import agreed_hash, canonical_manifest, coordinator_present, peer_quorum, should_lead
-from swarm.round.payloads import AGGREGATE_PARTS, PayloadStore, tensor_groups
+from swarm.round.payloads import AGGREGATE_PARTS, Encoded, PayloadStore, tensor_groups
 from swarm.round.robust import (
     Summary,
     against_the_rest,
@@ -131,7 +131,7 @@ class RoundAgreement:
         self._verified: tuple[Manifest, str, dict[str, torch.Tensor] | None, dict[str, int], float, float] | None = None
         # The last round applied through an aggregate and what it applied (its senders return what
         # the aggregate dropped to their error buffers: PayloadEncoder.returned).
-        self.last_aggregate: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._last_aggregate: tuple[int, dict[str, torch.Tensor]] | None = None
         self._aggregate_coverage: tuple[int, dict[str, int]] = (-1, {})
         self._admitted: set[str] = set()  # left the roster since, but the coordinator's role for them stands
         self._overruled = -1  # a round the coordinator leads although most trainers said they were past it
@@ -368,9 +368,8 @@ class RoundAgreement:
         beats, agreed = await self._view(round_no)
         may_lead = self._peers_may_lead(round_no, beats, agreed, started)
         quorum = max(self._lookup_quorum(round_no, beats), await self._member_floor())
-        past = self._behind(
-            round_no, beats, agreed
-        )  # the swarm settled it: a peer-led manifest it endorsed counts, whoever is in view
+        # The swarm settled it: a peer-led manifest it endorsed counts, whoever is in view.
+        past = self._behind(round_no, beats, agreed)
         manifest = await self.find_manifest(round_no, agreed, peers_may_lead=may_lead or past, quorum=quorum, past=past)
         return beats, agreed, may_lead, manifest
 
@@ -565,25 +564,34 @@ class RoundAgreement:
         )
 
     async def _aggregate(self, round_no: int, entries: list[ManifestEntry]) -> str:
-        """The round's aggregate, held for serving: the clipped per-slot mean of `entries`, with every
-        check a node makes on a mean, compressed again (`PayloadStore.encode_aggregate`). Its digest,
-        or "" if the mean fails a check (the manifest then goes out without one, as before)."""
-        me = self.node.peer_id
-        draft = Manifest(round=round_no, leader=me, base_hash=self.state.hash, entries=entries, rejected=[], closed_at=0.0)
+        """The round's aggregate, held for serving (`_built_aggregate`). Its digest, or "" if the
+        mean fails a check (the manifest then goes out without one, as before)."""
+        draft = Manifest(
+            round=round_no, leader=self.node.peer_id, base_hash=self.state.hash, entries=entries, rejected=[], closed_at=0.0
+        )
         try:
-            await self.verify(draft)  # the payloads are here already: we checked each
+            encoded, coverage = await self._built_aggregate(draft)  # the payloads are here already: we checked each
         except BadManifest as e:
             logger.warning("round %d: no aggregate (%s)", round_no, e)
             return ""
-        assert self._verified is not None
-        _, _, mean, coverage, *_ = self._verified
-        self._verified = None
-        if mean is None:
-            return ""
-        encoded = await asyncio.to_thread(self.store.encode_aggregate, mean, leader=me, round_no=round_no)
         self.store.hold(encoded.digest, encoded.data, reveal_s=0.0)
         self._aggregate_coverage = (round_no, coverage)
         return encoded.digest
+
+    async def _built_aggregate(self, manifest: Manifest) -> tuple[Encoded, dict[str, int]]:
+        """The aggregate of a manifest's entries (and its slot coverage): the listed payloads'
+        clipped per-slot mean, with every check a node makes on a mean, compressed again
+        (`PayloadStore.encode_aggregate`). A pure function of the payloads, their scales and the run
+        (fixed order, fp32, a fresh compressor): the coordinator builds it, and a node that cannot
+        fetch it rebuilds the same bytes."""
+        draft = dataclasses.replace(manifest, aggregate="")
+        blobs = await asyncio.gather(*(self._fetch(draft, e) for e in draft.entries))
+        async with self.lock:
+            if self.state.hash != draft.base_hash:
+                raise Diverged(f"our state moved to {self.state.hash[:12]} while fetching round {draft.round}")
+            (mean, coverage), _ = await asyncio.to_thread(_cpu_timed, self._mean_of, draft, list(blobs))
+        encoded = await asyncio.to_thread(self.store.encode_aggregate, mean, leader=draft.leader, round_no=draft.round)
+        return encoded, coverage
 
     def _expected(self, round_no: int, beats: list[Heartbeat]) -> set[str]:
         """Replicas the round waits for: every live trainer at this round or just finishing the last
@@ -707,9 +715,7 @@ class RoundAgreement:
             try:
                 for data in blobs:  # the whole, or its parts (each checked against the digest when fetched)
                     mean.update(
-                        self.store.decode_aggregate_part(
-                            data, manifest.aggregate, leader=manifest.leader, round_no=manifest.round
-                        )
+                        self.store.decode_aggregate(data, manifest.aggregate, leader=manifest.leader, round_no=manifest.round)
                     )
             except Exception as e:  # undecodable: it should never have been published
                 raise BadManifest(f"aggregate: {e}") from None
@@ -727,7 +733,7 @@ class RoundAgreement:
             wall_s = time.perf_counter() - started
         at, coverage = self._aggregate_coverage
         self._verified = (manifest, base, mean, coverage if at == manifest.round else {}, cpu_s, wall_s)
-        self.last_aggregate = (manifest.round, mean)
+        self._last_aggregate = (manifest.round, mean)
 
     async def _fetch_aggregate(self, manifest: Manifest) -> list[bytes]:
         """A round's aggregate, whole or as its parts (`tensor_groups`: AGGREGATE_PARTS runs of whole
@@ -789,19 +795,12 @@ class RoundAgreement:
         return chain
 
     async def _recompute_aggregate(self, manifest: Manifest) -> bytes:
-        """A round's aggregate rebuilt from its listed payloads, when no holder serves it (the
-        coordinator went down right after applying it, say: the members that took its manifest
-        must not be the only ones able to). It is a pure function of the payloads, their scales and
-        the run (fixed order, fp32, a fresh compressor), so its digest must be the manifest's:
+        """A round's aggregate rebuilt from its listed payloads (`_built_aggregate`), when no holder
+        serves it (the coordinator went down right after applying it, say: the members that took
+        its manifest must not be the only ones able to). Its digest must be the manifest's:
         BadManifest if it is not (a coordinator's aggregate that is not its payloads' mean), or if
         a payload cannot be had (as for a manifest without an aggregate)."""
-        draft = dataclasses.replace(manifest, aggregate="")
-        blobs = await asyncio.gather(*(self._fetch(draft, e) for e in manifest.entries))
-        async with self.lock:
-            if self.state.hash != manifest.base_hash:
-                raise Diverged(f"our state moved to {self.state.hash[:12]} while fetching round {manifest.round}")
-            (mean, _), _ = await asyncio.to_thread(_cpu_timed, self._mean_of, draft, list(blobs))
-        encoded = await asyncio.to_thread(self.store.encode_aggregate, mean, leader=manifest.leader, round_no=manifest.round)
+        encoded, _ = await self._built_aggregate(manifest)
         if encoded.digest != manifest.aggregate:
             raise BadManifest(f"the aggregate of round {manifest.round} is not the mean of its payloads")
         self.store.hold(encoded.digest, encoded.data, reveal_s=0.0)
@@ -810,9 +809,9 @@ class RoundAgreement:
 
     def applied_aggregate(self, round_no: int) -> dict[str, torch.Tensor] | None:
         """What round r applied, if it was an aggregate (for its senders' error feedback)."""
-        if self.last_aggregate is None or self.last_aggregate[0] != round_no:
+        if self._last_aggregate is None or self._last_aggregate[0] != round_no:
             return None
-        return self.last_aggregate[1]
+        return self._last_aggregate[1]
 
     # ----- holding part of the state -----------------------------------------------------------
 

@@ -51,10 +51,10 @@ AGGREGATE_DENSITY = 4  # an aggregate keeps this many times one payload's top-k 
 AGGREGATE_PARTS = 8  # an aggregate relays in this many parts of whole tensors, each down its own tree
 
 
-def aggregate_config(run: RunConfig) -> SparseLoCoConfig:
-    """The codec settings of a round's aggregate: the run's, at AGGREGATE_DENSITY times the top-k."""
+def aggregate_config(run: RunConfig, density: int = AGGREGATE_DENSITY) -> SparseLoCoConfig:
+    """The codec settings of a round's aggregate: the run's, at `density` times the top-k."""
     c = codec_config(run)
-    return dataclasses.replace(c, topk_per_chunk=min(AGGREGATE_DENSITY * c.topk_per_chunk, c.chunk_rows * c.chunk_cols))
+    return dataclasses.replace(c, topk_per_chunk=min(density * c.topk_per_chunk, c.chunk_rows * c.chunk_cols))
 
 
 def dense_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
@@ -201,9 +201,9 @@ class PayloadStore:
         `names`, a part carrying those of its tensors (or the whole payload if we hold it):
         `decode` takes either. No holder is asked once `within_s` has passed, and none is given
         longer than what is left of it (a body's own allowance for its size aside: transfer.py).
-        `relay` (a whole blob that others fetch from us in turn): a request for it that reaches us
-        while it is on its way waits for it (RELAY_WAIT_S at most) instead of being answered 'not
-        found'."""
+        `relay` (a blob, or part, that others fetch from us in turn): a request for it that reaches
+        us while it is on its way waits for it (RELAY_WAIT_S at most) instead of being answered
+        'not found'."""
         cached = self.blobs.get(digest)
         key = digest if names is None else _part_key(digest, names)
         if cached is None and names is not None:
@@ -263,15 +263,9 @@ class PayloadStore:
         data = encode_payload(meta, tensors)
         return Encoded(data, payload_digest(data))
 
-    def decode_aggregate(self, data: bytes, *, leader: str, round_no: int) -> dict[str, torch.Tensor]:
-        """Validate and decode a round's aggregate (CPU-bound: call from a worker thread)."""
-        codec = self.run.outer.codec
-        expected = (codec, aggregate_config(self.run).wire_params()) if codec == "sparseloco" else self.codec
-        meta, tensors = decode_payload(data, expected=self.shapes, max_bytes=self.max_bytes, expected_codec=expected)
-        return self._checked(meta, tensors, leader, round_no)
-
-    def decode_aggregate_part(self, data: bytes, digest: str, *, leader: str, round_no: int) -> dict[str, torch.Tensor]:
-        """`decode_aggregate` for a part of an aggregate (its tensors only), checked against `digest`."""
+    def decode_aggregate(self, data: bytes, digest: str, *, leader: str, round_no: int) -> dict[str, torch.Tensor]:
+        """Validate and decode a round's aggregate, whole or a part of it checked against `digest`
+        (its tensors only; CPU-bound: call from a worker thread)."""
         codec = self.run.outer.codec
         expected = (codec, aggregate_config(self.run).wire_params()) if codec == "sparseloco" else self.codec
         if bytes(data[:3]) != PART_MAGIC:

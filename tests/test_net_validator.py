@@ -68,3 +68,33 @@ def test_every_record_must_carry_a_known_type_and_match_its_schema():
         RECORD_TYPES.tag(object())
     with pytest.raises(ValueError, match="share a name"):
         RecordTypes((Manifest, Manifest), runs_type=RunConfig)
+
+
+def test_a_thousand_peer_manifest_fits_its_own_limit_and_no_other_record_does():
+    """A manifest lists every contribution and score of a round: at 1,000 contributions with clip
+    factors it passed the 256 KB every other record keeps (nobody could read the round's manifest;
+    found by the simulator); manifests get 1 MiB of their own, and nothing past it."""
+    import hashlib
+
+    import pytest
+
+    from swarm.net.records import MAX_MANIFEST_BYTES, Manifest, ManifestEntry
+    from swarm.net.schema import MAX_RECORD_BYTES, SchemaError, decode_record
+
+    ids = sorted(f"Qm{hashlib.sha256(str(i).encode()).hexdigest()[:44]}" for i in range(1000))
+
+    def manifest(clipped: int) -> bytes:
+        scales = {f"blocks.{j}.attn.qkv.weight": 0.5 for j in range(clipped)}
+        entries = [ManifestEntry(p, hashlib.sha256(p.encode()).hexdigest(), 20400, scales) for p in ids]
+        return encode_record(Manifest(3, ids[0], "h" * 32, entries, [], 0.0, scores=dict.fromkeys(ids, 0.01)))
+
+    v = SwarmRecordValidator(RECORD_TYPES)
+    fits, too_large = manifest(4), manifest(40)
+    assert MAX_RECORD_BYTES < len(fits) <= MAX_MANIFEST_BYTES < len(too_large)
+    assert v.validate(record("k", fits, tag("Manifest"))) and decode_record(Manifest, fits).round == 3
+    assert not v.validate(record("k", too_large, tag("Manifest")))
+    with pytest.raises(SchemaError, match="limit"):
+        decode_record(Manifest, too_large)
+    # A heartbeat as large as the manifest that fits is refused: the larger limit is the manifest's.
+    padded = msgpack.packb({"v": 1, "body": {"peer_id": "p" * len(fits)}})
+    assert not v.validate(record("k", padded))

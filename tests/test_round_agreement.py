@@ -257,3 +257,67 @@ def test_followers_look_less_often_as_the_swarm_grows_and_fetch_holders_skip_the
     assert agreement._other_senders(manifest, entries[0]) == ["p2", "p3"]
     stranger = ManifestEntry("p9", "d9", 10)
     assert agreement._other_senders(manifest, stranger) == ["p1", "p2", "p3"]
+
+
+def test_while_peers_may_lead_only_the_best_ranked_few_look_at_a_leaders_pace():
+    """Past the view timeout of a 1,000-member round every peer looked every 0.25 s (4,000 looks
+    a second, each reading every heartbeat): now only the LEADER_PACE_RANKS best-ranked peers free
+    to lead do; the rest look at the follower's interval and move up as those ahead go."""
+    from types import SimpleNamespace
+
+    from swarm.round.agreement import LEADER_PACE_RANKS, RoundAgreement
+    from swarm.round.leadership import lead_place
+
+    peers = [f"p{i}" for i in range(12)]
+    beats = [beat(p, 5, "h", phase="exchanging") for p in peers] + [beat("c", 4, "h0", coordinator=True)]
+    ranked = sorted(peers, key=lambda p: leader_rank(5, p, "c"))
+    assert [lead_place(p, 5, beats, "h", "c") for p in ranked] == list(range(12))
+    assert lead_place("c", 5, beats, "h", "c") is None and lead_place("gone", 5, beats, "h", "c") is None
+    training = [beat(ranked[0], 5, "h")] + [b for b in beats if b.peer_id != ranked[0]]
+    assert lead_place(ranked[1], 5, training, "h", "c") == 0  # the best-ranked one is busy: the next moves up
+    assert should_lead(ranked[1], 5, training, "h", "c", True)
+
+    def pace(me: str, may_lead: bool = True) -> bool:
+        node = SimpleNamespace(peer_id=me, run=SimpleNamespace(coordinator="c"))
+        agreement = RoundAgreement(node, None, None, None)  # type: ignore[arg-type]
+        agreement.validator = SimpleNamespace(with_standing=set)  # type: ignore[assignment]
+        return agreement._at_leader_pace(5, beats, "h", may_lead)
+
+    assert [pace(p) for p in ranked] == [True] * LEADER_PACE_RANKS + [False] * (12 - LEADER_PACE_RANKS)
+    assert pace("c") and pace("c", may_lead=False)  # the coordinator always
+    assert not pace(ranked[0], may_lead=False)  # while the coordinator leads, everyone follows
+
+
+def test_a_follower_of_a_large_swarm_reads_only_the_manifests_between_looks():
+    """Beyond 250 members a follower's full looks are R / 250 s apart; between them it reads the
+    round's manifest key every second and looks again as soon as a manifest appears."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from swarm.round.agreement import RoundAgreement
+
+    reads: list[float] = []
+    shown: list[Signed[Manifest]] = []
+
+    async def get_all(key: str, cls: type) -> list[Signed[Manifest]]:
+        reads.append(asyncio.get_running_loop().time())
+        return list(shown)
+
+    node = SimpleNamespace(peer_id="a", run=SimpleNamespace(coordinator="c", run_id="r"), dht=SimpleNamespace(get_all=get_all))
+    agreement = RoundAgreement(node, None, None, None)  # type: ignore[arg-type]
+    agreement.follow_s = 0.01
+
+    async def follow(interval: float, appear_after: float | None) -> float:
+        loop = asyncio.get_running_loop()
+        if appear_after is not None:
+            loop.call_later(appear_after, shown.append, manifest("c", 5, "h"))
+        start = loop.time()
+        await agreement._follow(5, interval)
+        return loop.time() - start
+
+    assert asyncio.run(follow(0.01, None)) >= 0.01 and reads == []  # a small swarm: a plain sleep
+    waited = asyncio.run(follow(0.2, None))
+    assert 0.2 <= waited < 0.5 and 10 <= len(reads) <= 22  # the whole interval, one manifest read each follow_s
+    reads.clear()
+    waited = asyncio.run(follow(5.0, 0.05))
+    assert waited < 1.0 and len(reads) >= 2  # back to a full look once the manifest is in view

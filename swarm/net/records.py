@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 RUNS_KEY = "swarm/runs"  # subkey: coordinator's owner marker -> RunDescription
 # A mode whose whole contribution is a few bytes (SPSA) sends it inside its signed submission record
 # and the manifest repeats it, so no payload transfer happens; this bounds what a peer can put there.
 MAX_INLINE_BYTES = 1024
+MAX_MANIFEST_BYTES = 1024 * 1024  # a manifest's own limit (every other record: MAX_RECORD_BYTES)
 
 Phase = Literal["joining", "training", "exchanging", "idle", "leaving", "coordinating"]
 RoleKind = Literal["replica", "experts", "stage", "observer"]
@@ -196,6 +197,10 @@ class Manifest:
     # nodes apply instead of fetching every payload; "" when there is none. Only the coordinator's.
     aggregate: str = ""
     proof: bytes = b""  # the leader's signature of the manifest without this field (swarm/round/evidence.py)
+    # Larger than other records: it lists a round's every contribution and score (about 210 bytes
+    # each, plus clip factors: 1,000 contributions took 212-550 KB, past MAX_RECORD_BYTES, so no
+    # node read the manifest of a 1,000-peer round; found by the simulator).
+    MAX_BYTES: ClassVar[int] = MAX_MANIFEST_BYTES
 
     def __post_init__(self) -> None:
         ids = [e.peer_id for e in self.entries]

@@ -41,8 +41,16 @@ def encode_record(obj: Any) -> bytes:
     return msgpack.packb({"v": SCHEMA_VERSION, "body": to_plain(obj)}, use_bin_type=True)
 
 
-def decode_record(cls: type[T], data: bytes, *, max_bytes: int = MAX_RECORD_BYTES) -> T:
+def record_limit(cls: type) -> int:
+    """The most bytes a record of this type may take: MAX_RECORD_BYTES unless the type says
+    otherwise (a class attribute `MAX_BYTES`: a manifest lists every contribution of a round)."""
+    limit = getattr(cls, "MAX_BYTES", MAX_RECORD_BYTES)
+    return limit if isinstance(limit, int) else MAX_RECORD_BYTES
+
+
+def decode_record(cls: type[T], data: bytes, *, max_bytes: int | None = None) -> T:
     """Parse and validate bytes written by encode_record; raises SchemaError on anything off."""
+    max_bytes = record_limit(cls) if max_bytes is None else max_bytes
     if not isinstance(data, (bytes, bytearray)):
         raise SchemaError(f"{cls.__name__}: expected bytes, got {type(data).__name__}")
     if len(data) > max_bytes:

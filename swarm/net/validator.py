@@ -22,7 +22,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils.serializer import MSGPackSerializer
 
 from swarm.net.records import RUNS_KEY
-from swarm.net.schema import MAX_RECORD_BYTES, SCHEMA_VERSION, SchemaError, decode_record
+from swarm.net.schema import MAX_RECORD_BYTES, SCHEMA_VERSION, SchemaError, decode_record, record_limit
 
 _SUBKEY = re.compile(rb"\[owner:[^\]]+\]#([A-Za-z][A-Za-z0-9_]{0,63})")
 
@@ -48,11 +48,11 @@ class RecordTypes:
         return tag
 
 
-def _envelope_ok(data: object) -> bool:
-    if not isinstance(data, bytes) or len(data) > MAX_RECORD_BYTES:
+def _envelope_ok(data: object, limit: int = MAX_RECORD_BYTES) -> bool:
+    if not isinstance(data, bytes) or len(data) > limit:
         return False
     try:
-        outer = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=MAX_RECORD_BYTES)
+        outer = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=limit)
     except Exception:  # msgpack raises many types on garbage
         return False
     return isinstance(outer, dict) and set(outer) == {"v", "body"} and outer["v"] == SCHEMA_VERSION
@@ -72,10 +72,10 @@ class SwarmRecordValidator(RecordValidatorBase):
         except Exception:
             return False
         match = _SUBKEY.fullmatch(subkey) if isinstance(subkey, bytes) else None
-        if match is None or not _envelope_ok(value):
+        cls = self.types.get(match.group(1).decode()) if match is not None else None
+        if cls is None or not _envelope_ok(value, record_limit(cls)):
             return False
-        cls = self.types.get(match.group(1).decode())
-        if cls is None or (record.key == self._runs_key and cls is not self.types.runs_type):
+        if record.key == self._runs_key and cls is not self.types.runs_type:
             return False
         try:
             decode_record(cls, value)

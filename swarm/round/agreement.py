@@ -43,7 +43,7 @@ from swarm.net.schema import encode_record
 from swarm.net.transfer import TransferError
 from swarm.round.admission import NOT_DELIVERED, Validator
 from swarm.round.evidence import EquivocationWitness, proof_ok, sign_manifest
-from swarm.round.leadership import agreed_hash, canonical_manifest, coordinator_present, peer_quorum, should_lead
+from swarm.round.leadership import agreed_hash, canonical_manifest, coordinator_present, lead_place, peer_quorum, should_lead
 from swarm.round.payloads import AGGREGATE_PARTS, Encoded, PayloadStore, tensor_groups
 from swarm.round.robust import (
     Summary,
@@ -66,6 +66,7 @@ LEDGER_TTL_S = 7 * 24 * 3600.0
 # A peer-led manifest is endorsed only once it has been in view this long and is still the best-ranked
 # (records' travel time: a better-ranked leader's manifest of the same moment shows up meanwhile).
 SETTLE_S = 2.0
+LEADER_PACE_RANKS = 3  # while peers may lead, how many of the best-ranked look at a leader's pace
 FOLLOWER_LOOKS_PER_S = 250.0  # the swarm's followers' looks a second, in all, once it has more members
 # Manifest proof checks, shared by every node of this process: a check is a pure function of the
 # record, its owner and its signer, and the simulator runs a thousand nodes reading the same records
@@ -351,8 +352,42 @@ class RoundAgreement:
                     return manifest
                 if manifest is not None:  # ours, as a peer: it counts once most members endorse it (or another does)
                     self._led = round_no
-            follower = not may_lead and self.node.peer_id != self.run.coordinator
-            await asyncio.sleep(self._follow_every(len(beats)) if follower else self.poll_s)
+            if self._at_leader_pace(round_no, beats, agreed, may_lead):
+                await asyncio.sleep(self.poll_s)
+            else:
+                await self._follow(round_no, self._follow_every(len(beats)))
+
+    async def _follow(self, round_no: int, interval: float) -> None:
+        """Wait out a follower's interval between full looks at round r. Beyond `follow_s` (a swarm
+        of more than FOLLOWER_LOOKS_PER_S members) it still reads round r's manifests, one record
+        key, every `follow_s`, and looks again at once when they change: the R heartbeats a look
+        reads set the interval, the manifest need not wait for it."""
+        if interval <= self.follow_s:
+            await asyncio.sleep(interval)
+            return
+        before = await self._manifests_in_view(round_no)
+        until = monotonic() + interval
+        while (left := until - monotonic()) > 0:
+            await asyncio.sleep(min(self.follow_s, left))
+            if await self._manifests_in_view(round_no) != before:
+                return
+
+    async def _manifests_in_view(self, round_no: int) -> frozenset[tuple[str, float]]:
+        """Which versions of round r's manifests the records hold: (signer, expiry) each."""
+        found = await self.node.dht.get_all(manifest_key(self.run.run_id, round_no), Manifest)
+        return frozenset((m.signer, m.expires_at) for m in found)
+
+    def _at_leader_pace(self, round_no: int, beats: list[Heartbeat], agreed: str | None, may_lead: bool) -> bool:
+        """Whether we look at the round every `poll_s`: the coordinator, and while peers may lead,
+        the LEADER_PACE_RANKS best-ranked peers free to lead it (the next ones move up as they
+        go). Every peer looking at that pace once a 1,000-member round outlasted the view timeout
+        read 4,000 views a second (the simulator's 1,000-peer blow-up, docs/simulation.md)."""
+        if self.node.peer_id == self.run.coordinator:
+            return True
+        if not may_lead:
+            return False
+        place = lead_place(self.node.peer_id, round_no, self._candidates(round_no, beats), agreed, self.run.coordinator)
+        return place is not None and place < LEADER_PACE_RANKS
 
     def _follow_every(self, members: int) -> float:
         """A follower's interval between looks. Each look reads every member's heartbeat, so R
@@ -470,16 +505,20 @@ class RoundAgreement:
             return False
         if me == self.run.coordinator and self.returning and await self._peers_closing(round_no, agreed):
             return False
-        # A peer whose manifest of this round we refused has had its turn (its bad manifest takes no
-        # endorsement): the next-ranked leads, else a best-ranked usurper would stall the round.
+        return should_lead(me, round_no, self._candidates(round_no, beats), agreed, self.run.coordinator, peers_may_lead)
+
+    def _candidates(self, round_no: int, beats: list[Heartbeat]) -> list[Heartbeat]:
+        """Who may lead round r: the coordinator and the members with standing. A peer whose
+        manifest of this round we refused has had its turn (its bad manifest takes no endorsement):
+        the next-ranked leads, else a best-ranked usurper would stall the round. A partial holder
+        never leads: ranked first, it would leave the round without a leader."""
         coordinator, ignored = self.run.coordinator, self.ignored
         standing = self.validator.with_standing(b.peer_id for b in beats)
-        candidates = [
+        return [
             b
             for b in beats
             if b.peer_id == coordinator or (b.peer_id in standing and (round_no, b.peer_id) not in ignored and not b.partial)
-        ]  # a partial holder never leads: ranked first, it would leave the round without a leader
-        return should_lead(me, round_no, candidates, agreed, self.run.coordinator, peers_may_lead)
+        ]
 
     # ----- leading ---------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ stall the swarm. Among peers, candidates rank by sha256(round, peer id), so lead
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import Counter
 from collections.abc import Callable
@@ -20,8 +21,10 @@ from swarm.net.records import Heartbeat, Manifest
 FREE_PHASES = ("exchanging", "idle", "coordinating")  # a node in its inner steps cannot close a round
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def leader_rank(round_no: int, peer_id: str, coordinator: str) -> tuple[int, str]:
-    """Sort key of round r's leader candidates: the coordinator first, then by sha256(r, peer id)."""
+    """Sort key of round r's leader candidates: the coordinator first, then by sha256(r, peer id)
+    (kept: every node of a simulated swarm ranks the same members at each look)."""
     return (0 if peer_id == coordinator else 1, hashlib.sha256(f"{round_no}:{peer_id}".encode()).hexdigest())
 
 
@@ -95,12 +98,22 @@ def should_lead(
         return True
     if not peers_may_lead:
         return False
+    return lead_place(me, round_no, beats, agreed, coordinator) == 0
+
+
+def lead_place(me: str, round_no: int, beats: list[Heartbeat], agreed: str | None, coordinator: str) -> int | None:
+    """How many peers free to lead round r rank before `me` (None: `me` is not one of them). Only
+    the first few need to look at the round at a leader's pace while peers may lead: the rest take
+    a turn only after those are gone, and a look reads every member's heartbeat."""
     holders = [
         b
         for b in beats
         if b.peer_id != coordinator and b.round == round_no and b.param_hash == agreed and b.phase in FREE_PHASES and b.reachable
     ]
-    return bool(holders) and min(holders, key=lambda b: leader_rank(round_no, b.peer_id, coordinator)).peer_id == me
+    if not any(b.peer_id == me for b in holders):
+        return None
+    mine = leader_rank(round_no, me, coordinator)
+    return sum(leader_rank(round_no, b.peer_id, coordinator) < mine for b in holders)
 
 
 def peer_quorum(trainers: int) -> int:

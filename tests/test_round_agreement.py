@@ -250,7 +250,10 @@ def test_followers_look_less_often_as_the_swarm_grows_and_fetch_holders_skip_the
     agreement = RoundAgreement(node, None, None, None)  # type: ignore[arg-type]
     assert agreement._follow_every(16) == agreement.follow_s == 1.0
     assert agreement._follow_every(250) == 1.0
-    assert agreement._follow_every(1000) == 4.0
+    assert agreement._follow_every(1000) == agreement._follow_every(1000, may_lead=True) == 4.0
+    node.run.leader_timeout_s = 455.0  # rounds of minutes: beyond 250 members, 8 full looks a view timeout
+    assert agreement._follow_every(1000) == 455.0 / 8 and agreement._follow_every(1000, may_lead=True) == 4.0
+    assert agreement._follow_every(250) == 1.0  # at most 250 members nothing changes
     entries = [ManifestEntry(p, f"d{p}", 10) for p in ("p1", "p2", "p3")]
     manifest = Manifest(round=1, leader="c", base_hash="h", entries=entries, rejected=[], closed_at=0.0)
     assert agreement._other_senders(manifest, entries[1]) == ["p1", "p3"]

@@ -68,6 +68,7 @@ LEDGER_TTL_S = 7 * 24 * 3600.0
 SETTLE_S = 2.0
 LEADER_PACE_RANKS = 3  # while peers may lead, how many of the best-ranked look at a leader's pace
 FOLLOWER_LOOKS_PER_S = 250.0  # the swarm's followers' looks a second, in all, once it has more members
+FOLLOWER_LOOKS_PER_VIEW = 8  # beyond that size, a follower's full looks per view timeout while the coordinator leads
 # Manifest proof checks, shared by every node of this process: a check is a pure function of the
 # record, its owner and its signer, and the simulator runs a thousand nodes reading the same records
 # (each encoding an R-entry manifest twice to check it was most of a 1,000-peer round).
@@ -355,7 +356,7 @@ class RoundAgreement:
             if self._at_leader_pace(round_no, beats, agreed, may_lead):
                 await asyncio.sleep(self.poll_s)
             else:
-                await self._follow(round_no, self._follow_every(len(beats)))
+                await self._follow(round_no, self._follow_every(len(beats), may_lead))
 
     async def _follow(self, round_no: int, interval: float) -> None:
         """Wait out a follower's interval between full looks at round r. Beyond `follow_s` (a swarm
@@ -389,13 +390,19 @@ class RoundAgreement:
         place = lead_place(self.node.peer_id, round_no, self._candidates(round_no, beats), agreed, self.run.coordinator)
         return place is not None and place < LEADER_PACE_RANKS
 
-    def _follow_every(self, members: int) -> float:
-        """A follower's interval between looks. Each look reads every member's heartbeat, so R
-        followers looking once a second read R² heartbeats a second (at 1,000 members, about 150 KB
-        a second into every node): beyond FOLLOWER_LOOKS_PER_S members the interval grows with the
-        swarm and its looks stay near that many a second (at 1,000 members, one every 4 s: up to 3 s
-        later to apply, on rounds of minutes)."""
-        return max(self.follow_s, members / FOLLOWER_LOOKS_PER_S)
+    def _follow_every(self, members: int, may_lead: bool = False) -> float:
+        """A follower's interval between full looks. Each look reads every member's heartbeat, so
+        R followers looking once a second read R² heartbeats a second (at 1,000 members, about 150
+        KB a second into every node): beyond FOLLOWER_LOOKS_PER_S members the interval grows with
+        the swarm and its looks stay near that many a second (at 1,000 members, one every 4 s).
+        There, between full looks, a follower reads only the round's manifests (`_follow`), so
+        while the coordinator leads a full look is for noticing that it went away, which peers act
+        on only after a view timeout: one every FOLLOWER_LOOKS_PER_VIEW of it is enough. While
+        peers may lead, the endorsements a follower gives and counts need the full look."""
+        interval = max(self.follow_s, members / FOLLOWER_LOOKS_PER_S)
+        if members > FOLLOWER_LOOKS_PER_S and not may_lead:
+            interval = max(interval, self.run.leader_timeout_s / FOLLOWER_LOOKS_PER_VIEW)
+        return interval
 
     async def _look(self, round_no: int, started: float | None) -> tuple[list[Heartbeat], str | None, bool, Manifest | None]:
         """The view of round r (live members, agreed state, whether peers may lead) and the manifest

@@ -79,7 +79,7 @@ def test_a_thousand_peer_manifest_fits_its_own_limit_and_no_other_record_does():
     import pytest
 
     from swarm.net.records import MAX_MANIFEST_BYTES, Manifest, ManifestEntry
-    from swarm.net.schema import MAX_RECORD_BYTES, SchemaError, decode_record
+    from swarm.net.schema import MAX_RECORD_BYTES, SchemaError, decode_record, record_limit
 
     ids = sorted(f"Qm{hashlib.sha256(str(i).encode()).hexdigest()[:44]}" for i in range(1000))
 
@@ -96,5 +96,7 @@ def test_a_thousand_peer_manifest_fits_its_own_limit_and_no_other_record_does():
     with pytest.raises(SchemaError, match="limit"):
         decode_record(Manifest, too_large)
     # A heartbeat as large as the manifest that fits is refused: the larger limit is the manifest's.
-    padded = msgpack.packb({"v": 1, "body": {"peer_id": "p" * len(fits)}})
-    assert not v.validate(record("k", padded))
+    padded = beat()
+    padded.name = "p" * len(fits)
+    assert v.validate(record("k", encode_record(beat()))) and not v.validate(record("k", encode_record(padded)))
+    assert record_limit(Heartbeat) == MAX_RECORD_BYTES

@@ -250,10 +250,10 @@ def test_followers_look_less_often_as_the_swarm_grows_and_fetch_holders_skip_the
     agreement = RoundAgreement(node, None, None, None)  # type: ignore[arg-type]
     assert agreement._follow_every(16) == agreement.follow_s == 1.0
     assert agreement._follow_every(250) == 1.0
-    assert agreement._follow_every(1000) == agreement._follow_every(1000, may_lead=True) == 4.0
+    assert agreement._follow_every(1000) == agreement._follow_every(1000, watching=False) == 4.0
     node.run.leader_timeout_s = 455.0  # rounds of minutes: beyond 250 members, 8 full looks a view timeout
-    assert agreement._follow_every(1000) == 455.0 / 8 and agreement._follow_every(1000, may_lead=True) == 4.0
-    assert agreement._follow_every(250) == 1.0  # at most 250 members nothing changes
+    assert agreement._follow_every(1000, watching=False) == 455.0 / 8 and agreement._follow_every(1000) == 4.0
+    assert agreement._follow_every(250, watching=False) == 1.0  # at most 250 members nothing changes
     entries = [ManifestEntry(p, f"d{p}", 10) for p in ("p1", "p2", "p3")]
     manifest = Manifest(round=1, leader="c", base_hash="h", entries=entries, rejected=[], closed_at=0.0)
     assert agreement._other_senders(manifest, entries[1]) == ["p1", "p3"]
@@ -280,15 +280,14 @@ def test_while_peers_may_lead_only_the_best_ranked_few_look_at_a_leaders_pace():
     assert lead_place(ranked[1], 5, training, "h", "c") == 0  # the best-ranked one is busy: the next moves up
     assert should_lead(ranked[1], 5, training, "h", "c", True)
 
-    def pace(me: str, may_lead: bool = True) -> bool:
+    def next_in_line(me: str) -> bool:
         node = SimpleNamespace(peer_id=me, run=SimpleNamespace(coordinator="c"))
         agreement = RoundAgreement(node, None, None, None)  # type: ignore[arg-type]
         agreement.validator = SimpleNamespace(with_standing=set)  # type: ignore[assignment]
-        return agreement._at_leader_pace(5, beats, "h", may_lead)
+        return agreement._next_in_line(5, beats, "h")
 
-    assert [pace(p) for p in ranked] == [True] * LEADER_PACE_RANKS + [False] * (12 - LEADER_PACE_RANKS)
-    assert pace("c") and pace("c", may_lead=False)  # the coordinator always
-    assert not pace(ranked[0], may_lead=False)  # while the coordinator leads, everyone follows
+    assert [next_in_line(p) for p in ranked] == [True] * LEADER_PACE_RANKS + [False] * (12 - LEADER_PACE_RANKS)
+    assert not next_in_line("c")  # the coordinator looks at its own pace anyway
 
 
 def test_a_follower_of_a_large_swarm_reads_only_the_manifests_between_looks():
@@ -306,21 +305,41 @@ def test_a_follower_of_a_large_swarm_reads_only_the_manifests_between_looks():
         reads.append(asyncio.get_running_loop().time())
         return list(shown)
 
-    node = SimpleNamespace(peer_id="a", run=SimpleNamespace(coordinator="c", run_id="r"), dht=SimpleNamespace(get_all=get_all))
+    async def members() -> set[str]:
+        return {"c", "m"}
+
+    run = SimpleNamespace(coordinator="c", run_id="r")
+    node = SimpleNamespace(peer_id="a", run=run, dht=SimpleNamespace(get_all=get_all), members=members)
     agreement = RoundAgreement(node, None, None, None)  # type: ignore[arg-type]
     agreement.follow_s = 0.01
+    valid: set[str] = {"c", "m"}  # whose proofs check out (the signature itself is evidence.py's, tested there)
+    agreement._signed_by_leader = lambda m: m.signer in valid and m.record.proof == b"ok"  # type: ignore[method-assign, assignment]
 
-    async def follow(interval: float, appear_after: float | None) -> float:
+    def signed(leader: str, proof: bytes = b"ok", expires_at: float = 0.0) -> Signed[Manifest]:
+        return Signed(leader, Manifest(5, leader, "h", [], [], 0.0, proof=proof), expires_at)
+
+    async def follow(interval: float, appear: list[Signed[Manifest]]) -> float:
         loop = asyncio.get_running_loop()
-        if appear_after is not None:
-            loop.call_later(appear_after, shown.append, manifest("c", 5, "h"))
+        if appear:
+            loop.call_later(0.05, shown.extend, appear)
         start = loop.time()
         await agreement._follow(5, interval)
         return loop.time() - start
 
-    assert asyncio.run(follow(0.01, None)) >= 0.01 and reads == []  # a small swarm: a plain sleep
-    waited = asyncio.run(follow(0.2, None))
-    assert 0.2 <= waited < 0.5 and 10 <= len(reads) <= 22  # the whole interval, one manifest read each follow_s
+    assert asyncio.run(follow(0.01, [])) >= 0.01 and reads == []  # a small swarm: a plain sleep
+    waited = asyncio.run(follow(0.3, []))
+    assert waited >= 0.3 and len(reads) >= 5  # the whole interval, reading only the manifests
     reads.clear()
-    waited = asyncio.run(follow(5.0, 0.05))
-    assert waited < 1.0 and len(reads) >= 2  # back to a full look once the manifest is in view
+    # A stranger's manifest, a member's with a bad proof, and a refused leader's do not wake it ...
+    agreement.ignored.add((5, "m"))
+    assert asyncio.run(follow(0.3, [signed("x"), signed("c", proof=b"forged")])) >= 0.3
+    assert asyncio.run(follow(0.3, [signed("m")])) >= 0.3
+    agreement.ignored.clear()
+    shown.clear()
+    # ... the coordinator's does, at once; the same manifest stored again later does not.
+    assert asyncio.run(follow(5.0, [signed("c")])) < 2.0
+    shown[:] = [signed("c", expires_at=99.0)]
+    assert asyncio.run(follow(0.3, [])) >= 0.3
+    # What the last full look read counts as seen: a follower never waits out an interval on it.
+    agreement._read_manifests = (5, frozenset())
+    assert asyncio.run(follow(5.0, [])) < 2.0

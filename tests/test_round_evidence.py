@@ -72,3 +72,33 @@ def test_the_witness_builds_a_proof_others_can_check(keys):
     witness.saw(5, Signed(str(alice.peer_id), signed(alice, "other"), 0.0, owner), node)  # type: ignore[arg-type]
     assert witness.equivocators == {str(alice.peer_id)}
     assert check_equivocation(witness.proofs[str(alice.peer_id)]) is None
+
+
+def test_evidence_against_large_manifests_is_published_as_far_as_it_fits():
+    """Proofs carry both manifests whole: against 1,000-entry manifests one proof takes most of an
+    Evidence record, so a witness publishes the newest proofs that fit instead of failing every time."""
+    import asyncio
+    import hashlib
+    from types import SimpleNamespace
+
+    from swarm.net.records import Equivocation, Evidence, Manifest, ManifestEntry
+    from swarm.net.schema import encode_record, record_limit
+    from swarm.round.evidence import EquivocationWitness
+
+    ids = sorted(f"Qm{hashlib.sha256(str(i).encode()).hexdigest()[:44]}" for i in range(1000))
+    scales = {f"blocks.{j}.mlp.weight": 0.5 for j in range(20)}  # 20 clipped tensors each: about 800 KB
+    big = encode_record(Manifest(3, ids[0], "h", [ManifestEntry(p, "d" * 64, 1, scales) for p in ids], [], 0.0))
+    witness = EquivocationWitness()
+    for r, accused in enumerate(("a", "b", "c")):
+        witness.proofs[accused] = Equivocation(r, accused, b"", big, big + b"")
+    witness.unpublished = True
+    stored: list[Evidence] = []
+
+    async def put(key: str, record: Evidence, ttl: float) -> bool:
+        stored.append(record)
+        return len(encode_record(record)) <= record_limit(Evidence)
+
+    node = SimpleNamespace(run=SimpleNamespace(run_id="r"), dht=SimpleNamespace(put=put))
+    asyncio.run(witness.publish(node))
+    assert not witness.unpublished and stored
+    assert [p.accused for p in stored[-1].items] == ["c"]  # the newest proof, alone: two would not fit

@@ -248,6 +248,8 @@ class Evidence:
     """The equivocations a peer has witnessed (most recent few), published for everyone to check."""
 
     items: list[Equivocation]
+    # Room for one proof against two of the largest manifests (a publisher sends what fits).
+    MAX_BYTES: ClassVar[int] = 2 * MAX_MANIFEST_BYTES + 64 * 1024
 
 
 @dataclass

@@ -124,6 +124,7 @@ class RoundAgreement:
         self._senders: tuple[Manifest, list[str], dict[str, int]] | None = None  # _other_senders' last manifest
         self._checked = _CHECKED
         self._led = -1  # the last round we published a manifest of as a peer (we wait for its endorsements)
+        self._read_manifests: tuple[int, frozenset[tuple[str, bytes]]] | None = None  # the last look's, for `_follow`
         self._endorsed: dict[int, str] = {}  # round -> the peer-led manifest we endorsed (one per round, for good)
         self._in_view_since: dict[tuple[int, str], float] = {}  # (round, manifest digest) -> first seen
         self._endorsements_seen: dict[tuple[int, str], str] = {}  # (round, endorser) -> the digest it endorsed
@@ -162,6 +163,7 @@ class RoundAgreement:
         await self.witness.publish(self.node)
         found = [m for m in found if (round_no, m.signer) not in self.ignored and m.signer not in self.witness.equivocators]
         members = await self.node.members()
+        self._read_manifests = (round_no, self._versions(found, members))
         for signer in {m.signer for m in found} - members:  # a leader that has left since (a node replaying old rounds)
             if await self._was_admitted(signer):
                 members = members | {signer}
@@ -353,54 +355,69 @@ class RoundAgreement:
                     return manifest
                 if manifest is not None:  # ours, as a peer: it counts once most members endorse it (or another does)
                     self._led = round_no
-            if self._at_leader_pace(round_no, beats, agreed, may_lead):
+            next_in_line = self._next_in_line(round_no, beats, agreed)
+            if self.node.peer_id == self.run.coordinator or (may_lead and next_in_line):
                 await asyncio.sleep(self.poll_s)
             else:
-                await self._follow(round_no, self._follow_every(len(beats), may_lead))
+                await self._follow(round_no, self._follow_every(len(beats), watching=may_lead or next_in_line))
 
     async def _follow(self, round_no: int, interval: float) -> None:
         """Wait out a follower's interval between full looks at round r. Beyond `follow_s` (a swarm
         of more than FOLLOWER_LOOKS_PER_S members) it still reads round r's manifests, one record
-        key, every `follow_s`, and looks again at once when they change: the R heartbeats a look
-        reads set the interval, the manifest need not wait for it."""
+        key, every `follow_s`, and looks again at once when a new one is in view: the R heartbeats
+        a look reads set the interval, the manifest need not wait for it. Only a new manifest by a
+        member (or the coordinator) with a valid proof, not refused or equivocating, wakes it: a
+        writer re-storing its record, or storing junk, cannot make every follower look each second."""
         if interval <= self.follow_s:
             await asyncio.sleep(interval)
             return
-        before = await self._manifests_in_view(round_no)
+        read = self._read_manifests
+        before = read[1] if read is not None and read[0] == round_no else await self._manifests_in_view(round_no)
         until = monotonic() + interval
         while (left := until - monotonic()) > 0:
             await asyncio.sleep(min(self.follow_s, left))
-            if await self._manifests_in_view(round_no) != before:
+            if not await self._manifests_in_view(round_no) <= before:
                 return
 
-    async def _manifests_in_view(self, round_no: int) -> frozenset[tuple[str, float]]:
-        """Which versions of round r's manifests the records hold: (signer, expiry) each."""
+    async def _manifests_in_view(self, round_no: int) -> frozenset[tuple[str, bytes]]:
+        """The manifests of round r a full look would weigh, as (signer, proof) each."""
         found = await self.node.dht.get_all(manifest_key(self.run.run_id, round_no), Manifest)
-        return frozenset((m.signer, m.expires_at) for m in found)
+        return self._versions(found, await self.node.members())
 
-    def _at_leader_pace(self, round_no: int, beats: list[Heartbeat], agreed: str | None, may_lead: bool) -> bool:
-        """Whether we look at the round every `poll_s`: the coordinator, and while peers may lead,
-        the LEADER_PACE_RANKS best-ranked peers free to lead it (the next ones move up as they
-        go). Every peer looking at that pace once a 1,000-member round outlasted the view timeout
-        read 4,000 views a second (the simulator's 1,000-peer blow-up, docs/simulation.md)."""
+    def _versions(self, found: list[Signed[Manifest]], members: set[str]) -> frozenset[tuple[str, bytes]]:
+        coordinator, equivocators = self.run.coordinator, self.witness.equivocators
+        return frozenset(
+            (m.signer, m.record.proof)
+            for m in found
+            if (m.signer in members or m.signer == coordinator)
+            and (m.record.round, m.signer) not in self.ignored
+            and m.signer not in equivocators
+            and self._signed_by_leader(m)  # checked once per version (shared with find_manifest)
+        )
+
+    def _next_in_line(self, round_no: int, beats: list[Heartbeat], agreed: str | None) -> bool:
+        """Whether we are one of the LEADER_PACE_RANKS best-ranked peers free to lead round r (the
+        next ones move up as they go). Only they look at a leader's pace while peers may lead, and
+        at a large swarm's follower pace while the coordinator leads, so that one of them notices
+        at once when it is gone: every peer looking at that pace once a 1,000-member round outlasted
+        the view timeout read 4,000 views a second (the simulator's 1,000-peer blow-up)."""
         if self.node.peer_id == self.run.coordinator:
-            return True
-        if not may_lead:
             return False
         place = lead_place(self.node.peer_id, round_no, self._candidates(round_no, beats), agreed, self.run.coordinator)
         return place is not None and place < LEADER_PACE_RANKS
 
-    def _follow_every(self, members: int, may_lead: bool = False) -> float:
+    def _follow_every(self, members: int, watching: bool = True) -> float:
         """A follower's interval between full looks. Each look reads every member's heartbeat, so
         R followers looking once a second read R² heartbeats a second (at 1,000 members, about 150
         KB a second into every node): beyond FOLLOWER_LOOKS_PER_S members the interval grows with
         the swarm and its looks stay near that many a second (at 1,000 members, one every 4 s).
-        There, between full looks, a follower reads only the round's manifests (`_follow`), so
-        while the coordinator leads a full look is for noticing that it went away, which peers act
-        on only after a view timeout: one every FOLLOWER_LOOKS_PER_VIEW of it is enough. While
-        peers may lead, the endorsements a follower gives and counts need the full look."""
+        There, between full looks, a follower reads only the round's manifests (`_follow`); unless
+        it is `watching` (peers may lead: its endorsements need the view; or it is next in line to
+        lead: it must notice the coordinator gone), its full looks are for noticing trouble late
+        in a round (the view timeout running out on a hung coordinator), and FOLLOWER_LOOKS_PER_VIEW
+        a view timeout are enough."""
         interval = max(self.follow_s, members / FOLLOWER_LOOKS_PER_S)
-        if members > FOLLOWER_LOOKS_PER_S and not may_lead:
+        if members > FOLLOWER_LOOKS_PER_S and not watching:
             interval = max(interval, self.run.leader_timeout_s / FOLLOWER_LOOKS_PER_VIEW)
         return interval
 

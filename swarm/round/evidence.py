@@ -23,7 +23,7 @@ from swarm.log import get_logger
 from swarm.net.dht import Signed
 from swarm.net.identity import Identity, peer_id_from_public_key, public_key_from_owner_marker, sign_bytes, verify_bytes
 from swarm.net.records import Equivocation, Evidence, Manifest, run_key
-from swarm.net.schema import SchemaError, decode_record, encode_record
+from swarm.net.schema import SchemaError, decode_record, encode_record, record_limit
 from swarm.round.world import monotonic
 
 if TYPE_CHECKING:
@@ -102,7 +102,10 @@ class EquivocationWitness:
         """Publish the proofs we hold (the most recent few) if we found a new one."""
         if not self.unpublished:
             return
-        items = sorted(self.proofs.values(), key=lambda p: p.round)[-MAX_PUBLISHED:]
+        items: list[Equivocation] = []
+        for proof in sorted(self.proofs.values(), key=lambda p: p.round, reverse=True)[:MAX_PUBLISHED]:
+            if len(encode_record(Evidence([proof, *items]))) <= record_limit(Evidence):  # proofs against large manifests
+                items.insert(0, proof)
         if await node.dht.put(run_key(node.run.run_id, "evidence"), Evidence(items), EVIDENCE_TTL_S):
             self.unpublished = False
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
@@ -77,6 +78,13 @@ _CHECKED: dict[int, tuple[Manifest, str, bool, str]] = {}  # id(record) -> (reco
 
 
 RELAY_FANOUT = 4  # members a member relays a round's aggregate to (at most: others may ask it too)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _relay_rank(key: str, peer_id: str) -> bytes:
+    """A member's place in one relay tree (sha256 of the tree's key and its id), kept: every node of
+    a simulated swarm ranks the same members for each of a round's parts."""
+    return hashlib.sha256(f"{key}:{peer_id}".encode()).digest()
 
 
 def _cpu_timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
@@ -355,7 +363,7 @@ class RoundAgreement:
                     return manifest
                 if manifest is not None:  # ours, as a peer: it counts once most members endorse it (or another does)
                     self._led = round_no
-            next_in_line = self._next_in_line(round_no, beats, agreed)
+            next_in_line = (may_lead or len(beats) > FOLLOWER_LOOKS_PER_S) and self._next_in_line(round_no, beats, agreed)
             if self.node.peer_id == self.run.coordinator or (may_lead and next_in_line):
                 await asyncio.sleep(self.poll_s)
             else:
@@ -848,7 +856,7 @@ class RoundAgreement:
     def _relay_chain(self, manifest: Manifest, part: int, live: set[str]) -> list[str]:
         """Our ancestors in the relay tree of one part of a round's aggregate, nearest first."""
         me, key = self.node.peer_id, f"{manifest.round}:{manifest.aggregate}:{part}"
-        ranked = sorted(live - {manifest.leader}, key=lambda p: hashlib.sha256(f"{key}:{p}".encode()).digest())
+        ranked = sorted(live - {manifest.leader}, key=lambda p: _relay_rank(key, p))
         chain: list[str] = []
         if me in ranked:
             i = ranked.index(me)

@@ -169,7 +169,7 @@ class RoundAgreement:
             self.witness.saw(round_no, m, self.node)
         await self.witness.read(self.node)
         await self.witness.publish(self.node)
-        found = [m for m in found if (round_no, m.signer) not in self.ignored and m.signer not in self.witness.equivocators]
+        found = self._weighable(round_no, found)
         members = await self.node.members()
         self._read_manifests = (round_no, self._versions(found, members))
         for signer in {m.signer for m in found} - members:  # a leader that has left since (a node replaying old rounds)
@@ -390,18 +390,21 @@ class RoundAgreement:
     async def _manifests_in_view(self, round_no: int) -> frozenset[tuple[str, bytes]]:
         """The manifests of round r a full look would weigh, as (signer, proof) each."""
         found = await self.node.dht.get_all(manifest_key(self.run.run_id, round_no), Manifest)
-        return self._versions(found, await self.node.members())
+        return self._versions(self._weighable(round_no, found), await self.node.members())
+
+    def _weighable(self, round_no: int, found: list[Signed[Manifest]]) -> list[Signed[Manifest]]:
+        """Round r's manifests that a look weighs: with a valid proof by their leader (checked once
+        per version), not refused by us, not an equivocator's."""
+        equivocators = self.witness.equivocators
+        return [
+            m
+            for m in found
+            if self._signed_by_leader(m) and (round_no, m.signer) not in self.ignored and m.signer not in equivocators
+        ]
 
     def _versions(self, found: list[Signed[Manifest]], members: set[str]) -> frozenset[tuple[str, bytes]]:
-        coordinator, equivocators = self.run.coordinator, self.witness.equivocators
-        return frozenset(
-            (m.signer, m.record.proof)
-            for m in found
-            if (m.signer in members or m.signer == coordinator)
-            and (m.record.round, m.signer) not in self.ignored
-            and m.signer not in equivocators
-            and self._signed_by_leader(m)  # checked once per version (shared with find_manifest)
-        )
+        """Which of these manifests are by a member or the coordinator, as (signer, proof) each."""
+        return frozenset((m.signer, m.record.proof) for m in found if m.signer in members or m.signer == self.run.coordinator)
 
     def _next_in_line(self, round_no: int, beats: list[Heartbeat], agreed: str | None) -> bool:
         """Whether we are one of the LEADER_PACE_RANKS best-ranked peers free to lead round r (the

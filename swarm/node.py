@@ -34,6 +34,8 @@ logger = get_logger(__name__)
 RECORD_TYPES = RecordTypes(NET_RECORDS, runs_type=RunConfig)
 MAX_EVENTS = 50
 MEMBERS_REFRESH_S = 2.0
+HEARTBEATS_CACHED_FROM = 250  # peers in view beyond which a node re-reads the heartbeats less often
+HEARTBEAT_READS_PER_S = 1000.0  # heartbeats a node re-reads a second, at most, beyond that
 MAX_DIRECT_PEERS = 16  # behind NAT: reachable members we keep a connection open to
 
 
@@ -59,12 +61,22 @@ class NodeStatus:
 
 
 def rss_bytes() -> int:
-    """This process's resident memory now (Linux /proc; 0 where it cannot be read)."""
+    """This process's resident memory now (Linux /proc; 0 where it cannot be read), read at most
+    every RSS_FRESH_S (a process of the simulator holds 1,000 nodes, each heartbeat asking)."""
+    at, value = _rss
+    if time.monotonic() - at < RSS_FRESH_S:
+        return value
     try:
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            value = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        return 0
+        value = 0
+    _rss[:] = [time.monotonic(), value]
+    return value
+
+
+RSS_FRESH_S = 0.5
+_rss: list = [-RSS_FRESH_S, 0]  # when it was read (time.monotonic), and what it read
 
 
 def peak_rss_bytes() -> int:
@@ -87,6 +99,7 @@ class SwarmNode:
         self._files: FileService | None = None
         self._members: set[str] | None = None
         self._members_at = 0.0
+        self._heartbeats: tuple[float, list[Signed[Heartbeat]]] = (0.0, [])  # when read, and what
         self._tasks: list[asyncio.Task] = []
         self._events_dirty = asyncio.Event()
 
@@ -223,9 +236,17 @@ class SwarmNode:
             await asyncio.sleep(1.0)  # batch bursts of events into one store
 
     async def heartbeats(self) -> list[Signed[Heartbeat]]:
-        """Every peer's latest heartbeat whose signer matches the peer id it claims."""
-        beats = await self.dht.get_all(run_key(self.run.run_id, "heartbeat"), Heartbeat)
-        return [b for b in beats if b.record.peer_id == b.signer]
+        """Every peer's latest heartbeat whose signer matches the peer id it claims. Beyond
+        HEARTBEATS_CACHED_FROM peers, what a read found serves for len / HEARTBEAT_READS_PER_S
+        seconds (at 1,000 peers, one: a leader that looks four times a second would otherwise read
+        4,000 records a second; each heartbeat changes every few seconds anyway)."""
+        now = asyncio.get_running_loop().time()
+        at, found = self._heartbeats
+        if len(found) <= HEARTBEATS_CACHED_FROM or now - at >= len(found) / HEARTBEAT_READS_PER_S:
+            beats = await self.dht.get_all(run_key(self.run.run_id, "heartbeat"), Heartbeat)
+            found = [b for b in beats if b.record.peer_id == b.signer]
+            self._heartbeats = (now, found)
+        return list(found)
 
     async def live_peers(self) -> list[Heartbeat]:
         """Heartbeats fresher than the run's TTL from peers that are not leaving."""

@@ -193,3 +193,39 @@ def test_the_sketch_checks_set_shortcut_decides_as_the_whole_union_does():
         assert may_copy(a, b) == expected
         decided[expected] += 1
     assert min(decided.values()) > 50, decided
+
+
+def test_the_copy_checks_pairs_at_once_are_the_pairs_may_copy_flags_one_by_one():
+    """`copy_pairs` rules most pairs out from one sparse product of the sketches; it must flag
+    exactly the pairs that `may_copy` flags when called on every pair (sizes apart, empty ones,
+    copies, partial copies and unrelated ones mixed)."""
+    import random
+
+    import torch
+
+    from swarm.round.robust import Sketch, copy_pairs, may_copy, sketch
+
+    rng = random.Random(5)
+    numel = 20_000
+
+    def one(positions: list[int]) -> Sketch:
+        dense = torch.zeros(numel)
+        if positions:
+            dense[sorted(set(positions))] = 1.0
+        return sketch(summarise({"w": dense}, sparse=True))
+
+    flagged = 0
+    for _ in range(6):
+        bases = [rng.sample(range(numel), rng.choice([40, 300, 3000])) for _ in range(4)]
+        sketches = [Sketch(frozenset(), 0)]
+        for _ in range(40):
+            base = rng.choice(bases)
+            share = rng.choice([0.0, 0.2, 0.5, 0.7, 1.0])
+            size = rng.choice([len(base), len(base) // 3 + 1, 2 * len(base)])
+            kept = [p for p in base if rng.random() < share][:size]
+            sketches.append(one(kept + rng.sample(range(numel), max(0, size - len(kept)))))
+        brute = [(i, j) for i in range(len(sketches)) for j in range(i + 1, len(sketches)) if may_copy(sketches[i], sketches[j])]
+        assert copy_pairs(sketches) == brute
+        flagged += len(brute)
+    assert flagged > 100
+    assert copy_pairs([]) == [] and copy_pairs([sketches[1]]) == []

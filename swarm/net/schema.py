@@ -28,13 +28,20 @@ class SchemaError(ValueError):
 
 def to_plain(obj: Any) -> Any:
     """Dataclasses to dicts, tuples to lists, recursively (msgpack-ready)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    names = _field_names(typing.cast(Any, type(obj)))
+    if names is not None:
+        return {name: to_plain(getattr(obj, name)) for name in names}
     if isinstance(obj, (list, tuple)):
         return [to_plain(x) for x in obj]
     if isinstance(obj, dict):
         return {k: to_plain(v) for k, v in obj.items()}
     return obj
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...] | None:
+    """A dataclass's field names (None for any other type), looked up once per type."""
+    return tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else None
 
 
 def encode_record(obj: Any) -> bytes:
@@ -67,89 +74,177 @@ def decode_record(cls: type[T], data: bytes, *, max_bytes: int | None = None) ->
 
 
 def from_plain(cls: type[T], value: Any, path: str = "") -> T:
-    path = path or cls.__name__
-    return _convert(cls, value, path)
+    """`value` (plain msgpack data) as a `cls`, checked against its type hints all the way down;
+    SchemaError names where it is off (`path`, default the type's name, then fields and indices)."""
+    try:
+        return typing.cast(T, _converter(typing.cast(Any, cls))(value))
+    except _Off as e:
+        raise SchemaError(f"{path or cls.__name__}{''.join(reversed(e.at))}: {e.why}") from None
 
 
-def _convert(hint: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for option in args:
-            try:
-                return _convert(option, value, path)
-            except SchemaError:
-                continue
-        raise SchemaError(f"{path}: {value!r:.60} matches none of {hint}")
-    if origin is typing.Literal:
-        if value not in args:
-            raise SchemaError(f"{path}: {value!r:.60} is not one of {args}")
-        return value
-    if hint is type(None):
-        if value is not None:
-            raise SchemaError(f"{path}: expected null")
-        return None
-    if dataclasses.is_dataclass(hint):
-        return _convert_dataclass(hint, value, path)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise SchemaError(f"{path}: expected a list, got {type(value).__name__}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise SchemaError(f"{path}: expected {len(args)} items, got {len(value)}")
-            return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-        item = args[0] if args else Any
-        items = [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise SchemaError(f"{path}: expected a map, got {type(value).__name__}")
-        key_hint, value_hint = args or (Any, Any)
-        return {_convert(key_hint, k, f"{path}.key"): _convert(value_hint, v, f"{path}[{k!r:.30}]") for k, v in value.items()}
-    return _convert_scalar(hint, value, path)
+class _Off(Exception):
+    """A value off its schema while converting: why, and where (path parts, innermost first, added
+    on the way out, so a record that converts cleanly builds no path at all)."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+        self.at: list[str] = []
 
 
-def _convert_scalar(hint: Any, value: Any, path: str) -> Any:
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SchemaError(f"{path}: expected a number, got {type(value).__name__}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SchemaError(f"{path}: expected an integer, got {type(value).__name__}")
-        return value
-    if hint in (str, bool, bytes):
-        if type(value) is not hint:
-            raise SchemaError(f"{path}: expected {hint.__name__}, got {type(value).__name__}")
-        return value
-    raise SchemaError(f"{path}: unsupported schema type {hint!r}")
+Converter = typing.Callable[[Any], Any]
 
 
 @functools.cache
-def _schema(cls: Any) -> tuple[dict[str, Any], dict[str, dataclasses.Field]]:
-    """A record type's field types and init fields, resolved once (resolving string annotations
-    is most of what decoding a record costs)."""
-    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls) if f.init}
+def _converter(hint: Any) -> Converter:
+    """The checking converter for one type hint, built once per hint (decoding records is most of
+    what reading heartbeats costs a node of a large swarm)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return _as_is
+    if origin in (typing.Union, types.UnionType):
+        return _union(hint, args)
+    if origin is typing.Literal:
+        return _literal(args)
+    if hint is type(None):
+        return _null
+    if dataclasses.is_dataclass(hint):
+        return _dataclass(hint)
+    if origin in (list, tuple):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return _fixed_tuple(args)
+        return _sequence(args[0] if args else Any, tuple if origin is tuple else list)
+    if origin is dict:
+        return _mapping(*(args or (Any, Any)))
+    return _scalar(hint)
 
 
-def _convert_dataclass(cls: Any, value: Any, path: str) -> Any:
-    if not isinstance(value, dict):
-        raise SchemaError(f"{path}: expected a map, got {type(value).__name__}")
-    hints, fields = _schema(cls)
-    unknown = set(value) - set(fields)
-    if unknown:
-        raise SchemaError(f"{path}: unknown keys {sorted(map(str, unknown))}")
-    kwargs = {}
-    for name, field in fields.items():
-        if name not in value:
-            has_default = field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
-            if has_default:
+def _as_is(value: Any) -> Any:
+    return value
+
+
+def _null(value: Any) -> None:
+    if value is not None:
+        raise _Off("expected null")
+
+
+def _union(hint: Any, args: tuple[Any, ...]) -> Converter:
+    def convert(value: Any) -> Any:
+        for option in args:
+            try:
+                return _converter(option)(value)
+            except _Off:
                 continue
-            raise SchemaError(f"{path}: missing key {name!r}")
-        kwargs[name] = _convert(hints[name], value[name], f"{path}.{name}")
+        raise _Off(f"{value!r:.60} matches none of {hint}")
+
+    return convert
+
+
+def _literal(args: tuple[Any, ...]) -> Converter:
+    def convert(value: Any) -> Any:
+        if value not in args:
+            raise _Off(f"{value!r:.60} is not one of {args}")
+        return value
+
+    return convert
+
+
+def _within(convert: Converter, value: Any, where: str) -> Any:
     try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as e:
-        raise SchemaError(f"{path}: {e}") from None
+        return convert(value)
+    except _Off as e:
+        e.at.append(where)
+        raise
+
+
+def _sequence(item: Any, kind: type) -> Converter:
+    def convert(value: Any) -> Any:
+        if not isinstance(value, (list, tuple)):
+            raise _Off(f"expected a list, got {type(value).__name__}")
+        each = _converter(item)
+        try:
+            items = [each(v) for v in value]
+        except _Off as e:  # rare: find the index again, the cheap path keeps none
+            for i, v in enumerate(value):
+                _within(each, v, f"[{i}]")
+            raise e from None
+        return tuple(items) if kind is tuple else items
+
+    return convert
+
+
+def _fixed_tuple(args: tuple[Any, ...]) -> Converter:
+    def convert(value: Any) -> Any:
+        if not isinstance(value, (list, tuple)):
+            raise _Off(f"expected a list, got {type(value).__name__}")
+        if len(value) != len(args):
+            raise _Off(f"expected {len(args)} items, got {len(value)}")
+        return tuple(_within(_converter(a), v, f"[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+
+    return convert
+
+
+def _mapping(key_hint: Any, value_hint: Any) -> Converter:
+    def convert(value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise _Off(f"expected a map, got {type(value).__name__}")
+        keys, values = _converter(key_hint), _converter(value_hint)
+        return {_within(keys, k, ".key"): _within(values, v, f"[{k!r:.30}]") for k, v in value.items()}
+
+    return convert
+
+
+def _scalar(hint: Any) -> Converter:
+    def convert(value: Any) -> Any:
+        if hint is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise _Off(f"expected a number, got {type(value).__name__}")
+            return float(value)
+        if hint is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise _Off(f"expected an integer, got {type(value).__name__}")
+            return value
+        if hint in (str, bool, bytes):
+            if type(value) is not hint:
+                raise _Off(f"expected {hint.__name__}, got {type(value).__name__}")
+            return value
+        raise _Off(f"unsupported schema type {hint!r}")
+
+    return convert
+
+
+@functools.cache
+def _schema(cls: Any) -> dict[str, tuple[Converter, bool]]:
+    """A record type's init fields: each one's converter and whether it must be present (resolving
+    string annotations is most of what decoding a record would cost otherwise)."""
+    hints = typing.get_type_hints(cls)
+    return {
+        f.name: (_converter(hints[f.name]), f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        for f in dataclasses.fields(cls)
+        if f.init
+    }
+
+
+def _dataclass(cls: Any) -> Converter:
+    def convert(value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise _Off(f"expected a map, got {type(value).__name__}")
+        fields = _schema(cls)
+        unknown = value.keys() - fields.keys()
+        if unknown:
+            raise _Off(f"unknown keys {sorted(map(str, unknown))}")
+        kwargs = {}
+        for name, (field, required) in fields.items():
+            if name in value:
+                try:
+                    kwargs[name] = field(value[name])
+                except _Off as e:
+                    e.at.append(f".{name}")
+                    raise
+            elif required:
+                raise _Off(f"missing key {name!r}")
+        try:
+            return cls(**kwargs)
+        except (ValueError, TypeError) as e:
+            raise _Off(str(e)) from None
+
+    return convert

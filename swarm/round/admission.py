@@ -45,7 +45,7 @@ from swarm.round.robust import (
     Summary,
     alignments,
     clip_scales,
-    may_copy,
+    copy_pairs,
     misaligned,
     overlap,
     sketch,
@@ -422,18 +422,16 @@ class Validator:
         seen in the same poll, neither can be told from the other and both sit the round out. (A
         tie is not broken by standing: a copier that got copies applied earlier would have some.)"""
         valid = sorted((p for p, v in verdicts.items() if v.reason is None), key=lambda p: (seen.get(p, 0), p))
-        sketches = {p: sketch(s) for p in valid if (s := verdicts[p].summary) is not None}
-        for i, first in enumerate(valid):
-            for later in valid[i + 1 :]:
-                a, b = verdicts[first], verdicts[later]
-                if a.summary is None or b.summary is None or not may_copy(sketches[first], sketches[later]):
-                    continue
-                if overlap(a.summary, b.summary) < COPY_OVERLAP:
-                    continue
-                if seen.get(first, 0) == seen.get(later, 0):
-                    a.reason = b.reason = "two payloads select the same positions; both sit this round out"
-                elif b.reason is None:
-                    b.reason, b.fault = f"copies the payload of {first[-8:]} (selected positions overlap)", True
+        summarised = [(p, s) for p in valid if (s := verdicts[p].summary) is not None]
+        for i, j in copy_pairs([sketch(s) for _, s in summarised]):  # in order: first by when it was seen
+            (first, a_summary), (later, b_summary) = summarised[i], summarised[j]
+            if overlap(a_summary, b_summary) < COPY_OVERLAP:
+                continue
+            a, b = verdicts[first], verdicts[later]
+            if seen.get(first, 0) == seen.get(later, 0):
+                a.reason = b.reason = "two payloads select the same positions; both sit this round out"
+            elif b.reason is None:
+                b.reason, b.fault = f"copies the payload of {first[-8:]} (selected positions overlap)", True
 
     def record(self, manifest: Manifest) -> None:
         """The ledger of an applied manifest: only the coordinator's count. Every node applies the

@@ -80,11 +80,19 @@ _CHECKED: dict[int, tuple[Manifest, str, bool, str]] = {}  # id(record) -> (reco
 RELAY_FANOUT = 4  # members a member relays a round's aggregate to (at most: others may ask it too)
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _relay_rank(key: str, peer_id: str) -> bytes:
-    """A member's place in one relay tree (sha256 of the tree's key and its id), kept: every node of
-    a simulated swarm ranks the same members for each of a round's parts."""
-    return hashlib.sha256(f"{key}:{peer_id}".encode()).digest()
+def _relay_ranked(key: str, members: set[str]) -> list[str]:
+    """Members in their order in one relay tree: by sha256 of the tree's key and their id."""
+    ranks = _relay_ranks(key)
+    for p in members - ranks.keys():
+        ranks[p] = hashlib.sha256(f"{key}:{p}".encode()).digest()
+    return sorted(members, key=ranks.__getitem__)
+
+
+@functools.lru_cache(maxsize=64)
+def _relay_ranks(key: str) -> dict[str, bytes]:
+    """Members' places in one relay tree, kept for the process: every node of a simulated swarm
+    ranks the same members for each of a round's parts."""
+    return {}
 
 
 def _cpu_timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
@@ -859,7 +867,7 @@ class RoundAgreement:
     def _relay_chain(self, manifest: Manifest, part: int, live: set[str]) -> list[str]:
         """Our ancestors in the relay tree of one part of a round's aggregate, nearest first."""
         me, key = self.node.peer_id, f"{manifest.round}:{manifest.aggregate}:{part}"
-        ranked = sorted(live - {manifest.leader}, key=lambda p: _relay_rank(key, p))
+        ranked = _relay_ranked(key, live - {manifest.leader})
         chain: list[str] = []
         if me in ranked:
             i = ranked.index(me)

@@ -13,6 +13,7 @@ that each factor shrinks (0 < s ≤ 1).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -172,6 +173,42 @@ def may_copy(a: Sketch, b: Sketch) -> bool:
     jaccard = sum(h in common for h in union) / kept
     shared = jaccard * (a.size + b.size) / (1 + jaccard)  # |A ∩ B| from the Jaccard index and the sizes
     return shared >= need
+
+
+def copy_pairs(sketches: list[Sketch]) -> list[tuple[int, int]]:
+    """The pairs (i, j), i < j, that `may_copy` flags, of all R²/2 at once: how many hashes each
+    pair shares comes from one sparse product, and `may_copy` itself runs only on the pairs that
+    count does not rule out (the same answers; at R = 1,000 the pairwise set intersections took a
+    leader 12 s of a round)."""
+    n = len(sketches)
+    if n < 2:
+        return []
+    column: dict[int, int] = {}
+    rows, cols = [], []
+    for i, s in enumerate(sketches):
+        for h in s.members:
+            rows.append(i)
+            cols.append(column.setdefault(h, len(column)))
+    m = torch.sparse_coo_tensor(
+        torch.tensor([rows, cols], dtype=torch.int64).reshape(2, -1),
+        torch.ones(len(rows), dtype=torch.float64),
+        (n, max(len(column), 1)),
+        check_invariants=True,
+    )
+    with warnings.catch_warnings():  # torch says once that its sparse product goes through CSR, "in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        common = torch.sparse.mm(m, m.t()).to_dense()
+    size = torch.tensor([float(s.size) for s in sketches], dtype=torch.float64)
+    held = torch.tensor([float(len(s.members)) for s in sketches], dtype=torch.float64)
+    small, large = torch.minimum(size[:, None], size[None, :]), torch.maximum(size[:, None], size[None, :])
+    kept = torch.clamp(torch.minimum(held[:, None], held[None, :]), max=SKETCH)
+    need = 0.6 * COPY_OVERLAP * small
+    total = size[:, None] + size[None, :] - need
+    too_few = common < need / torch.where(total > 0, total, 1.0) * kept - 1e-6  # may_copy's first test, with room
+    ruled_out = (small == 0) | ((2 * small >= large) & (kept > 0) & too_few)
+    ruled_out |= torch.ones(n, n, dtype=torch.bool).tril()  # each pair once, i < j
+    maybe = (~ruled_out).nonzero().tolist()
+    return [(i, j) for i, j in maybe if may_copy(sketches[i], sketches[j])]
 
 
 def lower_median(values: list[float]) -> float:

@@ -86,6 +86,7 @@ class Actor:
         self.store = PayloadStore(run, shapes, self.node.traffic, fetch=self.fetch)
         network.stores[self.peer_id] = self.store
         self.store.decode = functools.partial(network.decode, self.store.decode)  # type: ignore[method-assign]
+        self.store.decode_aggregate = functools.partial(network.decode_aggregate, self.store.decode_aggregate)  # type: ignore[method-assign]
         self.store.matches = network.matches
         network.states[self.peer_id] = lambda: self.agreement.state
         self.agreement = RoundAgreement(self.node, self.store, state.copy(), self.mode)

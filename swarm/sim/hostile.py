@@ -14,6 +14,7 @@ import torch
 
 from swarm.net.records import Endorsement, Manifest, ManifestEntry, endorse_key, manifest_key
 from swarm.net.schema import encode_record
+from swarm.net.transfer import TransferError
 from swarm.round.admission import MAX_PAID_HARM
 from swarm.round.evidence import sign_manifest
 from swarm.round.leadership import peer_quorum
@@ -144,7 +145,11 @@ class Copy(SimPeer):
             subs = await self.agreement._submissions(r)
             victims = sorted(p for p, sub in subs.items() if p != self.peer_id and sub.base_hash == base)
             if victims:
-                data = await self.store.get(subs[victims[0]].digest, [victims[0]])
+                try:
+                    data = await self.store.get(subs[victims[0]].digest, [victims[0]])
+                except TransferError:  # the victim is out of reach (a partition, a crash): look again
+                    await asyncio.sleep(0.25)
+                    continue
                 theirs = self.store.decode(data, sender=victims[0], round_no=r)
                 own = self.store.decode(encoded.data, sender=self.peer_id, round_no=r)
                 g = torch.Generator().manual_seed(r)

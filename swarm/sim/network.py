@@ -141,7 +141,7 @@ class SimNetwork:
     _shares: dict[tuple[int, tuple[str, ...]], float] = field(default_factory=dict, repr=False)
     hanging: set[str] = field(default_factory=set)  # nodes that accept fetches and never answer them
     cpu_s: tuple[float, float] = (0.0, 0.0)  # per payload: a leader's checks, a node's apply (SimConfig.cpu_s)
-    _decoded: dict[tuple[bytes, str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
+    _decoded: dict[tuple[object, ...], dict[str, torch.Tensor]] = field(default_factory=dict)
     _matched: dict[tuple[bytes, str, tuple[str, ...] | None], bool] = field(default_factory=dict)
     signed_views: dict[tuple[str, str], tuple[dict[str, object], list]] = field(default_factory=dict)  # SimRecords.get_all's
     _means: dict[tuple[int, tuple[bytes, ...]], tuple[Manifest, dict[str, torch.Tensor], dict[str, int]]] = field(
@@ -235,6 +235,17 @@ class SimNetwork:
             if len(self._decoded) > 4096:
                 self._decoded.clear()
             self._decoded[key] = decode(data, sender=sender, round_no=round_no)
+        return self._decoded[key]
+
+    def decode_aggregate(
+        self, decode: Callable[..., dict[str, torch.Tensor]], data: bytes, digest: str, *, leader: str, round_no: int
+    ) -> dict[str, torch.Tensor]:
+        """A store's `decode_aggregate`, once per aggregate (or part) for the whole swarm, as `decode`."""
+        key = (hashlib.sha256(data).digest(), digest, leader, round_no)
+        if key not in self._decoded:
+            if len(self._decoded) > 4096:
+                self._decoded.clear()
+            self._decoded[key] = decode(data, digest, leader=leader, round_no=round_no)
         return self._decoded[key]
 
     def matches(self, data: bytes | bytearray | memoryview, digest: str, names: Collection[str] | None = None) -> bool:

@@ -66,6 +66,20 @@ def test_a_senders_uplink_serves_one_transfer_at_a_time():
     assert net.links["a"].sent == 2_000_000 and net.links["b"].received == 1_000_000
 
 
+def test_slow_senders_reach_a_fast_downlink_side_by_side_up_to_its_rate():
+    """Each link is a FIFO at its own rate: three 8 Mbit/s senders into an 80 Mbit/s downlink all
+    finish after their own uplink's second (TCP runs them side by side), and twenty of them take
+    the downlink's time in all, not twenty uplink-seconds."""
+    net = _network()  # uplinks 8 Mbit/s, downlinks 80 Mbit/s, 50 ms one way
+    senders = [f"s{i}" for i in range(20)]
+    for name in senders:
+        net.add_node(name)
+    assert [net.transfer_time(src, "a", 1_000_000) for src in senders[:3]] == pytest.approx([1.1, 1.1, 1.1])
+    ends = [net.transfer_time(src, "b", 1_000_000) for src in senders[3:]]  # 17 senders, none busy yet ...
+    assert ends[0] == pytest.approx(1.1) and ends[-1] == pytest.approx(0.1 + 17 * 0.1)  # ... the downlink sets the pace
+    assert net.links["a"].received == 3_000_000
+
+
 def test_records_arrive_late_replace_the_old_one_once_visible_expire_and_respect_partitions():
     net = _network()
     assert net.put("a", "k", "v1", ttl_s=100)

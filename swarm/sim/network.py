@@ -2,11 +2,14 @@
 records arrive late and expire, message loss and partitions.
 
 Links. Each node gets an uplink, a downlink (bit/s) and a one-way latency drawn from its profile.
-A transfer of n bytes from a to b waits for a's uplink and b's downlink to be free (each is a FIFO:
-one transfer at a time per direction, so a sender serving many fetchers serves them one after the
-other), then takes latency + 8n / min(up_a, down_b). That is pessimistic against real TCP, which
-shares a link between flows, but it gives the same total time per link, and the same per-link
-bytes. Except for the goodput many flows into one downlink lose: a profile's `fan_in` c makes a
+A transfer of n bytes from a to b is booked on a's uplink and on b's downlink, each a FIFO at its
+own rate: it is done when both have carried it, latency after it was asked for, that is at
+max(a's uplink free + 8n / up_a, b's downlink free + 8n / down_b). A sender serving many fetchers
+serves them one after the other; a receiver fetching from many slow senders takes them side by
+side up to its downlink, as TCP does (each link's total time and bytes are right, not how one
+flow's rate varies). Until issue 20's last stop both links were held for the slower one's time, so
+1,000 senders on 10-100 Mbit/s uplinks reached a coordinator's 500 Mbit/s downlink one at a time.
+Many flows into one downlink lose goodput: a profile's `fan_in` c makes a
 transfer booked behind j others into the same downlink, not yet done, take 1 + c·j times as long
 (measured on the testbed: k TCP senders of 210 KB each into one 2 Mbit/s receiver finish 1.16,
 1.25, 1.46 and 1.51 × the ideal k·n/rate for k = 2, 4, 7, 8, while k receivers from one sender
@@ -22,10 +25,10 @@ A lost message (probability `loss`) is a put that reaches nobody or a fetch that
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import math
 import random
-from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,7 +112,7 @@ class Link:
     down_free_at: float = 0.0
     sent: int = 0
     received: int = 0
-    inbound: deque[float] = field(default_factory=deque)  # when the transfers booked into the downlink end (ascending)
+    inbound: list[float] = field(default_factory=list)  # when the transfers booked into the downlink end (a heap)
 
 
 @dataclass
@@ -296,15 +299,17 @@ class SimNetwork:
         without booking anything if it would not complete within `within_s` (the fetcher gives up)."""
         a, b = self.links[src], self.links[dst]
         now = self.now()
-        start = max(now + a.latency_s + b.latency_s, a.up_free_at, b.down_free_at)  # request there, data starts
-        while b.inbound and b.inbound[0] <= now:  # booked one after the other: they end in order
-            b.inbound.popleft()
+        asked = now + a.latency_s + b.latency_s  # the request is there, the data starts
+        while b.inbound and b.inbound[0] <= now:
+            heapq.heappop(b.inbound)
         waiting = len(b.inbound)  # flows into b's downlink at once, in reality
-        done = start + 8 * nbytes / min(a.up_bps, b.down_bps) * (1 + self.profile.fan_in * waiting)
+        sent = max(asked, a.up_free_at) + 8 * nbytes / a.up_bps
+        taken = max(asked, b.down_free_at) + 8 * nbytes / b.down_bps * (1 + self.profile.fan_in * waiting)
+        done = max(sent, taken)
         if done - now > within_s:
             return None
-        a.up_free_at = b.down_free_at = done
-        b.inbound.append(done)
+        a.up_free_at, b.down_free_at = sent, taken
+        heapq.heappush(b.inbound, done)
         a.sent += nbytes
         b.received += nbytes
         return done

@@ -67,16 +67,16 @@ def test_a_senders_uplink_serves_one_transfer_at_a_time():
 
 
 def test_slow_senders_reach_a_fast_downlink_side_by_side_up_to_its_rate():
-    """Each link is a FIFO at its own rate: three 8 Mbit/s senders into an 80 Mbit/s downlink all
-    finish after their own uplink's second (TCP runs them side by side), and twenty of them take
-    the downlink's time in all, not twenty uplink-seconds."""
+    """A transfer holds the receiver's downlink for its share only: three 8 Mbit/s senders into an
+    80 Mbit/s downlink run side by side, each starting a tenth of a second after the one before
+    (TCP runs them together), and seventeen of them take 2.7 s, not seventeen uplink-seconds."""
     net = _network()  # uplinks 8 Mbit/s, downlinks 80 Mbit/s, 50 ms one way
     senders = [f"s{i}" for i in range(20)]
     for name in senders:
         net.add_node(name)
-    assert [net.transfer_time(src, "a", 1_000_000) for src in senders[:3]] == pytest.approx([1.1, 1.1, 1.1])
-    ends = [net.transfer_time(src, "b", 1_000_000) for src in senders[3:]]  # 17 senders, none busy yet ...
-    assert ends[0] == pytest.approx(1.1) and ends[-1] == pytest.approx(0.1 + 17 * 0.1)  # ... the downlink sets the pace
+    assert [net.transfer_time(src, "a", 1_000_000) for src in senders[:3]] == pytest.approx([1.1, 1.2, 1.3])
+    ends = [net.transfer_time(src, "b", 1_000_000) for src in senders[3:]]
+    assert ends == pytest.approx([1.1 + 0.1 * k for k in range(17)])  # the last at 2.7 s (one at a time: 17.1 s)
     assert net.links["a"].received == 3_000_000
 
 

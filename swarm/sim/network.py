@@ -2,14 +2,15 @@
 records arrive late and expire, message loss and partitions.
 
 Links. Each node gets an uplink, a downlink (bit/s) and a one-way latency drawn from its profile.
-A transfer of n bytes from a to b is booked on a's uplink and on b's downlink, each a FIFO at its
-own rate: it is done when both have carried it, latency after it was asked for, that is at
-max(a's uplink free + 8n / up_a, b's downlink free + 8n / down_b). A sender serving many fetchers
-serves them one after the other; a receiver fetching from many slow senders takes them side by
-side up to its downlink, as TCP does (each link's total time and bytes are right, not how one
-flow's rate varies). Until issue 20's last stop both links were held for the slower one's time, so
-1,000 senders on 10-100 Mbit/s uplinks reached a coordinator's 500 Mbit/s downlink one at a time.
-Many flows into one downlink lose goodput: a profile's `fan_in` c makes a
+A transfer of n bytes from a to b starts once a's uplink and b's downlink are free (each a FIFO),
+latency after it was asked for, and takes 8n / min(up_a, down_b). The sender's uplink is held for
+all of it: a sender serving many fetchers serves them one after the other. The receiver's downlink
+is held for its share, 8n / down_b, so slow senders reach a fast downlink side by side, each
+starting that share after the one before, up to the downlink's rate, as TCP runs them. (Until
+issue 20's last stop the downlink was held for the whole transfer too, so 1,000 senders on 10-100
+Mbit/s uplinks reached a coordinator's 500 Mbit/s downlink one at a time; with equal rates both
+ways, as on the testbed profiles, nothing changes.) Each link's total time and bytes are right,
+not how one flow's rate varies. Many flows into one downlink lose goodput: a profile's `fan_in` c makes a
 transfer booked behind j others into the same downlink, not yet done, take 1 + c·j times as long
 (measured on the testbed: k TCP senders of 210 KB each into one 2 Mbit/s receiver finish 1.16,
 1.25, 1.46 and 1.51 × the ideal k·n/rate for k = 2, 4, 7, 8, while k receivers from one sender
@@ -303,12 +304,13 @@ class SimNetwork:
         while b.inbound and b.inbound[0] <= now:
             heapq.heappop(b.inbound)
         waiting = len(b.inbound)  # flows into b's downlink at once, in reality
-        sent = max(asked, a.up_free_at) + 8 * nbytes / a.up_bps
-        taken = max(asked, b.down_free_at) + 8 * nbytes / b.down_bps * (1 + self.profile.fan_in * waiting)
-        done = max(sent, taken)
+        slowed = 1 + self.profile.fan_in * waiting
+        start = max(asked, a.up_free_at, b.down_free_at)
+        done = start + 8 * nbytes / min(a.up_bps, b.down_bps) * slowed
         if done - now > within_s:
             return None
-        a.up_free_at, b.down_free_at = sent, taken
+        a.up_free_at = done  # the sender's uplink carries this flow alone
+        b.down_free_at = start + 8 * nbytes / b.down_bps * slowed  # the receiver's downlink: its share of the flow
         heapq.heappush(b.inbound, done)
         a.sent += nbytes
         b.received += nbytes

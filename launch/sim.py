@@ -92,6 +92,10 @@ def describe(result: SimResult) -> str:
         close += (
             f", all applied p50 {statistics.median(applied):.1f}s p99 {_p99(applied):.1f}s after the last accepted submission"
         )
+        if len(applied) < result.rounds_closed:  # the others: some honest node up never held their state
+            close += f" ({len(applied)} of {result.rounds_closed} rounds)"
+    elif closes:
+        close += ", no round applied by every honest node up"
     rounds = max(1, result.rounds_closed)
     peers = [n for n in result.bytes_in if n != "coordinator"]
     traffic = (

@@ -111,7 +111,7 @@ class SimResult:
     rounds_closed: int
     close_s: list[float]  # per round: last applied by an honest node − first submission
     first_applied_s: list[float]  # per round: first honest node holding θ(r+1) − last accepted submission
-    all_applied_s: list[float]  # per round: every honest node holding θ(r+1) − last accepted submission
+    all_applied_s: list[float]  # per round every honest node up holds θ(r+1) by the end: the last to − last accepted submission
     eval_loss: float | None  # of the most advanced honest state at the end (runs with real training)
     violations: list[Violation]
     trace: list[str]
@@ -244,13 +244,15 @@ class Simulation:
         for a in self.ledger.applied:
             by_round.setdefault(a.round, []).append(a.at)
             listed.setdefault(a.round, a.entries)
+        up = [p for p in self.peers if p.honest and p.peer_id not in self.net.down]
         for r, times in sorted(by_round.items()):
             if r in self.ledger.first_submission:
                 closes.append(max(times) - self.ledger.first_submission[r])
             sent = [self.ledger.submitted[(r, p)] for p in listed[r] if (r, p) in self.ledger.submitted]
             if sent:  # from the round's last accepted submission: what the network and the protocol add
                 settles.append(min(times) - max(sent))
-                applies.append(max(times) - max(sent))
+                if all(p.agreement.state.round > r for p in up):  # else "all applied" would be the last that did
+                    applies.append(max(times) - max(sent))
         links = self.net.links
         return SimResult(
             self.cfg,
@@ -264,7 +266,7 @@ class Simulation:
             virtual_s=self.loop.time(),
             bytes_in={a.name: links[a.peer_id].received for a in self.actors},
             bytes_out={a.name: links[a.peer_id].sent for a in self.actors},
-            honest_up=len(up := [p for p in self.peers if p.honest and p.peer_id not in self.net.down]),
+            honest_up=len(up),
             honest_done=sum(a.agreement.state.round >= self.cfg.rounds for a in up),
         )
 

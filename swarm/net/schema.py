@@ -194,20 +194,36 @@ def _mapping(key_hint: Any, value_hint: Any) -> Converter:
 
 
 def _scalar(hint: Any) -> Converter:
-    def convert(value: Any) -> Any:
-        if hint is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise _Off(f"expected a number, got {type(value).__name__}")
-            return float(value)
-        if hint is int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise _Off(f"expected an integer, got {type(value).__name__}")
-            return value
-        if hint in (str, bool, bytes):
-            if type(value) is not hint:
-                raise _Off(f"expected {hint.__name__}, got {type(value).__name__}")
-            return value
+    if hint is float:
+        return _float
+    if hint is int:
+        return _int
+    if hint in (str, bool, bytes):
+        return _exactly(hint)
+
+    def unsupported(value: Any) -> Any:
         raise _Off(f"unsupported schema type {hint!r}")
+
+    return unsupported
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Off(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Off(f"expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _exactly(hint: type) -> Converter:
+    def convert(value: Any) -> Any:
+        if type(value) is not hint:
+            raise _Off(f"expected {hint.__name__}, got {type(value).__name__}")
+        return value
 
     return convert
 

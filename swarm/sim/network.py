@@ -234,22 +234,23 @@ class SimNetwork:
         """A store's `decode`, done once per payload for the whole swarm: every node decodes the same
         bytes to the same tensors (nobody modifies them), so the simulator keeps the first result. This
         saves the simulator's time, not the swarm's; a failure is not kept (it raises again)."""
-        key = (hashlib.sha256(data).digest(), sender, round_no)
-        if key not in self._decoded:
-            if len(self._decoded) > 4096:
-                self._decoded.clear()
-            self._decoded[key] = decode(data, sender=sender, round_no=round_no)
-        return self._decoded[key]
+        return self._once(
+            (hashlib.sha256(data).digest(), sender, round_no), lambda: decode(data, sender=sender, round_no=round_no)
+        )
 
     def decode_aggregate(
         self, decode: Callable[..., dict[str, torch.Tensor]], data: bytes, digest: str, *, leader: str, round_no: int
     ) -> dict[str, torch.Tensor]:
         """A store's `decode_aggregate`, once per aggregate (or part) for the whole swarm, as `decode`."""
         key = (hashlib.sha256(data).digest(), digest, leader, round_no)
+        return self._once(key, lambda: decode(data, digest, leader=leader, round_no=round_no))
+
+    def _once(self, key: tuple[object, ...], decode: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """What `decode` gives for these bytes, kept for the swarm (the last 4,096 results at most)."""
         if key not in self._decoded:
             if len(self._decoded) > 4096:
                 self._decoded.clear()
-            self._decoded[key] = decode(data, digest, leader=leader, round_no=round_no)
+            self._decoded[key] = decode()
         return self._decoded[key]
 
     def matches(self, data: bytes | bytearray | memoryview, digest: str, names: Collection[str] | None = None) -> bool:

@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument(
         "--aggregate-from",
         type=int,
-        help="rounds of N or more contributions also carry their aggregate, which every node fetches and applies"
+        help="rounds of N or more contributions, or in a swarm of N or more members, also carry their aggregate, which every node fetches and applies"
         " instead of the N payloads (about 4 payloads' bytes; 0 = never, the default; docs/performance.md)",
     )
     run.add_argument("--max-rounds", type=int, help="schedule horizon in rounds (0 = open-ended)")

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help="coordinator-led rounds of N or more contributions carry their aggregate, which nodes apply instead of every payload (0: never)",
+        help="coordinator-led rounds of N or more contributions, or in a swarm of N or more members, carry their aggregate, which nodes apply instead of every payload (0: never)",
     )
     p.add_argument("--trace", action="store_true", help="print every seed's event trace")
     return p

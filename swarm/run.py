@@ -185,9 +185,10 @@ class RunConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # who may join (the coordinator enforces it)
     round_timeout_s: float = 120.0  # a round closes this long after the previous one, whoever is missing
     min_peers: int = 1
-    # A coordinator-led round of at least this many contributions also carries their aggregate: the
-    # per-slot mean compressed again (SparseLoCo: 4× one payload's top-k; dense codecs: the mean),
-    # which every node fetches and applies instead of the R payloads (R × P in becomes about 4 P).
+    # A coordinator-led round of at least this many contributions, or in a swarm of at least this
+    # many members, also carries their aggregate: the per-slot mean compressed again (SparseLoCo: 4×
+    # one payload's top-k; dense codecs: the mean), which every node fetches, relayed by members, and
+    # applies instead of the R payloads (R × P in becomes about 4 P).
     # 0: never (every node fetches every payload). Issue 21's first step: docs/performance.md.
     aggregate_from: int = 0
     heartbeat_interval_s: float = 5.0

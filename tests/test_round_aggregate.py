@@ -16,7 +16,7 @@ import torch
 from models import build_model, get_preset
 from swarm.codec import PayloadError, SlotMean
 from swarm.net.records import Manifest, ManifestEntry
-from swarm.net.transfer import Traffic
+from swarm.net.transfer import Traffic, TransferError
 from swarm.round.agreement import BadManifest
 from swarm.round.payloads import AGGREGATE_DENSITY, AGGREGATE_PARTS, PayloadEncoder, PayloadStore, tensor_groups
 from swarm.run import RunConfig
@@ -71,6 +71,41 @@ def test_an_aggregate_relays_in_parts_of_whole_tensors_of_about_equal_size() -> 
     assert tensor_groups({"a": (3,)}, AGGREGATE_PARTS) == [["a"]]
 
 
+def test_a_member_asked_for_a_part_between_its_own_tries_answers_once_the_part_arrives() -> None:
+    """A member relaying a part of the aggregate whose own parent has not got it yet keeps its
+    children waiting between its tries (they used to hear "not here" and go up the tree, all of
+    them to the coordinator in the end, whose uplink then served thousands of copies)."""
+
+    async def main() -> None:
+        run = RunConfig(run_id="r")
+        parent = PayloadStore(run, SHAPES, Traffic())
+        acc = SlotMean(SHAPES)
+        acc.add(delta(0))
+        aggregate = parent.encode_aggregate(acc.mean(), leader="coord", round_no=1)
+        parent.hold(aggregate.digest, aggregate.data, reveal_s=0.0)
+        arrived = asyncio.Event()
+
+        async def fetch(holder: str, request: dict, max_bytes: int, timeout_s: float) -> bytes | None:
+            return await parent.serve(request) if arrived.is_set() else None  # the parent: "not here" until it has it
+
+        member = PayloadStore(run, SHAPES, Traffic(), fetch=fetch)
+        groups = tensor_groups(SHAPES, AGGREGATE_PARTS)
+        asked_for = {"kind": "payload", "digest": aggregate.digest, "names": sorted(groups[0])}
+        with member.relaying(aggregate.digest, groups):
+            with pytest.raises(TransferError, match="does not have it"):
+                await member.get(aggregate.digest, ["parent"], groups[0], relay=True)
+            child = asyncio.ensure_future(member.serve(asked_for))  # asked between two of our tries
+            await asyncio.sleep(0.05)
+            assert not child.done()
+            arrived.set()
+            part = await member.get(aggregate.digest, ["parent"], groups[0], relay=True)
+            assert await asyncio.wait_for(child, timeout=10) == part
+        assert await member.serve(asked_for) == part  # held: served at once
+        assert await member.serve({**asked_for, "names": sorted(groups[1])}) is None  # never on its way: "not here" at once
+
+    asyncio.run(main())
+
+
 def test_a_swarm_applying_aggregates_stays_identical_and_fetches_a_fraction_of_the_bytes() -> None:
     common = {"seed": 2, "peers": 12, "rounds": 3, "profile": "volunteers", "payload_bytes": 20400}
     every, aggregated = simulate(SimConfig(**common)), simulate(SimConfig(**common, aggregate_from=4))  # type: ignore[arg-type]
@@ -83,6 +118,30 @@ def test_a_swarm_applying_aggregates_stays_identical_and_fetches_a_fraction_of_t
 
     assert peer_in(every) > 10 * 20400  # every payload, from every sender
     assert peer_in(aggregated) < 0.6 * peer_in(every)  # the aggregate (4 payloads' worth) instead of 12
+
+
+def test_the_coordinator_uploads_one_copy_of_a_large_aggregate_and_members_relay_the_rest() -> None:
+    """1B-size payloads (20 MB) on volunteers' links: the members used to ask their ancestors once
+    and then the coordinator, so its uplink (14-100 Mbit/s) served 1.7 GB of 80 MB aggregates in 2
+    rounds at 32 peers (4.7 GB in one round at 256, where no peer applied for ten minutes). Now a
+    member waits for its parent, and the coordinator sends each part once, to its tree's root."""
+    result = simulate(
+        SimConfig(
+            seed=2,
+            peers=32,
+            rounds=2,
+            profile="volunteers",
+            heartbeat_s=5,
+            payload_bytes=int(20e6),
+            round_timeout_s=300,
+            aggregate_from=8,
+        )
+    )
+    assert result.ok and result.honest_done == result.honest_up == 32, result.violations
+    aggregate = 4 * 20e6  # AGGREGATE_DENSITY payloads' bytes
+    assert result.bytes_out["coordinator"] <= 1.25 * aggregate * result.rounds_closed
+    members_out = sorted(v for k, v in result.bytes_out.items() if k != "coordinator")
+    assert members_out[len(members_out) // 2] >= 0.5 * aggregate * result.rounds_closed  # the members relay it
 
 
 @pytest.mark.parametrize("seed", [3, 11])

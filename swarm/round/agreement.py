@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import functools
 import hashlib
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from swarm.net.transfer import TransferError
 from swarm.round.admission import NOT_DELIVERED, Validator
 from swarm.round.evidence import EquivocationWitness, proof_ok, sign_manifest
 from swarm.round.leadership import agreed_hash, canonical_manifest, coordinator_present, lead_place, peer_quorum, should_lead
-from swarm.round.payloads import AGGREGATE_PARTS, Encoded, PayloadStore, tensor_groups
+from swarm.round.payloads import AGGREGATE_PARTS, Encoded, PayloadStore, Unavailable, tensor_groups
 from swarm.round.robust import (
     Summary,
     against_the_rest,
@@ -78,6 +79,23 @@ _CHECKED: dict[int, tuple[Manifest, str, bool, str]] = {}  # id(record) -> (reco
 
 
 RELAY_FANOUT = 4  # members a member relays a round's aggregate to (at most: others may ask it too)
+# How long a member asks one ancestor in a relay tree for a part of the aggregate before it asks the
+# next one up (`_fetch_part`): an ancestor may not have seen the manifest yet, or may be waiting for
+# its own copy, and a part of a 1B-size aggregate takes about a minute to cross a 10 Mbit/s uplink
+# to four children.
+RELAY_PATIENCE_S = 120.0
+RELAY_HOP_S = 60.0  # and our parent this much more for each hop between it and the coordinator
+RELAY_START_S = 20.0  # an ancestor may not have seen the manifest yet (records' travel, a follower's looks)
+# Up to this many members (one root and its children: a tree of one level), a member asks its
+# parent and then the coordinator at once: the coordinator's uplink serves at most this many copies,
+# and one that goes away right after publishing leaves fewer members without the aggregate (the
+# simulator's sweep, seed 35: the coordinator and a root gone within 0.2 s of the manifest, the
+# root's payload with it, so that no member could get or rebuild two of the parts).
+RELAY_FLAT_UPTO = RELAY_FANOUT + 1
+
+
+class _Rebuild(Exception):
+    """No holder serves a part of the aggregate: rebuild it from the round's payloads."""
 
 
 def _relay_ranked(key: str, members: set[str]) -> list[str]:
@@ -612,7 +630,7 @@ class RoundAgreement:
             return None
         undelivered = {r.peer_id for r in rejected if r.reason.startswith(NOT_DELIVERED)}
         missing = sorted((expected - set(subs)) | undelivered)
-        aggregate = await self._aggregate(round_no, entries) if self._aggregates(entries) else ""
+        aggregate = await self._aggregate(round_no, entries) if self._aggregates(entries, len(beats)) else ""
         manifest = Manifest(
             round=round_no,
             leader=self.node.peer_id,
@@ -633,14 +651,16 @@ class RoundAgreement:
             self.node.log_event("timeout", f"round {round_no} closed without {', '.join(p[-8:] for p in missing)}")
         return manifest
 
-    def _aggregates(self, entries: list[ManifestEntry]) -> bool:
+    def _aggregates(self, entries: list[ManifestEntry], members: int) -> bool:
         """Whether the manifest we lead carries an aggregate: we are the coordinator (nobody checks
         an aggregate against the payloads: followers take it on the coordinator's word, as they take
-        its scores), the run asks for one at this many contributions, and every member in view holds
-        the whole state (a partial holder applies its part of each payload)."""
+        its scores), the run asks for one at this many contributions or members (a round of a few
+        contributions in a large swarm is the worst case without it: each sender's uplink serves
+        every member, 255 copies of a 20 MB payload from one volunteer at 256 peers), and every
+        member in view holds the whole state (a partial holder applies its part of each payload)."""
         return (
             self.node.peer_id == self.run.coordinator
-            and 0 < self.run.aggregate_from <= len(entries)
+            and 0 < self.run.aggregate_from <= max(len(entries), members)
             and not self.mode.inline_payload
             and not self._partial
         )
@@ -820,60 +840,108 @@ class RoundAgreement:
     async def _fetch_aggregate(self, manifest: Manifest) -> list[bytes]:
         """A round's aggregate, whole or as its parts (`tensor_groups`: AGGREGATE_PARTS runs of whole
         tensors). Each part comes down its own tree of the live members, ranked by sha256(round,
-        digest, part, member): a member asks its parent first (rank (i − 1) / RELAY_FANOUT), then the
-        parent's parent, up to the coordinator, and a member asked while its copy is on its way
-        answers once it arrives (`PayloadStore.get`, relay). Ranks are the same in every node's
-        view and a parent ranks above its child, so no two members wait on each other; parts relay
-        as they arrive, and a member inside one part's tree is a leaf of most others, so what each
-        uploads is spread over the swarm. A part that does not come is asked of the members past
-        the round, then of the coordinator; if the coordinator is gone, the aggregate is rebuilt
-        from the payloads."""
-        digest, leader = manifest.aggregate, manifest.leader
+        digest, member) and rotated by the part (`_relay_chain`): a member asks its parent (rank
+        (i − 1) / RELAY_FANOUT), patiently, then the parent's parent, up to the coordinator
+        (`_fetch_part`), and a member asked while its copy is on its way answers once it arrives
+        (`PayloadStore.relaying`). Ranks are the same in every node's view and a parent ranks above
+        its child, so no two members wait on each other; parts relay as they arrive, and each
+        member is inner in the same share of the trees, so what each uploads is spread over the
+        swarm. A part that does not come is asked of the members past the round, then of the
+        coordinator; if the coordinator is gone, the aggregate is rebuilt from the payloads."""
+        digest = manifest.aggregate
         if (whole := self.store.blobs.get(digest)) is not None:
             return [whole]  # ours (we led the round, or rebuilt it)
         live = {b.peer_id for b in await self.node.member_peers()} | {self.node.peer_id}
         groups = tensor_groups(self.store.shapes, AGGREGATE_PARTS)
-        chains = [self._relay_chain(manifest, k, live) for k in range(len(groups))]
-        holders = [[*chain, leader] for chain in chains]
-        got: dict[int, bytes] = {}
-        deadline = monotonic() + self.run.leader_timeout_s
-        give_up = deadline + 3 * self.run.leader_timeout_s
-        while True:
-            wanted = [k for k in range(len(groups)) if k not in got]
-            within = max(1.0, give_up - monotonic())
-            answers = await asyncio.gather(
-                *(self.store.get(digest, holders[k], groups[k], within_s=within, relay=True) for k in wanted),
-                return_exceptions=True,
-            )
-            for k, answer in zip(wanted, answers):
-                if isinstance(answer, bytes):
-                    got[k] = answer
-                else:
-                    logger.info("round %d: part %d of the aggregate not fetched yet (%s)", manifest.round, k, answer)
-            if len(got) == len(groups):
-                return [got[k] for k in range(len(groups))]
-            beats = await self.node.member_peers()
-            slow = self.run.coordinator in {b.peer_id for b in beats}
-            if not slow or monotonic() > deadline + 3 * self.run.leader_timeout_s:
-                # The coordinator is gone (or serves nobody): rebuild the aggregate from the payloads.
-                return [await self._recompute_aggregate(manifest)]
-            # Whoever has applied the round holds it (the coordinator may have gone meanwhile: the
-            # members that took its manifest must not be the only ones to, or the swarm splits).
-            me = self.node.peer_id
-            past = sorted(b.peer_id for b in beats if b.round > manifest.round and b.peer_id not in (me, leader))
-            holders = [[*past, leader, *(p for p in chain if p not in past)] for chain in chains]
-            await asyncio.sleep(2.0)
+        ranked = _relay_ranked(f"{manifest.round}:{manifest.aggregate}", live - {manifest.leader})
+        chains = [self._relay_chain(ranked, k * len(ranked) // len(groups)) for k in range(len(groups))]
+        with self.store.relaying(digest, groups):
+            return await self._fetch_parts(manifest, groups, chains, flat=len(ranked) <= RELAY_FLAT_UPTO)
 
-    def _relay_chain(self, manifest: Manifest, part: int, live: set[str]) -> list[str]:
-        """Our ancestors in the relay tree of one part of a round's aggregate, nearest first."""
-        me, key = self.node.peer_id, f"{manifest.round}:{manifest.aggregate}:{part}"
-        ranked = _relay_ranked(key, live - {manifest.leader})
+    async def _fetch_parts(
+        self, manifest: Manifest, groups: list[list[str]], chains: list[list[str]], *, flat: bool
+    ) -> list[bytes]:
+        """Every part, each on its own: a part slow to come does not hold up asking again for the others."""
+        started = monotonic()
+        parts = [
+            asyncio.ensure_future(self._fetch_part(manifest, groups[k], k, chains[k], started, flat=flat))
+            for k in range(len(groups))
+        ]
+        try:
+            got = await asyncio.gather(*parts)
+        except _Rebuild:
+            # The coordinator is gone (or serves nobody): rebuild the aggregate from the payloads.
+            return [await self._recompute_aggregate(manifest)]
+        finally:
+            for part in parts:
+                part.cancel()
+            await asyncio.gather(*parts, return_exceptions=True)
+        return list(got)
+
+    async def _fetch_part(
+        self, manifest: Manifest, names: list[str], k: int, chain: list[str], started: float, *, flat: bool
+    ) -> bytes:
+        """One part of the aggregate: from our parent in its relay tree, asked again and again (a
+        parent asked while its copy is on its way answers when it arrives, RELAY_WAIT_S at most),
+        and from the next ancestor up only once the parent has left, failed, or had its patience
+        (RELAY_PATIENCE_S, and RELAY_HOP_S more for each hop above it). Going up the tree at the
+        first "not here" piled every impatient member onto the few nodes at the top (at 256
+        volunteers with 1B-size payloads, the coordinator's 14 Mbit/s uplink was booked with 4.7 GB
+        and no peer applied the round for ten minutes). Past our ancestors, members that have
+        applied the round are asked, two each in an order of our own, and the coordinator last. In
+        a `flat` swarm (RELAY_FLAT_UPTO members) the coordinator is asked right after our ancestors."""
+        digest, leader, me = manifest.aggregate, manifest.leader, self.node.peer_id
+        give_up = started + 4 * self.run.leader_timeout_s
+        # Our parent gets its copy a hop's time after its own parent does: its patience grows with
+        # our depth (a member five hops down used to give up on a parent that was on its way).
+        level, since, patience = 0, started, RELAY_PATIENCE_S + RELAY_HOP_S * len(chain)
+        past: list[str] = []
+        while True:
+            asked = [*past, leader] if level >= len(chain) else [*chain[level:], leader] if flat else [chain[level]]
+            ancestor = asked[0] if level < len(chain) else None
+            try:
+                return await self.store.get(
+                    digest, asked, names, within_s=max(1.0, give_up - monotonic()), relay=True, again=False
+                )
+            except TransferError as e:
+                logger.info("round %d: part %d of the aggregate not fetched yet (%s)", manifest.round, k, e)
+                # Patience is for an ancestor that is relaying the part (it held our request while
+                # its copy was on its way), or has not yet seen the manifest. One that failed to
+                # answer, sent other bytes, or says "not here" at once later on does not get it.
+                if ancestor is not None and not (
+                    isinstance(e, Unavailable)
+                    and (e.relaying(ancestor) or (ancestor in e.not_here and monotonic() - started < RELAY_START_S))
+                ):
+                    since = -math.inf
+            beats = await self.node.member_peers()
+            live = {b.peer_id for b in beats}
+            # Past our ancestors: whoever has applied the round holds it (the coordinator may have
+            # gone meanwhile: the members that took its manifest must not be the only ones to, or
+            # the swarm splits).
+            past = [b.peer_id for b in beats if b.round > manifest.round and b.peer_id not in (me, leader)]
+            past = sorted(past, key=lambda p: hashlib.sha256(f"{me}:{p}".encode()).digest())
+            if self.run.coordinator not in live or monotonic() > give_up:
+                if past and level <= len(chain):  # one last try: all of those who hold it
+                    level = len(chain) + 1
+                    continue
+                raise _Rebuild
+            past = past[:2]
+            while level < len(chain) and (chain[level] not in live or monotonic() - since > patience):
+                level, since, patience = level + 1, monotonic(), RELAY_PATIENCE_S
+            await asyncio.sleep(1.0)
+
+    def _relay_chain(self, ranked: list[str], offset: int) -> list[str]:
+        """Our ancestors in the relay tree of one part of a round's aggregate, nearest first: the
+        members ranked once for the round, rotated by `offset` for the part. A member is inner (a
+        rank below 1 / RELAY_FANOUT of the swarm) in the same share of the parts' trees as any other,
+        so no member relays many more parts than the rest (drawn per part, a quarter of the members
+        would be inner in three or more of the eight trees)."""
         chain: list[str] = []
-        if me in ranked:
-            i = ranked.index(me)
+        if (me := self.node.peer_id) in ranked:
+            i = (ranked.index(me) - offset) % len(ranked)
             while i > 0:
                 i = (i - 1) // RELAY_FANOUT
-                chain.append(ranked[i])
+                chain.append(ranked[(i + offset) % len(ranked)])
         return chain
 
     async def _recompute_aggregate(self, manifest: Manifest) -> bytes:

@@ -8,8 +8,10 @@ Decoding validates everything (codec/payload.py); a bad payload raises PayloadEr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -129,6 +131,19 @@ RELAY_WAIT_S = 30.0  # the most a holder waits for a blob on its way to it befor
 REVEAL_S = 2.0  # a sender serves its payload this long after announcing it (leaders poll every 0.25 s)
 
 
+class Unavailable(TransferError):
+    """No holder asked gave the bytes. `not_here`: the holders that answered they do not have them,
+    each with how long its answer took (a holder with a copy on its way holds the request until it
+    arrives, RELAY_WAIT_S at most: a "no" that took that long comes from a member relaying it)."""
+
+    def __init__(self, message: str, not_here: dict[str, float]):
+        super().__init__(message)
+        self.not_here = not_here
+
+    def relaying(self, holder: str) -> bool:
+        return self.not_here.get(holder, 0.0) >= RELAY_WAIT_S / 2
+
+
 class PayloadStore:
     """Holds payload bytes for serving and fetches missing ones from whoever has them."""
 
@@ -170,7 +185,7 @@ class PayloadStore:
         if (wait := self._reveal_at.get(digest, 0.0) - asyncio.get_running_loop().time()) > 0:
             await asyncio.sleep(wait)  # a slower answer, not a refusal: fetchers wait far longer than this
         key = digest if names is None else _part_key(digest, names)
-        if (fetching := self._fetching.get(key)) is not None and key not in self.blobs:
+        if (fetching := self._fetching.get(key)) is not None and not fetching.done() and key not in self.blobs:
             # On its way to us (an aggregate relayed down a tree of members): answer once it is here.
             await asyncio.wait([fetching], timeout=RELAY_WAIT_S)
         if names is None:
@@ -196,6 +211,7 @@ class PayloadStore:
         *,
         within_s: float = FETCH_TIMEOUT_S,
         relay: bool = False,
+        again: bool = True,
     ) -> bytes:
         """The bytes with this digest, from our cache or the first holder that has them; with
         `names`, a part carrying those of its tensors (or the whole payload if we hold it):
@@ -203,7 +219,8 @@ class PayloadStore:
         longer than what is left of it (a body's own allowance for its size aside: transfer.py).
         `relay` (a blob, or part, that others fetch from us in turn): a request for it that reaches
         us while it is on its way waits for it (RELAY_WAIT_S at most) instead of being answered
-        'not found'."""
+        'not found'. `again`: the first holder is asked a second time when all have failed (a
+        caller that retries on its own terms passes False)."""
         cached = self.blobs.get(digest)
         key = digest if names is None else _part_key(digest, names)
         if cached is None and names is not None:
@@ -213,26 +230,45 @@ class PayloadStore:
         if self.fetch is None:
             raise TransferError(f"payload {digest[:12]} is not here and this store fetches nothing")
         if relay and key not in self._fetching:
-            self._fetching[key] = asyncio.get_running_loop().create_future()
-            try:
-                return await self._get(digest, holders, key, within_s, names)
-            finally:
-                done = self._fetching.pop(key)
-                done.set_result(None)
-        return await self._get(digest, holders, key, within_s, names)
+            with self._relaying([key]):
+                return await self._get(digest, holders, key, within_s, names, again)
+        return await self._get(digest, holders, key, within_s, names, again)
 
-    async def _get(self, digest: str, holders: list[str], key: str, within_s: float, names: list[str] | None = None) -> bytes:
+    def relaying(self, digest: str, parts: list[list[str]]) -> contextlib.AbstractContextManager[None]:
+        """While in it, a request for one of these parts of `digest` that reaches us before we hold
+        it waits for it (RELAY_WAIT_S at most), between our own tries too: a member retrying its
+        ancestors in a relay tree must not answer its own children "not here" meanwhile."""
+        return self._relaying([_part_key(digest, names) for names in parts])
+
+    @contextlib.contextmanager
+    def _relaying(self, keys: list[str]) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        mine = [k for k in keys if k not in self._fetching]
+        for key in mine:
+            self._fetching[key] = loop.create_future()
+        try:
+            yield
+        finally:
+            for key in mine:
+                if not (done := self._fetching.pop(key)).done():
+                    done.set_result(None)
+
+    async def _get(
+        self, digest: str, holders: list[str], key: str, within_s: float, names: list[str] | None = None, again: bool = True
+    ) -> bytes:
         assert self.fetch is not None
         request: dict[str, Any] = {"kind": "payload", "digest": digest}
         if names is not None:
             request["names"] = sorted(names)
         errors = []
+        not_here: dict[str, float] = {}
         loop = asyncio.get_running_loop()
         give_up = loop.time() + within_s
-        for holder in holders + holders[:1]:  # the first holder gets a second chance (transient stream errors)
+        for holder in holders + holders[:1] * again:  # the first holder gets a second chance (transient stream errors)
             if (left := give_up - loop.time()) <= 0:
                 errors.append(f"no time left to ask {holder[-8:]}")
                 break
+            asked = loop.time()
             try:
                 data = await self.fetch(holder, request, self.max_bytes, min(FETCH_TIMEOUT_S, left))
             except TransferError as e:
@@ -240,12 +276,15 @@ class PayloadStore:
                 continue
             if data is None:
                 errors.append(f"{holder[-8:]} does not have it")
+                not_here[holder] = max(not_here.get(holder, 0.0), loop.time() - asked)
             elif not self.matches(data, digest, names):
                 errors.append(f"{holder[-8:]} sent bytes with another digest")
             else:
                 self.blobs.put(key, data)
+                if (waiting := self._fetching.get(key)) is not None and not waiting.done():
+                    waiting.set_result(None)  # those who asked us for it meanwhile get it now
                 return data
-        raise TransferError(f"payload {digest[:12]} unavailable: " + "; ".join(errors[-3:]))
+        raise Unavailable(f"payload {digest[:12]} unavailable: " + "; ".join(errors[-3:]), not_here)
 
     def encode_aggregate(self, mean: dict[str, torch.Tensor], *, leader: str, round_no: int) -> Encoded:
         """A round's aggregate as payload bytes, signed for by `leader` in its manifest: SparseLoCo's

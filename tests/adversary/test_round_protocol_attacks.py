@@ -63,3 +63,28 @@ def test_endorsing_two_manifests_of_a_round_counts_for_neither() -> None:
     assert peer_led, "peers led rounds after the coordinator left"
     caught = [p for p in honest if p.agreement._two_faced]
     assert caught, "no honest node saw a two-faced endorsement"
+
+
+def test_hanging_relays_of_the_aggregate_cost_their_subtrees_a_wait_not_the_coordinators_uplink() -> None:
+    """Two members that never answer a fetch hold places in the aggregate's relay trees (1B-size
+    payloads, volunteers' links). Their children go one ancestor up once a fetch from them times
+    out; every honest node applies every round, and the coordinator sends each round's aggregate
+    under twice (members used to go up the whole tree at the first "not here": 6-9 copies a round
+    from the coordinator's uplink in this swarm)."""
+    from swarm.sim.runner import simulate
+
+    cfg = SimConfig(
+        seed=0,
+        peers=10,
+        rounds=3,
+        attackers=["slow-serve", "slow-serve"],
+        profile="volunteers",
+        heartbeat_s=5,
+        payload_bytes=int(20e6),
+        round_timeout_s=300,
+        aggregate_from=8,
+    )
+    result = simulate(cfg)
+    assert result.ok and result.honest_done == result.honest_up == 10, result.violations
+    aggregate = 4 * 20e6  # AGGREGATE_DENSITY payloads' bytes
+    assert result.bytes_out["coordinator"] <= 2.5 * aggregate * result.rounds_closed

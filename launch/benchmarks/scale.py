@@ -15,6 +15,10 @@ every process sits in its own network namespace behind that shaped link (launch/
 Peers start from θ(0) written to the work directory (`join-swarm --start-from`), not a download
 through their links: a join is not what this measures, and on slow links a big preset's state
 would take minutes per peer.
+
+`--exchange` picks how a round's payloads reach the nodes: `every` (each node fetches every
+payload), `aggregate` (the coordinator's aggregate, relayed down trees of members: the run's
+`aggregate_from` at 2), or `both`, each size run once with each, side by side in one table.
 """
 
 from __future__ import annotations
@@ -54,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="RATE:DELAY[:LOSS]",
         help="run each process in its own network namespace behind this shaped link, e.g. 20mbit:50ms (root)",
     )
+    parser.add_argument(
+        "--exchange",
+        choices=("every", "aggregate", "both"),
+        default="every",
+        help="every payload to every node, the coordinator's aggregate relayed by members, or both (default %(default)s)",
+    )
     parser.add_argument("--workdir", default=None)
 
 
@@ -65,37 +75,52 @@ def run(args: argparse.Namespace) -> int:
         f"{args.mode}, {args.preset} ({params:,} params), H={args.inner_steps}, {args.rounds} rounds per size, "
         f"{'links ' + args.link if args.link else 'loopback'}; logs in {workdir}"
     )
-    rows = []
+    exchanges = ["every", "aggregate"] if args.exchange == "both" else [args.exchange]
+    rows, runs = [], []
     for peers in sizes:
-        rows.append(measure(args, peers, workdir / f"peers-{peers}"))
-        r = rows[-1]
-        print(f"  {peers} peers: close {r['close_s']:.2f}s, all applied {r['applied_s']:.2f}s ({r['wall_s']:.0f}s)", flush=True)
-        print(
-            f"    CPU per round: the leader's checks {r['validate_s']:.2f}s wall, {r['validate_cpu_s']:.2f}s CPU;"
-            f" a peer's apply {r['apply_s']:.2f}s wall, {r['apply_cpu_s']:.2f}s CPU (medians; `swarm-sim --cpu-s`"
-            f" takes them per payload: {r['validate_cpu_s'] / peers:.3f} {r['apply_cpu_s'] / peers:.3f})",
-            flush=True,
-        )
+        for exchange in exchanges:
+            runs.append((peers, exchange))
+            rows.append(measure(args, peers, workdir / f"peers-{peers}-{exchange}", aggregate=exchange == "aggregate"))
+            r = rows[-1]
+            print(
+                f"  {peers} peers, {exchange}: close {r['close_s']:.2f}s, all applied {r['applied_s']:.2f}s ({r['wall_s']:.0f}s)",
+                flush=True,
+            )
+            print(
+                f"    CPU per round: the leader's checks {r['validate_s']:.2f}s wall, {r['validate_cpu_s']:.2f}s CPU;"
+                f" a peer's apply {r['apply_s']:.2f}s wall, {r['apply_cpu_s']:.2f}s CPU (medians; `swarm-sim --cpu-s`"
+                f" takes them per payload: {r['validate_cpu_s'] / peers:.3f} {r['apply_cpu_s'] / peers:.3f})",
+                flush=True,
+            )
     print(
-        f"\n{'peers':>5} {'close (s)':>10} {'all applied (s)':>16} {'leader in/round':>16} {'leader out/round':>17} "
-        f"{'payloads/round':>15} {'per peer in':>12}"
+        f"\n{'peers':>5} {'exchange':>9} {'close (s)':>10} {'all applied (s)':>16} {'leader in/round':>16} {'leader out/round':>17} "
+        f"{'payloads/round':>15} {'per peer in':>12} {'per peer out':>13}"
     )
-    for peers, r in zip(sizes, rows):
+    for (peers, exchange), r in zip(runs, rows):
         print(
-            f"{peers:>5} {r['close_s']:>10.2f} {r['applied_s']:>16.2f} {_human(r['leader_in']):>16} {_human(r['leader_out']):>17} "
-            f"{_human(r['payloads']):>15} {_human(r['peer_in']):>12}"
+            f"{peers:>5} {exchange:>9} {r['close_s']:>10.2f} {r['applied_s']:>16.2f} {_human(r['leader_in']):>16} "
+            f"{_human(r['leader_out']):>17} {_human(r['payloads']):>15} {_human(r['peer_in']):>12} {_human(r['peer_out']):>13}"
         )
-    if len(rows) >= 2:
-        first, last = rows[0], rows[-1]
-        growth = sizes[-1] / sizes[0]
-        print(
-            f"\n{sizes[0]} -> {sizes[-1]} peers ({growth:.0f}x): close latency x{last['close_s'] / max(first['close_s'], 1e-9):.1f}, "
-            f"leader bytes in x{last['leader_in'] / max(first['leader_in'], 1):.1f}"
-        )
+    for exchange in exchanges:
+        mine = [(peers, r) for (peers, e), r in zip(runs, rows) if e == exchange]
+        if len(mine) >= 2:
+            (n0, first), (n1, last) = mine[0], mine[-1]
+            print(
+                f"\n{exchange}, {n0} -> {n1} peers ({n1 / n0:.0f}x): close latency x{last['close_s'] / max(first['close_s'], 1e-9):.1f}, "
+                f"leader bytes in x{last['leader_in'] / max(first['leader_in'], 1):.1f}, "
+                f"a peer's bytes in x{last['peer_in'] / max(first['peer_in'], 1):.1f}"
+            )
+    if len(exchanges) == 2:
+        for peers in sizes:
+            every, aggregate = (r for (n, _), r in zip(runs, rows) if n == peers)
+            print(
+                f"{peers} peers, the aggregate against every payload: a peer's bytes in x{aggregate['peer_in'] / max(every['peer_in'], 1):.2f}, "
+                f"out x{aggregate['peer_out'] / max(every['peer_out'], 1):.2f}, all applied x{aggregate['applied_s'] / max(every['applied_s'], 1e-9):.2f}"
+            )
     return 0
 
 
-def measure(args: argparse.Namespace, peers: int, workdir: Path) -> dict:
+def measure(args: argparse.Namespace, peers: int, workdir: Path, *, aggregate: bool = False) -> dict:
     outer = to_plain(default_outer(args.mode))
     outer["overlap"] = False  # a round's timeline stays exact: submission, manifest, applied
     run_ = {
@@ -114,6 +139,7 @@ def measure(args: argparse.Namespace, peers: int, workdir: Path) -> dict:
         "num_shards": peers,
         "eval_batches": 1,
         "outer": outer,
+        "aggregate_from": 2 if aggregate else 0,
     }
     start_from = workdir / "initial"  # θ(0), the run's own initial weights: every peer starts from it
     save_state(initial_state(from_plain(RunConfig, dict(run_))), start_from, run_id="initial")
@@ -141,7 +167,7 @@ def measure(args: argparse.Namespace, peers: int, workdir: Path) -> dict:
             raise TimeoutError(f"{peers} peers did not finish {args.rounds} rounds; logs in {workdir}")
         by_round = cluster.metrics_by_round()
     leader = {row["round"]: row for row in map(json.loads, rounds_file.read_text().splitlines()) if "closed_at" in row}
-    close, applied, leader_in, leader_out, payloads, peer_in = [], [], [], [], [], []
+    close, applied, leader_in, leader_out, payloads, peer_in, peer_out = [], [], [], [], [], [], []
     validate, validate_cpu, apply, apply_cpu = [], [], [], []
     for r in range(1, args.rounds):
         rows = by_round.get(r, [])
@@ -155,6 +181,8 @@ def measure(args: argparse.Namespace, peers: int, workdir: Path) -> dict:
         payloads.append(leader[r]["payload_bytes"])
         before = {row["peer"]: row["bytes_received"] for row in by_round.get(r - 1, [])}
         peer_in.append(statistics.median(row["bytes_received"] - before.get(row["peer"], 0) for row in rows))
+        sent = {row["peer"]: row["bytes_sent"] for row in by_round.get(r - 1, [])}
+        peer_out.append(statistics.median(row["bytes_sent"] - sent.get(row["peer"], 0) for row in rows))
         validate.append(leader[r].get("validate_s", 0.0))
         validate_cpu.append(leader[r].get("validate_cpu_s", 0.0))
         apply.append(statistics.median(row["apply_s"] for row in rows))
@@ -169,6 +197,7 @@ def measure(args: argparse.Namespace, peers: int, workdir: Path) -> dict:
         "leader_out": med(leader_out),
         "payloads": med(payloads),
         "peer_in": med(peer_in),
+        "peer_out": med(peer_out),
         "validate_s": med(validate),
         "validate_cpu_s": med(validate_cpu),
         "apply_s": med(apply),

@@ -8,7 +8,7 @@ out, so a sweep over H, density, chunk size, beta and alpha takes minutes, not h
 figure is deterministic. Payload bytes are the real encoded sizes.
 
 Each row is one setting (`name=value,...` of OuterConfig fields, `H=` for inner steps, or
-`reduce=topk|topk2|topk4`: the round's mean compressed again, issue 21's aggregate; `reduce=count`:
+`reduce=topk|topk2|topk3|topk4`: the round's mean compressed again, issue 21's aggregate; `reduce=count`:
 each coordinate averaged over the payloads that selected it; `adam=reset`: the inner AdamW state
 cleared every round); the
 table prints eval loss on the whole held-out split after the last round, bytes per round per
@@ -57,7 +57,7 @@ class SimResult:
 
 
 BASES = ("payload", "share", "agreed", "own")
-REDUCE = ("all", "topk", "topk2", "topk4", "count")  # topkN: the aggregate at N times one payload's density;
+REDUCE = ("all", "topk", "topk2", "topk3", "topk4", "count")  # topkN: the aggregate at N times one payload's density;
 # count: each coordinate averaged over the payloads that selected it, not over all R
 
 

@@ -67,6 +67,9 @@ def test_nat_peers_join_contribute_and_survive_their_relay(tmp_path: Path) -> No
             def add_nat(name: str) -> None:
                 cluster.add_peer(name, host=hosts[name].ip, prefix=hosts[name].prefix, address=relay_address, extra=via_relay)
 
+            # The NAT'd peers join a trained swarm (they used to be added at once, and on a loaded
+            # machine both could join before the first round was applied, downloading θ(0)).
+            cluster.wait_for_log("coordinator", re.compile(r"round \d+ closed by us \| [1-9]"), timeout_s=300)
             add_nat("nat0")
             add_nat("nat1")
             everyone = {"pub0", "pub1", "nat0", "nat1"}

@@ -93,12 +93,12 @@ def test_a_member_asked_for_a_part_between_its_own_tries_answers_once_the_part_a
         asked_for = {"kind": "payload", "digest": aggregate.digest, "names": sorted(groups[0])}
         with member.relaying(aggregate.digest, groups):
             with pytest.raises(TransferError, match="does not have it"):
-                await member.get(aggregate.digest, ["parent"], groups[0], relay=True)
+                await member.get(aggregate.digest, ["parent"], groups[0])
             child = asyncio.ensure_future(member.serve(asked_for))  # asked between two of our tries
             await asyncio.sleep(0.05)
             assert not child.done()
             arrived.set()
-            part = await member.get(aggregate.digest, ["parent"], groups[0], relay=True)
+            part = await member.get(aggregate.digest, ["parent"], groups[0])
             assert await asyncio.wait_for(child, timeout=10) == part
         assert await member.serve(asked_for) == part  # held: served at once
         assert await member.serve({**asked_for, "names": sorted(groups[1])}) is None  # never on its way: "not here" at once

@@ -854,7 +854,8 @@ class RoundAgreement:
         live = {b.peer_id for b in await self.node.member_peers()} | {self.node.peer_id}
         groups = tensor_groups(self.store.shapes, AGGREGATE_PARTS)
         ranked = _relay_ranked(f"{manifest.round}:{manifest.aggregate}", live - {manifest.leader})
-        chains = [self._relay_chain(ranked, k * len(ranked) // len(groups)) for k in range(len(groups))]
+        me = ranked.index(self.node.peer_id) if self.node.peer_id in ranked else None
+        chains = [self._relay_chain(ranked, me, k * len(ranked) // len(groups)) for k in range(len(groups))]
         with self.store.relaying(digest, groups):
             return await self._fetch_parts(manifest, groups, chains, flat=len(ranked) <= RELAY_FLAT_UPTO)
 
@@ -900,9 +901,7 @@ class RoundAgreement:
             asked = [*past, leader] if level >= len(chain) else [*chain[level:], leader] if flat else [chain[level]]
             ancestor = asked[0] if level < len(chain) else None
             try:
-                return await self.store.get(
-                    digest, asked, names, within_s=max(1.0, give_up - monotonic()), relay=True, again=False
-                )
+                return await self.store.get(digest, asked, names, within_s=max(1.0, give_up - monotonic()), again=False)
             except TransferError as e:
                 logger.info("round %d: part %d of the aggregate not fetched yet (%s)", manifest.round, k, e)
                 # Patience is for an ancestor that is relaying the part (it held our request while
@@ -930,15 +929,16 @@ class RoundAgreement:
                 level, since, patience = level + 1, monotonic(), RELAY_PATIENCE_S
             await asyncio.sleep(1.0)
 
-    def _relay_chain(self, ranked: list[str], offset: int) -> list[str]:
+    @staticmethod
+    def _relay_chain(ranked: list[str], me: int | None, offset: int) -> list[str]:
         """Our ancestors in the relay tree of one part of a round's aggregate, nearest first: the
-        members ranked once for the round, rotated by `offset` for the part. A member is inner (a
+        members ranked once for the round (we are `ranked[me]`), rotated by `offset` for the part. A member is inner (a
         rank below 1 / RELAY_FANOUT of the swarm) in the same share of the parts' trees as any other,
         so no member relays many more parts than the rest (drawn per part, a quarter of the members
         would be inner in three or more of the eight trees)."""
         chain: list[str] = []
-        if (me := self.node.peer_id) in ranked:
-            i = (ranked.index(me) - offset) % len(ranked)
+        if me is not None:
+            i = (me - offset) % len(ranked)
             while i > 0:
                 i = (i - 1) // RELAY_FANOUT
                 chain.append(ranked[(i + offset) % len(ranked)])

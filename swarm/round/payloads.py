@@ -210,17 +210,15 @@ class PayloadStore:
         names: list[str] | None = None,
         *,
         within_s: float = FETCH_TIMEOUT_S,
-        relay: bool = False,
         again: bool = True,
     ) -> bytes:
         """The bytes with this digest, from our cache or the first holder that has them; with
         `names`, a part carrying those of its tensors (or the whole payload if we hold it):
         `decode` takes either. No holder is asked once `within_s` has passed, and none is given
         longer than what is left of it (a body's own allowance for its size aside: transfer.py).
-        `relay` (a blob, or part, that others fetch from us in turn): a request for it that reaches
-        us while it is on its way waits for it (RELAY_WAIT_S at most) instead of being answered
-        'not found'. `again`: the first holder is asked a second time when all have failed (a
-        caller that retries on its own terms passes False)."""
+        `again`: the first holder is asked a second time when all have failed (a caller that
+        retries on its own terms passes False). A blob others fetch from us in turn is fetched
+        inside `relaying`."""
         cached = self.blobs.get(digest)
         key = digest if names is None else _part_key(digest, names)
         if cached is None and names is not None:
@@ -229,21 +227,15 @@ class PayloadStore:
             return cached
         if self.fetch is None:
             raise TransferError(f"payload {digest[:12]} is not here and this store fetches nothing")
-        if relay and key not in self._fetching:
-            with self._relaying([key]):
-                return await self._get(digest, holders, key, within_s, names, again)
         return await self._get(digest, holders, key, within_s, names, again)
 
-    def relaying(self, digest: str, parts: list[list[str]]) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def relaying(self, digest: str, parts: list[list[str]]) -> Iterator[None]:
         """While in it, a request for one of these parts of `digest` that reaches us before we hold
         it waits for it (RELAY_WAIT_S at most), between our own tries too: a member retrying its
         ancestors in a relay tree must not answer its own children "not here" meanwhile."""
-        return self._relaying([_part_key(digest, names) for names in parts])
-
-    @contextlib.contextmanager
-    def _relaying(self, keys: list[str]) -> Iterator[None]:
         loop = asyncio.get_running_loop()
-        mine = [k for k in keys if k not in self._fetching]
+        mine = [k for k in (_part_key(digest, names) for names in parts) if k not in self._fetching]
         for key in mine:
             self._fetching[key] = loop.create_future()
         try:
